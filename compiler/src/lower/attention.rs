@@ -1,0 +1,158 @@
+//! Multi-head attention with grouped-query heads, RoPE, a KV cache and exact masking
+//! (causal, sliding window, padding).
+
+use super::rope::RopeKernel;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::Linear;
+use std::collections::HashMap;
+
+/// Per-call facts every attention layer needs.
+pub struct AttnCtx {
+    /// Position of the first token of this call (tokens already in the cache).
+    pub start: usize,
+    pub seq: usize,
+    /// `[batch, start + seq]`, 1 for real tokens and 0 for padding, in f32.
+    pub key_mask: Option<Tensor>,
+    /// Additive masks by (causal, window), built once per call.
+    masks: HashMap<(bool, Option<usize>), Option<Tensor>>,
+    /// RoPE tables by kernel identity.
+    tables: HashMap<usize, (Tensor, Tensor)>,
+}
+
+impl AttnCtx {
+    pub fn new(start: usize, seq: usize, key_mask: Option<Tensor>) -> Self {
+        AttnCtx {
+            start,
+            seq,
+            key_mask,
+            masks: HashMap::new(),
+            tables: HashMap::new(),
+        }
+    }
+
+    /// Additive mask `[batch or 1, 1, seq, start + seq]` in f32, or `None` when every query
+    /// may see every key.
+    fn mask(
+        &mut self,
+        causal: bool,
+        window: Option<usize>,
+        device: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
+        if let Some(m) = self.masks.get(&(causal, window)) {
+            return Ok(m.clone());
+        }
+        let kv_len = self.start + self.seq;
+        let needs_position_mask = (causal && self.seq > 1) || window.is_some_and(|w| kv_len > w);
+        let mut mask = if needs_position_mask {
+            let mut data = Vec::with_capacity(self.seq * kv_len);
+            for i in 0..self.seq {
+                let q = self.start + i;
+                for k in 0..kv_len {
+                    let visible = (!causal || k <= q) && window.is_none_or(|w| q < k + w);
+                    data.push(if visible { 0f32 } else { f32::MIN });
+                }
+            }
+            Some(Tensor::from_vec(data, (1, 1, self.seq, kv_len), device)?)
+        } else {
+            None
+        };
+        if let Some(km) = &self.key_mask {
+            // 0 where the key is real, f32::MIN where it is padding.
+            let pad = ((km.ones_like()? - km)? * f64::from(f32::MIN))?
+                .unsqueeze(1)?
+                .unsqueeze(1)?;
+            mask = Some(match mask {
+                Some(m) => m.broadcast_add(&pad)?.clamp(f32::MIN, 0f32)?,
+                None => pad,
+            });
+        }
+        self.masks.insert((causal, window), mask.clone());
+        Ok(mask)
+    }
+}
+
+/// One attention layer, lowered.
+pub struct AttentionKernel {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+    pub causal: bool,
+    pub window: Option<usize>,
+    pub rope: Option<(usize, RopeKernel)>,
+    /// Index of this layer's entry in the KV cache.
+    pub slot: usize,
+}
+
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, kv * n_rep, s, d))
+}
+
+impl AttentionKernel {
+    /// `x: [batch, seq, hidden]` → `[batch, seq, hidden]`, appending this call's keys and
+    /// values to `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &mut AttnCtx,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let d = self.head_dim;
+        let split = |t: Tensor, h: usize| -> Result<Tensor> {
+            t.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()
+        };
+        let mut q = split(self.q.forward(x)?, self.heads)?;
+        let mut k = split(self.k.forward(x)?, self.kv_heads)?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        if let Some((id, rope)) = &self.rope {
+            let (cos, sin) = match ctx.tables.get(id) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = rope.tables(ctx.start, ctx.seq, q.dtype())?;
+                    ctx.tables.insert(*id, t.clone());
+                    t
+                }
+            };
+            q = rope.apply(&q, &cos, &sin)?;
+            k = rope.apply(&k, &cos, &sin)?;
+        }
+        let cached = cache.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?;
+        if cached != ctx.start {
+            candle_core::bail!(
+                "KV cache holds {cached} positions but the call starts at {}: every call on a cache must run all attention layers",
+                ctx.start
+            );
+        }
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let n_rep = self.heads / self.kv_heads;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let dtype = q.dtype();
+        let mut att = (q.matmul(&k.t()?)? * self.scale)?;
+        if dtype != DType::F32 {
+            att = att.to_dtype(DType::F32)?;
+        }
+        if let Some(mask) = ctx.mask(self.causal, self.window, x.device())? {
+            att = att.broadcast_add(&mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * d))?;
+        self.o.forward(&y)
+    }
+}

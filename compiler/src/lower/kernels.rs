@@ -1,0 +1,139 @@
+//! Lowered forms of the ops other than attention.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::Linear;
+use exitgraph_ir::op::{Activation, PoolMode};
+
+pub struct EmbeddingKernel {
+    pub tokens: Tensor,
+    pub hidden: usize,
+    pub positions: Option<Tensor>,
+    pub token_types: Option<Tensor>,
+}
+
+impl EmbeddingKernel {
+    /// `ids: [batch, seq]` (u32) at positions `start..start + seq`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        token_types: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let mut x =
+            self.tokens
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, s, self.hidden))?;
+        if let Some(pos) = &self.positions {
+            let max = pos.dim(0)?;
+            if start + s > max {
+                candle_core::bail!(
+                    "position {} exceeds the model's {max} learned positions",
+                    start + s - 1
+                );
+            }
+            x = x.broadcast_add(&pos.narrow(0, start, s)?.unsqueeze(0)?)?;
+        }
+        if let Some(table) = &self.token_types {
+            let t = match token_types {
+                Some(t) => {
+                    table
+                        .index_select(&t.flatten_all()?, 0)?
+                        .reshape((b, s, self.hidden))?
+                }
+                None => table
+                    .narrow(0, 0, 1)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, s, self.hidden))?
+                    .contiguous()?,
+            };
+            x = (x + t)?;
+        }
+        Ok(x)
+    }
+}
+
+pub enum NormKernel {
+    Rms {
+        weight: Tensor,
+        eps: f32,
+    },
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f32,
+    },
+}
+
+impl NormKernel {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            NormKernel::Rms { weight, eps } => candle_nn::ops::rms_norm(x, weight, *eps),
+            NormKernel::Layer { weight, bias, eps } => {
+                candle_nn::ops::layer_norm(x, weight, bias, *eps)
+            }
+        }
+    }
+}
+
+pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
+    match act {
+        Activation::Silu => x.silu(),
+        Activation::GeluTanh => x.gelu(),
+        Activation::GeluErf => x.gelu_erf(),
+        Activation::Relu => x.relu(),
+        Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+    }
+}
+
+pub struct MlpKernel {
+    pub act: Activation,
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl MlpKernel {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.gate {
+            Some(gate) => (activate(self.act, &gate.forward(x)?)? * self.up.forward(x)?)?,
+            None => activate(self.act, &self.up.forward(x)?)?,
+        };
+        self.down.forward(&h)
+    }
+}
+
+pub struct PoolKernel {
+    pub mode: PoolMode,
+    pub normalize: bool,
+}
+
+impl PoolKernel {
+    /// `x: [batch, seq, hidden]`, `mask: [batch, seq]` (f32, 1 = real token).
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let pooled = match self.mode {
+            PoolMode::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
+            PoolMode::Mean => match mask {
+                Some(m) => {
+                    let m = m.to_dtype(x.dtype())?.unsqueeze(2)?;
+                    let sum = x.broadcast_mul(&m)?.sum(1)?;
+                    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+                    sum.broadcast_div(&count)?
+                }
+                None => x.mean(1)?,
+            },
+        };
+        if self.normalize {
+            let norm = pooled
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_keepdim(D::Minus1)?
+                .sqrt()?
+                .clamp(1e-12, f64::MAX)?
+                .to_dtype(pooled.dtype())?;
+            pooled.broadcast_div(&norm)
+        } else {
+            Ok(pooled)
+        }
+    }
+}

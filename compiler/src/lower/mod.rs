@@ -1,0 +1,371 @@
+//! Lowering a verified [`Graph`] to a [`Program`] of candle kernels, and running it.
+//!
+//! Steps run in the graph's topological order; each keeps its output until the last step
+//! that reads it. Inference state (the KV cache) lives in a [`KvCache`] the caller owns.
+
+mod attention;
+mod kernels;
+mod rope;
+mod weights;
+
+pub use rope::inv_freq;
+pub use weights::{WeightLoadError, WeightStore};
+
+use attention::{AttentionKernel, AttnCtx};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+use exitgraph_ir::op::{Linear as IrLinear, NormKind, Op};
+use exitgraph_ir::{Graph, NodeIndex};
+use kernels::{EmbeddingKernel, MlpKernel, NormKernel, PoolKernel};
+use rope::RopeKernel;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LowerError {
+    #[error(transparent)]
+    Weights(#[from] WeightLoadError),
+    #[error("graph is invalid: {0}")]
+    Invalid(#[from] exitgraph_ir::VerifyError),
+    #[error("node {node}: {source}")]
+    Build {
+        node: String,
+        source: candle_core::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("step {step}: {source}")]
+    Step {
+        step: String,
+        source: candle_core::Error,
+    },
+    #[error("{0}")]
+    Input(String),
+    #[error("the program has no output named {0} (it has: {1})")]
+    UnknownOutput(String, String),
+}
+
+enum Kernel {
+    Input,
+    Embedding(EmbeddingKernel),
+    Norm(NormKernel),
+    Attention(AttentionKernel),
+    Mlp(MlpKernel),
+    Add,
+    LmHead(Linear),
+    Pool(PoolKernel),
+}
+
+struct Step {
+    name: String,
+    kernel: Kernel,
+    inputs: Vec<usize>,
+}
+
+/// KV cache of one batch of sequences: per attention layer, keys and values so far.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens per sequence already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One call's inputs.
+pub struct Inputs {
+    /// `[batch, seq]` token ids (u32).
+    pub input_ids: Tensor,
+    /// `[batch, cached + seq]`, 1 for real tokens, 0 for padding.
+    pub attention_mask: Option<Tensor>,
+    /// `[batch, seq]` segment ids (BERT).
+    pub token_type_ids: Option<Tensor>,
+}
+
+/// A lowered graph, ready to run.
+pub struct Program {
+    graph: Graph,
+    steps: Vec<Step>,
+    outputs: BTreeMap<String, usize>,
+    attention_layers: usize,
+    device: Device,
+    dtype: DType,
+}
+
+fn linear(store: &mut WeightStore, l: &IrLinear) -> Result<Linear, WeightLoadError> {
+    let w = store.get(&l.weight)?;
+    let b = match &l.bias {
+        Some(b) => Some(store.get(b)?),
+        None => None,
+    };
+    Ok(Linear::new(w, b))
+}
+
+impl Program {
+    /// Lowers `graph`, reading weights from the checkpoint folder `root`.
+    pub fn lower(
+        graph: &Graph,
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Program, LowerError> {
+        exitgraph_ir::verify(graph)?;
+        let order = graph
+            .topo_order()
+            .map_err(|_| LowerError::Invalid(exitgraph_ir::VerifyError(Vec::new())))?;
+        let mut store = WeightStore::open(&graph.weights, root, device, dtype)?;
+        let mut index: HashMap<NodeIndex, usize> = HashMap::new();
+        let mut steps = Vec::with_capacity(order.len());
+        let mut rope_ids: Vec<(exitgraph_ir::op::Rope, usize)> = Vec::new();
+        let mut attention_layers = 0;
+        for n in order {
+            let node = &graph.graph[n];
+            let build = |source| LowerError::Build {
+                node: node.name.clone(),
+                source,
+            };
+            let kernel = match &node.op {
+                Op::TokenInput => Kernel::Input,
+                Op::Embedding(e) => Kernel::Embedding(EmbeddingKernel {
+                    tokens: store.get(&e.tokens)?,
+                    hidden: e.hidden,
+                    positions: e.positions.as_ref().map(|p| store.get(p)).transpose()?,
+                    token_types: e.token_types.as_ref().map(|t| store.get(t)).transpose()?,
+                }),
+                Op::Norm(nm) => {
+                    let weight = store.get(&nm.weight)?;
+                    let eps = nm.eps as f32;
+                    Kernel::Norm(match nm.kind {
+                        NormKind::Rms => NormKernel::Rms { weight, eps },
+                        NormKind::Layer => {
+                            let bias = match &nm.bias {
+                                Some(b) => store.get(b)?,
+                                None => weight.zeros_like().map_err(build)?,
+                            };
+                            NormKernel::Layer { weight, bias, eps }
+                        }
+                    })
+                }
+                Op::Attention(a) => {
+                    let rope = match &a.rope {
+                        Some(r) => {
+                            let id = match rope_ids.iter().find(|(x, _)| x == r) {
+                                Some((_, id)) => *id,
+                                None => {
+                                    rope_ids.push((r.clone(), rope_ids.len()));
+                                    rope_ids.len() - 1
+                                }
+                            };
+                            Some((id, RopeKernel::new(r, device).map_err(build)?))
+                        }
+                        None => None,
+                    };
+                    attention_layers += 1;
+                    Kernel::Attention(AttentionKernel {
+                        q: linear(&mut store, &a.q)?,
+                        k: linear(&mut store, &a.k)?,
+                        v: linear(&mut store, &a.v)?,
+                        o: linear(&mut store, &a.o)?,
+                        heads: a.heads,
+                        kv_heads: a.kv_heads,
+                        head_dim: a.head_dim,
+                        scale: a.scale,
+                        causal: a.causal,
+                        window: a.sliding_window,
+                        rope,
+                        slot: attention_layers - 1,
+                    })
+                }
+                Op::Mlp(m) => Kernel::Mlp(MlpKernel {
+                    act: m.act,
+                    gate: m.gate.as_ref().map(|g| linear(&mut store, g)).transpose()?,
+                    up: linear(&mut store, &m.up)?,
+                    down: linear(&mut store, &m.down)?,
+                }),
+                Op::Add => Kernel::Add,
+                Op::LmHead(l) => Kernel::LmHead(linear(&mut store, l)?),
+                Op::Pool(p) => Kernel::Pool(PoolKernel {
+                    mode: p.mode,
+                    normalize: p.normalize,
+                }),
+            };
+            let inputs = graph.inputs(n).iter().map(|i| index[i]).collect();
+            index.insert(n, steps.len());
+            steps.push(Step {
+                name: node.name.clone(),
+                kernel,
+                inputs,
+            });
+        }
+        let outputs = graph
+            .outputs
+            .iter()
+            .map(|(name, n)| (name.clone(), index[n]))
+            .collect();
+        Ok(Program {
+            graph: graph.clone(),
+            steps,
+            outputs,
+            attention_layers,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Names of the outputs the program can produce.
+    pub fn output_names(&self) -> Vec<String> {
+        self.outputs.keys().cloned().collect()
+    }
+
+    /// An empty KV cache for this program.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.attention_layers],
+            len: 0,
+        }
+    }
+
+    /// Runs the steps the wanted outputs need. With `last_logits_only`, the LM head sees only
+    /// each sequence's last position (decoding needs no more).
+    pub fn forward(
+        &self,
+        inputs: &Inputs,
+        cache: &mut KvCache,
+        want: &[&str],
+        last_logits_only: bool,
+    ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        let (batch, seq) = inputs
+            .input_ids
+            .dims2()
+            .map_err(|e| RunError::Input(format!("input_ids must be [batch, seq]: {e}")))?;
+        if seq == 0 {
+            return Err(RunError::Input("input_ids has no tokens".into()));
+        }
+        let start = cache.len;
+        if let Some(m) = &inputs.attention_mask {
+            if m.dims() != [batch, start + seq] {
+                return Err(RunError::Input(format!(
+                    "attention_mask has shape {:?}, expected [{batch}, {}]",
+                    m.dims(),
+                    start + seq
+                )));
+            }
+        }
+        if let Some(t) = &inputs.token_type_ids {
+            if t.dims() != [batch, seq] {
+                return Err(RunError::Input(format!(
+                    "token_type_ids has shape {:?}, expected [{batch}, {seq}]",
+                    t.dims()
+                )));
+            }
+        }
+        let mut targets = Vec::with_capacity(want.len());
+        for w in want {
+            match self.outputs.get(*w) {
+                Some(&i) => targets.push(i),
+                None => {
+                    return Err(RunError::UnknownOutput(
+                        w.to_string(),
+                        self.output_names().join(", "),
+                    ))
+                }
+            }
+        }
+        // Steps needed, and the last step reading each value.
+        let mut needed = BTreeSet::new();
+        let mut stack = targets.clone();
+        while let Some(i) = stack.pop() {
+            if needed.insert(i) {
+                stack.extend(self.steps[i].inputs.iter().copied());
+            }
+        }
+        let mut last_use = vec![0usize; self.steps.len()];
+        for &i in &needed {
+            for &j in &self.steps[i].inputs {
+                last_use[j] = last_use[j].max(i);
+            }
+        }
+        for &t in &targets {
+            last_use[t] = usize::MAX;
+        }
+        let key_mask = inputs
+            .attention_mask
+            .as_ref()
+            .map(|m| m.to_dtype(DType::F32))
+            .transpose()
+            .map_err(|e| RunError::Input(format!("attention_mask: {e}")))?;
+        let query_mask = match &key_mask {
+            Some(m) => Some(
+                m.narrow(1, start, seq)
+                    .map_err(|e| RunError::Input(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut ctx = AttnCtx::new(start, seq, key_mask);
+        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
+        for &i in &needed {
+            let step = &self.steps[i];
+            let wrap = |source| RunError::Step {
+                step: step.name.clone(),
+                source,
+            };
+            let arg = |k: usize| -> &Tensor {
+                values[step.inputs[k]].as_ref().unwrap_or(&inputs.input_ids)
+            };
+            let out = match &step.kernel {
+                Kernel::Input => Ok(inputs.input_ids.clone()),
+                Kernel::Embedding(e) => e.forward(arg(0), start, inputs.token_type_ids.as_ref()),
+                Kernel::Norm(n) => n.forward(arg(0)),
+                Kernel::Attention(a) => a.forward(arg(0), &mut ctx, &mut cache.layers[a.slot]),
+                Kernel::Mlp(m) => m.forward(arg(0)),
+                Kernel::Add => arg(0) + arg(1),
+                Kernel::LmHead(l) => {
+                    let x = arg(0);
+                    if last_logits_only && seq > 1 {
+                        x.narrow(1, seq - 1, 1).and_then(|x| l.forward(&x))
+                    } else {
+                        l.forward(x)
+                    }
+                }
+                Kernel::Pool(p) => p.forward(arg(0), query_mask.as_ref()),
+            }
+            .map_err(wrap)?;
+            values[i] = Some(out);
+            for &j in &step.inputs {
+                if last_use[j] == i {
+                    values[j] = None;
+                }
+            }
+        }
+        cache.len = start + seq;
+        let mut out = BTreeMap::new();
+        for (w, t) in want.iter().zip(targets) {
+            if let Some(v) = &values[t] {
+                out.insert(w.to_string(), v.clone());
+            }
+        }
+        Ok(out)
+    }
+}

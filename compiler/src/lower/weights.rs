@@ -1,0 +1,98 @@
+//! Materialising weight recipes from memory-mapped safetensors, once each.
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use exitgraph_ir::{WeightCatalog, WeightRef};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightLoadError {
+    #[error("{path}: cannot map safetensors: {source}", path = path.display())]
+    Open {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("weight {weight}: {source}")]
+    Load {
+        weight: String,
+        source: candle_core::Error,
+    },
+    #[error("weight {weight}: tensor \"{tensor}\" is not in the checkpoint catalog")]
+    Missing { weight: String, tensor: String },
+}
+
+/// The checkpoint's files, mapped, and every recipe materialised so far.
+pub struct WeightStore {
+    files: MmapedSafetensors,
+    device: Device,
+    dtype: DType,
+    cache: HashMap<WeightRef, Tensor>,
+}
+
+impl WeightStore {
+    /// Maps every file the catalog lists under `root`.
+    pub fn open(
+        catalog: &WeightCatalog,
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, WeightLoadError> {
+        let files: BTreeSet<&str> = catalog.tensors.values().map(|t| t.file.as_str()).collect();
+        let paths: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
+        // SAFETY: the files are mapped read-only; exitgraph never writes to a checkpoint it
+        // has open, and the header of each was validated against the file length at import.
+        #[allow(unsafe_code)]
+        let mapped = unsafe { MmapedSafetensors::multi(&paths) };
+        let files = mapped.map_err(|source| WeightLoadError::Open {
+            path: paths.first().cloned().unwrap_or_else(|| root.to_path_buf()),
+            source,
+        })?;
+        Ok(WeightStore {
+            files,
+            device: device.clone(),
+            dtype,
+            cache: HashMap::new(),
+        })
+    }
+
+    /// The tensor a recipe yields, on the store's device and dtype.
+    pub fn get(&mut self, w: &WeightRef) -> Result<Tensor, WeightLoadError> {
+        if let Some(t) = self.cache.get(w) {
+            return Ok(t.clone());
+        }
+        let wrap = |source| WeightLoadError::Load {
+            weight: w.to_string(),
+            source,
+        };
+        let t = match w {
+            WeightRef::File { tensor } => self
+                .files
+                .load(tensor, &Device::Cpu)
+                .map_err(|_| WeightLoadError::Missing {
+                    weight: w.to_string(),
+                    tensor: tensor.clone(),
+                })?
+                .to_dtype(self.dtype)
+                .and_then(|t| t.to_device(&self.device))
+                .map_err(wrap)?,
+            WeightRef::Transpose(of) => self
+                .get(of)?
+                .t()
+                .and_then(|t| t.contiguous())
+                .map_err(wrap)?,
+            WeightRef::Slice {
+                of,
+                dim,
+                start,
+                len,
+            } => self
+                .get(of)?
+                .narrow(*dim, *start, *len)
+                .and_then(|t| t.contiguous())
+                .map_err(wrap)?,
+        };
+        self.cache.insert(w.clone(), t.clone());
+        Ok(t)
+    }
+}

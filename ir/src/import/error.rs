@@ -1,0 +1,58 @@
+//! Errors of checkpoint import: each names the file, and the field or tensor at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON at line {line}, column {column}: {message}", path = path.display())]
+    Json {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: field \"{field}\": {problem}", path = path.display())]
+    Field {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+    #[error("{path}: unsupported model_type \"{model_type}\" (supported: llama, mistral, qwen2, gpt2, bert)", path = path.display())]
+    UnsupportedModel { path: PathBuf, model_type: String },
+    #[error("{path}: {problem}", path = path.display())]
+    Safetensors { path: PathBuf, problem: String },
+    #[error("{path}: tensor \"{tensor}\" is missing (needed for {needed_for})", path = path.display())]
+    MissingTensor {
+        path: PathBuf,
+        tensor: String,
+        needed_for: String,
+    },
+    #[error("{path}: {source}", path = path.display())]
+    Invalid {
+        path: PathBuf,
+        source: crate::verify::VerifyError,
+    },
+}
+
+impl ImportError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ImportError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn json(path: impl Into<PathBuf>, e: &serde_json::Error) -> Self {
+        ImportError::Json {
+            path: path.into(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        }
+    }
+}

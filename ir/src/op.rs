@@ -1,0 +1,269 @@
+//! Layer-level operations: the vocabulary researchers think in.
+//!
+//! Each op is coarse enough to lower to a few fused candle calls and fine enough to place an
+//! exit head or an adapter between two of them. Inputs arrive on numbered edges (see
+//! [`crate::Edge`]); [`Op::arity`] says how many each op takes.
+
+use crate::weight::WeightRef;
+use serde::{Deserialize, Serialize};
+
+/// A dense projection `y = x W^T + b` with `W: [out, in]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Linear {
+    pub weight: WeightRef,
+    #[serde(default)]
+    pub bias: Option<WeightRef>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    /// Number of parameters.
+    pub fn params(&self) -> usize {
+        self.in_features * self.out_features + self.bias.as_ref().map_or(0, |_| self.out_features)
+    }
+}
+
+/// Token lookup, plus learned absolute positions and token types where the family has them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Embedding {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub tokens: WeightRef,
+    /// `[max_positions, hidden]`, added at each token's absolute position (GPT-2, BERT).
+    #[serde(default)]
+    pub positions: Option<WeightRef>,
+    /// `[type_vocab, hidden]`, added by `token_type_ids` (BERT).
+    #[serde(default)]
+    pub token_types: Option<WeightRef>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormKind {
+    /// `x / rms(x) * w`.
+    Rms,
+    /// `(x - mean) / std * w + b`.
+    Layer,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Norm {
+    pub kind: NormKind,
+    pub hidden: usize,
+    pub eps: f64,
+    pub weight: WeightRef,
+    #[serde(default)]
+    pub bias: Option<WeightRef>,
+}
+
+/// How rotary frequencies are rescaled for long contexts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Position interpolation: frequencies divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3 wavelength-dependent rescaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Rotary position embedding on queries and keys (rotate-half layout, as Hugging Face).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+    /// Leading part of each head that rotates; equals the head size for full rotary.
+    pub rotary_dim: usize,
+}
+
+/// Multi-head attention with grouped-query heads, optional RoPE and bias.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attention {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    #[serde(default)]
+    pub rope: Option<Rope>,
+    /// Decoder attention: a token sees only itself and earlier tokens.
+    pub causal: bool,
+    /// A token sees at most this many tokens, itself included (Mistral, Qwen2 sliding layers).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Multiplier of `q·k`, usually `1/sqrt(head_dim)`.
+    pub scale: f64,
+}
+
+impl Attention {
+    pub fn params(&self) -> usize {
+        self.q.params() + self.k.params() + self.v.params() + self.o.params()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// Exact GELU with erf (`gelu`).
+    GeluErf,
+    Relu,
+    /// `x * sigmoid(1.702 x)`.
+    QuickGelu,
+}
+
+/// Feed-forward block: `down(act(gate(x)) * up(x))` when gated (SwiGLU), else `down(act(up(x)))`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mlp {
+    pub act: Activation,
+    #[serde(default)]
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn params(&self) -> usize {
+        self.gate.as_ref().map_or(0, Linear::params) + self.up.params() + self.down.params()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PoolMode {
+    /// Mean of the token vectors where `attention_mask` is 1.
+    Mean,
+    /// The first token's vector.
+    Cls,
+}
+
+/// One vector per sequence from its token vectors, optionally L2-normalised
+/// (sentence-transformers pooling).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pool {
+    pub hidden: usize,
+    pub mode: PoolMode,
+    pub normalize: bool,
+}
+
+/// One node's operation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Token ids `[batch, seq]` (with `attention_mask` and `token_type_ids` beside them).
+    TokenInput,
+    Embedding(Embedding),
+    Norm(Norm),
+    Attention(Attention),
+    Mlp(Mlp),
+    /// Residual connection: the sum of its two inputs.
+    Add,
+    /// Projection to vocabulary logits.
+    LmHead(Linear),
+    Pool(Pool),
+}
+
+impl Op {
+    /// Number of inputs the op reads.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::TokenInput => 0,
+            Op::Add => 2,
+            _ => 1,
+        }
+    }
+
+    /// Short name of the op kind, for tables and DOT labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::TokenInput => "TokenInput",
+            Op::Embedding(_) => "Embedding",
+            Op::Norm(n) => match n.kind {
+                NormKind::Rms => "RmsNorm",
+                NormKind::Layer => "LayerNorm",
+            },
+            Op::Attention(_) => "Attention",
+            Op::Mlp(_) => "Mlp",
+            Op::Add => "Add",
+            Op::LmHead(_) => "LmHead",
+            Op::Pool(_) => "Pool",
+        }
+    }
+
+    /// Floating-point operations per token, not counting attention over the context
+    /// (see [`Op::attention_flops_per_context_token`]). A multiply-add counts as 2.
+    pub fn flops_per_token(&self) -> u64 {
+        let matmul = |l: &Linear| 2 * (l.in_features * l.out_features) as u64;
+        match self {
+            Op::TokenInput | Op::Embedding(_) => 0,
+            Op::Norm(n) => 5 * n.hidden as u64,
+            Op::Add => 0,
+            Op::Attention(a) => matmul(&a.q) + matmul(&a.k) + matmul(&a.v) + matmul(&a.o),
+            Op::Mlp(m) => m.gate.as_ref().map_or(0, matmul) + matmul(&m.up) + matmul(&m.down),
+            Op::LmHead(l) => matmul(l),
+            Op::Pool(p) => p.hidden as u64,
+        }
+    }
+
+    /// FLOPs one token spends per token of context it attends to (`q·k` and `p·v`).
+    pub fn attention_flops_per_context_token(&self) -> u64 {
+        match self {
+            Op::Attention(a) => 4 * (a.heads * a.head_dim) as u64,
+            _ => 0,
+        }
+    }
+
+    /// Every weight the op reads, with the role it plays.
+    pub fn weights(&self) -> Vec<(&'static str, &WeightRef)> {
+        let mut out = Vec::new();
+        fn push_linear<'a>(
+            out: &mut Vec<(&'static str, &'a WeightRef)>,
+            roles: (&'static str, &'static str),
+            l: &'a Linear,
+        ) {
+            out.push((roles.0, &l.weight));
+            if let Some(b) = &l.bias {
+                out.push((roles.1, b));
+            }
+        }
+        match self {
+            Op::TokenInput | Op::Add | Op::Pool(_) => {}
+            Op::Embedding(e) => {
+                out.push(("tokens", &e.tokens));
+                if let Some(p) = &e.positions {
+                    out.push(("positions", p));
+                }
+                if let Some(t) = &e.token_types {
+                    out.push(("token_types", t));
+                }
+            }
+            Op::Norm(n) => {
+                out.push(("weight", &n.weight));
+                if let Some(b) = &n.bias {
+                    out.push(("bias", b));
+                }
+            }
+            Op::Attention(a) => {
+                push_linear(&mut out, ("q.weight", "q.bias"), &a.q);
+                push_linear(&mut out, ("k.weight", "k.bias"), &a.k);
+                push_linear(&mut out, ("v.weight", "v.bias"), &a.v);
+                push_linear(&mut out, ("o.weight", "o.bias"), &a.o);
+            }
+            Op::Mlp(m) => {
+                if let Some(g) = &m.gate {
+                    push_linear(&mut out, ("gate.weight", "gate.bias"), g);
+                }
+                push_linear(&mut out, ("up.weight", "up.bias"), &m.up);
+                push_linear(&mut out, ("down.weight", "down.bias"), &m.down);
+            }
+            Op::LmHead(l) => push_linear(&mut out, ("weight", "bias"), l),
+        }
+        out
+    }
+}

@@ -1,0 +1,363 @@
+//! Structural, shape and weight checks of a [`Graph`].
+//!
+//! The pass manager runs [`verify`] after every pass, so a broken rewrite is reported with the
+//! pass that made it and every problem at once.
+
+use crate::graph::Graph;
+use crate::op::{Linear, Op};
+use crate::shape::Shape;
+use crate::weight::WeightRef;
+use petgraph::stable_graph::NodeIndex;
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// One thing wrong with a graph, at a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub node: String,
+    pub message: String,
+}
+
+/// Every problem `verify` found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct VerifyError(pub Vec<Problem>);
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "graph is invalid:")?;
+        for p in &self.0 {
+            write!(f, "\n  {}: {}", p.node, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+struct Checker<'g> {
+    g: &'g Graph,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, node: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            node: node.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn weight(&mut self, node: &str, role: &str, w: &WeightRef, expected: &[usize]) {
+        match w.shape(&self.g.weights) {
+            Ok(s) if s == expected => {}
+            Ok(s) => self.report(
+                node,
+                format!(
+                    "weight {role} ({w}{}) has shape {s:?}, expected {expected:?}",
+                    self.files_of(w)
+                ),
+            ),
+            Err(e) => self.report(node, format!("weight {role}: {e}")),
+        }
+        for src in w.sources() {
+            if let Some(t) = self.g.weights.tensors.get(src) {
+                if !t.dtype.is_float_weight() {
+                    self.report(
+                        node,
+                        format!(
+                            "weight {role}: tensor \"{src}\" in {} has dtype {}, expected F32, F16 or BF16",
+                            t.file, t.dtype
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn files_of(&self, w: &WeightRef) -> String {
+        let files: BTreeSet<&str> = w
+            .sources()
+            .iter()
+            .filter_map(|s| self.g.weights.tensors.get(*s))
+            .map(|t| t.file.as_str())
+            .collect();
+        if files.is_empty() {
+            String::new()
+        } else {
+            format!(" in {}", files.into_iter().collect::<Vec<_>>().join(", "))
+        }
+    }
+
+    fn linear(&mut self, node: &str, role: &str, l: &Linear) {
+        self.weight(
+            node,
+            &format!("{role}.weight"),
+            &l.weight,
+            &[l.out_features, l.in_features],
+        );
+        if let Some(b) = &l.bias {
+            self.weight(node, &format!("{role}.bias"), b, &[l.out_features]);
+        }
+    }
+
+    fn input_width(&mut self, node: &str, input: &Shape, width: usize) {
+        if *input != Shape::per_token(width) {
+            self.report(
+                node,
+                format!("input has shape {input}, expected [batch, seq, {width}]"),
+            );
+        }
+    }
+
+    fn check_node(&mut self, idx: NodeIndex) {
+        let g = self.g;
+        let node = &g.graph[idx];
+        let name = node.name.as_str();
+        let inputs = g.inputs(idx);
+        let slots: Vec<usize> = g
+            .graph
+            .edges_directed(idx, petgraph::Direction::Incoming)
+            .map(|e| e.weight().slot)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if inputs.len() != node.op.arity() || slots != (0..node.op.arity()).collect::<Vec<_>>() {
+            self.report(
+                name,
+                format!(
+                    "{} takes {} input(s) on slots 0..{}, has {} on slots {slots:?}",
+                    node.op.kind(),
+                    node.op.arity(),
+                    node.op.arity(),
+                    inputs.len()
+                ),
+            );
+            return;
+        }
+        let in_shapes: Vec<Shape> = inputs.iter().map(|&i| g.graph[i].shape.clone()).collect();
+        let expected_out = match &node.op {
+            Op::TokenInput => Shape::tokens(),
+            Op::Embedding(e) => {
+                if in_shapes[0] != Shape::tokens() {
+                    self.report(
+                        name,
+                        format!(
+                            "input has shape {}, expected token ids [batch, seq]",
+                            in_shapes[0]
+                        ),
+                    );
+                }
+                self.weight(name, "tokens", &e.tokens, &[e.vocab, e.hidden]);
+                if let Some(p) = &e.positions {
+                    match p.shape(&g.weights) {
+                        Ok(s) if s.len() == 2 && s[1] == e.hidden => {}
+                        Ok(s) => self.report(name, format!("weight positions ({p}) has shape {s:?}, expected [max_positions, {}]", e.hidden)),
+                        Err(err) => self.report(name, format!("weight positions: {err}")),
+                    }
+                }
+                if let Some(t) = &e.token_types {
+                    match t.shape(&g.weights) {
+                        Ok(s) if s.len() == 2 && s[1] == e.hidden => {}
+                        Ok(s) => self.report(name, format!("weight token_types ({t}) has shape {s:?}, expected [type_vocab, {}]", e.hidden)),
+                        Err(err) => self.report(name, format!("weight token_types: {err}")),
+                    }
+                }
+                Shape::per_token(e.hidden)
+            }
+            Op::Norm(n) => {
+                self.input_width(name, &in_shapes[0], n.hidden);
+                self.weight(name, "weight", &n.weight, &[n.hidden]);
+                if let Some(b) = &n.bias {
+                    self.weight(name, "bias", b, &[n.hidden]);
+                }
+                if !(n.eps > 0.0 && n.eps.is_finite()) {
+                    self.report(name, format!("eps must be positive, is {}", n.eps));
+                }
+                Shape::per_token(n.hidden)
+            }
+            Op::Attention(a) => {
+                let hidden = a.q.in_features;
+                self.input_width(name, &in_shapes[0], hidden);
+                if a.heads == 0 || a.kv_heads == 0 || a.head_dim == 0 {
+                    self.report(name, "heads, kv_heads and head_dim must be positive");
+                } else if a.heads % a.kv_heads != 0 {
+                    self.report(
+                        name,
+                        format!(
+                            "heads ({}) is not a multiple of kv_heads ({})",
+                            a.heads, a.kv_heads
+                        ),
+                    );
+                }
+                if a.q.out_features != a.heads * a.head_dim {
+                    self.report(
+                        name,
+                        format!(
+                            "q projects to {}, expected heads*head_dim = {}",
+                            a.q.out_features,
+                            a.heads * a.head_dim
+                        ),
+                    );
+                }
+                for (role, l) in [("k", &a.k), ("v", &a.v)] {
+                    if l.out_features != a.kv_heads * a.head_dim {
+                        self.report(
+                            name,
+                            format!(
+                                "{role} projects to {}, expected kv_heads*head_dim = {}",
+                                l.out_features,
+                                a.kv_heads * a.head_dim
+                            ),
+                        );
+                    }
+                    if l.in_features != hidden {
+                        self.report(
+                            name,
+                            format!("{role} reads {}, expected {hidden}", l.in_features),
+                        );
+                    }
+                }
+                if a.o.in_features != a.heads * a.head_dim || a.o.out_features != hidden {
+                    self.report(
+                        name,
+                        format!(
+                            "o maps {} -> {}, expected {} -> {hidden}",
+                            a.o.in_features,
+                            a.o.out_features,
+                            a.heads * a.head_dim
+                        ),
+                    );
+                }
+                if let Some(r) = &a.rope {
+                    if r.rotary_dim == 0 || r.rotary_dim > a.head_dim || r.rotary_dim % 2 != 0 {
+                        self.report(
+                            name,
+                            format!(
+                                "rotary_dim {} must be even and in 1..={}",
+                                r.rotary_dim, a.head_dim
+                            ),
+                        );
+                    }
+                }
+                if a.sliding_window == Some(0) {
+                    self.report(name, "sliding_window must be positive");
+                }
+                self.linear(name, "q", &a.q);
+                self.linear(name, "k", &a.k);
+                self.linear(name, "v", &a.v);
+                self.linear(name, "o", &a.o);
+                Shape::per_token(hidden)
+            }
+            Op::Mlp(m) => {
+                let hidden = m.up.in_features;
+                self.input_width(name, &in_shapes[0], hidden);
+                if let Some(gate) = &m.gate {
+                    if gate.in_features != hidden || gate.out_features != m.up.out_features {
+                        self.report(name, "gate and up projections differ in shape");
+                    }
+                    self.linear(name, "gate", gate);
+                }
+                if m.down.in_features != m.up.out_features || m.down.out_features != hidden {
+                    self.report(
+                        name,
+                        format!(
+                            "down maps {} -> {}, expected {} -> {hidden}",
+                            m.down.in_features, m.down.out_features, m.up.out_features
+                        ),
+                    );
+                }
+                self.linear(name, "up", &m.up);
+                self.linear(name, "down", &m.down);
+                Shape::per_token(hidden)
+            }
+            Op::Add => {
+                if in_shapes[0] != in_shapes[1] {
+                    self.report(
+                        name,
+                        format!("adds shapes {} and {}", in_shapes[0], in_shapes[1]),
+                    );
+                }
+                in_shapes[0].clone()
+            }
+            Op::LmHead(l) => {
+                self.input_width(name, &in_shapes[0], l.in_features);
+                self.linear(name, "lm_head", l);
+                Shape::per_token(l.out_features)
+            }
+            Op::Pool(p) => {
+                self.input_width(name, &in_shapes[0], p.hidden);
+                Shape::per_sequence(p.hidden)
+            }
+        };
+        if node.shape != expected_out {
+            self.report(
+                name,
+                format!("declared shape {} but computes {expected_out}", node.shape),
+            );
+        }
+    }
+}
+
+/// Checks that the graph is acyclic, every op has its inputs, shapes agree along every edge,
+/// every weight exists with the shape its op needs, names are unique and outputs exist.
+pub fn verify(g: &Graph) -> Result<(), VerifyError> {
+    let mut c = Checker {
+        g,
+        problems: Vec::new(),
+    };
+    if let Err(cycle) = g.topo_order() {
+        c.report("graph", format!("has a cycle through {}", cycle.join(", ")));
+        return Err(VerifyError(c.problems));
+    }
+    let mut names = BTreeSet::new();
+    let mut token_inputs = 0;
+    for idx in g.graph.node_indices() {
+        let node = &g.graph[idx];
+        if !names.insert(node.name.as_str()) {
+            c.report(&node.name, "name is used by more than one node");
+        }
+        if matches!(node.op, Op::TokenInput) {
+            token_inputs += 1;
+        }
+        if let Some(l) = node.layer {
+            if l >= g.info.num_layers {
+                c.report(
+                    &node.name,
+                    format!("layer {l} out of range 0..{}", g.info.num_layers),
+                );
+            }
+        }
+        c.check_node(idx);
+    }
+    if token_inputs != 1 {
+        c.report(
+            "graph",
+            format!("needs exactly one TokenInput, has {token_inputs}"),
+        );
+    }
+    if g.outputs.is_empty() {
+        c.report("graph", "has no outputs");
+    }
+    for (name, &idx) in &g.outputs {
+        if g.graph.node_weight(idx).is_none() {
+            c.report("graph", format!("output {name} points at a removed node"));
+        }
+    }
+    if let Some(&idx) = g.outputs.get("logits") {
+        if let Some(n) = g.graph.node_weight(idx) {
+            if !matches!(n.op, Op::LmHead(_)) {
+                c.report(
+                    "graph",
+                    format!(
+                        "output logits comes from {} ({}), not an LmHead",
+                        n.name,
+                        n.op.kind()
+                    ),
+                );
+            }
+        }
+    }
+    if c.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyError(c.problems))
+    }
+}

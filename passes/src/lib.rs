@@ -1,0 +1,43 @@
+//! Graph rewrites of exitgraph.
+//!
+//! A pass is a small struct implementing [`Pass`]; the [`PassManager`] runs a pipeline of them,
+//! verifies the graph after each and names the pass that broke it. [`PassSpec`] is the RON
+//! form of a pass in a pipeline file. Each pass's module documents its invariant.
+
+mod manager;
+mod spec;
+pub mod truncate;
+
+pub use manager::{PassManager, PassOutcome};
+pub use spec::PassSpec;
+
+use exitgraph_ir::{Graph, VerifyError};
+
+/// What a pass did, for the CLI, the GUI's highlights and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// One line saying what changed.
+    pub summary: String,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// The pass's parameters do not fit this graph.
+    #[error("{pass}: {message}")]
+    Config { pass: &'static str, message: String },
+    /// The graph failed verification after the pass ran.
+    #[error("after pass {pass}: {source}")]
+    Broken {
+        pass: &'static str,
+        source: VerifyError,
+    },
+}
+
+/// A rewrite of the graph.
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    fn run(&self, graph: &mut Graph) -> Result<PassReport, PassError>;
+}

@@ -1,0 +1,44 @@
+//! Runs passes in order, verifying after each.
+
+use crate::{Pass, PassError, PassReport};
+use exitgraph_ir::{verify, Graph};
+
+/// One pass's name and report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassOutcome {
+    pub pass: &'static str,
+    pub report: PassReport,
+}
+
+/// An ordered list of passes.
+#[derive(Default)]
+pub struct PassManager {
+    passes: Vec<Box<dyn Pass>>,
+}
+
+impl PassManager {
+    pub fn new(passes: Vec<Box<dyn Pass>>) -> Self {
+        PassManager { passes }
+    }
+
+    /// Runs every pass on `graph`, checking [`verify`] before the first and after each.
+    pub fn run(&self, graph: &mut Graph) -> Result<Vec<PassOutcome>, PassError> {
+        verify(graph).map_err(|source| PassError::Broken {
+            pass: "import",
+            source,
+        })?;
+        let mut outcomes = Vec::with_capacity(self.passes.len());
+        for pass in &self.passes {
+            let report = pass.run(graph)?;
+            verify(graph).map_err(|source| PassError::Broken {
+                pass: pass.name(),
+                source,
+            })?;
+            outcomes.push(PassOutcome {
+                pass: pass.name(),
+                report,
+            });
+        }
+        Ok(outcomes)
+    }
+}
