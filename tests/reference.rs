@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Reference equivalence: every layer's hidden states, the logits (or last hidden state and
 //! sentence embedding) and greedy continuations equal Hugging Face transformers' on the
 //! fixtures in `tests/fixtures` (made with transformers 5.24).

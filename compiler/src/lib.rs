@@ -1,5 +1,10 @@
 //! exitgraph: pipelines of graph passes over Hugging Face checkpoints, lowered to candle.
 
+pub mod bench;
 pub mod device;
 pub mod generate;
+pub mod inspect;
 pub mod lower;
+pub mod pipeline;
+pub mod synth;
+pub mod tensor_io;

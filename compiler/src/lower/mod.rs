@@ -263,6 +263,19 @@ impl Program {
         if seq == 0 {
             return Err(RunError::Input("input_ids has no tokens".into()));
         }
+        let max_id = inputs
+            .input_ids
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::U32))
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_scalar::<u32>())
+            .map_err(|e| RunError::Input(format!("input_ids: {e}")))?;
+        if max_id as usize >= self.graph.info.vocab {
+            return Err(RunError::Input(format!(
+                "token id {max_id} is outside the vocabulary (size {})",
+                self.graph.info.vocab
+            )));
+        }
         let start = cache.len;
         if let Some(m) = &inputs.attention_mask {
             if m.dims() != [batch, start + seq] {

@@ -171,7 +171,7 @@ pub(super) fn build(
         })
     };
     let mut x = embed;
-    for i in 0..layers {
+    for (i, &window) in windows.iter().enumerate() {
         let p = format!("layers.{i}");
         let ln1 = add_node(
             &mut g,
@@ -220,7 +220,7 @@ pub(super) fn build(
             )?,
             rope: Some(rope.clone()),
             causal: true,
-            sliding_window: windows[i],
+            sliding_window: window,
             scale: 1.0 / (head_dim as f64).sqrt(),
         };
         let attn = add_node(

@@ -1,0 +1,108 @@
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor};
+use exitgraph::device::{DeviceSpec, DtypeSpec};
+use exitgraph::generate::{generate, GenerateOptions};
+use exitgraph::lower::{Inputs, Program};
+use exitgraph::tensor_io::{read_forward_inputs, write_atomic};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint folder (config.json, safetensors).
+    model_dir: PathBuf,
+    /// safetensors with `input_ids` [batch, seq] (and `attention_mask`, `token_type_ids`).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write `hidden_states.{i}`, `logits` or `last_hidden_state`,
+    /// `sentence_embedding`, and `greedy`.
+    #[arg(long)]
+    output: PathBuf,
+    /// Also decode this many tokens greedily; written as `greedy` (prompt + new ids, i64).
+    #[arg(long)]
+    generate: Option<usize>,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Run on CUDA GPU N (needs the `cuda` feature).
+    #[arg(long)]
+    cuda: Option<usize>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let ckpt = exitgraph_ir::import(&a.model_dir)?;
+    let inputs = read_forward_inputs(&a.input)?;
+    let device = match a.cuda {
+        Some(i) => DeviceSpec::Cuda(i),
+        None => DeviceSpec::Cpu,
+    }
+    .to_candle()?;
+    let dtype = match a.dtype {
+        DtypeArg::F32 => DtypeSpec::F32,
+        DtypeArg::F16 => DtypeSpec::F16,
+        DtypeArg::Bf16 => DtypeSpec::BF16,
+    }
+    .to_candle();
+    let program = Program::lower(&ckpt.graph, &a.model_dir, &device, dtype)?;
+    let to_dev = |t: &Tensor| t.to_device(&device);
+    let run_inputs = Inputs {
+        input_ids: to_dev(&inputs.input_ids)?,
+        attention_mask: inputs.attention_mask.as_ref().map(to_dev).transpose()?,
+        token_type_ids: inputs.token_type_ids.as_ref().map(to_dev).transpose()?,
+    };
+    let names = program.output_names();
+    let want: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cache = program.new_cache();
+    let outputs = program
+        .forward(&run_inputs, &mut cache, &want, false)
+        .with_context(|| format!("running {}", a.model_dir.display()))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in outputs {
+        tensors.insert(
+            name,
+            t.to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?,
+        );
+    }
+    if let Some(n) = a.generate {
+        if let Some(mask) = &inputs.attention_mask {
+            let min = mask.flatten_all()?.min(0)?.to_scalar::<u32>()?;
+            if min == 0 {
+                bail!(
+                    "{}: attention_mask has padding; --generate needs unpadded rows of equal length",
+                    a.input.display()
+                );
+            }
+        }
+        let prompts = inputs.input_ids.to_vec2::<u32>()?;
+        let out = generate(&program, &prompts, &GenerateOptions::greedy(n))?;
+        let rows = out.len();
+        let cols = out.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = out.into_iter().flatten().map(i64::from).collect();
+        tensors.insert(
+            "greedy".into(),
+            Tensor::from_vec(flat, (rows, cols), &candle_core::Device::Cpu)?,
+        );
+    }
+    write_atomic(&a.output, &tensors)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    println!(
+        "wrote {} tensors to {}: {}",
+        names.len(),
+        a.output.display(),
+        names
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}

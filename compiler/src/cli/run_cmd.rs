@@ -1,0 +1,195 @@
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor};
+use exitgraph::generate::{generate, Sampling};
+use exitgraph::lower::{Inputs, Program};
+use exitgraph::pipeline::{compile, Compiled, Pipeline};
+use exitgraph::tensor_io::write_atomic;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Pipeline file (RON).
+    pipeline: PathBuf,
+    /// Prompt text; token ids separated by spaces when the model has no tokenizer.json.
+    #[arg(long)]
+    prompt: String,
+    /// Overrides the pipeline's `runtime.max_new_tokens`.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Overrides the pipeline's `runtime.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Sample at this temperature instead of the pipeline's sampling.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// With --temperature: nucleus sampling threshold.
+    #[arg(long, requires = "temperature")]
+    top_p: Option<f64>,
+}
+
+#[derive(clap::Args)]
+pub struct EncodeArgs {
+    /// Pipeline file (RON) of an encoder.
+    pipeline: PathBuf,
+    /// A text to embed; repeat for several.
+    #[arg(long = "text", required = true)]
+    texts: Vec<String>,
+    /// Write `sentence_embedding` (or `last_hidden_state`) to this safetensors file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+fn load_tokenizer(compiled: &Compiled) -> anyhow::Result<Option<Tokenizer>> {
+    match &compiled.checkpoint.tokenizer {
+        Some(path) => Tokenizer::from_file(path)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        None => Ok(None),
+    }
+}
+
+fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
+    text.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .with_context(|| format!("the model has no tokenizer.json, so the prompt must be token ids; \"{s}\" is not one"))
+        })
+        .collect()
+}
+
+fn tokenize(tok: Option<&Tokenizer>, text: &str) -> anyhow::Result<Vec<u32>> {
+    let ids = match tok {
+        Some(t) => t
+            .encode(text, true)
+            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
+            .get_ids()
+            .to_vec(),
+        None => parse_ids(text)?,
+    };
+    if ids.is_empty() {
+        bail!("the prompt has no tokens");
+    }
+    Ok(ids)
+}
+
+fn prepare(path: &Path) -> anyhow::Result<(Compiled, Program)> {
+    let pipeline = Pipeline::read(path)?;
+    let compiled = compile(&pipeline, path)?;
+    let program = compiled.lower()?;
+    Ok((compiled, program))
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    let (compiled, program) = prepare(&a.pipeline)?;
+    if !compiled.graph.info.family.is_decoder() {
+        return embed(&compiled, &program, &[a.prompt], None);
+    }
+    let tokenizer = load_tokenizer(&compiled)?;
+    let prompt = tokenize(tokenizer.as_ref(), &a.prompt)?;
+    let mut opts = compiled.pipeline.runtime.generate_options();
+    if let Some(n) = a.max_new_tokens {
+        opts.max_new_tokens = n;
+    }
+    if let Some(s) = a.seed {
+        opts.seed = s;
+    }
+    if let Some(t) = a.temperature {
+        opts.sampling = Sampling::Temperature {
+            temperature: t,
+            top_p: a.top_p,
+        };
+    }
+    let out = generate(&program, std::slice::from_ref(&prompt), &opts)?;
+    let new: Vec<u32> = out
+        .first()
+        .map(|r| r[prompt.len()..].to_vec())
+        .unwrap_or_default();
+    match &tokenizer {
+        Some(t) => {
+            let text = t
+                .decode(&new, true)
+                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            println!("{}{}", a.prompt, text);
+        }
+        None => println!(
+            "{}",
+            new.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        ),
+    }
+    Ok(())
+}
+
+pub fn encode(a: EncodeArgs) -> anyhow::Result<()> {
+    let (compiled, program) = prepare(&a.pipeline)?;
+    if compiled.graph.info.family.is_decoder() {
+        bail!(
+            "{}: {} is a decoder; use `exitgraph run` to generate text",
+            a.pipeline.display(),
+            compiled.graph.info.model_type
+        );
+    }
+    embed(&compiled, &program, &a.texts, a.output.as_deref())
+}
+
+/// Embeds texts (padded into one batch) and prints or writes the embeddings.
+fn embed(
+    compiled: &Compiled,
+    program: &Program,
+    texts: &[String],
+    output: Option<&Path>,
+) -> anyhow::Result<()> {
+    let tokenizer = load_tokenizer(compiled)?;
+    let rows: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenize(tokenizer.as_ref(), t))
+        .collect::<anyhow::Result<_>>()?;
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let pad = compiled.graph.info.pad_token_id.unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * len);
+    let mut mask = Vec::with_capacity(rows.len() * len);
+    for r in &rows {
+        for i in 0..len {
+            ids.push(r.get(i).copied().unwrap_or(pad));
+            mask.push(u32::from(i < r.len()));
+        }
+    }
+    let device = program.device();
+    let inputs = Inputs {
+        input_ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
+        attention_mask: Some(Tensor::from_vec(mask, (rows.len(), len), device)?),
+        token_type_ids: None,
+    };
+    let name = if program
+        .output_names()
+        .iter()
+        .any(|n| n == "sentence_embedding")
+    {
+        "sentence_embedding"
+    } else {
+        "last_hidden_state"
+    };
+    let mut cache = program.new_cache();
+    let out = program.forward(&inputs, &mut cache, &[name], false)?;
+    let t = out[name]
+        .to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?;
+    if let Some(path) = output {
+        write_atomic(path, &HashMap::from([(name.to_string(), t.clone())]))?;
+        println!("wrote {name} {:?} to {}", t.dims(), path.display());
+        return Ok(());
+    }
+    let t = if t.rank() == 3 { t.mean(1)? } else { t };
+    for (text, row) in texts.iter().zip(t.to_vec2::<f32>()?) {
+        let head: Vec<String> = row.iter().take(8).map(|x| format!("{x:+.4}")).collect();
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        println!(
+            "{text:?}\n  {name} dim {} norm {norm:.4}: [{} ...]",
+            row.len(),
+            head.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! Random checkpoints in Hugging Face layout, for benchmarks and property tests.
+//!
+//! Weights are drawn from a seeded normal distribution (SplitMix64 + Box-Muller), so the
+//! same spec and seed always give the same files.
+
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Shape of a random Llama-family decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaSpec {
+    /// `llama`, `mistral` or `qwen2`.
+    pub model_type: String,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub tie_embeddings: bool,
+    pub rope_theta: f64,
+    /// Standard deviation of the weights.
+    pub init_std: f32,
+}
+
+impl LlamaSpec {
+    /// A Llama of about 100M parameters (12 layers, hidden 768, vocabulary 8192).
+    pub fn bench_100m() -> Self {
+        LlamaSpec {
+            model_type: "llama".into(),
+            hidden: 768,
+            layers: 12,
+            heads: 12,
+            kv_heads: 12,
+            intermediate: 2048,
+            vocab: 8192,
+            max_positions: 2048,
+            tie_embeddings: false,
+            rope_theta: 10000.0,
+            init_std: 0.02,
+        }
+    }
+
+    /// A tiny Llama for tests.
+    pub fn tiny() -> Self {
+        LlamaSpec {
+            model_type: "llama".into(),
+            hidden: 32,
+            layers: 3,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 64,
+            vocab: 97,
+            max_positions: 256,
+            tie_embeddings: false,
+            rope_theta: 10000.0,
+            init_std: 0.2,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// A seeded source of normal samples.
+pub struct Normal {
+    state: u64,
+    spare: Option<f32>,
+}
+
+impl Normal {
+    pub fn new(seed: u64) -> Self {
+        Normal {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+            spare: None,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    pub fn sample(&mut self) -> f32 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let (u, v) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u.ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * v;
+        self.spare = Some((r * t.sin()) as f32);
+        (r * t.cos()) as f32
+    }
+
+    /// A `[rows, cols]` (or `[rows]` when `cols` is 0) tensor of samples times `std`.
+    pub fn tensor(&mut self, dims: &[usize], std: f32) -> candle_core::Result<Tensor> {
+        let n: usize = dims.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| self.sample() * std).collect();
+        Tensor::from_vec(data, dims, &Device::Cpu)
+    }
+}
+
+/// Writes `config.json` and `model.safetensors` of a random decoder into `dir`.
+pub fn write_random_llama(dir: &Path, spec: &LlamaSpec, seed: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = Normal::new(seed);
+    let (h, d) = (spec.hidden, spec.head_dim());
+    let std = spec.init_std;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        rng.tensor(&[spec.vocab, h], std)?,
+    );
+    let qwen = spec.model_type == "qwen2";
+    for i in 0..spec.layers {
+        let p = format!("model.layers.{i}");
+        let ones = |n| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu);
+        // Norm weights near one, so the random model is not degenerate.
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            (ones(h)? + rng.tensor(&[h], 0.1)?)?,
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            (ones(h)? + rng.tensor(&[h], 0.1)?)?,
+        );
+        for (name, out) in [
+            ("q_proj", spec.heads * d),
+            ("k_proj", spec.kv_heads * d),
+            ("v_proj", spec.kv_heads * d),
+        ] {
+            t.insert(
+                format!("{p}.self_attn.{name}.weight"),
+                rng.tensor(&[out, h], std)?,
+            );
+            if qwen {
+                t.insert(
+                    format!("{p}.self_attn.{name}.bias"),
+                    rng.tensor(&[out], std)?,
+                );
+            }
+        }
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            rng.tensor(&[h, spec.heads * d], std)?,
+        );
+        t.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            rng.tensor(&[spec.intermediate, h], std)?,
+        );
+        t.insert(
+            format!("{p}.mlp.up_proj.weight"),
+            rng.tensor(&[spec.intermediate, h], std)?,
+        );
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            rng.tensor(&[h, spec.intermediate], std)?,
+        );
+    }
+    t.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?,
+    );
+    if !spec.tie_embeddings {
+        t.insert("lm_head.weight".into(), rng.tensor(&[spec.vocab, h], std)?);
+    }
+    let config = json!({
+        "architectures": [match spec.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        }],
+        "model_type": spec.model_type,
+        "hidden_size": h,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": spec.max_positions,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": spec.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": spec.tie_embeddings,
+        "sliding_window": null,
+        "bos_token_id": null,
+        "eos_token_id": null,
+        "torch_dtype": "float32",
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    Ok(())
+}

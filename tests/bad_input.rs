@@ -1,0 +1,1 @@
+//! Bad input gets one clear error naming the file and field.

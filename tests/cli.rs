@@ -1,0 +1,1 @@
+//! The `exitgraph` binary end to end.
