@@ -1,1 +1,180 @@
-//! The `exitgraph` binary end to end.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The `exitgraph` binary end to end: every example pipeline runs, and `forward` and `encode`
+//! write what transformers computed.
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn exitgraph(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("exitgraph runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exitgraph {args:?} failed:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn every_example_pipeline_compiles_and_runs() {
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ron"))
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 4, "one example per family");
+    for ex in examples {
+        let ex = ex.to_string_lossy().to_string();
+        let compiled = stdout(&exitgraph(&["compile", &ex]));
+        assert!(compiled.contains("result:"), "{compiled}");
+        let text = std::fs::read_to_string(&ex).unwrap();
+        if text.contains("minilm") {
+            let out = stdout(&exitgraph(&["encode", &ex, "--text", "The cat sat on the mat."]));
+            assert!(out.contains("sentence_embedding dim 384 norm 1.0000"), "{out}");
+        } else {
+            let out = stdout(&exitgraph(&["run", &ex, "--prompt", "5 17 42 7", "--max-new-tokens", "6"]));
+            let ids: Vec<u32> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+            assert_eq!(ids.len(), 6, "{ex}: {out}");
+        }
+    }
+}
+
+#[test]
+fn forward_writes_the_reference_tensors() {
+    for case in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = root().join("tests/fixtures").join(case);
+        let reference = model.join("reference.safetensors");
+        let out_path = dir.path().join("out.safetensors");
+        let r = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
+        let greedy = &r["greedy"];
+        let n_new = greedy.dim(1).unwrap() - r["input_ids"].dim(1).unwrap();
+        exitgraph(&[
+            "forward",
+            model.to_str().unwrap(),
+            "--input",
+            reference.to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+            "--generate",
+            &n_new.to_string(),
+        ]);
+        let out = candle_core::safetensors::load(&out_path, &Device::Cpu).unwrap();
+        for (name, expected) in &r {
+            if name == "input_ids" {
+                continue;
+            }
+            let got = out.get(name).unwrap_or_else(|| panic!("{case}: no {name}"));
+            if name == "greedy" {
+                assert_eq!(got.dtype(), DType::I64);
+                assert_eq!(got.to_vec2::<i64>().unwrap(), expected.to_vec2::<i64>().unwrap(), "{case}");
+            } else {
+                let d = max_abs_diff(got, expected);
+                assert!(d <= 1e-4, "{case}: {name} differs by {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn encode_matches_sentence_transformers() {
+    let refs = root().join("tests/fixtures/minilm-l6");
+    assert!(
+        refs.join("model/model.safetensors").exists(),
+        "MiniLM weights missing: run scripts/fetch-minilm.sh"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("emb.safetensors");
+    exitgraph(&[
+        "encode",
+        "examples/minilm.ron",
+        "--text",
+        "The cat sat on the mat.",
+        "--text",
+        "Early exiting saves compute on easy inputs.",
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    let out = candle_core::safetensors::load(&out_path, &Device::Cpu).unwrap();
+    let r = candle_core::safetensors::load(refs.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let d = max_abs_diff(&out["sentence_embedding"], &r["sentence_embedding"]);
+    assert!(d <= 1e-4, "sentence embeddings differ by {d}");
+}
+
+#[test]
+fn inspect_reports_parameters_and_flops() {
+    let out = stdout(&exitgraph(&["inspect", "tests/fixtures/tiny-llama"]));
+    // 512*64 embedding + 512*64 head + 6 layers * (attention 64*(64+32+32)+64*64 + mlp 3*64*160 + 2*64) + 64.
+    assert!(out.contains("(324416)"), "{out}");
+    assert!(out.contains("FLOPs per token"), "{out}");
+    assert!(out.contains("4 heads, 2 kv heads, head size 16"), "{out}");
+}
+
+#[test]
+fn compile_writes_dot_and_ir_that_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let dot = dir.path().join("g.dot");
+    let ir = dir.path().join("g.ron");
+    exitgraph(&[
+        "compile",
+        "examples/llama-truncated.ron",
+        "--dot",
+        dot.to_str().unwrap(),
+        "--emit-ir",
+        ir.to_str().unwrap(),
+    ]);
+    let dot = std::fs::read_to_string(dot).unwrap();
+    assert!(dot.starts_with("digraph"));
+    assert!(dot.contains("layers.2.attn") && !dot.contains("layers.3.attn"));
+    let text = std::fs::read_to_string(ir).unwrap();
+    let g = exitgraph_ir::serial::from_ron(&text).unwrap();
+    exitgraph_ir::verify(&g).unwrap();
+    assert_eq!(g.info.num_layers, 3);
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let run = |seed: &str| {
+        stdout(&exitgraph(&[
+            "run",
+            "examples/llama.ron",
+            "--prompt",
+            "5 17 42",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+        ]))
+    };
+    assert_eq!(run("3"), run("3"));
+    assert_ne!(run("3"), run("4"));
+}

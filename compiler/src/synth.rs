@@ -24,6 +24,8 @@ pub struct LlamaSpec {
     pub rope_theta: f64,
     /// Standard deviation of the weights.
     pub init_std: f32,
+    /// Attention window of every layer (Mistral only).
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaSpec {
@@ -41,6 +43,7 @@ impl LlamaSpec {
             tie_embeddings: false,
             rope_theta: 10000.0,
             init_std: 0.02,
+            sliding_window: None,
         }
     }
 
@@ -58,6 +61,7 @@ impl LlamaSpec {
             tie_embeddings: false,
             rope_theta: 10000.0,
             init_std: 0.2,
+            sliding_window: None,
         }
     }
 
@@ -194,7 +198,7 @@ pub fn write_random_llama(dir: &Path, spec: &LlamaSpec, seed: u64) -> anyhow::Re
         "rope_theta": spec.rope_theta,
         "hidden_act": "silu",
         "tie_word_embeddings": spec.tie_embeddings,
-        "sliding_window": null,
+        "sliding_window": spec.sliding_window,
         "bos_token_id": null,
         "eos_token_id": null,
         "torch_dtype": "float32",

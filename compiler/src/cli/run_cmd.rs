@@ -43,9 +43,12 @@ pub struct EncodeArgs {
 
 fn load_tokenizer(compiled: &Compiled) -> anyhow::Result<Option<Tokenizer>> {
     match &compiled.checkpoint.tokenizer {
-        Some(path) => Tokenizer::from_file(path)
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Some(path) => {
+            let mut t = Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            // Padding is ours to do (with an attention mask), not the tokenizer's.
+            t.with_padding(None);
+            Ok(Some(t))
+        }
         None => Ok(None),
     }
 }
@@ -62,11 +65,17 @@ fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
 
 fn tokenize(tok: Option<&Tokenizer>, text: &str) -> anyhow::Result<Vec<u32>> {
     let ids = match tok {
-        Some(t) => t
-            .encode(text, true)
-            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
-            .get_ids()
-            .to_vec(),
+        Some(t) => {
+            let enc = t
+                .encode(text, true)
+                .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+            enc.get_ids()
+                .iter()
+                .zip(enc.get_attention_mask())
+                .filter(|(_, &m)| m == 1)
+                .map(|(&id, _)| id)
+                .collect()
+        }
         None => parse_ids(text)?,
     };
     if ids.is_empty() {
