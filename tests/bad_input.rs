@@ -1,1 +1,619 @@
-//! Bad input gets one clear error naming the file and field.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Bad input gets one clear error naming the file and the field (or tensor), a non-zero exit
+//! and never a panic: broken checkpoints, pipeline files and `forward` / `run` inputs, through
+//! the library and the `exitgraph` binary.
+
+use candle_core::{DType, Device, Tensor};
+use exitgraph::pipeline::{compile, Pipeline};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tempfile::TempDir;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn tiny_llama() -> PathBuf {
+    fixtures().join("tiny-llama")
+}
+
+/// A temporary copy of a fixture checkpoint: its config and safetensors, no references.
+fn copy_checkpoint(fixture: &Path) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with("reference") {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+        }
+    }
+    dir
+}
+
+/// A copy of tiny-llama with `edit` applied to its config.json.
+fn llama_with_config(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> TempDir {
+    let dir = copy_checkpoint(&tiny_llama());
+    let path = dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(cfg.as_object_mut().unwrap());
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    dir
+}
+
+/// A copy of tiny-llama with `edit` applied to the tensors of its model.safetensors.
+fn llama_with_weights(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> TempDir {
+    let dir = copy_checkpoint(&tiny_llama());
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    dir
+}
+
+/// The error `exitgraph_ir::import` gives for `dir`.
+fn import_error(dir: &Path) -> String {
+    match exitgraph_ir::import(dir) {
+        Ok(_) => panic!("{} imported, expected an error", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Runs the binary, expecting a clean failure; returns its stderr.
+fn exitgraph_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+        .args(args)
+        .output()
+        .expect("exitgraph runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "exitgraph {args:?} succeeded, expected an error:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "exitgraph {args:?} panicked:\n{stderr}");
+    assert!(
+        stderr.starts_with("error:"),
+        "exitgraph {args:?}: stderr should start with \"error:\":\n{stderr}"
+    );
+    stderr
+}
+
+#[track_caller]
+fn assert_mentions(message: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(message.contains(n), "expected {n:?} in:\n{message}");
+    }
+}
+
+/// Import through the library and `exitgraph inspect`: both fail naming every needle.
+#[track_caller]
+fn assert_import_fails(dir: &Path, needles: &[&str]) -> String {
+    let lib = import_error(dir);
+    assert_mentions(&lib, needles);
+    let cli = exitgraph_fails(&["inspect", &dir.to_string_lossy()]);
+    assert_mentions(&cli, needles);
+    lib
+}
+
+// ---------------------------------------------------------------- config.json
+
+#[test]
+fn config_json_missing() {
+    let dir = copy_checkpoint(&tiny_llama());
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    assert_import_fails(dir.path(), &["config.json", "No such file"]);
+}
+
+#[test]
+fn config_json_invalid_json_has_line_and_column() {
+    let dir = copy_checkpoint(&tiny_llama());
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\n  \"model_type\": \"llama\",\n  \"hidden_size\": 64,,\n}\n",
+    )
+    .unwrap();
+    let msg = assert_import_fails(dir.path(), &["config.json", "line 3, column"]);
+    assert_eq!(msg.matches("line 3").count(), 1, "position given once: {msg}");
+}
+
+#[test]
+fn config_json_not_an_object() {
+    let dir = copy_checkpoint(&tiny_llama());
+    std::fs::write(dir.path().join("config.json"), "[1, 2, 3]").unwrap();
+    assert_import_fails(dir.path(), &["config.json", "expected a JSON object"]);
+}
+
+#[test]
+fn config_required_field_missing() {
+    let dir = llama_with_config(|c| {
+        c.remove("hidden_size");
+    });
+    assert_import_fails(dir.path(), &["config.json", "\"hidden_size\"", "missing"]);
+}
+
+#[test]
+fn config_model_type_missing() {
+    let dir = llama_with_config(|c| {
+        c.remove("model_type");
+    });
+    assert_import_fails(dir.path(), &["config.json", "\"model_type\"", "missing"]);
+}
+
+#[test]
+fn config_field_of_wrong_type() {
+    let dir = llama_with_config(|c| {
+        c.insert("num_hidden_layers".into(), "six".into());
+    });
+    assert_import_fails(
+        dir.path(),
+        &["config.json", "\"num_hidden_layers\"", "integer", "\"six\""],
+    );
+}
+
+#[test]
+fn config_zero_size() {
+    let dir = llama_with_config(|c| {
+        c.insert("num_attention_heads".into(), 0.into());
+    });
+    assert_import_fails(
+        dir.path(),
+        &["config.json", "\"num_attention_heads\"", "at least 1"],
+    );
+}
+
+#[test]
+fn config_kv_heads_do_not_divide_heads() {
+    let dir = llama_with_config(|c| {
+        c.insert("num_key_value_heads".into(), 3.into());
+    });
+    assert_import_fails(
+        dir.path(),
+        &["config.json", "\"num_key_value_heads\"", "3 does not divide", "(4)"],
+    );
+}
+
+#[test]
+fn config_absurd_sizes_do_not_panic() {
+    let dir = llama_with_config(|c| {
+        c.insert("num_attention_heads".into(), (1u64 << 40).into());
+        c.insert("num_key_value_heads".into(), (1u64 << 40).into());
+        c.insert("head_dim".into(), (1u64 << 40).into());
+    });
+    assert_import_fails(
+        dir.path(),
+        &["config.json", "\"num_attention_heads\"", "too large"],
+    );
+    let dir = llama_with_config(|c| {
+        c.insert("num_hidden_layers".into(), 1_000_000.into());
+    });
+    assert_import_fails(
+        dir.path(),
+        &["config.json", "\"num_hidden_layers\"", "model.safetensors", "layer 999999"],
+    );
+}
+
+#[test]
+fn config_unsupported_model_type() {
+    let dir = llama_with_config(|c| {
+        c.insert("model_type".into(), "t5".into());
+    });
+    assert_import_fails(
+        dir.path(),
+        &["config.json", "\"t5\"", "llama, mistral, qwen2, gpt2, bert"],
+    );
+}
+
+#[test]
+fn config_unsupported_rope_type() {
+    let dir = llama_with_config(|c| {
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}),
+        );
+    });
+    assert_import_fails(
+        dir.path(),
+        &[
+            "config.json",
+            "rope_parameters.rope_type",
+            "\"yarn\"",
+            "default, linear, llama3",
+        ],
+    );
+}
+
+#[test]
+fn config_unsupported_activation() {
+    let dir = llama_with_config(|c| {
+        c.insert("hidden_act".into(), "mish".into());
+    });
+    assert_import_fails(dir.path(), &["config.json", "\"hidden_act\"", "\"mish\""]);
+}
+
+// ---------------------------------------------------------------- safetensors
+
+#[test]
+fn safetensors_missing() {
+    let dir = copy_checkpoint(&tiny_llama());
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    assert_import_fails(dir.path(), &["model.safetensors", "no model.safetensors"]);
+}
+
+#[test]
+fn safetensors_truncated_in_the_data() {
+    let dir = copy_checkpoint(&tiny_llama());
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_import_fails(dir.path(), &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn safetensors_truncated_in_the_header() {
+    for keep in [3, 100] {
+        let dir = copy_checkpoint(&tiny_llama());
+        let path = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        assert_import_fails(dir.path(), &["model.safetensors", "truncated"]);
+    }
+}
+
+#[test]
+fn safetensors_garbage() {
+    let dir = copy_checkpoint(&tiny_llama());
+    let path = dir.path().join("model.safetensors");
+    std::fs::write(&path, "this is not a safetensors file, just some text\n".repeat(10)).unwrap();
+    assert_import_fails(dir.path(), &["model.safetensors", "not safetensors"]);
+    // A plausible header length followed by something that is not JSON.
+    let mut bytes = 16u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"<html>oops</html>....");
+    std::fs::write(&path, bytes).unwrap();
+    assert_import_fails(dir.path(), &["model.safetensors", "not valid JSON"]);
+}
+
+#[test]
+fn safetensors_header_with_absurd_shape_does_not_panic() {
+    let dir = copy_checkpoint(&tiny_llama());
+    let path = dir.path().join("model.safetensors");
+    let header = r#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&path, bytes).unwrap();
+    assert_import_fails(
+        dir.path(),
+        &["model.safetensors", "model.embed_tokens.weight", "shape"],
+    );
+}
+
+#[test]
+fn tensor_missing() {
+    let dir = llama_with_weights(|t| {
+        t.remove("model.layers.2.mlp.up_proj.weight").unwrap();
+    });
+    assert_import_fails(
+        dir.path(),
+        &[
+            "model.safetensors",
+            "\"model.layers.2.mlp.up_proj.weight\"",
+            "missing",
+        ],
+    );
+}
+
+#[test]
+fn tensor_of_the_wrong_shape() {
+    let dir = llama_with_weights(|t| {
+        let w = Tensor::zeros((160, 32), DType::F32, &Device::Cpu).unwrap();
+        t.insert("model.layers.2.mlp.up_proj.weight".into(), w);
+    });
+    assert_import_fails(
+        dir.path(),
+        &[
+            "model.safetensors",
+            "model.layers.2.mlp.up_proj.weight",
+            "[160, 32]",
+            "[160, 64]",
+        ],
+    );
+}
+
+#[test]
+fn config_hidden_size_disagrees_with_the_tensors() {
+    let dir = llama_with_config(|c| {
+        c.insert("hidden_size".into(), 96.into());
+    });
+    assert_import_fails(
+        dir.path(),
+        &[
+            "model.safetensors",
+            "model.embed_tokens.weight",
+            "[512, 64]",
+            "[512, 96]",
+        ],
+    );
+}
+
+#[test]
+fn tensor_of_an_integer_dtype() {
+    let dir = llama_with_weights(|t| {
+        let w = Tensor::zeros(64, DType::I64, &Device::Cpu).unwrap();
+        t.insert("model.norm.weight".into(), w);
+    });
+    assert_import_fails(
+        dir.path(),
+        &["model.safetensors", "\"model.norm.weight\"", "I64"],
+    );
+}
+
+#[test]
+fn sharded_index_points_to_a_missing_shard() {
+    let dir = copy_checkpoint(&fixtures().join("variants/llama-linear-rope-sharded"));
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    assert_import_fails(
+        dir.path(),
+        &[
+            "model.safetensors.index.json",
+            "weight_map",
+            "model-00002-of-00002.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn sharded_index_invalid() {
+    let dir = copy_checkpoint(&fixtures().join("variants/llama-linear-rope-sharded"));
+    let index = dir.path().join("model.safetensors.index.json");
+    std::fs::write(&index, r#"{"metadata": {}}"#).unwrap();
+    assert_import_fails(
+        dir.path(),
+        &["model.safetensors.index.json", "\"weight_map\"", "missing"],
+    );
+    std::fs::write(&index, r#"{"weight_map": {"lm_head.weight": 3}}"#).unwrap();
+    assert_import_fails(
+        dir.path(),
+        &["model.safetensors.index.json", "weight_map.lm_head.weight"],
+    );
+}
+
+// ---------------------------------------------------------------- pipelines
+
+/// Writes `text` as `pipeline.ron` in a fresh folder.
+fn pipeline_file(text: &str) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pipeline.ron");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+/// A pipeline on tiny-llama with `rest` after the model line.
+fn llama_pipeline(rest: &str) -> (TempDir, PathBuf) {
+    let model = tiny_llama().to_string_lossy().to_string();
+    pipeline_file(&format!("Pipeline(\n    model: {model:?},\n{rest})\n"))
+}
+
+/// The pipeline's error through the library (read, then compile) and `exitgraph compile`.
+#[track_caller]
+fn assert_pipeline_fails(path: &Path, needles: &[&str]) -> String {
+    let lib = match Pipeline::read(path) {
+        Err(e) => e.to_string(),
+        Ok(p) => match compile(&p, path) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{} compiled, expected an error", path.display()),
+        },
+    };
+    assert_mentions(&lib, needles);
+    let cli = exitgraph_fails(&["compile", &path.to_string_lossy()]);
+    assert_mentions(&cli, needles);
+    lib
+}
+
+#[test]
+fn pipeline_syntax_error_has_line_and_column() {
+    let (_dir, path) = llama_pipeline("    passes: [TruncateLayers(keep: 2)\n");
+    let msg = assert_pipeline_fails(&path, &["pipeline.ron:"]);
+    let at = format!("{}:", path.display());
+    let rest = msg.strip_prefix(&at).expect("starts with the file");
+    let mut parts = rest.splitn(3, ':');
+    let line: usize = parts.next().unwrap().parse().expect("a line number");
+    let column: usize = parts.next().unwrap().parse().expect("a column number");
+    assert!(line >= 3 && column >= 1, "{msg}");
+}
+
+#[test]
+fn pipeline_unknown_field() {
+    let (_dir, path) = pipeline_file("Pipeline(\n    model: \"m\",\n    pases: [],\n)\n");
+    let msg = assert_pipeline_fails(&path, &["pipeline.ron:3:", "pases"]);
+    assert_mentions(&msg, &["passes"]);
+}
+
+#[test]
+fn pipeline_missing_model_field() {
+    let (_dir, path) = pipeline_file("Pipeline(\n    passes: [],\n)\n");
+    assert_pipeline_fails(&path, &["pipeline.ron:", "model"]);
+}
+
+#[test]
+fn pipeline_unknown_pass() {
+    let (_dir, path) = llama_pipeline("    passes: [Frobnicate(x: 1)],\n");
+    assert_pipeline_fails(&path, &["pipeline.ron:3:", "Frobnicate", "TruncateLayers"]);
+}
+
+#[test]
+fn pipeline_pass_parameter_out_of_range() {
+    let (_dir, path) = llama_pipeline("    passes: [TruncateLayers(keep: 99)],\n");
+    assert_pipeline_fails(&path, &["pipeline.ron", "TruncateLayers", "99", "1..=6"]);
+}
+
+#[test]
+fn pipeline_unsupported_version() {
+    let (_dir, path) = llama_pipeline("    version: 7,\n");
+    assert_pipeline_fails(&path, &["pipeline.ron", "\"version\"", "7"]);
+}
+
+#[test]
+fn pipeline_file_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.ron");
+    assert_pipeline_fails(&path, &["nope.ron", "No such file"]);
+}
+
+#[test]
+fn pipeline_model_path_does_not_exist() {
+    let (_dir, path) = pipeline_file("Pipeline(model: \"no-such-model\")\n");
+    assert_pipeline_fails(&path, &["pipeline.ron", "\"model\"", "no-such-model"]);
+}
+
+#[test]
+fn pipeline_model_is_broken() {
+    let model = llama_with_config(|c| {
+        c.remove("vocab_size");
+    });
+    let (_dir, path) = pipeline_file(&format!(
+        "Pipeline(model: {:?})\n",
+        model.path().to_string_lossy()
+    ));
+    assert_pipeline_fails(&path, &["config.json", "\"vocab_size\"", "missing"]);
+}
+
+#[test]
+fn inspect_model_folder_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model");
+    assert_import_fails(&missing, &["no-such-model", "not found"]);
+}
+
+// ---------------------------------------------------------------- forward
+
+/// Writes `tensors` to `in.safetensors` in a fresh folder.
+fn input_file(tensors: &[(&str, Tensor)]) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.safetensors");
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, &path).unwrap();
+    (dir, path)
+}
+
+fn ids(rows: &[&[i64]]) -> Tensor {
+    Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
+}
+
+/// `exitgraph forward tiny-llama --input INPUT` (plus `extra`) fails; returns stderr.
+fn forward_fails(input: &Path, extra: &[&str]) -> String {
+    let out = input.with_file_name("out.safetensors");
+    let model = tiny_llama();
+    let mut args = vec![
+        "forward",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let stderr = exitgraph_fails(&args);
+    assert!(!out.exists(), "no output is written on error");
+    stderr
+}
+
+#[test]
+fn forward_input_without_input_ids() {
+    let (_dir, path) = input_file(&[("attention_mask", ids(&[&[1, 1, 1]]))]);
+    let msg = forward_fails(&path, &[]);
+    assert_mentions(&msg, &["in.safetensors", "\"input_ids\"", "missing"]);
+}
+
+#[test]
+fn forward_input_ids_of_float_dtype() {
+    let t = Tensor::new(&[[1f32, 2., 3.]], &Device::Cpu).unwrap();
+    let (_dir, path) = input_file(&[("input_ids", t)]);
+    let msg = forward_fails(&path, &[]);
+    assert_mentions(&msg, &["in.safetensors", "\"input_ids\"", "integer", "F32"]);
+}
+
+#[test]
+fn forward_input_ids_of_wrong_rank() {
+    let t = Tensor::new(&[1i64, 2, 3], &Device::Cpu).unwrap();
+    let (_dir, path) = input_file(&[("input_ids", t)]);
+    let msg = forward_fails(&path, &[]);
+    assert_mentions(&msg, &["in.safetensors", "\"input_ids\"", "[batch, seq]"]);
+}
+
+#[test]
+fn forward_negative_token_id() {
+    let (_dir, path) = input_file(&[("input_ids", ids(&[&[1, -4, 3]]))]);
+    let msg = forward_fails(&path, &[]);
+    assert_mentions(&msg, &["in.safetensors", "\"input_ids\"", "negative", "-4"]);
+}
+
+#[test]
+fn forward_token_id_outside_the_vocabulary() {
+    let (_dir, path) = input_file(&[("input_ids", ids(&[&[1, 600, 3]]))]);
+    let msg = forward_fails(&path, &[]);
+    assert_mentions(&msg, &["600", "outside the vocabulary", "512"]);
+}
+
+#[test]
+fn forward_attention_mask_shape_mismatch() {
+    let (_dir, path) = input_file(&[
+        ("input_ids", ids(&[&[1, 2, 3, 4]])),
+        ("attention_mask", ids(&[&[1, 1, 1]])),
+    ]);
+    let msg = forward_fails(&path, &[]);
+    assert_mentions(&msg, &["in.safetensors", "\"attention_mask\"", "[1, 3]", "[1, 4]"]);
+}
+
+#[test]
+fn forward_generate_with_a_padded_mask() {
+    let (_dir, path) = input_file(&[
+        ("input_ids", ids(&[&[1, 2, 3, 4], &[5, 6, 0, 0]])),
+        ("attention_mask", ids(&[&[1, 1, 1, 1], &[1, 1, 0, 0]])),
+    ]);
+    let msg = forward_fails(&path, &["--generate", "3"]);
+    assert_mentions(&msg, &["in.safetensors", "attention_mask", "padding"]);
+}
+
+#[test]
+fn forward_input_file_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = forward_fails(&dir.path().join("in.safetensors"), &[]);
+    assert_mentions(&msg, &["in.safetensors"]);
+}
+
+#[test]
+fn forward_input_file_not_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.safetensors");
+    std::fs::write(&path, "1 2 3 4\n").unwrap();
+    let msg = forward_fails(&path, &[]);
+    assert_mentions(&msg, &["in.safetensors"]);
+}
+
+// ---------------------------------------------------------------- run
+
+#[test]
+fn run_prompt_that_is_not_token_ids_without_a_tokenizer() {
+    let (_dir, path) = llama_pipeline("");
+    let msg = exitgraph_fails(&["run", path.to_str().unwrap(), "--prompt", "hello world"]);
+    assert_mentions(&msg, &["tokenizer.json", "token ids", "\"hello\""]);
+}
+
+#[test]
+fn run_empty_prompt() {
+    let (_dir, path) = llama_pipeline("");
+    let msg = exitgraph_fails(&["run", path.to_str().unwrap(), "--prompt", "  "]);
+    assert_mentions(&msg, &["prompt", "no tokens"]);
+}
+
+#[test]
+fn run_prompt_token_outside_the_vocabulary() {
+    let (_dir, path) = llama_pipeline("");
+    let msg = exitgraph_fails(&["run", path.to_str().unwrap(), "--prompt", "1 9999"]);
+    assert_mentions(&msg, &["9999", "outside the vocabulary"]);
+}

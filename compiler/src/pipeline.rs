@@ -191,6 +191,17 @@ pub fn resolve_model(pipeline: &Pipeline, pipeline_path: &Path) -> PathBuf {
 /// Imports the model and runs the passes.
 pub fn compile(pipeline: &Pipeline, pipeline_path: &Path) -> Result<Compiled, PipelineError> {
     let model_dir = resolve_model(pipeline, pipeline_path);
+    if !model_dir.is_dir() {
+        return Err(PipelineError::Field {
+            path: pipeline_path.to_path_buf(),
+            field: "model",
+            message: format!(
+                "\"{}\" resolves to {}, which is not a folder",
+                pipeline.model,
+                model_dir.display()
+            ),
+        });
+    }
     let checkpoint = exitgraph_ir::import(&model_dir).map_err(|source| PipelineError::Import {
         model: model_dir.clone(),
         source,

@@ -50,6 +50,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     bar.set_message("bench");
     let report = run_bench(&opts, |n| bar.set_position(n as u64))?;
     bar.finish_and_clear();
-    print!("{}", report.to_markdown());
+    out!("{}", report.to_markdown());
     Ok(())
 }

@@ -28,7 +28,7 @@ pub fn write_text_atomic(path: &std::path::Path, text: &str) -> anyhow::Result<(
 pub fn run(a: Args) -> anyhow::Result<()> {
     let pipeline = Pipeline::read(&a.pipeline)?;
     let compiled = compile(&pipeline, &a.pipeline)?;
-    println!(
+    outln!(
         "model {} ({}, {} layers, {} nodes)",
         compiled.model_dir.display(),
         compiled.original.info.model_type,
@@ -36,24 +36,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         compiled.original.graph.node_count()
     );
     if compiled.outcomes.is_empty() {
-        println!("no passes: the model runs as imported");
+        outln!("no passes: the model runs as imported");
     }
     let mut touched = Vec::new();
     for (i, o) in compiled.outcomes.iter().enumerate() {
-        println!("pass {} {}: {}", i + 1, o.pass, o.report.summary);
+        outln!("pass {} {}: {}", i + 1, o.pass, o.report.summary);
         for (what, names) in [
             ("added", &o.report.added),
             ("changed", &o.report.changed),
             ("removed", &o.report.removed),
         ] {
             if !names.is_empty() {
-                println!("    {what} {}: {}", names.len(), names.join(", "));
+                outln!("    {what} {}: {}", names.len(), names.join(", "));
             }
         }
         touched.extend(o.report.added.iter().cloned());
         touched.extend(o.report.changed.iter().cloned());
     }
-    println!(
+    outln!(
         "result: {} layers, {} nodes, {} parameters, outputs {}",
         compiled.graph.info.num_layers,
         compiled.graph.graph.node_count(),
@@ -71,12 +71,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             path,
             &exitgraph_ir::serial::to_dot(&compiled.graph, &touched),
         )?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     if let Some(path) = &a.emit_ir {
         let ron = exitgraph_ir::serial::to_ron(&compiled.graph).context("serialising the graph")?;
         write_text_atomic(path, &ron)?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     Ok(())
 }

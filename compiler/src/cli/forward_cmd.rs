@@ -94,7 +94,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     write_atomic(&a.output, &tensors)?;
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
-    println!(
+    outln!(
         "wrote {} tensors to {}: {}",
         names.len(),
         a.output.display(),

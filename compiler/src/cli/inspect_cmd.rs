@@ -12,11 +12,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let ckpt = exitgraph_ir::import(&a.model_dir)?;
-    println!("model            {}", a.model_dir.display());
-    print!("{}", summarize(&ckpt.graph).to_table(a.context));
+    outln!("model            {}", a.model_dir.display());
+    out!("{}", summarize(&ckpt.graph).to_table(a.context));
     match &ckpt.tokenizer {
-        Some(t) => println!("\ntokenizer        {}", t.display()),
-        None => println!("\ntokenizer        none (prompts are token ids)"),
+        Some(t) => outln!("\ntokenizer        {}", t.display()),
+        None => outln!("\ntokenizer        none (prompts are token ids)"),
     }
     Ok(())
 }

@@ -121,9 +121,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             let text = t
                 .decode(&new, true)
                 .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-            println!("{}{}", a.prompt, text);
+            outln!("{}{}", a.prompt, text);
         }
-        None => println!(
+        None => outln!(
             "{}",
             new.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
         ),
@@ -187,14 +187,14 @@ fn embed(
         .to_device(&candle_core::Device::Cpu)?;
     if let Some(path) = output {
         write_atomic(path, &HashMap::from([(name.to_string(), t.clone())]))?;
-        println!("wrote {name} {:?} to {}", t.dims(), path.display());
+        outln!("wrote {name} {:?} to {}", t.dims(), path.display());
         return Ok(());
     }
     let t = if t.rank() == 3 { t.mean(1)? } else { t };
     for (text, row) in texts.iter().zip(t.to_vec2::<f32>()?) {
         let head: Vec<String> = row.iter().take(8).map(|x| format!("{x:+.4}")).collect();
         let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        println!(
+        outln!(
             "{text:?}\n  {name} dim {} norm {norm:.4}: [{} ...]",
             row.len(),
             head.join(", ")

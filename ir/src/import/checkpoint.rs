@@ -45,6 +45,15 @@ pub fn read_catalog(dir: &Path) -> Result<WeightCatalog, ImportError> {
                 .push(tensor.clone());
         }
         for (file, tensors) in by_file {
+            if !dir.join(&file).is_file() {
+                return Err(idx.error(
+                    "weight_map",
+                    format!(
+                        "shard \"{file}\" does not exist (it holds {} of the listed tensors)",
+                        tensors.len()
+                    ),
+                ));
+            }
             let header = read_header(&dir.join(&file), &file)?;
             for t in tensors {
                 let info = header.get(&t).ok_or_else(|| ImportError::Safetensors {
@@ -133,7 +142,10 @@ pub fn read_header(
             .filter(|o| o.len() == 2)
             .ok_or_else(|| field("data_offsets must be two integers"))?;
         let (start, end) = (offsets[0], offsets[1]);
-        let expected = shape.iter().product::<usize>() as u64 * dtype.size_bytes() as u64;
+        let expected = shape
+            .iter()
+            .try_fold(dtype.size_bytes() as u64, |n, &d| n.checked_mul(d as u64))
+            .ok_or_else(|| field(&format!("shape {shape:?} is too large")))?;
         if end < start || end - start != expected {
             return Err(field(&format!(
                 "data_offsets {start}..{end} hold {} bytes, shape {shape:?} of {dtype} needs {expected}",

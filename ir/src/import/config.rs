@@ -4,6 +4,9 @@ use super::error::ImportError;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+/// Largest integer a size field may hold, so that the product of two sizes fits a `usize`.
+const MAX_SIZE: u64 = u32::MAX as u64;
+
 /// A parsed JSON config file.
 pub struct JsonConfig {
     pub path: PathBuf,
@@ -51,18 +54,24 @@ impl JsonConfig {
     }
 
     pub fn opt_usize(&self, field: &str) -> Result<Option<usize>, ImportError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) => Ok(Some(n as usize)),
-                None => match v.as_f64() {
-                    Some(f) if f >= 0.0 && f.fract() == 0.0 => Ok(Some(f as usize)),
-                    _ => {
-                        Err(self.error(field, format!("expected a non-negative integer, got {v}")))
-                    }
-                },
+        let Some(v) = self.get(field) else {
+            return Ok(None);
+        };
+        let n = match v.as_u64() {
+            Some(n) => n as f64,
+            None => match v.as_f64() {
+                Some(f) if f >= 0.0 && f.fract() == 0.0 => f,
+                _ => {
+                    return Err(
+                        self.error(field, format!("expected a non-negative integer, got {v}"))
+                    )
+                }
             },
+        };
+        if n > MAX_SIZE as f64 {
+            return Err(self.error(field, format!("{v} is too large (at most {MAX_SIZE})")));
         }
+        Ok(Some(n as usize))
     }
 
     pub fn usize(&self, field: &str) -> Result<usize, ImportError> {
@@ -130,9 +139,9 @@ impl JsonConfig {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(|| bad(v)))
+                .map(|v| token_id(v).ok_or_else(|| bad(v)))
                 .collect(),
-            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(|| bad(v)),
+            Some(v) => token_id(v).map(|n| vec![n]).ok_or_else(|| bad(v)),
         }
     }
 
@@ -152,4 +161,9 @@ impl JsonConfig {
             Some(v) => Err(self.error(field, format!("expected a list of strings, got {v}"))),
         }
     }
+}
+
+/// A token id: an integer that fits a `u32`.
+fn token_id(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|n| u32::try_from(n).ok())
 }

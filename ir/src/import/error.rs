@@ -48,11 +48,17 @@ impl ImportError {
     }
 
     pub(crate) fn json(path: impl Into<PathBuf>, e: &serde_json::Error) -> Self {
+        // serde_json's message ends with the position, which the error states already.
+        let message = e.to_string();
+        let position = format!(" at line {} column {}", e.line(), e.column());
         ImportError::Json {
             path: path.into(),
             line: e.line(),
             column: e.column(),
-            message: e.to_string(),
+            message: message
+                .strip_suffix(&position)
+                .unwrap_or(&message)
+                .to_string(),
         }
     }
 }

@@ -121,6 +121,18 @@ pub(super) fn build(
     };
     let mlp_bias = cfg.opt_bool("mlp_bias")?.unwrap_or(false);
     let rope = rope_from_config(cfg, head_dim, 10000.0)?;
+    let ctx = Ctx::new(cfg, catalog, &["model.", ""], "embed_tokens.weight");
+    let last = format!("{}layers.{}.", ctx.prefix, layers - 1);
+    if !catalog.tensors.keys().any(|k| k.starts_with(&last)) {
+        return Err(cfg.error(
+            "num_hidden_layers",
+            format!(
+                "is {layers}, but {} has no tensors of layer {} ({last}*)",
+                ctx.weights_path.display(),
+                layers - 1
+            ),
+        ));
+    }
     let windows = sliding_windows(cfg, family, layers)?;
     let tie = cfg.opt_bool("tie_word_embeddings")?.unwrap_or(false);
     let default_max = match family {
@@ -142,7 +154,6 @@ pub(super) fn build(
         pad_token_id: cfg.token_ids("pad_token_id")?.first().copied(),
     };
 
-    let ctx = Ctx::new(cfg, catalog, &["model.", ""], "embed_tokens.weight");
     let mut g = Graph::new(info, catalog.clone());
     let input = add_input(&mut g);
     let embed_w = ctx.tensor("embed_tokens.weight", "embedding")?;
