@@ -17,10 +17,7 @@ fn exitgraph(args: &[&str]) -> Output {
         .output()
         .expect("exitgraph runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "exitgraph {args:?} failed:\n{stderr}"
-    );
+    assert!(out.status.success(), "exitgraph {args:?} failed:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     out
 }
@@ -58,10 +55,25 @@ fn every_example_pipeline_compiles_and_runs() {
         assert!(compiled.contains("result:"), "{compiled}");
         let text = std::fs::read_to_string(&ex).unwrap();
         if text.contains("minilm") {
-            let out = stdout(&exitgraph(&["encode", &ex, "--text", "The cat sat on the mat."]));
-            assert!(out.contains("sentence_embedding dim 384 norm 1.0000"), "{out}");
+            let out = stdout(&exitgraph(&[
+                "encode",
+                &ex,
+                "--text",
+                "The cat sat on the mat.",
+            ]));
+            assert!(
+                out.contains("sentence_embedding dim 384 norm 1.0000"),
+                "{out}"
+            );
         } else {
-            let out = stdout(&exitgraph(&["run", &ex, "--prompt", "5 17 42 7", "--max-new-tokens", "6"]));
+            let out = stdout(&exitgraph(&[
+                "run",
+                &ex,
+                "--prompt",
+                "5 17 42 7",
+                "--max-new-tokens",
+                "6",
+            ]));
             let ids: Vec<u32> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
             assert_eq!(ids.len(), 6, "{ex}: {out}");
         }
@@ -96,7 +108,11 @@ fn forward_writes_the_reference_tensors() {
             let got = out.get(name).unwrap_or_else(|| panic!("{case}: no {name}"));
             if name == "greedy" {
                 assert_eq!(got.dtype(), DType::I64);
-                assert_eq!(got.to_vec2::<i64>().unwrap(), expected.to_vec2::<i64>().unwrap(), "{case}");
+                assert_eq!(
+                    got.to_vec2::<i64>().unwrap(),
+                    expected.to_vec2::<i64>().unwrap(),
+                    "{case}"
+                );
             } else {
                 let d = max_abs_diff(got, expected);
                 assert!(d <= 1e-4, "{case}: {name} differs by {d}");
@@ -125,7 +141,8 @@ fn encode_matches_sentence_transformers() {
         out_path.to_str().unwrap(),
     ]);
     let out = candle_core::safetensors::load(&out_path, &Device::Cpu).unwrap();
-    let r = candle_core::safetensors::load(refs.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let r =
+        candle_core::safetensors::load(refs.join("reference.safetensors"), &Device::Cpu).unwrap();
     let d = max_abs_diff(&out["sentence_embedding"], &r["sentence_embedding"]);
     assert!(d <= 1e-4, "sentence embeddings differ by {d}");
 }

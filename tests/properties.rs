@@ -45,7 +45,12 @@ fn ids(rows: &[Vec<u32>]) -> Tensor {
     Tensor::from_vec(rows.concat(), (rows.len(), rows[0].len()), &Device::Cpu).unwrap()
 }
 
-fn run(p: &Program, rows: &[Vec<u32>], want: &[&str], cache: &mut exitgraph::lower::KvCache) -> Vec<Tensor> {
+fn run(
+    p: &Program,
+    rows: &[Vec<u32>],
+    want: &[&str],
+    cache: &mut exitgraph::lower::KvCache,
+) -> Vec<Tensor> {
     let inputs = Inputs {
         input_ids: ids(rows),
         attention_mask: None,
@@ -56,12 +61,27 @@ fn run(p: &Program, rows: &[Vec<u32>], want: &[&str], cache: &mut exitgraph::low
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn prompt(len: usize, seed: u64, vocab: u32) -> Vec<u32> {
     (0..len as u64)
-        .map(|i| ((seed.wrapping_mul(6364136223846793005).wrapping_add(i * 1442695040888963407)) >> 33) as u32 % vocab)
+        .map(|i| {
+            ((seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i * 1442695040888963407))
+                >> 33) as u32
+                % vocab
+        })
         .collect()
 }
 
@@ -75,7 +95,7 @@ proptest! {
         let p = lower(dir.path());
         let tokens = prompt(len, seed, spec.vocab as u32);
         let split = split.min(len - 1);
-        let full = run(&p, &[tokens.clone()], &["logits"], &mut p.new_cache()).remove(0);
+        let full = run(&p, std::slice::from_ref(&tokens), &["logits"], &mut p.new_cache()).remove(0);
         let mut cache = p.new_cache();
         let mut parts = vec![run(&p, &[tokens[..split].to_vec()], &["logits"], &mut cache).remove(0)];
         for &t in &tokens[split..] {

@@ -89,12 +89,14 @@ pub struct Pipeline {
     pub runtime: RuntimeSpec,
 }
 
+/// Each message includes its cause, so causes are plain fields (`cause`), not `source()`:
+/// printing the chain (`{:#}`, as the CLI does) would repeat them.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("{path}: {source}", path = path.display())]
+    #[error("{path}: {cause}", path = path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message}", path = path.display())]
     Parse {
@@ -109,16 +111,17 @@ pub enum PipelineError {
         field: &'static str,
         message: String,
     },
-    #[error("model {model}: {source}", model = model.display())]
-    Import { model: PathBuf, source: ImportError },
-    #[error("{path}: {source}", path = path.display())]
-    Pass { path: PathBuf, source: PassError },
+    /// The import error names the model's files.
+    #[error("{cause}")]
+    Import { model: PathBuf, cause: ImportError },
+    #[error("{path}: {cause}", path = path.display())]
+    Pass { path: PathBuf, cause: PassError },
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
-    #[error("lowering {model}: {source}", model = model.display())]
+    #[error("lowering {model}: {cause}", model = model.display())]
     Lower {
         model: PathBuf,
-        source: Box<LowerError>,
+        cause: Box<LowerError>,
     },
 }
 
@@ -146,9 +149,9 @@ impl Pipeline {
 
     /// Reads a pipeline file.
     pub fn read(path: &Path) -> Result<Pipeline, PipelineError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io {
+        let text = std::fs::read_to_string(path).map_err(|cause| PipelineError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Pipeline::parse(&text, path)
     }
@@ -202,18 +205,18 @@ pub fn compile(pipeline: &Pipeline, pipeline_path: &Path) -> Result<Compiled, Pi
             ),
         });
     }
-    let checkpoint = exitgraph_ir::import(&model_dir).map_err(|source| PipelineError::Import {
+    let checkpoint = exitgraph_ir::import(&model_dir).map_err(|cause| PipelineError::Import {
         model: model_dir.clone(),
-        source,
+        cause,
     })?;
     let original = checkpoint.graph.clone();
     let mut graph = checkpoint.graph.clone();
     let manager = PassManager::new(pipeline.passes.iter().map(PassSpec::build).collect());
     let outcomes = manager
         .run(&mut graph)
-        .map_err(|source| PipelineError::Pass {
+        .map_err(|cause| PipelineError::Pass {
             path: pipeline_path.to_path_buf(),
-            source,
+            cause,
         })?;
     Ok(Compiled {
         pipeline: pipeline.clone(),
@@ -235,9 +238,9 @@ impl Compiled {
             &device,
             self.pipeline.dtype.to_candle(),
         )
-        .map_err(|source| PipelineError::Lower {
+        .map_err(|cause| PipelineError::Lower {
             model: self.model_dir.clone(),
-            source: Box::new(source),
+            cause: Box::new(cause),
         })
     }
 }

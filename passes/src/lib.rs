@@ -28,11 +28,12 @@ pub enum PassError {
     /// The pass's parameters do not fit this graph.
     #[error("{pass}: {message}")]
     Config { pass: &'static str, message: String },
-    /// The graph failed verification after the pass ran.
-    #[error("after pass {pass}: {source}")]
+    /// The graph failed verification after the pass ran. (The message includes the
+    /// problems, so they are not also a `source()` that `{:#}` would print again.)
+    #[error("after pass {pass}: {cause}")]
     Broken {
         pass: &'static str,
-        source: VerifyError,
+        cause: VerifyError,
     },
 }
 

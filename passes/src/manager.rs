@@ -23,16 +23,16 @@ impl PassManager {
 
     /// Runs every pass on `graph`, checking [`verify`] before the first and after each.
     pub fn run(&self, graph: &mut Graph) -> Result<Vec<PassOutcome>, PassError> {
-        verify(graph).map_err(|source| PassError::Broken {
+        verify(graph).map_err(|cause| PassError::Broken {
             pass: "import",
-            source,
+            cause,
         })?;
         let mut outcomes = Vec::with_capacity(self.passes.len());
         for pass in &self.passes {
             let report = pass.run(graph)?;
-            verify(graph).map_err(|source| PassError::Broken {
+            verify(graph).map_err(|cause| PassError::Broken {
                 pass: pass.name(),
-                source,
+                cause,
             })?;
             outcomes.push(PassOutcome {
                 pass: pass.name(),

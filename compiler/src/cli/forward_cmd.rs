@@ -39,6 +39,15 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let ckpt = exitgraph_ir::import(&a.model_dir)?;
     let inputs = read_forward_inputs(&a.input)?;
+    let vocab = ckpt.graph.info.vocab;
+    let max_id = inputs.input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+    if max_id as usize >= vocab {
+        bail!(
+            "{}: tensor \"input_ids\": token id {max_id} is outside the vocabulary of {} (size {vocab})",
+            a.input.display(),
+            a.model_dir.display()
+        );
+    }
     let device = match a.cuda {
         Some(i) => DeviceSpec::Cuda(i),
         None => DeviceSpec::Cpu,

@@ -44,7 +44,8 @@ pub struct EncodeArgs {
 fn load_tokenizer(compiled: &Compiled) -> anyhow::Result<Option<Tokenizer>> {
     match &compiled.checkpoint.tokenizer {
         Some(path) => {
-            let mut t = Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let mut t = Tokenizer::from_file(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             // Padding is ours to do (with an attention mask), not the tokenizer's.
             t.with_padding(None);
             Ok(Some(t))

@@ -25,21 +25,21 @@ use std::path::Path;
 pub enum LowerError {
     #[error(transparent)]
     Weights(#[from] WeightLoadError),
-    #[error("graph is invalid: {0}")]
+    #[error(transparent)]
     Invalid(#[from] exitgraph_ir::VerifyError),
-    #[error("node {node}: {source}")]
+    #[error("node {node}: {cause}")]
     Build {
         node: String,
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("step {step}: {source}")]
+    #[error("step {step}: {cause}")]
     Step {
         step: String,
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
     #[error("{0}")]
     Input(String),
@@ -130,9 +130,9 @@ impl Program {
         let mut attention_layers = 0;
         for n in order {
             let node = &graph.graph[n];
-            let build = |source| LowerError::Build {
+            let build = |cause| LowerError::Build {
                 node: node.name.clone(),
-                source,
+                cause,
             };
             let kernel = match &node.op {
                 Op::TokenInput => Kernel::Input,
@@ -340,9 +340,9 @@ impl Program {
         let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
         for &i in &needed {
             let step = &self.steps[i];
-            let wrap = |source| RunError::Step {
+            let wrap = |cause| RunError::Step {
                 step: step.name.clone(),
-                source,
+                cause,
             };
             let arg = |k: usize| -> &Tensor {
                 values[step.inputs[k]].as_ref().unwrap_or(&inputs.input_ids)

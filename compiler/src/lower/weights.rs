@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightLoadError {
-    #[error("{path}: cannot map safetensors: {source}", path = path.display())]
+    #[error("{path}: cannot map safetensors: {cause}", path = path.display())]
     Open {
         path: PathBuf,
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
-    #[error("weight {weight}: {source}")]
+    #[error("weight {weight}: {cause}")]
     Load {
         weight: String,
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
     #[error("weight {weight}: tensor \"{tensor}\" is not in the checkpoint catalog")]
     Missing { weight: String, tensor: String },
@@ -44,9 +44,9 @@ impl WeightStore {
         // has open, and the header of each was validated against the file length at import.
         #[allow(unsafe_code)]
         let mapped = unsafe { MmapedSafetensors::multi(&paths) };
-        let files = mapped.map_err(|source| WeightLoadError::Open {
+        let files = mapped.map_err(|cause| WeightLoadError::Open {
             path: paths.first().cloned().unwrap_or_else(|| root.to_path_buf()),
-            source,
+            cause,
         })?;
         Ok(WeightStore {
             files,
@@ -61,9 +61,9 @@ impl WeightStore {
         if let Some(t) = self.cache.get(w) {
             return Ok(t.clone());
         }
-        let wrap = |source| WeightLoadError::Load {
+        let wrap = |cause| WeightLoadError::Load {
             weight: w.to_string(),
-            source,
+            cause,
         };
         let t = match w {
             WeightRef::File { tensor } => self

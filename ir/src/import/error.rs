@@ -1,13 +1,16 @@
 //! Errors of checkpoint import: each names the file, and the field or tensor at fault.
+//!
+//! A variant's message includes its cause, so the cause is a plain field (`cause`), not a
+//! `source()`: printing the chain (`{:#}`) would repeat it.
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("{path}: {source}", path = path.display())]
+    #[error("{path}: {cause}", path = path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: invalid JSON at line {line}, column {column}: {message}", path = path.display())]
     Json {
@@ -32,18 +35,18 @@ pub enum ImportError {
         tensor: String,
         needed_for: String,
     },
-    #[error("{path}: {source}", path = path.display())]
+    #[error("{path}: {cause}", path = path.display())]
     Invalid {
         path: PathBuf,
-        source: crate::verify::VerifyError,
+        cause: crate::verify::VerifyError,
     },
 }
 
 impl ImportError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         ImportError::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 

@@ -64,9 +64,9 @@ pub fn import(dir: &Path) -> Result<Checkpoint, ImportError> {
         Family::Gpt2 => gpt2::build(&cfg, &catalog)?,
         Family::Bert => bert::build(&cfg, &catalog, dir)?,
     };
-    crate::verify::verify(&graph).map_err(|source| ImportError::Invalid {
+    crate::verify::verify(&graph).map_err(|cause| ImportError::Invalid {
         path: dir.to_path_buf(),
-        source,
+        cause,
     })?;
     let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
     Ok(Checkpoint {
