@@ -1,6 +1,7 @@
 //! Multi-head attention with grouped-query heads, RoPE, a KV cache and exact masking
 //! (causal, sliding window, padding).
 
+use super::fused::FusedLinear;
 use super::rope::RopeKernel;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
@@ -73,9 +74,8 @@ impl AttnCtx {
 
 /// One attention layer, lowered.
 pub struct AttentionKernel {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    /// q, k and v projections, fused.
+    pub qkv: FusedLinear,
     pub o: Linear,
     pub heads: usize,
     pub kv_heads: usize,
@@ -107,12 +107,13 @@ impl AttentionKernel {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let d = self.head_dim;
-        let split = |t: Tensor, h: usize| -> Result<Tensor> {
+        let split = |t: &Tensor, h: usize| -> Result<Tensor> {
             t.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()
         };
-        let mut q = split(self.q.forward(x)?, self.heads)?;
-        let mut k = split(self.k.forward(x)?, self.kv_heads)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let qkv = self.qkv.forward(x)?;
+        let mut q = split(&qkv[0], self.heads)?;
+        let mut k = split(&qkv[1], self.kv_heads)?;
+        let v = split(&qkv[2], self.kv_heads)?;
         if let Some((id, rope)) = &self.rope {
             let (cos, sin) = match ctx.tables.get(id) {
                 Some(t) => t.clone(),

@@ -1,5 +1,6 @@
 //! Lowered forms of the ops other than attention.
 
+use super::fused::FusedLinear;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use exitgraph_ir::op::{Activation, PoolMode};
@@ -86,18 +87,27 @@ pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+pub enum MlpIn {
+    /// `act(gate(x)) * up(x)`, gate and up fused.
+    Gated(FusedLinear),
+    /// `act(up(x))`.
+    Plain(Linear),
+}
+
 pub struct MlpKernel {
     pub act: Activation,
-    pub gate: Option<Linear>,
-    pub up: Linear,
+    pub input: MlpIn,
     pub down: Linear,
 }
 
 impl MlpKernel {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = match &self.gate {
-            Some(gate) => (activate(self.act, &gate.forward(x)?)? * self.up.forward(x)?)?,
-            None => activate(self.act, &self.up.forward(x)?)?,
+        let h = match &self.input {
+            MlpIn::Gated(gate_up) => {
+                let parts = gate_up.forward(x)?;
+                (activate(self.act, &parts[0])? * &parts[1])?
+            }
+            MlpIn::Plain(up) => activate(self.act, &up.forward(x)?)?,
         };
         self.down.forward(&h)
     }

@@ -4,6 +4,7 @@
 //! that reads it. Inference state (the KV cache) lives in a [`KvCache`] the caller owns.
 
 mod attention;
+mod fused;
 mod kernels;
 mod rope;
 mod weights;
@@ -16,7 +17,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use exitgraph_ir::op::{Linear as IrLinear, NormKind, Op};
 use exitgraph_ir::{Graph, NodeIndex};
-use kernels::{EmbeddingKernel, MlpKernel, NormKernel, PoolKernel};
+use fused::FusedLinear;
+use kernels::{EmbeddingKernel, MlpIn, MlpKernel, NormKernel, PoolKernel};
 use rope::RopeKernel;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -102,6 +104,32 @@ pub struct Program {
     dtype: DType,
 }
 
+/// One matmul for several projections of the same input; the parts' own tensors are dropped
+/// from the store's cache once fused, so peak memory stays near one copy.
+fn fused(store: &mut WeightStore, parts: &[&IrLinear]) -> Result<FusedLinear, LowerError> {
+    let mut tensors = Vec::with_capacity(parts.len());
+    for l in parts {
+        let w = store.get(&l.weight)?;
+        let b = l.bias.as_ref().map(|b| store.get(b)).transpose()?;
+        tensors.push((w, b));
+    }
+    let f = FusedLinear::new(tensors).map_err(|cause| LowerError::Build {
+        node: parts
+            .iter()
+            .map(|l| l.weight.to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        cause,
+    })?;
+    for l in parts {
+        store.forget(&l.weight);
+        if let Some(b) = &l.bias {
+            store.forget(b);
+        }
+    }
+    Ok(f)
+}
+
 fn linear(store: &mut WeightStore, l: &IrLinear) -> Result<Linear, WeightLoadError> {
     let w = store.get(&l.weight)?;
     let b = match &l.bias {
@@ -172,9 +200,7 @@ impl Program {
                     };
                     attention_layers += 1;
                     Kernel::Attention(AttentionKernel {
-                        q: linear(&mut store, &a.q)?,
-                        k: linear(&mut store, &a.k)?,
-                        v: linear(&mut store, &a.v)?,
+                        qkv: fused(&mut store, &[&a.q, &a.k, &a.v])?,
                         o: linear(&mut store, &a.o)?,
                         heads: a.heads,
                         kv_heads: a.kv_heads,
@@ -188,8 +214,10 @@ impl Program {
                 }
                 Op::Mlp(m) => Kernel::Mlp(MlpKernel {
                     act: m.act,
-                    gate: m.gate.as_ref().map(|g| linear(&mut store, g)).transpose()?,
-                    up: linear(&mut store, &m.up)?,
+                    input: match &m.gate {
+                        Some(g) => MlpIn::Gated(fused(&mut store, &[g, &m.up])?),
+                        None => MlpIn::Plain(linear(&mut store, &m.up)?),
+                    },
                     down: linear(&mut store, &m.down)?,
                 }),
                 Op::Add => Kernel::Add,

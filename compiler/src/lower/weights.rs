@@ -56,6 +56,11 @@ impl WeightStore {
         })
     }
 
+    /// Drops a materialised recipe from the cache (it is loaded again if asked for).
+    pub fn forget(&mut self, w: &WeightRef) {
+        self.cache.remove(w);
+    }
+
     /// The tensor a recipe yields, on the store's device and dtype.
     pub fn get(&mut self, w: &WeightRef) -> Result<Tensor, WeightLoadError> {
         if let Some(t) = self.cache.get(w) {
