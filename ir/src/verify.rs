@@ -361,3 +361,92 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         Err(VerifyError(c.problems))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{Edge, Node};
+    use petgraph::visit::EdgeRef;
+    use std::path::Path;
+
+    fn tiny_llama() -> Graph {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+        crate::import(&dir).expect("fixture imports").graph
+    }
+
+    fn messages(g: &Graph) -> String {
+        verify(g).expect_err("graph is broken").to_string()
+    }
+
+    #[test]
+    fn imported_graph_verifies() {
+        verify(&tiny_llama()).expect("valid");
+    }
+
+    #[test]
+    fn a_cycle_is_reported() {
+        let mut g = tiny_llama();
+        let a = g.find("layers.0.attn").expect("node");
+        let b = g.find("layers.1.attn").expect("node");
+        g.graph.add_edge(b, a, Edge { slot: 1 });
+        assert!(messages(&g).contains("cycle"));
+    }
+
+    #[test]
+    fn a_missing_input_is_reported() {
+        let mut g = tiny_llama();
+        let add = g.find("layers.2.attn_residual").expect("node");
+        let e = g
+            .graph
+            .edges_directed(add, petgraph::Direction::Incoming)
+            .next()
+            .expect("edge")
+            .id();
+        g.graph.remove_edge(e);
+        let m = messages(&g);
+        assert!(
+            m.contains("layers.2.attn_residual") && m.contains("takes 2 input"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_weight_of_the_wrong_shape_is_reported() {
+        let mut g = tiny_llama();
+        let n = g.find("layers.1.mlp").expect("node");
+        if let Op::Mlp(m) = &mut g.graph[n].op {
+            m.up.out_features = 100;
+        }
+        let m = messages(&g);
+        assert!(m.contains("model.layers.1.mlp.up_proj.weight"), "{m}");
+        assert!(m.contains("[160, 64]") && m.contains("[100, 64]"), "{m}");
+    }
+
+    #[test]
+    fn mismatched_residual_shapes_are_reported() {
+        let mut g = tiny_llama();
+        let n = g.find("layers.0.attn").expect("node");
+        g.graph[n].shape = crate::Shape::per_token(32);
+        assert!(messages(&g).contains("declared shape"));
+    }
+
+    #[test]
+    fn duplicate_names_and_bad_layers_are_reported() {
+        let mut g = tiny_llama();
+        let input = g.find("input").expect("node");
+        g.add(
+            Node {
+                name: "embed".into(),
+                op: Op::TokenInput,
+                layer: Some(99),
+                shape: crate::Shape::tokens(),
+            },
+            &[],
+        );
+        let _ = input;
+        let m = messages(&g);
+        assert!(m.contains("used by more than one node"), "{m}");
+        assert!(m.contains("layer 99 out of range"), "{m}");
+        assert!(m.contains("exactly one TokenInput"), "{m}");
+    }
+}

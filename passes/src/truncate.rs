@@ -91,3 +91,66 @@ impl Pass for TruncateLayers {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PassManager;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    fn fixture(name: &str) -> Graph {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name);
+        exitgraph_ir::import(&dir).expect("fixture imports").graph
+    }
+
+    #[test]
+    fn keeping_every_layer_changes_nothing() {
+        let g = fixture("tiny-llama");
+        let mut h = g.clone();
+        let report = TruncateLayers { keep: 6 }.run(&mut h).expect("runs");
+        assert!(report.removed.is_empty());
+        assert_eq!(
+            exitgraph_ir::serial::to_ron(&g).expect("ron"),
+            exitgraph_ir::serial::to_ron(&h).expect("ron")
+        );
+    }
+
+    #[test]
+    fn out_of_range_is_an_error() {
+        let mut g = fixture("tiny-gpt2");
+        for keep in [0, 5] {
+            let e = TruncateLayers { keep }.run(&mut g).expect_err("rejects");
+            assert!(e.to_string().contains("1..=4"), "{e}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn truncation_verifies_and_keeps_shallow_outputs(
+            name in prop_oneof![Just("tiny-llama"), Just("tiny-qwen2"), Just("tiny-gpt2")],
+            frac in 0.0f64..1.0,
+        ) {
+            let g = fixture(name);
+            let n = g.info.num_layers;
+            let keep = 1 + ((n as f64 * frac) as usize).min(n - 1);
+            let mut h = g.clone();
+            PassManager::new(vec![Box::new(TruncateLayers { keep })]).run(&mut h).expect("verifies");
+            prop_assert_eq!(h.info.num_layers, keep);
+            prop_assert_eq!(h.layers(), (0..keep).collect::<Vec<_>>());
+            for i in 0..keep {
+                let key = format!("hidden_states.{i}");
+                prop_assert_eq!(&h.graph[h.outputs[&key]].name, &g.graph[g.outputs[&key]].name);
+            }
+            // The final norm now reads the residual stream after layer keep - 1.
+            let final_norm = h.outputs[&format!("hidden_states.{keep}")];
+            let reads = h.inputs(final_norm);
+            if keep < n {
+                prop_assert_eq!(&h.graph[reads[0]].name, &g.graph[g.outputs[&format!("hidden_states.{keep}")]].name);
+            }
+            prop_assert!(h.params() < g.params() || keep == n);
+        }
+    }
+}
