@@ -471,9 +471,16 @@ fn pipeline_unknown_field() {
 }
 
 #[test]
-fn pipeline_missing_model_field() {
+fn pipeline_without_model_uses_the_demo_model() {
     let (_dir, path) = pipeline_file("Pipeline(\n    passes: [],\n)\n");
-    assert_pipeline_fails(&path, &["pipeline.ron:", "model"]);
+    let p = Pipeline::read(&path).expect("model is optional");
+    let compiled = compile(&p, &path).expect("the demo model compiles");
+    assert_eq!(compiled.graph.info.model_type, "llama");
+    assert!(
+        compiled.model_dir.ends_with("models/demo"),
+        "{}",
+        compiled.model_dir.display()
+    );
 }
 
 #[test]

@@ -50,6 +50,11 @@ fn every_example_pipeline_compiles_and_runs() {
     examples.sort();
     assert!(examples.len() >= 4, "one example per family");
     for ex in examples {
+        if ex.to_string_lossy().ends_with("-train.ron") {
+            // Training configs: parsed here, run by `train_lm_writes_a_checkpoint...`.
+            exitgraph::train::lm::LmTrainSpec::read(&ex).unwrap();
+            continue;
+        }
         let ex = ex.to_string_lossy().to_string();
         let compiled = stdout(&exitgraph(&["compile", &ex]));
         assert!(compiled.contains("result:"), "{compiled}");
@@ -74,8 +79,13 @@ fn every_example_pipeline_compiles_and_runs() {
                 "--max-new-tokens",
                 "6",
             ]));
-            let ids: Vec<u32> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
-            assert_eq!(ids.len(), 6, "{ex}: {out}");
+            if text.contains("model:") {
+                let ids: Vec<u32> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+                assert_eq!(ids.len(), 6, "{ex}: {out}");
+            } else {
+                // The demo model has a tokenizer: text in, text out.
+                assert!(out.starts_with("5 17 42 7"), "{ex}: {out}");
+            }
         }
     }
 }
@@ -194,4 +204,75 @@ fn sampling_is_seeded() {
     };
     assert_eq!(run("3"), run("3"));
     assert_ne!(run("3"), run("4"));
+}
+
+#[test]
+fn train_lm_writes_a_checkpoint_that_loads_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny-train.ron");
+    std::fs::write(
+        &config,
+        r#"(
+            output: "model",
+            corpus: (seed: 5, examples: 300),
+            eval_corpus: (seed: 6, examples: 40),
+            vocab_size: 384,
+            model: (hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64, max_positions: 64),
+            seq_len: 32,
+            batch_size: 4,
+            seed: 3,
+            training: (steps: 4, lr: 1e-2, warmup_steps: 1, clip_norm: Some(1.0), checkpoint_every: 2),
+        )"#,
+    )
+    .unwrap();
+    let out = stdout(&exitgraph(&["train", "lm", config.to_str().unwrap()]));
+    assert!(out.contains("for 4 steps"), "{out}");
+    let model = dir.path().join("model");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training.json",
+    ] {
+        assert!(model.join(f).exists(), "{f} missing");
+    }
+    assert!(
+        !model.join("checkpoints").exists(),
+        "checkpoints are removed after a finished run"
+    );
+    let g = exitgraph_ir::import(&model).unwrap().graph;
+    assert_eq!(g.info.num_layers, 2);
+    let table = stdout(&exitgraph(&[
+        "eval",
+        "layers",
+        model.to_str().unwrap(),
+        "--examples",
+        "50",
+    ]));
+    for task in ["copy", "count", "recall", "addition", "grammar"] {
+        assert!(table.contains(&format!("| {task} |")), "{table}");
+    }
+    assert!(table.contains("L1") && table.contains("L2"), "{table}");
+}
+
+#[test]
+fn the_demo_model_is_the_default() {
+    let demo = root().join("models/demo");
+    assert!(
+        demo.join("model.safetensors").exists(),
+        "models/demo is shipped"
+    );
+    let out = stdout(&exitgraph(&["inspect"]));
+    assert!(
+        out.contains("models/demo") && out.contains("llama"),
+        "{out}"
+    );
+    let out = stdout(&exitgraph(&[
+        "run",
+        "--prompt",
+        "copy: K7F2Q |",
+        "--max-new-tokens",
+        "6",
+    ]));
+    assert!(out.starts_with("copy: K7F2Q |"), "{out}");
 }

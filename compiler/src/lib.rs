@@ -1,10 +1,14 @@
 //! exitgraph: pipelines of graph passes over Hugging Face checkpoints, lowered to candle.
 
+pub mod atomic;
 pub mod bench;
+pub mod corpus;
 pub mod device;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod lower;
 pub mod pipeline;
 pub mod synth;
 pub mod tensor_io;
+pub mod train;

@@ -26,6 +26,29 @@ fn default_version() -> u32 {
     PIPELINE_VERSION
 }
 
+/// The demo model shipped in `models/demo` of the exitgraph checkout.
+pub fn demo_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo")
+}
+
+fn default_model() -> String {
+    demo_model_dir().display().to_string()
+}
+
+impl Pipeline {
+    /// The demo model as imported, with the default runtime.
+    pub fn demo() -> Self {
+        Pipeline {
+            version: PIPELINE_VERSION,
+            model: default_model(),
+            device: DeviceSpec::default(),
+            dtype: DtypeSpec::default(),
+            passes: Vec::new(),
+            runtime: RuntimeSpec::default(),
+        }
+    }
+}
+
 fn default_max_new_tokens() -> usize {
     32
 }
@@ -77,7 +100,8 @@ impl RuntimeSpec {
 pub struct Pipeline {
     #[serde(default = "default_version")]
     pub version: u32,
-    /// Checkpoint folder, relative to the pipeline file.
+    /// Checkpoint folder, relative to the pipeline file; the demo model when omitted.
+    #[serde(default = "default_model")]
     pub model: String,
     #[serde(default)]
     pub device: DeviceSpec,

@@ -26,6 +26,10 @@ pub struct LlamaSpec {
     pub init_std: f32,
     /// Attention window of every layer (Mistral only).
     pub sliding_window: Option<usize>,
+    /// Spread of the norm weights around 1 (0 for a training initialisation).
+    pub norm_std: f32,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
 }
 
 impl LlamaSpec {
@@ -44,6 +48,9 @@ impl LlamaSpec {
             rope_theta: 10000.0,
             init_std: 0.02,
             sliding_window: None,
+            norm_std: 0.1,
+            bos_token_id: None,
+            eos_token_id: None,
         }
     }
 
@@ -62,6 +69,9 @@ impl LlamaSpec {
             rope_theta: 10000.0,
             init_std: 0.2,
             sliding_window: None,
+            norm_std: 0.1,
+            bos_token_id: None,
+            eos_token_id: None,
         }
     }
 
@@ -134,11 +144,11 @@ pub fn write_random_llama(dir: &Path, spec: &LlamaSpec, seed: u64) -> anyhow::Re
         // Norm weights near one, so the random model is not degenerate.
         t.insert(
             format!("{p}.input_layernorm.weight"),
-            (ones(h)? + rng.tensor(&[h], 0.1)?)?,
+            (ones(h)? + rng.tensor(&[h], spec.norm_std)?)?,
         );
         t.insert(
             format!("{p}.post_attention_layernorm.weight"),
-            (ones(h)? + rng.tensor(&[h], 0.1)?)?,
+            (ones(h)? + rng.tensor(&[h], spec.norm_std)?)?,
         );
         for (name, out) in [
             ("q_proj", spec.heads * d),
@@ -199,8 +209,8 @@ pub fn write_random_llama(dir: &Path, spec: &LlamaSpec, seed: u64) -> anyhow::Re
         "hidden_act": "silu",
         "tie_word_embeddings": spec.tie_embeddings,
         "sliding_window": spec.sliding_window,
-        "bos_token_id": null,
-        "eos_token_id": null,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.eos_token_id,
         "torch_dtype": "float32",
     });
     std::fs::write(

@@ -10,6 +10,7 @@ pub mod truncate;
 
 pub use manager::{PassManager, PassOutcome};
 pub use spec::PassSpec;
+pub use truncate::TruncateLayers;
 
 use exitgraph_ir::{Graph, VerifyError};
 

@@ -3,16 +3,19 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Checkpoint folder (config.json, safetensors).
-    model_dir: PathBuf,
+    /// Checkpoint folder (config.json, safetensors); the demo model when omitted.
+    model_dir: Option<PathBuf>,
     /// Context length at which to report FLOPs per token.
     #[arg(long, default_value_t = 512)]
     context: usize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let ckpt = exitgraph_ir::import(&a.model_dir)?;
-    outln!("model            {}", a.model_dir.display());
+    let dir = a
+        .model_dir
+        .unwrap_or_else(exitgraph::pipeline::demo_model_dir);
+    let ckpt = exitgraph_ir::import(&dir)?;
+    outln!("model            {}", dir.display());
     out!("{}", summarize(&ckpt.graph).to_table(a.context));
     match &ckpt.tokenizer {
         Some(t) => outln!("\ntokenizer        {}", t.display()),

@@ -2,9 +2,11 @@
 
 mod bench_cmd;
 mod compile_cmd;
+mod eval_cmd;
 mod forward_cmd;
 mod inspect_cmd;
 mod run_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -34,6 +36,12 @@ enum Command {
     Encode(run_cmd::EncodeArgs),
     /// Time prefill and decode against candle-transformers' Llama on the same weights.
     Bench(bench_cmd::Args),
+    /// Evaluate models (`eval layers MODEL_DIR`).
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCommand),
+    /// Train models (`train lm CONFIG.ron`).
+    #[command(subcommand)]
+    Train(train_cmd::TrainCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -52,6 +60,8 @@ pub fn main() -> ExitCode {
         Command::Run(a) => run_cmd::run(a),
         Command::Encode(a) => run_cmd::encode(a),
         Command::Bench(a) => bench_cmd::run(a),
+        Command::Train(t) => train_cmd::run(t),
+        Command::Eval(e) => eval_cmd::run(e),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,8 +10,8 @@ use tokenizers::Tokenizer;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Pipeline file (RON).
-    pipeline: PathBuf,
+    /// Pipeline file (RON); the demo model (models/demo) when omitted.
+    pipeline: Option<PathBuf>,
     /// Prompt text; token ids separated by spaces when the model has no tokenizer.json.
     #[arg(long)]
     prompt: String,
@@ -85,15 +85,18 @@ fn tokenize(tok: Option<&Tokenizer>, text: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn prepare(path: &Path) -> anyhow::Result<(Compiled, Program)> {
-    let pipeline = Pipeline::read(path)?;
-    let compiled = compile(&pipeline, path)?;
+fn prepare(path: Option<&Path>) -> anyhow::Result<(Compiled, Program)> {
+    let (pipeline, path) = match path {
+        Some(p) => (Pipeline::read(p)?, p.to_path_buf()),
+        None => (Pipeline::demo(), PathBuf::from("demo.ron")),
+    };
+    let compiled = compile(&pipeline, &path)?;
     let program = compiled.lower()?;
     Ok((compiled, program))
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let (compiled, program) = prepare(&a.pipeline)?;
+    let (compiled, program) = prepare(a.pipeline.as_deref())?;
     if !compiled.graph.info.family.is_decoder() {
         return embed(&compiled, &program, &[a.prompt], None);
     }
@@ -133,7 +136,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 }
 
 pub fn encode(a: EncodeArgs) -> anyhow::Result<()> {
-    let (compiled, program) = prepare(&a.pipeline)?;
+    let (compiled, program) = prepare(Some(&a.pipeline))?;
     if compiled.graph.info.family.is_decoder() {
         bail!(
             "{}: {} is a decoder; use `exitgraph run` to generate text",

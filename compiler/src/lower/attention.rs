@@ -86,6 +86,8 @@ pub struct AttentionKernel {
     pub rope: Option<(usize, RopeKernel)>,
     /// Index of this layer's entry in the KV cache.
     pub slot: usize,
+    /// Use ops with gradients (training) instead of the fused inference kernels.
+    pub differentiable: bool,
 }
 
 fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
@@ -123,8 +125,8 @@ impl AttentionKernel {
                     t
                 }
             };
-            q = rope.apply(&q, &cos, &sin)?;
-            k = rope.apply(&k, &cos, &sin)?;
+            q = rope.apply(&q, &cos, &sin, self.differentiable)?;
+            k = rope.apply(&k, &cos, &sin, self.differentiable)?;
         }
         let cached = cache.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?;
         if cached != ctx.start {
@@ -149,7 +151,12 @@ impl AttentionKernel {
         if let Some(mask) = ctx.mask(self.causal, self.window, x.device())? {
             att = att.broadcast_add(&mask)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
+        let att = if self.differentiable {
+            candle_nn::ops::softmax(&att, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        }
+        .to_dtype(dtype)?;
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?

@@ -4,13 +4,24 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::Linear;
 
-pub struct FusedLinear {
-    linear: Linear,
-    /// Output width of each part, in order.
-    sizes: Vec<usize>,
+pub enum FusedLinear {
+    /// One matmul, outputs split by width.
+    Stacked {
+        linear: Linear,
+        /// Output width of each part, in order.
+        sizes: Vec<usize>,
+    },
+    /// One matmul per part (training: each weight stays a leaf of the autograd graph, and
+    /// an optimizer update is seen without re-stacking).
+    Separate(Vec<Linear>),
 }
 
 impl FusedLinear {
+    /// Keeps the parts as separate matmuls.
+    pub fn separate(parts: Vec<(Tensor, Option<Tensor>)>) -> Self {
+        FusedLinear::Separate(parts.into_iter().map(|(w, b)| Linear::new(w, b)).collect())
+    }
+
     /// Stacks `[out_i, in]` weights (and biases; a missing bias counts as zeros when another
     /// part has one).
     pub fn new(parts: Vec<(Tensor, Option<Tensor>)>) -> Result<Self> {
@@ -33,7 +44,7 @@ impl FusedLinear {
         } else {
             None
         };
-        Ok(FusedLinear {
+        Ok(FusedLinear::Stacked {
             linear: Linear::new(weight, bias),
             sizes,
         })
@@ -41,13 +52,18 @@ impl FusedLinear {
 
     /// Each part's output, as views of one result.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let y = self.linear.forward(x)?;
-        let mut start = 0;
-        let mut out = Vec::with_capacity(self.sizes.len());
-        for &n in &self.sizes {
-            out.push(y.narrow(D::Minus1, start, n)?);
-            start += n;
+        match self {
+            FusedLinear::Stacked { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(y.narrow(D::Minus1, start, n)?);
+                    start += n;
+                }
+                Ok(out)
+            }
+            FusedLinear::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
         }
-        Ok(out)
     }
 }

@@ -3,7 +3,7 @@
 use super::fused::FusedLinear;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::Linear;
-use exitgraph_ir::op::{Activation, PoolMode};
+use exitgraph_ir::op::{Activation, NormKind, PoolMode};
 
 pub struct EmbeddingKernel {
     pub tokens: Tensor,
@@ -54,25 +54,25 @@ impl EmbeddingKernel {
     }
 }
 
-pub enum NormKernel {
-    Rms {
-        weight: Tensor,
-        eps: f32,
-    },
-    Layer {
-        weight: Tensor,
-        bias: Tensor,
-        eps: f32,
-    },
+pub struct NormKernel {
+    pub kind: NormKind,
+    pub weight: Tensor,
+    /// Zeros for RMSNorm and bias-free LayerNorm.
+    pub bias: Tensor,
+    pub eps: f32,
+    /// Use ops with gradients (training) instead of the fused inference kernels.
+    pub differentiable: bool,
 }
 
 impl NormKernel {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            NormKernel::Rms { weight, eps } => candle_nn::ops::rms_norm(x, weight, *eps),
-            NormKernel::Layer { weight, bias, eps } => {
-                candle_nn::ops::layer_norm(x, weight, bias, *eps)
-            }
+        use candle_nn::ops;
+        let (w, b, eps) = (&self.weight, &self.bias, self.eps);
+        match (self.kind, self.differentiable) {
+            (NormKind::Rms, false) => ops::rms_norm(x, w, eps),
+            (NormKind::Rms, true) => ops::rms_norm_slow(x, w, eps),
+            (NormKind::Layer, false) => ops::layer_norm(x, w, b, eps),
+            (NormKind::Layer, true) => ops::layer_norm_slow(x, w, b, eps),
         }
     }
 }

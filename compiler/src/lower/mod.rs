@@ -10,12 +10,12 @@ mod rope;
 mod weights;
 
 pub use rope::inv_freq;
-pub use weights::{WeightLoadError, WeightStore};
+pub use weights::{WeightLoadError, WeightSource, WeightStore};
 
 use attention::{AttentionKernel, AttnCtx};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
-use exitgraph_ir::op::{Linear as IrLinear, NormKind, Op};
+use exitgraph_ir::op::{Linear as IrLinear, Op};
 use exitgraph_ir::{Graph, NodeIndex};
 use fused::FusedLinear;
 use kernels::{EmbeddingKernel, MlpIn, MlpKernel, NormKernel, PoolKernel};
@@ -106,12 +106,19 @@ pub struct Program {
 
 /// One matmul for several projections of the same input; the parts' own tensors are dropped
 /// from the store's cache once fused, so peak memory stays near one copy.
-fn fused(store: &mut WeightStore, parts: &[&IrLinear]) -> Result<FusedLinear, LowerError> {
+fn fused(
+    store: &mut dyn WeightSource,
+    parts: &[&IrLinear],
+    opts: &LowerOptions,
+) -> Result<FusedLinear, LowerError> {
     let mut tensors = Vec::with_capacity(parts.len());
     for l in parts {
         let w = store.get(&l.weight)?;
         let b = l.bias.as_ref().map(|b| store.get(b)).transpose()?;
         tensors.push((w, b));
+    }
+    if !opts.fuse_projections {
+        return Ok(FusedLinear::separate(tensors));
     }
     let f = FusedLinear::new(tensors).map_err(|cause| LowerError::Build {
         node: parts
@@ -130,7 +137,7 @@ fn fused(store: &mut WeightStore, parts: &[&IrLinear]) -> Result<FusedLinear, Lo
     Ok(f)
 }
 
-fn linear(store: &mut WeightStore, l: &IrLinear) -> Result<Linear, WeightLoadError> {
+fn linear(store: &mut dyn WeightSource, l: &IrLinear) -> Result<Linear, WeightLoadError> {
     let w = store.get(&l.weight)?;
     let b = match &l.bias {
         Some(b) => Some(store.get(b)?),
@@ -139,19 +146,59 @@ fn linear(store: &mut WeightStore, l: &IrLinear) -> Result<Linear, WeightLoadErr
     Ok(Linear::new(w, b))
 }
 
+/// How a graph is lowered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LowerOptions {
+    /// Stack q/k/v and gate/up weights into one matmul each (inference).
+    pub fuse_projections: bool,
+    /// Use ops that have gradients (unfused norms, softmax and RoPE) so the program can be
+    /// trained; the fused kernels cut the gradient.
+    pub differentiable: bool,
+}
+
+impl LowerOptions {
+    /// Fastest inference.
+    pub fn inference() -> Self {
+        LowerOptions {
+            fuse_projections: true,
+            differentiable: false,
+        }
+    }
+
+    /// Gradients flow to every weight; weights stay the source's own tensors, so an
+    /// optimizer's in-place update is seen by the next call.
+    pub fn training() -> Self {
+        LowerOptions {
+            fuse_projections: false,
+            differentiable: true,
+        }
+    }
+}
+
 impl Program {
-    /// Lowers `graph`, reading weights from the checkpoint folder `root`.
+    /// Lowers `graph` for inference, reading weights from the checkpoint folder `root`.
     pub fn lower(
         graph: &Graph,
         root: &Path,
         device: &Device,
         dtype: DType,
     ) -> Result<Program, LowerError> {
+        let mut store = WeightStore::open(&graph.weights, root, device, dtype)?;
+        Program::lower_with(graph, &mut store, device, dtype, LowerOptions::inference())
+    }
+
+    /// Lowers `graph` with weights from any source.
+    pub fn lower_with(
+        graph: &Graph,
+        store: &mut dyn WeightSource,
+        device: &Device,
+        dtype: DType,
+        opts: LowerOptions,
+    ) -> Result<Program, LowerError> {
         exitgraph_ir::verify(graph)?;
         let order = graph
             .topo_order()
             .map_err(|_| LowerError::Invalid(exitgraph_ir::VerifyError(Vec::new())))?;
-        let mut store = WeightStore::open(&graph.weights, root, device, dtype)?;
         let mut index: HashMap<NodeIndex, usize> = HashMap::new();
         let mut steps = Vec::with_capacity(order.len());
         let mut rope_ids: Vec<(exitgraph_ir::op::Rope, usize)> = Vec::new();
@@ -173,15 +220,16 @@ impl Program {
                 Op::Norm(nm) => {
                     let weight = store.get(&nm.weight)?;
                     let eps = nm.eps as f32;
-                    Kernel::Norm(match nm.kind {
-                        NormKind::Rms => NormKernel::Rms { weight, eps },
-                        NormKind::Layer => {
-                            let bias = match &nm.bias {
-                                Some(b) => store.get(b)?,
-                                None => weight.zeros_like().map_err(build)?,
-                            };
-                            NormKernel::Layer { weight, bias, eps }
-                        }
+                    let bias = match &nm.bias {
+                        Some(b) => store.get(b)?,
+                        None => weight.zeros_like().map_err(build)?,
+                    };
+                    Kernel::Norm(NormKernel {
+                        kind: nm.kind,
+                        weight,
+                        bias,
+                        eps,
+                        differentiable: opts.differentiable,
                     })
                 }
                 Op::Attention(a) => {
@@ -200,8 +248,8 @@ impl Program {
                     };
                     attention_layers += 1;
                     Kernel::Attention(AttentionKernel {
-                        qkv: fused(&mut store, &[&a.q, &a.k, &a.v])?,
-                        o: linear(&mut store, &a.o)?,
+                        qkv: fused(store, &[&a.q, &a.k, &a.v], &opts)?,
+                        o: linear(store, &a.o)?,
                         heads: a.heads,
                         kv_heads: a.kv_heads,
                         head_dim: a.head_dim,
@@ -210,18 +258,19 @@ impl Program {
                         window: a.sliding_window,
                         rope,
                         slot: attention_layers - 1,
+                        differentiable: opts.differentiable,
                     })
                 }
                 Op::Mlp(m) => Kernel::Mlp(MlpKernel {
                     act: m.act,
                     input: match &m.gate {
-                        Some(g) => MlpIn::Gated(fused(&mut store, &[g, &m.up])?),
-                        None => MlpIn::Plain(linear(&mut store, &m.up)?),
+                        Some(g) => MlpIn::Gated(fused(store, &[g, &m.up], &opts)?),
+                        None => MlpIn::Plain(linear(store, &m.up)?),
                     },
-                    down: linear(&mut store, &m.down)?,
+                    down: linear(store, &m.down)?,
                 }),
                 Op::Add => Kernel::Add,
-                Op::LmHead(l) => Kernel::LmHead(linear(&mut store, l)?),
+                Op::LmHead(l) => Kernel::LmHead(linear(store, l)?),
                 Op::Pool(p) => Kernel::Pool(PoolKernel {
                     mode: p.mode,
                     normalize: p.normalize,
@@ -372,9 +421,22 @@ impl Program {
                 step: step.name.clone(),
                 cause,
             };
-            let arg = |k: usize| -> &Tensor {
-                values[step.inputs[k]].as_ref().unwrap_or(&inputs.input_ids)
-            };
+            // Steps run in topological order and a value is freed only after its last
+            // reader, so every input is present; the check guards that invariant.
+            let args: Vec<&Tensor> = step
+                .inputs
+                .iter()
+                .map(|&j| {
+                    values[j].as_ref().ok_or_else(|| RunError::Step {
+                        step: step.name.clone(),
+                        cause: candle_core::Error::Msg(format!(
+                            "input {} was not computed",
+                            self.steps[j].name
+                        )),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            let arg = |k: usize| args[k];
             let out = match &step.kernel {
                 Kernel::Input => Ok(inputs.input_ids.clone()),
                 Kernel::Embedding(e) => e.forward(arg(0), start, inputs.token_type_ids.as_ref()),

@@ -72,15 +72,28 @@ impl RopeKernel {
 
     /// Rotates `x: [batch, heads, seq, head_dim]` (rotate-half layout; only the first
     /// `rotary_dim` features when the rotation is partial).
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// With `differentiable`, uses the unfused op that has a gradient.
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let rope = |x: &Tensor| {
+            if differentiable {
+                candle_nn::rotary_emb::rope_slow(x, cos, sin)
+            } else {
+                candle_nn::rotary_emb::rope(x, cos, sin)
+            }
+        };
         let head_dim = x.dim(3)?;
         if self.rotary_dim == head_dim {
-            candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+            rope(&x.contiguous()?)
         } else {
             let rot = x.narrow(3, 0, self.rotary_dim)?.contiguous()?;
             let pass = x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?;
-            let rot = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
-            Tensor::cat(&[&rot, &pass], 3)
+            Tensor::cat(&[&rope(&rot)?, &pass], 3)
         }
     }
 }

@@ -22,6 +22,14 @@ pub enum WeightLoadError {
     Missing { weight: String, tensor: String },
 }
 
+/// Where lowering gets weight tensors: the checkpoint (inference) or trainable parameters.
+pub trait WeightSource {
+    /// The tensor a recipe yields.
+    fn get(&mut self, w: &WeightRef) -> Result<Tensor, WeightLoadError>;
+    /// Lowering no longer needs this recipe's own tensor (it was copied into a fused one).
+    fn forget(&mut self, _w: &WeightRef) {}
+}
+
 /// The checkpoint's files, mapped, and every recipe materialised so far.
 pub struct WeightStore {
     files: MmapedSafetensors,
@@ -55,14 +63,14 @@ impl WeightStore {
             cache: HashMap::new(),
         })
     }
+}
 
-    /// Drops a materialised recipe from the cache (it is loaded again if asked for).
-    pub fn forget(&mut self, w: &WeightRef) {
+impl WeightSource for WeightStore {
+    fn forget(&mut self, w: &WeightRef) {
         self.cache.remove(w);
     }
 
-    /// The tensor a recipe yields, on the store's device and dtype.
-    pub fn get(&mut self, w: &WeightRef) -> Result<Tensor, WeightLoadError> {
+    fn get(&mut self, w: &WeightRef) -> Result<Tensor, WeightLoadError> {
         if let Some(t) = self.cache.get(w) {
             return Ok(t.clone());
         }

@@ -1,0 +1,302 @@
+//! Graded synthetic corpus for training a small Llama from scratch, plus its tokenizer.
+//!
+//! The corpus mixes five tasks whose *answer tokens* need different amounts of computation,
+//! so that a logit lens over a trained model should show the easy answers resolved by the
+//! middle layers and the hard ones only near the top. Every example is one short line
+//! (10 to 60 ASCII characters) that starts with its task keyword, and records the byte
+//! ranges of its answers: the tokens whose prediction (from the previous position) is
+//! fully determined by the text before them, and which evaluation scores.
+//!
+//! # Conventions
+//!
+//! * **Symbols** are upper-case letters `A`-`Z` and digits `0`-`9`. The tokenizer
+//!   (see [`train_tokenizer`]) never merges a symbol with anything, so every symbol is
+//!   exactly one single-byte token, whatever the vocabulary size. Symbol strings are
+//!   written without spaces (`K7F2Q`); a space just before a symbol belongs to the
+//!   preceding word or punctuation token (`"count "`, `" = "`), so spaces cost no tokens.
+//! * **Answer ranges** ([`Example::answers`]) cover answer text only, never a leading space:
+//!   one range per answer symbol, or one per answer word in [`Task::Grammar`]. [`encode`]
+//!   flags every token whose byte span overlaps an answer range.
+//!
+//! # Tasks, from easy to hard
+//!
+//! | task | sample | answers |
+//! |---|---|---|
+//! | [`Task::Grammar`] | `the big cats are very red .` | the verb `are`, the final `.` |
+//! | [`Task::Copy`] | `copy: K7F2Q \| K7F2Q` | every symbol after `\|` |
+//! | [`Task::Recall`] | `recall: A=3, Q=8, Z=1; Q?8` | the value after `?` |
+//! | [`Task::Count`] | `count A in ABAACA = 4` | the count after `=` |
+//! | [`Task::Addition`] | `add: 347+285=2360` | every digit after `=` (sum written least-significant digit first) |
+//!
+//! * **Grammar** (easy): `det [adj] noun verb [adverb] adj .` from a small fixed grammar.
+//!   The verb is `is` or `are`, agreeing with the noun just before it (irregular plurals
+//!   such as `men` included); the sentence always ends with ` .` after the predicate
+//!   adjective. Both answers follow from the last one or two tokens: one layer suffices.
+//! * **Copy** (easy-medium): 2 to 8 random symbols, `|`, then the same symbols again.
+//!   Each copied symbol is found by an induction head (previous-token head + match), a
+//!   two-layer circuit that does not get harder with length.
+//! * **Recall** (medium): 2 to 6 `key=value` pairs (distinct letter keys, digit values),
+//!   then a query key and `?`; the answer is that key's value. The `?` position must first
+//!   learn its query key from the previous token, and each value must know its key from two
+//!   tokens back, before one attention lookup can fetch it.
+//! * **Count** (medium-hard): how many times a letter occurs in a string of 3 to 9 letters
+//!   drawn from 2 to 4 distinct letters (the answer is one digit, possibly `0`). Counting
+//!   needs aggregating every match and turning that into a digit, which small transformers
+//!   do late, if at all.
+//! * **Addition** (hard): two operands of the same length n (2 or 3 digits, zero-padded, so
+//!   `007` can occur) written most-significant digit first; the answer is their sum written
+//!   **least-significant digit first** with exactly n + 1 digits (the last one is the carry
+//!   out, `0` or `1`): `347+285=2360` because 347 + 285 = 632. Writing the sum reversed
+//!   lets each answer digit depend only on earlier ones, so a small model can learn it, but
+//!   the carry chain still needs depth, growing with the digit position.
+//!
+//! [`generate`] is deterministic for a seed and differs across seeds: train on one seed and
+//! evaluate on another. Grammar has only a few thousand distinct sentences, so train and
+//! evaluation sets overlap there; for the other tasks repeats are rare.
+
+mod addition;
+mod copy;
+mod count;
+mod grammar;
+mod recall;
+mod tokenizer;
+
+#[cfg(test)]
+mod tests;
+
+pub use tokenizer::{
+    encode, pack, pack_encoded, save_tokenizer, special_ids, train_tokenizer, try_special_ids,
+    Encoded, BOS, EOS, PRE_TOKENIZER_REGEX,
+};
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
+/// One task of the corpus; see the [module documentation](self) for the formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// `copy: K7F2Q | K7F2Q`: the symbols after `|` are answers (easy-medium, an induction
+    /// head suffices).
+    Copy,
+    /// `count A in ABAACA = 4`: the digit after `=` is the answer (medium-hard, needs
+    /// aggregation over the whole string).
+    Count,
+    /// `recall: A=3, Q=8, Z=1; Q?8`: the digit after `?` is the answer (medium, a key
+    /// lookup).
+    Recall,
+    /// `add: 347+285=2360`: the sum's digits after `=`, least-significant first, are the
+    /// answers (hard, carries need depth).
+    Addition,
+    /// `the big cats are very red .`: the agreeing verb (`is`/`are`) and the final `.` are
+    /// the answers (easy, local context).
+    Grammar,
+}
+
+impl Task {
+    /// Every task, in declaration order.
+    pub const ALL: [Task; 5] = [
+        Task::Copy,
+        Task::Count,
+        Task::Recall,
+        Task::Addition,
+        Task::Grammar,
+    ];
+
+    /// Lower-case name, as used in JSON specs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Copy => "copy",
+            Task::Count => "count",
+            Task::Recall => "recall",
+            Task::Addition => "addition",
+            Task::Grammar => "grammar",
+        }
+    }
+
+    /// Expected difficulty: `easy`, `easy-medium`, `medium`, `medium-hard` or `hard`.
+    pub fn difficulty(self) -> &'static str {
+        match self {
+            Task::Grammar => "easy",
+            Task::Copy => "easy-medium",
+            Task::Recall => "medium",
+            Task::Count => "medium-hard",
+            Task::Addition => "hard",
+        }
+    }
+
+    fn sample(self, rng: &mut Rng) -> Example {
+        match self {
+            Task::Copy => copy::sample(rng),
+            Task::Count => count::sample(rng),
+            Task::Recall => recall::sample(rng),
+            Task::Addition => addition::sample(rng),
+            Task::Grammar => grammar::sample(rng),
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Task {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
+                anyhow::anyhow!("unknown task `{s}` (expected one of {})", names.join(", "))
+            })
+    }
+}
+
+/// One line of the corpus.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Example {
+    pub task: Task,
+    /// The text, without bos/eos.
+    pub text: String,
+    /// Byte ranges of the answers inside `text`, in order, non-empty, never starting with a
+    /// space.
+    pub answers: Vec<Range<usize>>,
+}
+
+/// What [`generate`] produces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSpec {
+    pub seed: u64,
+    /// Number of examples.
+    pub examples: usize,
+    /// Tasks to mix; empty means all of them. Each entry gets an equal share (shares differ
+    /// by at most one example), so listing a task twice doubles its share.
+    #[serde(default)]
+    pub tasks: Vec<Task>,
+}
+
+/// Generates `spec.examples` examples, tasks shuffled with equal shares. Deterministic for a
+/// given spec; another seed gives other data.
+pub fn generate(spec: &CorpusSpec) -> Vec<Example> {
+    let tasks: &[Task] = if spec.tasks.is_empty() {
+        &Task::ALL
+    } else {
+        &spec.tasks
+    };
+    let mut rng = Rng::new(spec.seed);
+    let mut order: Vec<Task> = (0..spec.examples).map(|i| tasks[i % tasks.len()]).collect();
+    rng.shuffle(&mut order);
+    order.into_iter().map(|t| t.sample(&mut rng)).collect()
+}
+
+/// SplitMix64: tiny, seedable, good enough for synthetic data.
+#[derive(Clone, Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5EED_C0DE_E417_6A9F)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn between(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+
+    fn coin(&mut self) -> bool {
+        self.next_u64() >> 63 == 1
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+
+    /// `k` distinct upper-case letters, in random order.
+    fn distinct_letters(&mut self, k: usize) -> Vec<u8> {
+        let mut letters: Vec<u8> = (b'A'..=b'Z').collect();
+        self.shuffle(&mut letters);
+        letters.truncate(k);
+        letters
+    }
+
+    fn digit(&mut self) -> u8 {
+        b'0' + self.below(10) as u8
+    }
+}
+
+/// Builds an example's text while recording answer ranges.
+struct Builder {
+    task: Task,
+    text: String,
+    answers: Vec<Range<usize>>,
+}
+
+impl Builder {
+    fn new(task: Task) -> Self {
+        Builder {
+            task,
+            text: String::new(),
+            answers: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, s: &str) -> &mut Self {
+        self.text.push_str(s);
+        self
+    }
+
+    /// Appends `s` as one answer range.
+    fn answer(&mut self, s: &str) -> &mut Self {
+        let start = self.text.len();
+        self.text.push_str(s);
+        self.answers.push(start..self.text.len());
+        self
+    }
+
+    /// Appends each symbol of `symbols` as its own answer range.
+    fn answer_symbols(&mut self, symbols: &[u8]) -> &mut Self {
+        for &c in symbols {
+            self.answer(&char::from(c).to_string());
+        }
+        self
+    }
+
+    fn symbols(&mut self, symbols: &[u8]) -> &mut Self {
+        self.text.extend(symbols.iter().map(|&c| char::from(c)));
+        self
+    }
+
+    fn build(&mut self) -> Example {
+        Example {
+            task: self.task,
+            text: std::mem::take(&mut self.text),
+            answers: std::mem::take(&mut self.answers),
+        }
+    }
+}

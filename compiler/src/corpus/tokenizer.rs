@@ -1,0 +1,183 @@
+//! Byte-level BPE tokenizer for the corpus, encoding with answer flags, and packing.
+
+use super::Example;
+use anyhow::{bail, ensure, Context};
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// Beginning-of-sequence token; id 0 in tokenizers from [`train_tokenizer`].
+pub const BOS: &str = "<s>";
+/// End-of-sequence token; id 1 in tokenizers from [`train_tokenizer`].
+pub const EOS: &str = "</s>";
+
+/// The pre-tokenizer's split pattern, applied before the byte-level mapping. Pieces are:
+/// a single symbol (`A`-`Z`, `0`-`9`), so symbols are never merged with anything; a
+/// lower-case word or a single punctuation character, each with an optional leading space,
+/// and with the space just before a following symbol attached (`"count "`, `" = "`); or a
+/// run of whitespace. BPE merges only happen inside a piece.
+pub const PRE_TOKENIZER_REGEX: &str =
+    r"[A-Z0-9]| ?[a-z]+(?: (?=[A-Z0-9]))?| ?[^\sA-Za-z0-9](?: (?=[A-Z0-9]))?|\s+";
+
+/// 2 special tokens + 256 byte tokens.
+const BASE_VOCAB: usize = 2 + 256;
+
+/// Trains a byte-level BPE tokenizer on the examples' texts.
+///
+/// Pre-tokenizer: `Sequence[Split(PRE_TOKENIZER_REGEX, Isolated), ByteLevel(add_prefix_space
+/// = false, trim_offsets = false, use_regex = false)]`; decoder: `ByteLevel`; no normalizer
+/// and no post-processor (encode with `add_special_tokens = false` and add bos/eos yourself,
+/// as [`encode`] does). The trainer starts from the full 256-byte alphabet, so any text
+/// round-trips, and adds [`BOS`] (id 0) and [`EOS`] (id 1). `vocab_size` is an upper bound
+/// (at least 258): training stops early once every word of the corpus is one token.
+pub fn train_tokenizer(examples: &[Example], vocab_size: usize) -> anyhow::Result<Tokenizer> {
+    ensure!(
+        vocab_size >= BASE_VOCAB,
+        "vocab_size {vocab_size} is below {BASE_VOCAB} (2 special tokens + 256 bytes)"
+    );
+    let split = Split::new(
+        SplitPattern::Regex(PRE_TOKENIZER_REGEX.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let byte_level = ByteLevel::new(false, false, false);
+    let pre_tokenizer = Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(byte_level),
+    ]);
+    let mut tok = Tokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(pre_tokenizer));
+    tok.with_decoder(Some(byte_level));
+    let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(vocab_size)
+        .min_frequency(0)
+        .initial_alphabet(alphabet)
+        .special_tokens(vec![
+            AddedToken::from(BOS, true),
+            AddedToken::from(EOS, true),
+        ])
+        .build()
+        .into();
+    tok.train(&mut trainer, examples.iter().map(|e| e.text.as_str()))
+        .map_err(anyhow::Error::msg)
+        .context("training the BPE tokenizer")?;
+    let (bos, eos) = try_special_ids(&tok)?;
+    ensure!(
+        (bos, eos) == (0, 1),
+        "expected bos/eos ids 0/1, got {bos}/{eos}"
+    );
+    Ok(tok)
+}
+
+/// Ids of [`BOS`] and [`EOS`]: `(0, 1)` for tokenizers from [`train_tokenizer`]. Falls back
+/// to `(0, 1)` for a tokenizer that lacks them; use [`try_special_ids`] to catch that.
+pub fn special_ids(tok: &Tokenizer) -> (u32, u32) {
+    try_special_ids(tok).unwrap_or((0, 1))
+}
+
+/// Ids of [`BOS`] and [`EOS`], or an error if the tokenizer lacks either.
+pub fn try_special_ids(tok: &Tokenizer) -> anyhow::Result<(u32, u32)> {
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .with_context(|| format!("tokenizer has no `{t}` token"))
+    };
+    Ok((id(BOS)?, id(EOS)?))
+}
+
+/// Writes the tokenizer as pretty JSON, atomically: a temporary file in the same folder,
+/// renamed over `path`.
+pub fn save_tokenizer(tok: &Tokenizer, path: &Path) -> anyhow::Result<()> {
+    let json = tok.to_string(true).map_err(anyhow::Error::msg)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(json.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// An encoded example or packed row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    /// `answer[i]`: token `i` is (part of) an answer, i.e. a position whose prediction from
+    /// position `i - 1` is scored. Same length as `ids`.
+    pub answer: Vec<bool>,
+}
+
+/// `bos`, the tokens of `ex.text`, `eos`. A token is flagged as an answer when its byte span
+/// overlaps one of `ex.answers`; bos and eos never are.
+pub fn encode(tok: &Tokenizer, ex: &Example) -> anyhow::Result<Encoded> {
+    let (bos, eos) = try_special_ids(tok)?;
+    let enc = tok
+        .encode(ex.text.as_str(), false)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("encoding {:?}", ex.text))?;
+    let mut ids = Vec::with_capacity(enc.len() + 2);
+    let mut answer = Vec::with_capacity(enc.len() + 2);
+    ids.push(bos);
+    answer.push(false);
+    for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+        ids.push(id);
+        answer.push(ex.answers.iter().any(|r| r.start < end && start < r.end));
+    }
+    ids.push(eos);
+    answer.push(false);
+    Ok(Encoded { ids, answer })
+}
+
+/// Concatenates the encoded examples and cuts rows of `seq_len + 1` tokens for language
+/// modelling (inputs `row[..seq_len]`, targets `row[1..]`). Consecutive rows overlap by one
+/// token (row `r` starts at token `r * seq_len`), so every token but the very first is a
+/// target exactly once. The incomplete tail is dropped.
+pub fn pack(
+    tok: &Tokenizer,
+    examples: &[Example],
+    seq_len: usize,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let encoded = examples
+        .iter()
+        .map(|e| encode(tok, e))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(pack_encoded(&encoded, seq_len)?
+        .into_iter()
+        .map(|r| r.ids)
+        .collect())
+}
+
+/// [`pack`] for already encoded examples, keeping the answer flags (to score answers only).
+pub fn pack_encoded(encoded: &[Encoded], seq_len: usize) -> anyhow::Result<Vec<Encoded>> {
+    if seq_len == 0 {
+        bail!("seq_len must be positive");
+    }
+    let ids: Vec<u32> = encoded.iter().flat_map(|e| e.ids.iter().copied()).collect();
+    let answer: Vec<bool> = encoded
+        .iter()
+        .flat_map(|e| e.answer.iter().copied())
+        .collect();
+    let rows = ids.len().saturating_sub(1) / seq_len;
+    Ok((0..rows)
+        .map(|r| {
+            let span = r * seq_len..(r + 1) * seq_len + 1;
+            Encoded {
+                ids: ids[span.clone()].to_vec(),
+                answer: answer[span].to_vec(),
+            }
+        })
+        .collect())
+}

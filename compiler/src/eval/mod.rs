@@ -1,0 +1,3 @@
+//! Evaluations of trained models.
+
+pub mod layers;

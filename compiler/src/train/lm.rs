@@ -1,0 +1,214 @@
+//! `exitgraph train lm CONFIG.ron`: a Llama-architecture language model trained from scratch
+//! on the graded synthetic corpus, saved as a Hugging Face checkpoint (config.json,
+//! model.safetensors, tokenizer.json) that the importer and transformers both load.
+//!
+//! The run: generate the corpus and a held-out corpus (another seed) → train a byte-level
+//! BPE tokenizer → write a seeded random initialisation as a checkpoint in the output folder
+//! → import it, lower it for training, and train all parameters with [`Trainer`] → write the
+//! trained weights over the initialisation, and `training.json` with the loss curves.
+
+use super::data::Batcher;
+use super::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
+use crate::corpus::{self, CorpusSpec};
+use crate::lower::{Inputs, LowerOptions, Program};
+use crate::synth::{write_random_llama, LlamaSpec};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+
+fn default_init_std() -> f32 {
+    0.02
+}
+
+/// Shape of the model to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub max_positions: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_init_std")]
+    pub init_std: f32,
+}
+
+/// A `train lm` config file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmTrainSpec {
+    /// Output folder, relative to the config file.
+    pub output: String,
+    pub corpus: CorpusSpec,
+    /// Held-out corpus for evaluation (use another seed).
+    pub eval_corpus: CorpusSpec,
+    /// Upper bound of the tokenizer's vocabulary.
+    pub vocab_size: usize,
+    pub model: ModelShape,
+    /// Tokens per training row.
+    pub seq_len: usize,
+    pub batch_size: usize,
+    /// Seed of the initialisation and the data order.
+    pub seed: u64,
+    pub training: TrainConfig,
+}
+
+impl LmTrainSpec {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        ron::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}:{}: {}",
+                path.display(),
+                e.span.start.line,
+                e.span.start.col,
+                e.code
+            )
+        })
+    }
+}
+
+/// What a run produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LmReport {
+    pub output: PathBuf,
+    pub params: usize,
+    pub vocab: usize,
+    pub train_rows: usize,
+    pub eval_rows: usize,
+    pub log: TrainLog,
+}
+
+/// Trains the model a config describes. With `resume`, continues from the newest checkpoint
+/// in `OUTPUT/checkpoints`.
+pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow::Result<LmReport> {
+    let spec = LmTrainSpec::read(config_path)?;
+    let base = config_path.parent().unwrap_or_else(|| Path::new("."));
+    let out = base.join(&spec.output);
+    if spec.seq_len + 1 > spec.model.max_positions {
+        bail!(
+            "{}: seq_len {} needs max_positions of at least {}",
+            config_path.display(),
+            spec.seq_len,
+            spec.seq_len + 1
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let device = Device::Cpu;
+
+    let train_examples = corpus::generate(&spec.corpus);
+    let eval_examples = corpus::generate(&spec.eval_corpus);
+    let tokenizer = corpus::train_tokenizer(&train_examples, spec.vocab_size)?;
+    let (bos, eos) = corpus::try_special_ids(&tokenizer)?;
+    let vocab = tokenizer.get_vocab_size(true);
+    let train_rows = corpus::pack(&tokenizer, &train_examples, spec.seq_len)?;
+    let eval_rows = corpus::pack(&tokenizer, &eval_examples, spec.seq_len)?;
+    if train_rows.is_empty() || eval_rows.is_empty() {
+        bail!(
+            "{}: the corpus is too small for seq_len {}",
+            config_path.display(),
+            spec.seq_len
+        );
+    }
+
+    let checkpoints = out.join("checkpoints");
+    let resuming = resume && checkpoints.join("latest").exists();
+    if !resuming {
+        let shape = &spec.model;
+        let init = LlamaSpec {
+            model_type: "llama".into(),
+            hidden: shape.hidden,
+            layers: shape.layers,
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            intermediate: shape.intermediate,
+            vocab,
+            max_positions: shape.max_positions,
+            tie_embeddings: true,
+            rope_theta: shape.rope_theta,
+            init_std: shape.init_std,
+            sliding_window: None,
+            norm_std: 0.0,
+            bos_token_id: Some(bos),
+            eos_token_id: Some(eos),
+        };
+        write_random_llama(&out, &init, spec.seed)?;
+        corpus::save_tokenizer(&tokenizer, &out.join("tokenizer.json"))?;
+    }
+
+    let graph = exitgraph_ir::import(&out)?.graph;
+    let mut params = ParamStore::load(&graph.weights, &out, &device)?;
+    let program = Program::lower_with(
+        &graph,
+        &mut params,
+        &device,
+        DType::F32,
+        LowerOptions::training(),
+    )?;
+    let train = Batcher::new(train_rows, spec.batch_size, spec.seed);
+    let eval = Batcher::new(eval_rows, spec.batch_size, spec.seed);
+    let eval_batches = eval.in_order(&device)?;
+    let accum = spec.training.grad_accum.max(1);
+    let forward_loss =
+        |x: candle_core::Tensor, y: &candle_core::Tensor| -> anyhow::Result<candle_core::Tensor> {
+            let inputs = Inputs {
+                input_ids: x,
+                attention_mask: None,
+                token_type_ids: None,
+            };
+            let logits = program
+                .forward(&inputs, &mut program.new_cache(), &["logits"], false)?
+                .remove("logits")
+                .context("no logits")?;
+            Ok(lm_loss(&logits, y)?)
+        };
+    let mut loss = |step: usize, micro: usize| -> anyhow::Result<(candle_core::Tensor, usize)> {
+        let (x, y) = train.batch(step * accum + micro, &device)?;
+        let tokens = y.elem_count();
+        Ok((forward_loss(x, &y)?, tokens))
+    };
+    let mut evaluate = || -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for (x, y) in &eval_batches {
+            let n = y.elem_count();
+            let l = forward_loss(x.clone(), y)?.detach();
+            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+            count += n;
+        }
+        Ok(total / count.max(1) as f64)
+    };
+    let mut trainer =
+        Trainer::new(spec.training.clone(), &mut params).with_checkpoints(&checkpoints);
+    trainer.show_progress = show_progress;
+    if resuming {
+        trainer.resume()?;
+    }
+    let log = trainer.run(&mut loss, &mut evaluate)?;
+    drop(trainer);
+
+    params.save(&out.join("model.safetensors"))?;
+    let report = LmReport {
+        output: out.clone(),
+        params: graph.params(),
+        vocab,
+        train_rows: train.rows(),
+        eval_rows: eval.rows(),
+        log,
+    };
+    crate::atomic::write_text(
+        &out.join("training.json"),
+        &serde_json::to_string_pretty(&report)?,
+    )?;
+    let _ = std::fs::remove_dir_all(&checkpoints);
+    Ok(report)
+}

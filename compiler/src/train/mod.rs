@@ -1,0 +1,22 @@
+//! Training on candle autograd: parameters selectable by name pattern, AdamW with warmup and
+//! cosine decay, gradient clipping and accumulation, periodic evaluation, atomic checkpoints
+//! with exact resume. Language-model training from scratch lives in [`lm`].
+
+pub mod data;
+pub mod lm;
+pub mod optim;
+pub mod params;
+pub mod trainer;
+
+pub use optim::{AdamW, AdamWConfig, Schedule};
+pub use params::{glob_match, ParamStore};
+pub use trainer::{TrainConfig, TrainLog, Trainer};
+
+use candle_core::Tensor;
+
+/// Mean next-token cross-entropy of `logits: [batch, seq, vocab]` against
+/// `targets: [batch, seq]` (u32).
+pub fn lm_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    candle_nn::loss::cross_entropy(&logits.reshape((b * s, v))?, &targets.reshape(b * s)?)
+}
