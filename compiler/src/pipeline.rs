@@ -70,6 +70,16 @@ pub struct RuntimeSpec {
     /// Stop a sequence at the model's end-of-sequence token.
     #[serde(default = "default_true")]
     pub stop_at_eos: bool,
+    /// How `serve` batches requests.
+    #[serde(default = "default_batching")]
+    pub batching: crate::runtime::policy::Batching,
+}
+
+fn default_batching() -> crate::runtime::policy::Batching {
+    crate::runtime::policy::Batching::Continuous {
+        max_batch: 8,
+        token_budget: 512,
+    }
 }
 
 impl Default for RuntimeSpec {
@@ -79,6 +89,7 @@ impl Default for RuntimeSpec {
             sampling: Sampling::Greedy,
             seed: 0,
             stop_at_eos: true,
+            batching: default_batching(),
         }
     }
 }

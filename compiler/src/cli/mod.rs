@@ -6,6 +6,7 @@ mod eval_cmd;
 mod forward_cmd;
 mod inspect_cmd;
 mod run_cmd;
+mod serve_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,9 @@ enum Command {
     Encode(run_cmd::EncodeArgs),
     /// Time prefill and decode against candle-transformers' Llama on the same weights.
     Bench(bench_cmd::Args),
+    /// Serve a workload through the ECS runtime with a batching policy; print latency and
+    /// throughput metrics.
+    Serve(serve_cmd::Args),
     /// Evaluate models (`eval layers MODEL_DIR`).
     #[command(subcommand)]
     Eval(eval_cmd::EvalCommand),
@@ -62,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => bench_cmd::run(a),
         Command::Train(t) => train_cmd::run(t),
         Command::Eval(e) => eval_cmd::run(e),
+        Command::Serve(a) => serve_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

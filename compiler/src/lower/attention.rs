@@ -72,6 +72,10 @@ impl AttnCtx {
     }
 }
 
+/// A sequence in a ragged call: offset of its tokens, their count, its call context and its
+/// layer cache.
+pub type RaggedPart<'a> = (usize, usize, AttnCtx, &'a mut Option<(Tensor, Tensor)>);
+
 /// One attention layer, lowered.
 pub struct AttentionKernel {
     /// q, k and v projections, fused.
@@ -107,15 +111,52 @@ impl AttentionKernel {
         ctx: &mut AttnCtx,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        let qkv = self.qkv.forward(x)?;
+        let y = self.attend(&qkv[0], &qkv[1], &qkv[2], ctx, cache)?;
+        self.o.forward(&y)
+    }
+
+    /// Several sequences' tokens side by side in `x: [1, total, hidden]`: the projections
+    /// run on all tokens at once, attention runs per sequence on its own cache and
+    /// positions. `segments[i]` is (offset in `x`, length, cache of sequence `i`).
+    pub fn forward_ragged(
+        &self,
+        x: &Tensor,
+        segments: &mut [RaggedPart<'_>],
+    ) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let mut outs = Vec::with_capacity(segments.len());
+        for (offset, len, ctx, cache) in segments.iter_mut() {
+            let part = |t: &Tensor| t.narrow(1, *offset, *len);
+            outs.push(self.attend(
+                &part(&qkv[0])?,
+                &part(&qkv[1])?,
+                &part(&qkv[2])?,
+                ctx,
+                cache,
+            )?);
+        }
+        self.o.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    /// Attention of projected `q, k, v: [batch, seq, heads * head_dim]` for one call on one
+    /// cache; returns `[batch, seq, heads * head_dim]` before the output projection.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &mut AttnCtx,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = q.dims3()?;
         let d = self.head_dim;
         let split = |t: &Tensor, h: usize| -> Result<Tensor> {
             t.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()
         };
-        let qkv = self.qkv.forward(x)?;
-        let mut q = split(&qkv[0], self.heads)?;
-        let mut k = split(&qkv[1], self.kv_heads)?;
-        let v = split(&qkv[2], self.kv_heads)?;
+        let mut q = split(q, self.heads)?;
+        let mut k = split(k, self.kv_heads)?;
+        let v = split(v, self.kv_heads)?;
         if let Some((id, rope)) = &self.rope {
             let (cos, sin) = match ctx.tables.get(id) {
                 Some(t) => t.clone(),
@@ -148,7 +189,7 @@ impl AttentionKernel {
         if dtype != DType::F32 {
             att = att.to_dtype(DType::F32)?;
         }
-        if let Some(mask) = ctx.mask(self.causal, self.window, x.device())? {
+        if let Some(mask) = ctx.mask(self.causal, self.window, q.device())? {
             att = att.broadcast_add(&mask)?;
         }
         let att = if self.differentiable {
@@ -157,10 +198,8 @@ impl AttentionKernel {
             candle_nn::ops::softmax_last_dim(&att)?
         }
         .to_dtype(dtype)?;
-        let y = att
-            .matmul(&v)?
+        att.matmul(&v)?
             .transpose(1, 2)?
-            .reshape((b, s, self.heads * d))?;
-        self.o.forward(&y)
+            .reshape((b, s, self.heads * d))
     }
 }

@@ -52,6 +52,27 @@ impl EmbeddingKernel {
         }
         Ok(x)
     }
+
+    /// `ids: [1, total]` of several sequences, each token at its own position.
+    pub fn forward_positions(&self, ids: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let mut x =
+            self.tokens
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, s, self.hidden))?;
+        if let Some(pos) = &self.positions {
+            let max = pos.dim(0)?;
+            if let Some(&p) = positions.iter().find(|&&p| p as usize >= max) {
+                candle_core::bail!("position {p} exceeds the model's {max} learned positions");
+            }
+            let idx = Tensor::new(positions, ids.device())?;
+            x = (x + pos.index_select(&idx, 0)?.unsqueeze(0)?)?;
+        }
+        if let Some(table) = &self.token_types {
+            x = x.broadcast_add(&table.narrow(0, 0, 1)?.unsqueeze(0)?)?;
+        }
+        Ok(x)
+    }
 }
 
 pub struct NormKernel {

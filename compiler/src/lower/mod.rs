@@ -6,9 +6,11 @@
 mod attention;
 mod fused;
 mod kernels;
+mod ragged;
 mod rope;
 mod weights;
 
+pub use ragged::Segment;
 pub use rope::inv_freq;
 pub use weights::{WeightLoadError, WeightSource, WeightStore};
 

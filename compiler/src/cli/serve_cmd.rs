@@ -1,0 +1,71 @@
+use exitgraph::pipeline::{compile, Pipeline};
+use exitgraph::runtime::policy::Batching;
+use exitgraph::runtime::trace::TraceWriter;
+use exitgraph::runtime::workload::Workload;
+use exitgraph::runtime::Runtime;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExecutorArg {
+    /// Run the model with candle; the clock advances by measured step times.
+    Real,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Pipeline file (RON); its `runtime.batching` is the policy.
+    pipeline: PathBuf,
+    /// Workload file (RON): arrivals, prompt and output lengths, seed.
+    #[arg(long)]
+    workload: PathBuf,
+    #[arg(long, value_enum, default_value = "real")]
+    executor: ExecutorArg,
+    /// Stream one JSON record per generated token to this file (JSON Lines).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Write the metrics as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Override the policy: static or continuous.
+    #[arg(long)]
+    policy: Option<String>,
+    /// With --policy: most sequences per step.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// With --policy continuous: most new tokens per step.
+    #[arg(long, default_value_t = 512)]
+    token_budget: usize,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let pipeline = Pipeline::read(&a.pipeline)?;
+    let compiled = compile(&pipeline, &a.pipeline)?;
+    let program = Arc::new(compiled.lower()?);
+    let workload = Workload::read(&a.workload)?;
+    let base = a.workload.parent().unwrap_or_else(|| Path::new("."));
+    let requests = workload.requests(compiled.graph.info.vocab, base)?;
+    let batching = match a.policy.as_deref() {
+        None => pipeline.runtime.batching.clone(),
+        Some("static") => Batching::Static {
+            max_batch: a.max_batch,
+        },
+        Some("continuous") => Batching::Continuous {
+            max_batch: a.max_batch,
+            token_budget: a.token_budget,
+        },
+        Some(other) => anyhow::bail!("--policy {other}: expected static or continuous"),
+    };
+    let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
+    let ExecutorArg::Real = a.executor;
+    let (report, _) = Runtime::new(program, batching, requests, trace).run()?;
+    out!("{}", report.to_table());
+    if let Some(t) = &a.trace {
+        outln!("trace: {}", t.display());
+    }
+    if let Some(path) = &a.json {
+        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+        outln!("wrote {}", path.display());
+    }
+    Ok(())
+}

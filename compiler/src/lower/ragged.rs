@@ -1,0 +1,124 @@
+//! Ragged batches: several sequences of different lengths, each at its own position with its
+//! own KV cache, in one call. Token-wise ops (embedding, norms, projections, MLP, LM head)
+//! run on every token at once; attention runs per sequence, so each sequence's result is
+//! exactly its unbatched one. This is what the runtime's batching policies execute.
+
+use super::attention::AttnCtx;
+use super::{Kernel, KvCache, Program, RunError};
+use candle_core::{Module, Tensor};
+use std::collections::BTreeSet;
+
+/// One sequence's part of a ragged batch: its new tokens and its cache.
+pub struct Segment<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+impl Program {
+    /// Runs each segment's new tokens after its cached ones; returns each segment's logits at
+    /// its last new token (`[vocab]`, in the program's dtype).
+    pub fn forward_ragged(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Tensor>, RunError> {
+        if segments.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.graph.info.family.is_decoder() {
+            return Err(RunError::Input("ragged batches are for decoders".into()));
+        }
+        let vocab = self.graph.info.vocab;
+        let mut flat = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(segments.len());
+        for seg in segments.iter() {
+            if seg.ids.is_empty() {
+                return Err(RunError::Input("a segment has no tokens".into()));
+            }
+            if let Some(&bad) = seg.ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(RunError::Input(format!(
+                    "token id {bad} is outside the vocabulary (size {vocab})"
+                )));
+            }
+            spans.push((flat.len(), seg.ids.len(), seg.cache.len));
+            positions.extend((seg.cache.len..seg.cache.len + seg.ids.len()).map(|p| p as u32));
+            flat.extend_from_slice(seg.ids);
+        }
+        let total = flat.len();
+        let input = Tensor::from_vec(flat, (1, total), &self.device)
+            .map_err(|e| RunError::Input(e.to_string()))?;
+        let Some(&target) = self.outputs.get("logits") else {
+            return Err(RunError::UnknownOutput(
+                "logits".into(),
+                self.output_names().join(", "),
+            ));
+        };
+        let mut needed = BTreeSet::new();
+        let mut stack = vec![target];
+        while let Some(i) = stack.pop() {
+            if needed.insert(i) {
+                stack.extend(self.steps[i].inputs.iter().copied());
+            }
+        }
+        let last_tokens: Vec<u32> = spans
+            .iter()
+            .map(|(off, len, _)| (off + len - 1) as u32)
+            .collect();
+        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
+        for &i in &needed {
+            let step = &self.steps[i];
+            let wrap = |cause| RunError::Step {
+                step: step.name.clone(),
+                cause,
+            };
+            let args: Vec<&Tensor> = step
+                .inputs
+                .iter()
+                .map(|&j| {
+                    values[j].as_ref().ok_or_else(|| RunError::Step {
+                        step: step.name.clone(),
+                        cause: candle_core::Error::Msg(format!(
+                            "input {} was not computed",
+                            self.steps[j].name
+                        )),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            let out = match &step.kernel {
+                Kernel::Input => Ok(input.clone()),
+                Kernel::Embedding(e) => e.forward_positions(args[0], &positions),
+                Kernel::Norm(n) => n.forward(args[0]),
+                Kernel::Mlp(m) => m.forward(args[0]),
+                Kernel::Add => args[0] + args[1],
+                Kernel::Attention(a) => {
+                    let mut parts: Vec<_> = segments
+                        .iter_mut()
+                        .zip(&spans)
+                        .map(|(seg, &(off, len, start))| {
+                            (
+                                off,
+                                len,
+                                AttnCtx::new(start, len, None),
+                                &mut seg.cache.layers[a.slot],
+                            )
+                        })
+                        .collect();
+                    a.forward_ragged(args[0], &mut parts)
+                }
+                Kernel::LmHead(l) => Tensor::new(last_tokens.as_slice(), &self.device)
+                    .and_then(|idx| args[0].index_select(&idx, 1))
+                    .and_then(|x| l.forward(&x)),
+                Kernel::Pool(_) => Err(candle_core::Error::Msg("pooling in a ragged batch".into())),
+            }
+            .map_err(wrap)?;
+            values[i] = Some(out);
+        }
+        for (seg, &(_, len, start)) in segments.iter_mut().zip(&spans) {
+            seg.cache.len = start + len;
+        }
+        let logits = values[target]
+            .take()
+            .ok_or_else(|| RunError::Input("no logits".into()))?;
+        (0..segments.len())
+            .map(|i| logits.get(0).and_then(|l| l.get(i)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RunError::Input(e.to_string()))
+    }
+}

@@ -1,0 +1,190 @@
+//! Serving metrics: time to first token, time between tokens, end-to-end latency
+//! (p50/p95/p99), throughput, batch occupancy over time.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+
+/// p50, p95 and p99 of a sample, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `seconds`.
+    pub fn of(seconds: &[f64]) -> Self {
+        let mut v: Vec<f64> = seconds.iter().map(|s| s * 1e3).collect();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| -> f64 {
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+            v[rank - 1]
+        };
+        Percentiles {
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+        }
+    }
+}
+
+/// One request's outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestOutcome {
+    pub id: usize,
+    pub arrival_s: f64,
+    pub prompt_tokens: usize,
+    pub tokens: Vec<u32>,
+    pub first_token_s: Option<f64>,
+    pub finish_s: Option<f64>,
+    /// Why the request did not complete.
+    pub failed: Option<String>,
+}
+
+/// The summary `serve` prints and writes as JSON.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServeReport {
+    pub policy: String,
+    pub executor: String,
+    pub requests: usize,
+    pub completed: usize,
+    pub failed: usize,
+    pub generated_tokens: usize,
+    pub steps: u64,
+    pub makespan_s: f64,
+    pub throughput_tok_s: f64,
+    pub ttft: Percentiles,
+    pub tbt: Percentiles,
+    pub e2e: Percentiles,
+    pub mean_batch: f64,
+    /// Share of the makespan the executor was busy.
+    pub busy_share: f64,
+    /// (clock time, sequences in the step) for every step.
+    pub occupancy: Vec<(f64, usize)>,
+}
+
+impl ServeReport {
+    pub fn from_outcomes(
+        outcomes: &[RequestOutcome],
+        steps: u64,
+        busy_s: f64,
+        occupancy: Vec<(f64, usize)>,
+    ) -> Self {
+        let done: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.failed.is_none()).collect();
+        let first_arrival = outcomes
+            .iter()
+            .map(|o| o.arrival_s)
+            .fold(f64::INFINITY, f64::min);
+        let last_finish = done.iter().filter_map(|o| o.finish_s).fold(0.0, f64::max);
+        let makespan = (last_finish - first_arrival.min(last_finish)).max(0.0);
+        let generated: usize = done.iter().map(|o| o.tokens.len()).sum();
+        let ttft: Vec<f64> = done
+            .iter()
+            .filter_map(|o| o.first_token_s.map(|t| t - o.arrival_s))
+            .collect();
+        let e2e: Vec<f64> = done
+            .iter()
+            .filter_map(|o| o.finish_s.map(|t| t - o.arrival_s))
+            .collect();
+        let tbt: Vec<f64> = done
+            .iter()
+            .filter_map(|o| match (o.first_token_s, o.finish_s) {
+                (Some(a), Some(b)) if o.tokens.len() > 1 => {
+                    Some((b - a) / (o.tokens.len() - 1) as f64)
+                }
+                _ => None,
+            })
+            .collect();
+        let mean_batch = if occupancy.is_empty() {
+            0.0
+        } else {
+            occupancy.iter().map(|(_, b)| *b as f64).sum::<f64>() / occupancy.len() as f64
+        };
+        ServeReport {
+            policy: String::new(),
+            executor: String::new(),
+            requests: outcomes.len(),
+            completed: done.len(),
+            failed: outcomes.len() - done.len(),
+            generated_tokens: generated,
+            steps,
+            makespan_s: makespan,
+            throughput_tok_s: if makespan > 0.0 {
+                generated as f64 / makespan
+            } else {
+                0.0
+            },
+            ttft: Percentiles::of(&ttft),
+            tbt: Percentiles::of(&tbt),
+            e2e: Percentiles::of(&e2e),
+            mean_batch,
+            busy_share: if makespan > 0.0 {
+                (busy_s / makespan).min(1.0)
+            } else {
+                0.0
+            },
+            occupancy,
+        }
+    }
+
+    /// The summary as an aligned table.
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "policy           {} ({} executor)",
+            self.policy, self.executor
+        );
+        let _ = writeln!(
+            s,
+            "requests         {} completed, {} failed",
+            self.completed, self.failed
+        );
+        let _ = writeln!(
+            s,
+            "generated        {} tokens in {} steps",
+            self.generated_tokens, self.steps
+        );
+        let _ = writeln!(s, "makespan         {:.3} s", self.makespan_s);
+        let _ = writeln!(s, "throughput       {:.1} tokens/s", self.throughput_tok_s);
+        let _ = writeln!(
+            s,
+            "mean batch       {:.2} sequences; executor busy {:.0}%",
+            self.mean_batch,
+            100.0 * self.busy_share
+        );
+        let _ = writeln!(
+            s,
+            "{:<16} {:>10} {:>10} {:>10}",
+            "latency (ms)", "p50", "p95", "p99"
+        );
+        for (name, p) in [
+            ("time to first", &self.ttft),
+            ("between tokens", &self.tbt),
+            ("end to end", &self.e2e),
+        ] {
+            let _ = writeln!(
+                s,
+                "{:<16} {:>10.1} {:>10.1} {:>10.1}",
+                name, p.p50_ms, p.p95_ms, p.p99_ms
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(|i| i as f64 / 1e3).collect();
+        let p = Percentiles::of(&v);
+        assert_eq!((p.p50_ms, p.p95_ms, p.p99_ms), (50.0, 95.0, 99.0));
+    }
+}

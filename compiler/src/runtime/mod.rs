@@ -1,0 +1,332 @@
+//! The runtime: a Bevy-style ECS (`bevy_ecs`, used standalone) where every request is an
+//! entity. Components hold its prompt, generated tokens, KV cache and timing; resources hold
+//! the program, the batching policy, the clock and the trace. A schedule of small systems
+//! runs one scheduler iteration per call: admit arrivals → plan the batch → execute → emit
+//! tokens → record. Entity order never matters: everything that iterates sorts by request id.
+//!
+//! The executor here is the real one (candle): a step runs the planned sequences as one
+//! ragged batch ([`Program::forward_ragged`]), whose per-sequence results equal unbatched
+//! runs, and the clock advances by the measured time of the step. Decoding is greedy and
+//! runs each request to its `max_new_tokens`.
+
+pub mod metrics;
+pub mod policy;
+pub mod trace;
+pub mod workload;
+
+use crate::lower::{KvCache, Program, Segment};
+use bevy_ecs::prelude::*;
+use metrics::{RequestOutcome, ServeReport};
+use policy::{Batching, Candidate};
+use std::sync::Arc;
+use std::time::Instant;
+use trace::{TraceRecord, TraceWriter};
+use workload::RequestSpec;
+
+/// A request, as it arrived.
+#[derive(Component, Clone, Debug)]
+pub struct Request(pub RequestSpec);
+
+/// What a request has produced so far.
+#[derive(Component, Clone, Debug, Default)]
+pub struct Progress {
+    pub tokens: Vec<u32>,
+    pub first_token_s: Option<f64>,
+    pub finish_s: Option<f64>,
+    pub done: bool,
+    /// Stage and loop iteration in the program where the sequence is (one stage for
+    /// full-depth programs).
+    pub stage: usize,
+}
+
+/// The request's KV cache.
+#[derive(Component)]
+pub struct Kv(pub KvCache);
+
+/// A request that was refused, with the reason.
+#[derive(Component, Clone, Debug)]
+pub struct Failed(pub String);
+
+/// The lowered program and the batching policy.
+#[derive(Resource)]
+pub struct Engine {
+    pub program: Arc<Program>,
+    pub batching: Batching,
+}
+
+/// Simulated time, advanced by measured execution; the scheduler iteration count.
+#[derive(Resource, Default)]
+pub struct Clock {
+    pub now_s: f64,
+    pub step: u64,
+    pub busy_s: f64,
+}
+
+/// Requests that have not arrived yet, latest first (so `pop` gives the next one).
+#[derive(Resource, Default)]
+pub struct Arrivals(pub Vec<RequestSpec>);
+
+/// This step's batch, in request order.
+#[derive(Resource, Default)]
+pub struct Plan(pub Vec<Entity>);
+
+/// Tokens produced by this step, in plan order.
+#[derive(Resource, Default)]
+pub struct StepTokens(pub Vec<(Entity, u32)>);
+
+/// The streamed trace and per-step occupancy.
+#[derive(Resource, Default)]
+pub struct Recorder {
+    pub trace: Option<TraceWriter>,
+    pub occupancy: Vec<(f64, usize)>,
+    pub error: Option<String>,
+}
+
+fn admit(
+    mut commands: Commands,
+    mut arrivals: ResMut<Arrivals>,
+    mut clock: ResMut<Clock>,
+    engine: Res<Engine>,
+    active: Query<&Progress>,
+) {
+    let idle = active.iter().all(|p| p.done);
+    if idle {
+        if let Some(next) = arrivals.0.last() {
+            clock.now_s = clock.now_s.max(next.arrival_s);
+        }
+    }
+    let max_positions = engine.program.graph().info.max_positions;
+    while arrivals
+        .0
+        .last()
+        .is_some_and(|r| r.arrival_s <= clock.now_s)
+    {
+        let Some(r) = arrivals.0.pop() else { break };
+        let need = r.prompt.len() + r.max_new_tokens;
+        if need > max_positions {
+            let why = format!(
+                "prompt ({}) + new tokens ({}) exceed the model's {max_positions} positions",
+                r.prompt.len(),
+                r.max_new_tokens
+            );
+            commands.spawn((
+                Request(r),
+                Progress {
+                    done: true,
+                    ..Progress::default()
+                },
+                Failed(why),
+            ));
+            continue;
+        }
+        let cache = engine.program.new_cache();
+        commands.spawn((Request(r), Progress::default(), Kv(cache)));
+    }
+}
+
+fn plan(
+    engine: Res<Engine>,
+    mut out: ResMut<Plan>,
+    seqs: Query<(Entity, &Request, &Progress), Without<Failed>>,
+) {
+    let mut live: Vec<(usize, Entity, Candidate)> = seqs
+        .iter()
+        .filter(|(_, _, p)| !p.done)
+        .map(|(e, r, p)| {
+            let running = !p.tokens.is_empty();
+            let tokens = if running { 1 } else { r.0.prompt.len() };
+            (
+                r.0.id,
+                e,
+                Candidate {
+                    id: r.0.id,
+                    tokens,
+                    running,
+                },
+            )
+        })
+        .collect();
+    live.sort_by_key(|(id, _, _)| *id);
+    let candidates: Vec<Candidate> = live.iter().map(|(_, _, c)| *c).collect();
+    let chosen = engine.batching.plan(&candidates);
+    out.0 = live
+        .iter()
+        .filter(|(id, _, _)| chosen.contains(id))
+        .map(|(_, e, _)| *e)
+        .collect();
+}
+
+fn execute(
+    engine: Res<Engine>,
+    plan: Res<Plan>,
+    mut clock: ResMut<Clock>,
+    mut produced: ResMut<StepTokens>,
+    mut recorder: ResMut<Recorder>,
+    mut seqs: Query<(&Request, &Progress, &mut Kv)>,
+) {
+    produced.0.clear();
+    if plan.0.is_empty() {
+        return;
+    }
+    // Caches leave their components for the step and go back after it.
+    let mut taken: Vec<(Entity, Vec<u32>, KvCache)> = Vec::with_capacity(plan.0.len());
+    for &e in &plan.0 {
+        if let Ok((req, progress, mut kv)) = seqs.get_mut(e) {
+            let ids = match progress.tokens.last() {
+                Some(&t) => vec![t],
+                None => req.0.prompt.clone(),
+            };
+            taken.push((e, ids, std::mem::take(&mut kv.0)));
+        }
+    }
+    let mut segments: Vec<Segment> = taken
+        .iter_mut()
+        .map(|(_, ids, cache)| Segment { ids, cache })
+        .collect();
+    let started = Instant::now();
+    let result = engine.program.forward_ragged(&mut segments);
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(segments);
+    let tokens = result.and_then(|logits| {
+        logits
+            .iter()
+            .map(|l| {
+                l.argmax(0)
+                    .and_then(|t| t.to_scalar::<u32>())
+                    .map_err(|e| crate::lower::RunError::Input(e.to_string()))
+            })
+            .collect::<Result<Vec<u32>, _>>()
+    });
+    let entities: Vec<Entity> = taken.iter().map(|(e, _, _)| *e).collect();
+    for (e, _, cache) in taken {
+        if let Ok((_, _, mut kv)) = seqs.get_mut(e) {
+            kv.0 = cache;
+        }
+    }
+    match tokens {
+        Ok(tokens) => {
+            produced.0 = entities.into_iter().zip(tokens).collect();
+            clock.now_s += elapsed;
+            clock.busy_s += elapsed;
+            clock.step += 1;
+            let now = clock.now_s;
+            recorder.occupancy.push((now, plan.0.len()));
+        }
+        Err(e) => recorder.error = Some(e.to_string()),
+    }
+}
+
+fn emit(
+    produced: Res<StepTokens>,
+    clock: Res<Clock>,
+    engine: Res<Engine>,
+    mut recorder: ResMut<Recorder>,
+    mut seqs: Query<(&Request, &mut Progress)>,
+) {
+    let layers: Vec<usize> = engine.program.graph().layers();
+    let last_layer = layers.last().copied().unwrap_or(0);
+    let batch = produced.0.len();
+    for &(e, token) in &produced.0 {
+        let Ok((req, mut p)) = seqs.get_mut(e) else {
+            continue;
+        };
+        p.tokens.push(token);
+        if p.first_token_s.is_none() {
+            p.first_token_s = Some(clock.now_s);
+        }
+        if p.tokens.len() >= req.0.max_new_tokens {
+            p.done = true;
+            p.finish_s = Some(clock.now_s);
+        }
+        let record = TraceRecord {
+            seq: req.0.id,
+            pos: req.0.prompt.len() + p.tokens.len() - 1,
+            token,
+            step: clock.step,
+            t_s: clock.now_s,
+            batch,
+            stages: vec!["full".to_string()],
+            layers: layers.clone(),
+            exit_layer: last_layer,
+            signals: Vec::new(),
+        };
+        if let Some(w) = recorder.trace.as_mut() {
+            if let Err(err) = w.write(&record) {
+                recorder.error = Some(err.to_string());
+                return;
+            }
+        }
+    }
+}
+
+/// A configured run.
+pub struct Runtime {
+    world: World,
+    schedule: Schedule,
+}
+
+impl Runtime {
+    /// A runtime for `requests` on `program` with `batching`; traces go to `trace` when given.
+    pub fn new(
+        program: Arc<Program>,
+        batching: Batching,
+        mut requests: Vec<RequestSpec>,
+        trace: Option<TraceWriter>,
+    ) -> Self {
+        let mut world = World::new();
+        requests.sort_by(|a, b| b.arrival_s.total_cmp(&a.arrival_s).then(b.id.cmp(&a.id)));
+        world.insert_resource(Engine { program, batching });
+        world.insert_resource(Clock::default());
+        world.insert_resource(Arrivals(requests));
+        world.insert_resource(Plan::default());
+        world.insert_resource(StepTokens::default());
+        world.insert_resource(Recorder {
+            trace,
+            ..Recorder::default()
+        });
+        let mut schedule = Schedule::default();
+        schedule.add_systems((admit, plan, execute, emit).chain());
+        Runtime { world, schedule }
+    }
+
+    /// Runs every request to completion (or failure).
+    pub fn run(mut self) -> anyhow::Result<(ServeReport, Vec<RequestOutcome>)> {
+        loop {
+            self.schedule.run(&mut self.world);
+            if let Some(e) = self.world.resource_mut::<Recorder>().error.take() {
+                anyhow::bail!("step {}: {e}", self.world.resource::<Clock>().step);
+            }
+            let pending = !self.world.resource::<Arrivals>().0.is_empty();
+            let mut q = self.world.query::<&Progress>();
+            let active = q.iter(&self.world).any(|p| !p.done);
+            if !pending && !active {
+                break;
+            }
+        }
+        let mut q = self.world.query::<(&Request, &Progress, Option<&Failed>)>();
+        let mut outcomes: Vec<RequestOutcome> = q
+            .iter(&self.world)
+            .map(|(r, p, f)| RequestOutcome {
+                id: r.0.id,
+                arrival_s: r.0.arrival_s,
+                prompt_tokens: r.0.prompt.len(),
+                tokens: p.tokens.clone(),
+                first_token_s: p.first_token_s,
+                finish_s: p.finish_s,
+                failed: f.map(|f| f.0.clone()),
+            })
+            .collect();
+        outcomes.sort_by_key(|o| o.id);
+        let clock = self.world.resource::<Clock>();
+        let (steps, busy) = (clock.step, clock.busy_s);
+        let mut recorder = self.world.resource_mut::<Recorder>();
+        let occupancy = std::mem::take(&mut recorder.occupancy);
+        if let Some(w) = recorder.trace.take() {
+            w.finish()?;
+        }
+        let mut report = ServeReport::from_outcomes(&outcomes, steps, busy, occupancy);
+        report.executor = "real".into();
+        report.policy = format!("{:?}", self.world.resource::<Engine>().batching);
+        Ok((report, outcomes))
+    }
+}

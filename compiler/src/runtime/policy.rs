@@ -1,0 +1,110 @@
+//! Batching policies: which sequences run together in the next step.
+
+use serde::{Deserialize, Serialize};
+
+/// How the scheduler forms batches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Batching {
+    /// Take up to `max_batch` waiting requests and run them until all finish; nothing joins
+    /// a running batch.
+    Static { max_batch: usize },
+    /// Iteration-level scheduling (Orca, vLLM): every step, running sequences continue and
+    /// waiting ones join while the batch has fewer than `max_batch` sequences and the step's
+    /// new tokens (whole prompts for joiners, one per running sequence) fit `token_budget`.
+    Continuous {
+        max_batch: usize,
+        token_budget: usize,
+    },
+}
+
+/// What the planner sees of a sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: usize,
+    /// Tokens it would run this step (its prompt if it has not started, else 1).
+    pub tokens: usize,
+    pub running: bool,
+}
+
+impl Batching {
+    /// The ids to run this step, from candidates sorted by id (arrival order). `batch_open`
+    /// says whether a static batch is still in flight.
+    pub fn plan(&self, candidates: &[Candidate]) -> Vec<usize> {
+        let running: Vec<&Candidate> = candidates.iter().filter(|c| c.running).collect();
+        match *self {
+            Batching::Static { max_batch } => {
+                if !running.is_empty() {
+                    return running.iter().map(|c| c.id).collect();
+                }
+                candidates
+                    .iter()
+                    .take(max_batch.max(1))
+                    .map(|c| c.id)
+                    .collect()
+            }
+            Batching::Continuous {
+                max_batch,
+                token_budget,
+            } => {
+                let mut chosen: Vec<usize> = running.iter().map(|c| c.id).collect();
+                let mut tokens: usize = running.iter().map(|c| c.tokens).sum();
+                for c in candidates.iter().filter(|c| !c.running) {
+                    if chosen.len() >= max_batch.max(1) {
+                        break;
+                    }
+                    // A prompt longer than the budget still runs, alone, rather than never.
+                    if tokens + c.tokens > token_budget && !chosen.is_empty() {
+                        break;
+                    }
+                    tokens += c.tokens;
+                    chosen.push(c.id);
+                }
+                chosen
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(id: usize, tokens: usize, running: bool) -> Candidate {
+        Candidate {
+            id,
+            tokens,
+            running,
+        }
+    }
+
+    #[test]
+    fn static_batches_wait_for_the_whole_batch() {
+        let p = Batching::Static { max_batch: 2 };
+        assert_eq!(
+            p.plan(&[c(0, 5, false), c(1, 5, false), c(2, 5, false)]),
+            vec![0, 1]
+        );
+        assert_eq!(p.plan(&[c(0, 1, true), c(2, 5, false)]), vec![0]);
+    }
+
+    #[test]
+    fn continuous_batches_admit_under_the_budget() {
+        let p = Batching::Continuous {
+            max_batch: 3,
+            token_budget: 10,
+        };
+        assert_eq!(
+            p.plan(&[c(0, 1, true), c(1, 6, false), c(2, 6, false)]),
+            vec![0, 1]
+        );
+        assert_eq!(
+            p.plan(&[c(3, 50, false)]),
+            vec![3],
+            "an oversized prompt runs alone"
+        );
+        assert_eq!(
+            p.plan(&[c(0, 1, true), c(1, 1, true), c(2, 1, true), c(4, 1, false)]),
+            vec![0, 1, 2]
+        );
+    }
+}

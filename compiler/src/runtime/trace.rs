@@ -1,0 +1,81 @@
+//! Traces: one JSON object per generated token, one per line (JSON Lines), streamed to disk.
+//!
+//! Each record: `seq` (request id), `pos` (position of the token in its sequence), `token`,
+//! `step` (scheduler iteration), `t_s` (clock time the token was produced, seconds),
+//! `batch` (sequences in that step), `stages` (graph stages run, in order), `layers` (the
+//! transformer layers run), `exit_layer` (the layer whose output produced the token; the last
+//! layer for a full-depth program), `signals` (exit-rule values per layer; empty without
+//! exit heads). The file is written to a temporary name and renamed when the run ends.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceRecord {
+    pub seq: usize,
+    pub pos: usize,
+    pub token: u32,
+    pub step: u64,
+    pub t_s: f64,
+    pub batch: usize,
+    pub stages: Vec<String>,
+    pub layers: Vec<usize>,
+    pub exit_layer: usize,
+    #[serde(default)]
+    pub signals: Vec<f64>,
+}
+
+/// Streams records to a file without holding them.
+pub struct TraceWriter {
+    out: BufWriter<std::fs::File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    pub records: u64,
+}
+
+impl TraceWriter {
+    pub fn create(path: &Path) -> anyhow::Result<Self> {
+        let tmp = crate::atomic::temp_path(path)?;
+        let file = std::fs::File::create(&tmp)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+        Ok(TraceWriter {
+            out: BufWriter::new(file),
+            tmp,
+            path: path.to_path_buf(),
+            records: 0,
+        })
+    }
+
+    pub fn write(&mut self, r: &TraceRecord) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.out, r)?;
+        self.out.write_all(b"\n")?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Flushes and moves the file into place.
+    pub fn finish(mut self) -> anyhow::Result<PathBuf> {
+        self.out.flush()?;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", self.path.display()))?;
+        Ok(self.path)
+    }
+}
+
+/// Reads a trace file record by record.
+pub fn read_trace(
+    path: &Path,
+) -> anyhow::Result<impl Iterator<Item = anyhow::Result<TraceRecord>>> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let path = path.to_path_buf();
+    Ok(std::io::BufReader::new(file)
+        .lines()
+        .enumerate()
+        .map(move |(i, line)| {
+            let line = line.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            serde_json::from_str(&line)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
+        }))
+}

@@ -1,0 +1,151 @@
+//! Workloads: when requests arrive and how long their prompts and outputs are, seeded.
+//!
+//! ```ron
+//! Workload(
+//!     requests: 64,
+//!     arrivals: Poisson(rate_per_s: 20.0),   // or AllAtOnce, or Trace(file: "arrivals.json")
+//!     prompt_len: Uniform(min: 8, max: 32),  // or Fixed(16)
+//!     output_len: Fixed(16),
+//!     seed: 0,
+//! )
+//! ```
+
+use crate::train::data::SplitMix64;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A length distribution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Length {
+    Fixed(usize),
+    /// Uniform over `min..=max`.
+    Uniform {
+        min: usize,
+        max: usize,
+    },
+}
+
+impl Length {
+    fn sample(&self, rng: &mut SplitMix64) -> usize {
+        match *self {
+            Length::Fixed(n) => n,
+            Length::Uniform { min, max } => min + rng.below(max.saturating_sub(min) + 1),
+        }
+    }
+
+    fn check(&self, field: &str) -> anyhow::Result<()> {
+        match *self {
+            Length::Fixed(0) => bail!("{field}: lengths must be at least 1"),
+            Length::Uniform { min, max } if min == 0 || max < min => {
+                bail!("{field}: Uniform needs 1 <= min <= max, got {min}..={max}")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// When requests arrive.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Arrivals {
+    /// Every request at time 0.
+    AllAtOnce,
+    /// Exponential gaps with this mean rate.
+    Poisson { rate_per_s: f64 },
+    /// Arrival times in seconds from a JSON list, relative to the workload file.
+    Trace { file: String },
+}
+
+/// A workload file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub requests: usize,
+    pub arrivals: Arrivals,
+    pub prompt_len: Length,
+    pub output_len: Length,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// One request of a workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestSpec {
+    pub id: usize,
+    pub arrival_s: f64,
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+}
+
+impl Workload {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        ron::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}:{}: {}",
+                path.display(),
+                e.span.start.line,
+                e.span.start.col,
+                e.code
+            )
+        })
+    }
+
+    /// The requests, with prompts of random ids below `vocab`; `base` resolves trace files.
+    pub fn requests(&self, vocab: usize, base: &Path) -> anyhow::Result<Vec<RequestSpec>> {
+        self.prompt_len.check("prompt_len")?;
+        self.output_len.check("output_len")?;
+        let mut rng = SplitMix64::new(self.seed);
+        let times: Vec<f64> = match &self.arrivals {
+            Arrivals::AllAtOnce => vec![0.0; self.requests],
+            Arrivals::Poisson { rate_per_s } => {
+                if !(*rate_per_s > 0.0 && rate_per_s.is_finite()) {
+                    bail!("arrivals: rate_per_s must be positive, got {rate_per_s}");
+                }
+                let mut t = 0.0;
+                (0..self.requests)
+                    .map(|_| {
+                        let u = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                        t += -u.ln() / rate_per_s;
+                        t
+                    })
+                    .collect()
+            }
+            Arrivals::Trace { file } => {
+                let path = base.join(file);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("{}: cannot read", path.display()))?;
+                let mut times: Vec<f64> = serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "{}: expected a JSON list of arrival times in seconds",
+                        path.display()
+                    )
+                })?;
+                if times.iter().any(|t| !(t.is_finite() && *t >= 0.0)) {
+                    bail!(
+                        "{}: arrival times must be finite and non-negative",
+                        path.display()
+                    );
+                }
+                times.sort_by(f64::total_cmp);
+                times.truncate(self.requests);
+                times
+            }
+        };
+        Ok(times
+            .into_iter()
+            .enumerate()
+            .map(|(id, arrival_s)| {
+                let plen = self.prompt_len.sample(&mut rng);
+                let prompt = (0..plen).map(|_| rng.below(vocab) as u32).collect();
+                RequestSpec {
+                    id,
+                    arrival_s,
+                    prompt,
+                    max_new_tokens: self.output_len.sample(&mut rng),
+                }
+            })
+            .collect())
+    }
+}

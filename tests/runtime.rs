@@ -1,0 +1,177 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The ECS runtime on random small models (proptest):
+//! - ragged batches give each sequence exactly its unbatched result;
+//! - with every batching policy, each request gets exactly the tokens of its own unbatched
+//!   greedy run, and no request is lost;
+//! - the same workload seed gives the same token-level trace.
+
+use candle_core::{DType, Device};
+use exitgraph::generate::{generate, GenerateOptions};
+use exitgraph::lower::{Program, Segment};
+use exitgraph::runtime::policy::Batching;
+use exitgraph::runtime::trace::{read_trace, TraceWriter};
+use exitgraph::runtime::workload::{Arrivals, Length, Workload};
+use exitgraph::runtime::Runtime;
+use exitgraph::synth::{write_random_llama, LlamaSpec};
+use proptest::prelude::*;
+use std::path::Path;
+use std::sync::Arc;
+
+fn model(dir: &Path, ty: &str, kv: usize, seed: u64) -> Program {
+    let mut spec = LlamaSpec::tiny();
+    spec.model_type = ty.into();
+    spec.kv_heads = kv;
+    write_random_llama(dir, &spec, seed).unwrap();
+    let g = exitgraph_ir::import(dir).unwrap().graph;
+    Program::lower(&g, dir, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn greedy_alone(p: &Program, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut opts = GenerateOptions::greedy(n);
+    opts.stop_at_eos = false;
+    generate(p, &[prompt.to_vec()], &opts).unwrap().remove(0)[prompt.len()..].to_vec()
+}
+
+fn policies() -> impl Strategy<Value = Batching> {
+    prop_oneof![
+        (1usize..5).prop_map(|m| Batching::Static { max_batch: m }),
+        (1usize..5, 1usize..40).prop_map(|(m, b)| Batching::Continuous {
+            max_batch: m,
+            token_budget: b
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(10))]
+
+    #[test]
+    fn ragged_batches_equal_unbatched_runs(seed in any::<u64>(), lens in prop::collection::vec(1usize..9, 1..5), kv in prop_oneof![Just(1usize), Just(2), Just(4)]) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = model(dir.path(), "llama", kv, seed);
+        let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &l)| (0..l).map(|j| ((seed as usize + i * 31 + j * 7) % 97) as u32).collect()).collect();
+        // Each sequence alone.
+        let alone: Vec<Vec<f32>> = prompts.iter().map(|pr| {
+            let mut cache = p.new_cache();
+            let mut segs = [Segment { ids: pr, cache: &mut cache }];
+            p.forward_ragged(&mut segs).unwrap().remove(0).to_vec1::<f32>().unwrap()
+        }).collect();
+        // All together, then one more token each, together.
+        let mut caches: Vec<_> = prompts.iter().map(|_| p.new_cache()).collect();
+        let mut segs: Vec<Segment> = prompts.iter().zip(caches.iter_mut()).map(|(ids, cache)| Segment { ids, cache }).collect();
+        let together = p.forward_ragged(&mut segs).unwrap();
+        for (a, t) in alone.iter().zip(&together) {
+            let t = t.to_vec1::<f32>().unwrap();
+            let d = a.iter().zip(&t).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            prop_assert!(d < 1e-5, "differs by {d}");
+        }
+        let next: Vec<Vec<u32>> = (0..prompts.len()).map(|i| vec![(i as u32 * 5) % 97]).collect();
+        let mut segs: Vec<Segment> = next.iter().zip(caches.iter_mut()).map(|(ids, cache)| Segment { ids, cache }).collect();
+        let step = p.forward_ragged(&mut segs).unwrap();
+        for (i, pr) in prompts.iter().enumerate() {
+            let mut full = pr.clone();
+            full.extend(&next[i]);
+            let mut cache = p.new_cache();
+            let mut one = [Segment { ids: &full, cache: &mut cache }];
+            let want = p.forward_ragged(&mut one).unwrap().remove(0).to_vec1::<f32>().unwrap();
+            let got = step[i].to_vec1::<f32>().unwrap();
+            let d = want.iter().zip(&got).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            prop_assert!(d < 1e-4, "decode step differs by {d}");
+        }
+    }
+
+    #[test]
+    fn every_policy_gives_each_request_its_own_greedy_tokens(seed in any::<u64>(), policy in policies(), n in 1usize..7, poisson in any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(model(dir.path(), "qwen2", 2, seed));
+        let workload = Workload {
+            requests: n,
+            arrivals: if poisson { Arrivals::Poisson { rate_per_s: 500.0 } } else { Arrivals::AllAtOnce },
+            prompt_len: Length::Uniform { min: 1, max: 12 },
+            output_len: Length::Uniform { min: 1, max: 6 },
+            seed,
+        };
+        let requests = workload.requests(97, Path::new(".")).unwrap();
+        let (report, outcomes) = Runtime::new(p.clone(), policy, requests.clone(), None).run().unwrap();
+        prop_assert_eq!(outcomes.len(), n, "no request is lost");
+        prop_assert_eq!(report.completed, n);
+        for (r, o) in requests.iter().zip(&outcomes) {
+            prop_assert_eq!(r.id, o.id);
+            prop_assert_eq!(&o.tokens, &greedy_alone(&p, &r.prompt, r.max_new_tokens));
+            prop_assert!(o.first_token_s.unwrap() >= r.arrival_s);
+        }
+    }
+}
+
+#[test]
+fn too_long_requests_fail_with_a_reason_and_the_rest_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(model(dir.path(), "llama", 2, 1));
+    let workload = Workload {
+        requests: 3,
+        arrivals: Arrivals::AllAtOnce,
+        prompt_len: Length::Fixed(200),
+        output_len: Length::Fixed(100),
+        seed: 0,
+    };
+    let mut requests = workload.requests(97, Path::new(".")).unwrap();
+    requests[1].prompt.truncate(5);
+    requests[1].max_new_tokens = 3;
+    let (report, outcomes) = Runtime::new(
+        p,
+        Batching::Continuous {
+            max_batch: 4,
+            token_budget: 64,
+        },
+        requests,
+        None,
+    )
+    .run()
+    .unwrap();
+    assert_eq!((report.completed, report.failed), (1, 2));
+    assert!(outcomes[0]
+        .failed
+        .as_ref()
+        .unwrap()
+        .contains("exceed the model's 256 positions"));
+    assert_eq!(outcomes[1].tokens.len(), 3);
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(model(dir.path(), "llama", 2, 9));
+    let workload = Workload {
+        requests: 5,
+        arrivals: Arrivals::AllAtOnce,
+        prompt_len: Length::Uniform { min: 2, max: 9 },
+        output_len: Length::Uniform { min: 2, max: 5 },
+        seed: 42,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut traces = Vec::new();
+    for i in 0..2 {
+        let path = out.path().join(format!("t{i}.jsonl"));
+        let requests = workload.requests(97, Path::new(".")).unwrap();
+        let writer = TraceWriter::create(&path).unwrap();
+        Runtime::new(
+            p.clone(),
+            Batching::Continuous {
+                max_batch: 3,
+                token_budget: 16,
+            },
+            requests,
+            Some(writer),
+        )
+        .run()
+        .unwrap();
+        let records: Vec<_> = read_trace(&path)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .map(|r| (r.seq, r.pos, r.token, r.step, r.batch, r.layers))
+            .collect();
+        traces.push(records);
+    }
+    assert!(!traces[0].is_empty());
+    assert_eq!(traces[0], traces[1]);
+}
