@@ -11,7 +11,7 @@ use exitgraph::lower::{Program, Segment};
 use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::trace::{read_trace, TraceWriter};
 use exitgraph::runtime::workload::{Arrivals, Length, Workload};
-use exitgraph::runtime::Runtime;
+use exitgraph::runtime::{Executor, Runtime};
 use exitgraph::synth::{write_random_llama, LlamaSpec};
 use proptest::prelude::*;
 use std::path::Path;
@@ -92,7 +92,7 @@ proptest! {
             seed,
         };
         let requests = workload.requests(97, Path::new(".")).unwrap();
-        let (report, outcomes) = Runtime::new(p.clone(), policy, requests.clone(), None).run().unwrap();
+        let (report, outcomes) = Runtime::new(p.clone(), policy, Executor::Real, requests.clone(), None).run().unwrap();
         prop_assert_eq!(outcomes.len(), n, "no request is lost");
         prop_assert_eq!(report.completed, n);
         for (r, o) in requests.iter().zip(&outcomes) {
@@ -123,6 +123,7 @@ fn too_long_requests_fail_with_a_reason_and_the_rest_complete() {
             max_batch: 4,
             token_budget: 64,
         },
+        Executor::Real,
         requests,
         None,
     )
@@ -160,6 +161,7 @@ fn same_seed_same_trace() {
                 max_batch: 3,
                 token_budget: 16,
             },
+            Executor::Real,
             requests,
             Some(writer),
         )
@@ -174,4 +176,65 @@ fn same_seed_same_trace() {
     }
     assert!(!traces[0].is_empty());
     assert_eq!(traces[0], traces[1]);
+}
+
+#[test]
+fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
+    use exitgraph::runtime::cost::{CostModel, Sample};
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(model(dir.path(), "llama", 2, 4));
+    let samples: Vec<Sample> = [(1, 5, 1), (8, 40, 1), (4, 90, 4), (16, 300, 2), (2, 10, 2)]
+        .iter()
+        .map(|&(tokens, attention, sequences)| Sample {
+            tokens,
+            attention,
+            sequences,
+            seconds: 1e-3
+                + 1e-4 * tokens as f64
+                + 1e-6 * attention as f64
+                + 5e-5 * sequences as f64,
+        })
+        .collect();
+    let cost = CostModel::fit(samples).unwrap();
+    let workload = Workload {
+        requests: 6,
+        arrivals: Arrivals::AllAtOnce,
+        prompt_len: Length::Uniform { min: 2, max: 9 },
+        output_len: Length::Uniform { min: 2, max: 5 },
+        seed: 7,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let policy = Batching::Continuous {
+        max_batch: 3,
+        token_budget: 16,
+    };
+    let run = |executor: Executor, name: &str| {
+        let path = out.path().join(name);
+        let requests = workload.requests(97, Path::new(".")).unwrap();
+        let (report, _) = Runtime::new(
+            p.clone(),
+            policy.clone(),
+            executor,
+            requests,
+            Some(TraceWriter::create(&path).unwrap()),
+        )
+        .run()
+        .unwrap();
+        let records: Vec<_> = read_trace(&path).unwrap().map(|r| r.unwrap()).collect();
+        (report, records)
+    };
+    let (real, real_trace) = run(Executor::Real, "real.jsonl");
+    let (sim, sim_trace) = run(Executor::Sim(cost.clone()), "sim.jsonl");
+    let (_, sim_again) = run(Executor::Sim(cost), "sim2.jsonl");
+    assert_eq!(real.steps, sim.steps);
+    assert_eq!(real.generated_tokens, sim.generated_tokens);
+    let shape = |t: &[exitgraph::runtime::trace::TraceRecord]| {
+        t.iter()
+            .map(|r| (r.seq, r.pos, r.step, r.batch))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shape(&real_trace), shape(&sim_trace));
+    assert!(sim_trace.iter().all(|r| r.token.is_none()));
+    assert!(real_trace.iter().all(|r| r.token.is_some()));
+    assert_eq!(sim_trace, sim_again, "the simulated clock is deterministic");
 }

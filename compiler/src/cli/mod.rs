@@ -5,6 +5,7 @@ mod compile_cmd;
 mod eval_cmd;
 mod forward_cmd;
 mod inspect_cmd;
+mod profile_cmd;
 mod run_cmd;
 mod serve_cmd;
 mod train_cmd;
@@ -40,6 +41,8 @@ enum Command {
     /// Serve a workload through the ECS runtime with a batching policy; print latency and
     /// throughput metrics.
     Serve(serve_cmd::Args),
+    /// Measure step times of a pipeline's program for the simulated executor.
+    Profile(profile_cmd::Args),
     /// Evaluate models (`eval layers MODEL_DIR`).
     #[command(subcommand)]
     Eval(eval_cmd::EvalCommand),
@@ -67,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Train(t) => train_cmd::run(t),
         Command::Eval(e) => eval_cmd::run(e),
         Command::Serve(a) => serve_cmd::run(a),
+        Command::Profile(a) => profile_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,9 @@
 use exitgraph::pipeline::{compile, Pipeline};
+use exitgraph::runtime::cost::CostModel;
 use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::runtime::workload::Workload;
-use exitgraph::runtime::Runtime;
+use exitgraph::runtime::{Executor, Runtime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use std::sync::Arc;
 pub enum ExecutorArg {
     /// Run the model with candle; the clock advances by measured step times.
     Real,
+    /// Run no model; the clock advances by the cost model given with --cost.
+    Sim,
 }
 
 #[derive(clap::Args)]
@@ -21,6 +24,9 @@ pub struct Args {
     workload: PathBuf,
     #[arg(long, value_enum, default_value = "real")]
     executor: ExecutorArg,
+    /// Cost model written by `exitgraph profile` (needed by --executor sim).
+    #[arg(long)]
+    cost: Option<PathBuf>,
     /// Stream one JSON record per generated token to this file (JSON Lines).
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -57,8 +63,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("--policy {other}: expected static or continuous"),
     };
     let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
-    let ExecutorArg::Real = a.executor;
-    let (report, _) = Runtime::new(program, batching, requests, trace).run()?;
+    let executor = match a.executor {
+        ExecutorArg::Real => Executor::Real,
+        ExecutorArg::Sim => {
+            let path = a.cost.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("--executor sim needs --cost COST.ron (from `exitgraph profile`)")
+            })?;
+            Executor::Sim(CostModel::read(path)?)
+        }
+    };
+    let (report, _) = Runtime::new(program, batching, executor, requests, trace).run()?;
     out!("{}", report.to_table());
     if let Some(t) = &a.trace {
         outln!("trace: {}", t.display());

@@ -119,11 +119,7 @@ impl AttentionKernel {
     /// Several sequences' tokens side by side in `x: [1, total, hidden]`: the projections
     /// run on all tokens at once, attention runs per sequence on its own cache and
     /// positions. `segments[i]` is (offset in `x`, length, cache of sequence `i`).
-    pub fn forward_ragged(
-        &self,
-        x: &Tensor,
-        segments: &mut [RaggedPart<'_>],
-    ) -> Result<Tensor> {
+    pub fn forward_ragged(&self, x: &Tensor, segments: &mut [RaggedPart<'_>]) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
         let mut outs = Vec::with_capacity(segments.len());
         for (offset, len, ctx, cache) in segments.iter_mut() {

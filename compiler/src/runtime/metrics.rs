@@ -38,7 +38,10 @@ pub struct RequestOutcome {
     pub id: usize,
     pub arrival_s: f64,
     pub prompt_tokens: usize,
+    /// Token ids (empty from the simulated executor).
     pub tokens: Vec<u32>,
+    /// Tokens generated.
+    pub produced: usize,
     pub first_token_s: Option<f64>,
     pub finish_s: Option<f64>,
     /// Why the request did not complete.
@@ -81,7 +84,7 @@ impl ServeReport {
             .fold(f64::INFINITY, f64::min);
         let last_finish = done.iter().filter_map(|o| o.finish_s).fold(0.0, f64::max);
         let makespan = (last_finish - first_arrival.min(last_finish)).max(0.0);
-        let generated: usize = done.iter().map(|o| o.tokens.len()).sum();
+        let generated: usize = done.iter().map(|o| o.produced).sum();
         let ttft: Vec<f64> = done
             .iter()
             .filter_map(|o| o.first_token_s.map(|t| t - o.arrival_s))
@@ -93,9 +96,7 @@ impl ServeReport {
         let tbt: Vec<f64> = done
             .iter()
             .filter_map(|o| match (o.first_token_s, o.finish_s) {
-                (Some(a), Some(b)) if o.tokens.len() > 1 => {
-                    Some((b - a) / (o.tokens.len() - 1) as f64)
-                }
+                (Some(a), Some(b)) if o.produced > 1 => Some((b - a) / (o.produced - 1) as f64),
                 _ => None,
             })
             .collect();

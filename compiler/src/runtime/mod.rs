@@ -4,11 +4,14 @@
 //! runs one scheduler iteration per call: admit arrivals → plan the batch → execute → emit
 //! tokens → record. Entity order never matters: everything that iterates sorts by request id.
 //!
-//! The executor here is the real one (candle): a step runs the planned sequences as one
+//! Two executors share these systems. The real one (candle) runs the planned sequences as one
 //! ragged batch ([`Program::forward_ragged`]), whose per-sequence results equal unbatched
-//! runs, and the clock advances by the measured time of the step. Decoding is greedy and
-//! runs each request to its `max_new_tokens`.
+//! runs, and advances the clock by the measured time of the step. The simulated one runs no
+//! model: it advances the clock by the [`cost::CostModel`] profiled on this machine and
+//! produces no token ids (traces record `token: null`). Decoding is greedy and runs each
+//! request to its `max_new_tokens`.
 
+pub mod cost;
 pub mod metrics;
 pub mod policy;
 pub mod trace;
@@ -30,7 +33,10 @@ pub struct Request(pub RequestSpec);
 /// What a request has produced so far.
 #[derive(Component, Clone, Debug, Default)]
 pub struct Progress {
+    /// Token ids (real executor only).
     pub tokens: Vec<u32>,
+    /// Tokens generated (both executors).
+    pub produced: usize,
     pub first_token_s: Option<f64>,
     pub finish_s: Option<f64>,
     pub done: bool,
@@ -38,6 +44,10 @@ pub struct Progress {
     /// full-depth programs).
     pub stage: usize,
 }
+
+/// Marks a request that has arrived and not finished.
+#[derive(Component, Clone, Copy, Debug)]
+pub struct Active;
 
 /// The request's KV cache.
 #[derive(Component)]
@@ -47,11 +57,20 @@ pub struct Kv(pub KvCache);
 #[derive(Component, Clone, Debug)]
 pub struct Failed(pub String);
 
-/// The lowered program and the batching policy.
+/// Which executor advances the clock.
+pub enum Executor {
+    /// Run the model with candle.
+    Real,
+    /// Advance the clock by a profiled cost model; run nothing.
+    Sim(cost::CostModel),
+}
+
+/// The lowered program, the batching policy and the executor.
 #[derive(Resource)]
 pub struct Engine {
     pub program: Arc<Program>,
     pub batching: Batching,
+    pub executor: Executor,
 }
 
 /// Simulated time, advanced by measured execution; the scheduler iteration count.
@@ -60,6 +79,8 @@ pub struct Clock {
     pub now_s: f64,
     pub step: u64,
     pub busy_s: f64,
+    /// Requests arrived and not finished.
+    pub active: usize,
 }
 
 /// Requests that have not arrived yet, latest first (so `pop` gives the next one).
@@ -72,7 +93,7 @@ pub struct Plan(pub Vec<Entity>);
 
 /// Tokens produced by this step, in plan order.
 #[derive(Resource, Default)]
-pub struct StepTokens(pub Vec<(Entity, u32)>);
+pub struct StepTokens(pub Vec<(Entity, Option<u32>)>);
 
 /// The streamed trace and per-step occupancy.
 #[derive(Resource, Default)]
@@ -87,10 +108,8 @@ fn admit(
     mut arrivals: ResMut<Arrivals>,
     mut clock: ResMut<Clock>,
     engine: Res<Engine>,
-    active: Query<&Progress>,
 ) {
-    let idle = active.iter().all(|p| p.done);
-    if idle {
+    if clock.active == 0 {
         if let Some(next) = arrivals.0.last() {
             clock.now_s = clock.now_s.max(next.arrival_s);
         }
@@ -119,21 +138,24 @@ fn admit(
             ));
             continue;
         }
-        let cache = engine.program.new_cache();
-        commands.spawn((Request(r), Progress::default(), Kv(cache)));
+        let cache = match engine.executor {
+            Executor::Real => engine.program.new_cache(),
+            Executor::Sim(_) => KvCache::default(),
+        };
+        clock.active += 1;
+        commands.spawn((Request(r), Progress::default(), Kv(cache), Active));
     }
 }
 
 fn plan(
     engine: Res<Engine>,
     mut out: ResMut<Plan>,
-    seqs: Query<(Entity, &Request, &Progress), Without<Failed>>,
+    seqs: Query<(Entity, &Request, &Progress), With<Active>>,
 ) {
     let mut live: Vec<(usize, Entity, Candidate)> = seqs
         .iter()
-        .filter(|(_, _, p)| !p.done)
         .map(|(e, r, p)| {
-            let running = !p.tokens.is_empty();
+            let running = p.produced > 0;
             let tokens = if running { 1 } else { r.0.prompt.len() };
             (
                 r.0.id,
@@ -148,7 +170,8 @@ fn plan(
         .collect();
     live.sort_by_key(|(id, _, _)| *id);
     let candidates: Vec<Candidate> = live.iter().map(|(_, _, c)| *c).collect();
-    let chosen = engine.batching.plan(&candidates);
+    let chosen: std::collections::HashSet<usize> =
+        engine.batching.plan(&candidates).into_iter().collect();
     out.0 = live
         .iter()
         .filter(|(id, _, _)| chosen.contains(id))
@@ -166,6 +189,29 @@ fn execute(
 ) {
     produced.0.clear();
     if plan.0.is_empty() {
+        return;
+    }
+    if let Executor::Sim(model) = &engine.executor {
+        let shapes: Vec<(usize, usize)> = plan
+            .0
+            .iter()
+            .filter_map(|&e| seqs.get(e).ok())
+            .map(|(req, p, _)| {
+                if p.produced == 0 {
+                    (req.0.prompt.len(), 0)
+                } else {
+                    (1, req.0.prompt.len() + p.produced - 1)
+                }
+            })
+            .collect();
+        let tokens = shapes.iter().map(|s| s.0).sum();
+        let step_s = model.predict(tokens, cost::attention_work(&shapes), shapes.len());
+        produced.0 = plan.0.iter().map(|&e| (e, None)).collect();
+        clock.now_s += step_s;
+        clock.busy_s += step_s;
+        clock.step += 1;
+        let now = clock.now_s;
+        recorder.occupancy.push((now, plan.0.len()));
         return;
     }
     // Caches leave their components for the step and go back after it.
@@ -205,7 +251,10 @@ fn execute(
     }
     match tokens {
         Ok(tokens) => {
-            produced.0 = entities.into_iter().zip(tokens).collect();
+            produced.0 = entities
+                .into_iter()
+                .zip(tokens.into_iter().map(Some))
+                .collect();
             clock.now_s += elapsed;
             clock.busy_s += elapsed;
             clock.step += 1;
@@ -217,8 +266,9 @@ fn execute(
 }
 
 fn emit(
+    mut commands: Commands,
     produced: Res<StepTokens>,
-    clock: Res<Clock>,
+    mut clock: ResMut<Clock>,
     engine: Res<Engine>,
     mut recorder: ResMut<Recorder>,
     mut seqs: Query<(&Request, &mut Progress)>,
@@ -230,17 +280,22 @@ fn emit(
         let Ok((req, mut p)) = seqs.get_mut(e) else {
             continue;
         };
-        p.tokens.push(token);
+        if let Some(t) = token {
+            p.tokens.push(t);
+        }
+        p.produced += 1;
         if p.first_token_s.is_none() {
             p.first_token_s = Some(clock.now_s);
         }
-        if p.tokens.len() >= req.0.max_new_tokens {
+        if p.produced >= req.0.max_new_tokens {
             p.done = true;
             p.finish_s = Some(clock.now_s);
+            clock.active -= 1;
+            commands.entity(e).remove::<Active>();
         }
         let record = TraceRecord {
             seq: req.0.id,
-            pos: req.0.prompt.len() + p.tokens.len() - 1,
+            pos: req.0.prompt.len() + p.produced - 1,
             token,
             step: clock.step,
             t_s: clock.now_s,
@@ -270,12 +325,17 @@ impl Runtime {
     pub fn new(
         program: Arc<Program>,
         batching: Batching,
+        executor: Executor,
         mut requests: Vec<RequestSpec>,
         trace: Option<TraceWriter>,
     ) -> Self {
         let mut world = World::new();
         requests.sort_by(|a, b| b.arrival_s.total_cmp(&a.arrival_s).then(b.id.cmp(&a.id)));
-        world.insert_resource(Engine { program, batching });
+        world.insert_resource(Engine {
+            program,
+            batching,
+            executor,
+        });
         world.insert_resource(Clock::default());
         world.insert_resource(Arrivals(requests));
         world.insert_resource(Plan::default());
@@ -297,8 +357,7 @@ impl Runtime {
                 anyhow::bail!("step {}: {e}", self.world.resource::<Clock>().step);
             }
             let pending = !self.world.resource::<Arrivals>().0.is_empty();
-            let mut q = self.world.query::<&Progress>();
-            let active = q.iter(&self.world).any(|p| !p.done);
+            let active = self.world.resource::<Clock>().active > 0;
             if !pending && !active {
                 break;
             }
@@ -311,6 +370,7 @@ impl Runtime {
                 arrival_s: r.0.arrival_s,
                 prompt_tokens: r.0.prompt.len(),
                 tokens: p.tokens.clone(),
+                produced: p.produced,
                 first_token_s: p.first_token_s,
                 finish_s: p.finish_s,
                 failed: f.map(|f| f.0.clone()),
@@ -325,8 +385,12 @@ impl Runtime {
             w.finish()?;
         }
         let mut report = ServeReport::from_outcomes(&outcomes, steps, busy, occupancy);
-        report.executor = "real".into();
-        report.policy = format!("{:?}", self.world.resource::<Engine>().batching);
+        let engine = self.world.resource::<Engine>();
+        report.executor = match engine.executor {
+            Executor::Real => "real".into(),
+            Executor::Sim(_) => "simulated".into(),
+        };
+        report.policy = format!("{:?}", engine.batching);
         Ok((report, outcomes))
     }
 }

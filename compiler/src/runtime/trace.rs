@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct TraceRecord {
     pub seq: usize,
     pub pos: usize,
-    pub token: u32,
+    /// The token id; `null` from the simulated executor, which runs no model.
+    pub token: Option<u32>,
     pub step: u64,
     pub t_s: f64,
     pub batch: usize,

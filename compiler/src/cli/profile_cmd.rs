@@ -1,0 +1,61 @@
+use exitgraph::pipeline::{compile, Pipeline};
+use exitgraph::runtime::cost::profile;
+use indicatif::ProgressBar;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Pipeline file (RON) whose program to measure.
+    pipeline: PathBuf,
+    /// Where to write the cost model (RON).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Timed repetitions per step shape (the median is kept).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Largest prefill measured, in tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Largest decode batch measured, in sequences.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let pipeline = Pipeline::read(&a.pipeline)?;
+    let compiled = compile(&pipeline, &a.pipeline)?;
+    let program = compiled.lower()?;
+    let bar = ProgressBar::new(0);
+    let model = profile(
+        &program,
+        a.reps,
+        a.max_tokens,
+        a.max_batch,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    model.write(&a.output)?;
+    let [c0, c1, c2, c3] = model.coefficients;
+    outln!(
+        "step time = {:.3} ms + {:.4} ms/token + {:.6} ms/(token x context) + {:.4} ms/sequence",
+        c0 * 1e3,
+        c1 * 1e3,
+        c2 * 1e3,
+        c3 * 1e3
+    );
+    let worst = model
+        .samples
+        .iter()
+        .map(|s| (model.predict(s.tokens, s.attention, s.sequences) / s.seconds - 1.0).abs())
+        .fold(0.0, f64::max);
+    outln!(
+        "{} step shapes measured; largest relative error of the fit {:.1}%",
+        model.samples.len(),
+        100.0 * worst
+    );
+    outln!("wrote {}", a.output.display());
+    Ok(())
+}
