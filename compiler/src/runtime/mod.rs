@@ -49,6 +49,14 @@ pub struct Progress {
 #[derive(Component, Clone, Copy, Debug)]
 pub struct Active;
 
+/// Marks an active request that has started (its prompt ran).
+#[derive(Component, Clone, Copy, Debug)]
+pub struct Running;
+
+/// Arrived requests waiting to start, in arrival order: (id, entity, prompt tokens).
+#[derive(Resource, Default)]
+pub struct WaitQueue(pub std::collections::VecDeque<(usize, Entity, usize)>);
+
 /// The request's KV cache.
 #[derive(Component)]
 pub struct Kv(pub KvCache);
@@ -106,6 +114,7 @@ pub struct Recorder {
 fn admit(
     mut commands: Commands,
     mut arrivals: ResMut<Arrivals>,
+    mut queue: ResMut<WaitQueue>,
     mut clock: ResMut<Clock>,
     engine: Res<Engine>,
 ) {
@@ -143,40 +152,64 @@ fn admit(
             Executor::Sim(_) => KvCache::default(),
         };
         clock.active += 1;
-        commands.spawn((Request(r), Progress::default(), Kv(cache), Active));
+        let (id, tokens) = (r.id, r.prompt.len());
+        let e = commands
+            .spawn((Request(r), Progress::default(), Kv(cache), Active))
+            .id();
+        queue.0.push_back((id, e, tokens));
     }
 }
 
 fn plan(
+    mut commands: Commands,
     engine: Res<Engine>,
     mut out: ResMut<Plan>,
-    seqs: Query<(Entity, &Request, &Progress), With<Active>>,
+    mut queue: ResMut<WaitQueue>,
+    running: Query<(Entity, &Request), With<Running>>,
 ) {
-    let mut live: Vec<(usize, Entity, Candidate)> = seqs
+    let mut live: Vec<(usize, Entity, Candidate)> = running
         .iter()
-        .map(|(e, r, p)| {
-            let running = p.produced > 0;
-            let tokens = if running { 1 } else { r.0.prompt.len() };
-            (
-                r.0.id,
-                e,
-                Candidate {
-                    id: r.0.id,
-                    tokens,
-                    running,
-                },
-            )
+        .map(|(e, r)| {
+            let c = Candidate {
+                id: r.0.id,
+                tokens: 1,
+                running: true,
+            };
+            (r.0.id, e, c)
         })
         .collect();
     live.sort_by_key(|(id, _, _)| *id);
+    // Policies admit waiting requests in arrival order, never more than a batch: only the
+    // head of the queue can be chosen.
+    let window = engine.batching.max_batch();
+    live.extend(queue.0.iter().take(window).map(|&(id, e, tokens)| {
+        let c = Candidate {
+            id,
+            tokens,
+            running: false,
+        };
+        (id, e, c)
+    }));
     let candidates: Vec<Candidate> = live.iter().map(|(_, _, c)| *c).collect();
     let chosen: std::collections::HashSet<usize> =
         engine.batching.plan(&candidates).into_iter().collect();
-    out.0 = live
-        .iter()
-        .filter(|(id, _, _)| chosen.contains(id))
-        .map(|(_, e, _)| *e)
-        .collect();
+    out.0.clear();
+    for (id, e, c) in &live {
+        if chosen.contains(id) {
+            out.0.push(*e);
+            if !c.running {
+                commands.entity(*e).insert(Running);
+            }
+        }
+    }
+    // The chosen waiting requests are a prefix of the queue (policies admit in order).
+    while queue
+        .0
+        .front()
+        .is_some_and(|(id, _, _)| chosen.contains(id))
+    {
+        queue.0.pop_front();
+    }
 }
 
 fn execute(
@@ -291,7 +324,7 @@ fn emit(
             p.done = true;
             p.finish_s = Some(clock.now_s);
             clock.active -= 1;
-            commands.entity(e).remove::<Active>();
+            commands.entity(e).remove::<(Active, Running)>();
         }
         let record = TraceRecord {
             seq: req.0.id,
@@ -339,6 +372,7 @@ impl Runtime {
         world.insert_resource(Clock::default());
         world.insert_resource(Arrivals(requests));
         world.insert_resource(Plan::default());
+        world.insert_resource(WaitQueue::default());
         world.insert_resource(StepTokens::default());
         world.insert_resource(Recorder {
             trace,

@@ -27,6 +27,15 @@ pub struct Candidate {
 }
 
 impl Batching {
+    /// Most sequences in one step.
+    pub fn max_batch(&self) -> usize {
+        match *self {
+            Batching::Static { max_batch } | Batching::Continuous { max_batch, .. } => {
+                max_batch.max(1)
+            }
+        }
+    }
+
     /// The ids to run this step, from candidates sorted by id (arrival order). `batch_open`
     /// says whether a static batch is still in flight.
     pub fn plan(&self, candidates: &[Candidate]) -> Vec<usize> {
