@@ -160,6 +160,18 @@ pub fn profile(
             .concat(),
         );
     }
+    // Steps of a loaded server: several decodes at assorted contexts beside a prefill.
+    let mut n = 2;
+    while n <= max_batch {
+        for (ctx, prefill) in [(16usize, 8usize), (48, 24), (96, 40)] {
+            if ctx + n + prefill + 2 >= max_ctx {
+                continue;
+            }
+            let decodes: Vec<(usize, usize)> = (0..n - 1).map(|i| (1, ctx + (i * 7) % ctx.max(1))).collect();
+            shapes.push([decodes, vec![(prefill, 0)]].concat());
+        }
+        n *= 2;
+    }
     let vocab = program.graph().info.vocab as u32;
     let mut samples = Vec::with_capacity(shapes.len());
     for (i, shape) in shapes.iter().enumerate() {
