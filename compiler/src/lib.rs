@@ -9,6 +9,7 @@ pub mod generate;
 pub mod inspect;
 pub mod lower;
 pub mod pipeline;
+pub mod ron_file;
 pub mod runtime;
 pub mod synth;
 pub mod tensor_io;

@@ -313,6 +313,28 @@ impl Program {
         self.dtype
     }
 
+    /// The input values of step `i`. Steps run in topological order and a value is freed
+    /// only after its last reader, so every input is present; the check guards that.
+    fn step_args<'v>(
+        &self,
+        i: usize,
+        values: &'v [Option<Tensor>],
+    ) -> Result<Vec<&'v Tensor>, RunError> {
+        let step = &self.steps[i];
+        step.inputs
+            .iter()
+            .map(|&j| {
+                values[j].as_ref().ok_or_else(|| RunError::Step {
+                    step: step.name.clone(),
+                    cause: candle_core::Error::Msg(format!(
+                        "input {} was not computed",
+                        self.steps[j].name
+                    )),
+                })
+            })
+            .collect()
+    }
+
     /// Names of the outputs the program can produce.
     pub fn output_names(&self) -> Vec<String> {
         self.outputs.keys().cloned().collect()
@@ -423,21 +445,7 @@ impl Program {
                 step: step.name.clone(),
                 cause,
             };
-            // Steps run in topological order and a value is freed only after its last
-            // reader, so every input is present; the check guards that invariant.
-            let args: Vec<&Tensor> = step
-                .inputs
-                .iter()
-                .map(|&j| {
-                    values[j].as_ref().ok_or_else(|| RunError::Step {
-                        step: step.name.clone(),
-                        cause: candle_core::Error::Msg(format!(
-                            "input {} was not computed",
-                            self.steps[j].name
-                        )),
-                    })
-                })
-                .collect::<Result<_, _>>()?;
+            let args = self.step_args(i, &values)?;
             let arg = |k: usize| args[k];
             let out = match &step.kernel {
                 Kernel::Input => Ok(inputs.input_ids.clone()),

@@ -68,19 +68,7 @@ impl Program {
                 step: step.name.clone(),
                 cause,
             };
-            let args: Vec<&Tensor> = step
-                .inputs
-                .iter()
-                .map(|&j| {
-                    values[j].as_ref().ok_or_else(|| RunError::Step {
-                        step: step.name.clone(),
-                        cause: candle_core::Error::Msg(format!(
-                            "input {} was not computed",
-                            self.steps[j].name
-                        )),
-                    })
-                })
-                .collect::<Result<_, _>>()?;
+            let args = self.step_args(i, &values)?;
             let out = match &step.kernel {
                 Kernel::Input => Ok(input.clone()),
                 Kernel::Embedding(e) => e.forward_positions(args[0], &positions),

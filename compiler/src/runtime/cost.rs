@@ -90,17 +90,7 @@ impl CostModel {
     }
 
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        let m: CostModel = ron::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}:{}:{}: {}",
-                path.display(),
-                e.span.start.line,
-                e.span.start.col,
-                e.code
-            )
-        })?;
+        let m: CostModel = crate::ron_file::read(path)?;
         if m.version != 1 {
             bail!(
                 "{}: cost model version {} is not supported",
@@ -167,7 +157,9 @@ pub fn profile(
             if ctx + n + prefill + 2 >= max_ctx {
                 continue;
             }
-            let decodes: Vec<(usize, usize)> = (0..n - 1).map(|i| (1, ctx + (i * 7) % ctx.max(1))).collect();
+            let decodes: Vec<(usize, usize)> = (0..n - 1)
+                .map(|i| (1, ctx + (i * 7) % ctx.max(1)))
+                .collect();
             shapes.push([decodes, vec![(prefill, 0)]].concat());
         }
         n *= 2;

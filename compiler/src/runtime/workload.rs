@@ -79,17 +79,7 @@ pub struct RequestSpec {
 
 impl Workload {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        ron::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}:{}:{}: {}",
-                path.display(),
-                e.span.start.line,
-                e.span.start.col,
-                e.code
-            )
-        })
+        crate::ron_file::read(path)
     }
 
     /// The requests, with prompts of random ids below `vocab`; `base` resolves trace files.
