@@ -11,7 +11,7 @@ use exitgraph::lower::{Program, Segment};
 use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::trace::{read_trace, TraceWriter};
 use exitgraph::runtime::workload::{Arrivals, Length, Workload};
-use exitgraph::runtime::{Executor, Runtime};
+use exitgraph::runtime::{Decoding, Executor, Runtime};
 use exitgraph::synth::{write_random_llama, LlamaSpec};
 use proptest::prelude::*;
 use std::path::Path;
@@ -92,7 +92,8 @@ proptest! {
             seed,
         };
         let requests = workload.requests(97, Path::new(".")).unwrap();
-        let (report, outcomes) = Runtime::new(p.clone(), policy, Executor::Real, requests.clone(), None).run().unwrap();
+        let (report, outcomes) = Runtime::new(p.clone(), policy, Executor::Real,
+        Decoding::greedy(), requests.clone(), None).run().unwrap();
         prop_assert_eq!(outcomes.len(), n, "no request is lost");
         prop_assert_eq!(report.completed, n);
         for (r, o) in requests.iter().zip(&outcomes) {
@@ -124,6 +125,7 @@ fn too_long_requests_fail_with_a_reason_and_the_rest_complete() {
             token_budget: 64,
         },
         Executor::Real,
+        Decoding::greedy(),
         requests,
         None,
     )
@@ -162,6 +164,7 @@ fn same_seed_same_trace() {
                 token_budget: 16,
             },
             Executor::Real,
+            Decoding::greedy(),
             requests,
             Some(writer),
         )
@@ -215,6 +218,7 @@ fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
             p.clone(),
             policy.clone(),
             executor,
+            Decoding::greedy(),
             requests,
             Some(TraceWriter::create(&path).unwrap()),
         )
@@ -237,4 +241,29 @@ fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
     assert!(sim_trace.iter().all(|r| r.token.is_none()));
     assert!(real_trace.iter().all(|r| r.token.is_some()));
     assert_eq!(sim_trace, sim_again, "the simulated clock is deterministic");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// The CLI generates through the runtime: greedy or seeded sampling, with EOS stops and
+    /// padding, it equals `generate`.
+    #[test]
+    fn generation_through_the_runtime_equals_generate(seed in any::<u64>(), rows in 1usize..4, len in 1usize..8, sample in any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = LlamaSpec::tiny();
+        spec.eos_token_id = Some((seed % 97) as u32);
+        write_random_llama(dir.path(), &spec, seed).unwrap();
+        let g = exitgraph_ir::import(dir.path()).unwrap().graph;
+        let p = Arc::new(Program::lower(&g, dir.path(), &Device::Cpu, DType::F32).unwrap());
+        let prompts: Vec<Vec<u32>> = (0..rows).map(|r| (0..len).map(|j| ((seed as usize >> 3) + r * 13 + j * 5) as u32 % 97).collect()).collect();
+        let mut opts = GenerateOptions::greedy(8);
+        opts.seed = seed;
+        if sample {
+            opts.sampling = exitgraph::generate::Sampling::Temperature { temperature: 1.3, top_p: Some(0.9) };
+        }
+        let a = generate(&p, &prompts, &opts).unwrap();
+        let b = exitgraph::runtime::generate_through_runtime(p.clone(), &prompts, &opts).unwrap();
+        prop_assert_eq!(a, b);
+    }
 }

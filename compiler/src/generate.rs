@@ -57,7 +57,8 @@ pub enum GenerateError {
 }
 
 impl Sampling {
-    fn to_candle(&self) -> Result<CandleSampling, GenerateError> {
+    /// candle-transformers' form, checking the parameters.
+    pub fn to_candle(&self) -> Result<CandleSampling, GenerateError> {
         match self {
             Sampling::Greedy => Ok(CandleSampling::ArgMax),
             Sampling::Temperature { temperature, top_p } => {

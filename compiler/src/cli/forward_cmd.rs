@@ -1,11 +1,13 @@
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use exitgraph::device::{DeviceSpec, DtypeSpec};
-use exitgraph::generate::{generate, GenerateOptions};
+use exitgraph::generate::GenerateOptions;
 use exitgraph::lower::{Inputs, Program};
+use exitgraph::runtime::generate_through_runtime;
 use exitgraph::tensor_io::{read_forward_inputs, write_atomic};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum DtypeArg {
@@ -91,7 +93,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
         let prompts = inputs.input_ids.to_vec2::<u32>()?;
-        let out = generate(&program, &prompts, &GenerateOptions::greedy(n))?;
+        let out =
+            generate_through_runtime(Arc::new(program), &prompts, &GenerateOptions::greedy(n))?;
         let rows = out.len();
         let cols = out.first().map_or(0, Vec::len);
         let flat: Vec<i64> = out.into_iter().flatten().map(i64::from).collect();

@@ -1,11 +1,13 @@
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
-use exitgraph::generate::{generate, Sampling};
+use exitgraph::generate::Sampling;
 use exitgraph::lower::{Inputs, Program};
 use exitgraph::pipeline::{compile, Compiled, Pipeline};
+use exitgraph::runtime::generate_through_runtime;
 use exitgraph::tensor_io::write_atomic;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 #[derive(clap::Args)]
@@ -115,7 +117,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             top_p: a.top_p,
         };
     }
-    let out = generate(&program, std::slice::from_ref(&prompt), &opts)?;
+    let out = generate_through_runtime(Arc::new(program), std::slice::from_ref(&prompt), &opts)?;
     let new: Vec<u32> = out
         .first()
         .map(|r| r[prompt.len()..].to_vec())

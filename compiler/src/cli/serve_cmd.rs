@@ -3,7 +3,7 @@ use exitgraph::runtime::cost::CostModel;
 use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::runtime::workload::Workload;
-use exitgraph::runtime::{Executor, Runtime};
+use exitgraph::runtime::{Decoding, Executor, Runtime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,7 +72,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Executor::Sim(CostModel::read(path)?)
         }
     };
-    let (report, _) = Runtime::new(program, batching, executor, requests, trace).run()?;
+    let (report, _) = Runtime::new(
+        program,
+        batching,
+        executor,
+        Decoding::greedy(),
+        requests,
+        trace,
+    )
+    .run()?;
     out!("{}", report.to_table());
     if let Some(t) = &a.trace {
         outln!("trace: {}", t.display());

@@ -73,13 +73,52 @@ pub enum Executor {
     Sim(cost::CostModel),
 }
 
-/// The lowered program, the batching policy and the executor.
+/// How tokens are chosen: greedy or seeded sampling (request `i` samples with seed
+/// `seed + i`, as [`crate::generate::generate`] does for row `i`), and which ids end a
+/// request early.
+#[derive(Clone)]
+pub struct Decoding {
+    sampling: candle_transformers::generation::Sampling,
+    seed: u64,
+    stop_ids: Vec<u32>,
+}
+
+impl Decoding {
+    /// Greedy to `max_new_tokens`, no early stop.
+    pub fn greedy() -> Self {
+        Decoding {
+            sampling: candle_transformers::generation::Sampling::ArgMax,
+            seed: 0,
+            stop_ids: Vec::new(),
+        }
+    }
+
+    /// `sampling` with `seed`; a request ends early at any of `stop_ids`.
+    pub fn new(
+        sampling: &crate::generate::Sampling,
+        seed: u64,
+        stop_ids: Vec<u32>,
+    ) -> Result<Self, crate::generate::GenerateError> {
+        Ok(Decoding {
+            sampling: sampling.to_candle()?,
+            seed,
+            stop_ids,
+        })
+    }
+}
+
+/// The lowered program, the batching policy, the executor and the decoding rule.
 #[derive(Resource)]
 pub struct Engine {
     pub program: Arc<Program>,
     pub batching: Batching,
     pub executor: Executor,
+    pub decoding: Decoding,
 }
+
+/// A request's token sampler.
+#[derive(Component)]
+pub struct Sampler(pub candle_transformers::generation::LogitsProcessor);
 
 /// Simulated time, advanced by measured execution; the scheduler iteration count.
 #[derive(Resource, Default)]
@@ -153,8 +192,14 @@ fn admit(
         };
         clock.active += 1;
         let (id, tokens) = (r.id, r.prompt.len());
+        let sampler = Sampler(
+            candle_transformers::generation::LogitsProcessor::from_sampling(
+                engine.decoding.seed.wrapping_add(id as u64),
+                engine.decoding.sampling.clone(),
+            ),
+        );
         let e = commands
-            .spawn((Request(r), Progress::default(), Kv(cache), Active))
+            .spawn((Request(r), Progress::default(), Kv(cache), Active, sampler))
             .id();
         queue.0.push_back((id, e, tokens));
     }
@@ -219,6 +264,7 @@ fn execute(
     mut produced: ResMut<StepTokens>,
     mut recorder: ResMut<Recorder>,
     mut seqs: Query<(&Request, &Progress, &mut Kv)>,
+    mut samplers: Query<&mut Sampler>,
 ) {
     produced.0.clear();
     if plan.0.is_empty() {
@@ -269,10 +315,16 @@ fn execute(
     let tokens = result.and_then(|logits| {
         logits
             .iter()
-            .map(|l| {
-                l.argmax(0)
-                    .and_then(|t| t.to_scalar::<u32>())
-                    .map_err(|e| crate::lower::RunError::Input(e.to_string()))
+            .zip(&taken)
+            .map(|(l, (e, _, _))| {
+                let l = l
+                    .to_dtype(candle_core::DType::F32)
+                    .map_err(|e| crate::lower::RunError::Input(e.to_string()))?;
+                match samplers.get_mut(*e) {
+                    Ok(mut s) => s.0.sample(&l),
+                    Err(_) => l.argmax(0).and_then(|t| t.to_scalar::<u32>()),
+                }
+                .map_err(|e| crate::lower::RunError::Input(e.to_string()))
             })
             .collect::<Result<Vec<u32>, _>>()
     });
@@ -320,7 +372,8 @@ fn emit(
         if p.first_token_s.is_none() {
             p.first_token_s = Some(clock.now_s);
         }
-        if p.produced >= req.0.max_new_tokens {
+        let stopped = token.is_some_and(|t| engine.decoding.stop_ids.contains(&t));
+        if p.produced >= req.0.max_new_tokens || stopped {
             p.done = true;
             p.finish_s = Some(clock.now_s);
             clock.active -= 1;
@@ -359,6 +412,7 @@ impl Runtime {
         program: Arc<Program>,
         batching: Batching,
         executor: Executor,
+        decoding: Decoding,
         mut requests: Vec<RequestSpec>,
         trace: Option<TraceWriter>,
     ) -> Self {
@@ -368,6 +422,7 @@ impl Runtime {
             program,
             batching,
             executor,
+            decoding,
         });
         world.insert_resource(Clock::default());
         world.insert_resource(Arrivals(requests));
@@ -427,4 +482,61 @@ impl Runtime {
         report.policy = format!("{:?}", engine.batching);
         Ok((report, outcomes))
     }
+}
+
+/// Continues `prompts` through the runtime, all arriving at once in one static batch, and
+/// returns prompt + new tokens per prompt, in order. A request that ends at an EOS id is
+/// padded (with `pad_token_id`, else the first EOS id) to the longest, as transformers'
+/// batched `generate` does, so the result equals [`crate::generate::generate`]'s.
+pub fn generate_through_runtime(
+    program: Arc<Program>,
+    prompts: &[Vec<u32>],
+    opts: &crate::generate::GenerateOptions,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let info = program.graph().info.clone();
+    if !info.family.is_decoder() {
+        anyhow::bail!(
+            "{} is an encoder; it does not generate tokens",
+            info.model_type
+        );
+    }
+    let stop_ids = if opts.stop_at_eos {
+        info.eos_token_ids.clone()
+    } else {
+        Vec::new()
+    };
+    let pad = info.pad_token_id.or(stop_ids.first().copied()).unwrap_or(0);
+    let decoding = Decoding::new(&opts.sampling, opts.seed, stop_ids)?;
+    let requests: Vec<RequestSpec> = prompts
+        .iter()
+        .enumerate()
+        .map(|(id, p)| RequestSpec {
+            id,
+            arrival_s: 0.0,
+            prompt: p.clone(),
+            max_new_tokens: opts.max_new_tokens,
+        })
+        .collect();
+    if opts.max_new_tokens == 0 {
+        return Ok(prompts.to_vec());
+    }
+    let batching = Batching::Static {
+        max_batch: prompts.len().max(1),
+    };
+    let (_, outcomes) =
+        Runtime::new(program, batching, Executor::Real, decoding, requests, None).run()?;
+    if let Some(f) = outcomes.iter().find_map(|o| o.failed.as_ref()) {
+        anyhow::bail!("{f}");
+    }
+    let longest = outcomes.iter().map(|o| o.tokens.len()).max().unwrap_or(0);
+    Ok(prompts
+        .iter()
+        .zip(&outcomes)
+        .map(|(p, o)| {
+            let mut row = p.clone();
+            row.extend(&o.tokens);
+            row.resize(p.len() + longest, pad);
+            row
+        })
+        .collect())
 }
