@@ -276,3 +276,44 @@ fn the_demo_model_is_the_default() {
     ]));
     assert!(out.starts_with("copy: K7F2Q |"), "{out}");
 }
+
+#[test]
+fn serve_runs_a_workload_with_both_executors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cost = dir.path().join("cost.ron");
+    let trace = dir.path().join("trace.jsonl");
+    let json = dir.path().join("metrics.json");
+    let out = stdout(&exitgraph(&[
+        "profile",
+        "examples/llama.ron",
+        "-o",
+        cost.to_str().unwrap(),
+        "--reps",
+        "1",
+        "--max-tokens",
+        "16",
+        "--max-batch",
+        "4",
+    ]));
+    assert!(out.contains("step time ="), "{out}");
+    for executor in ["real", "sim"] {
+        let out = stdout(&exitgraph(&[
+            "serve",
+            "examples/llama.ron",
+            "--workload",
+            "examples/workloads/burst.ron",
+            "--executor",
+            executor,
+            "--cost",
+            cost.to_str().unwrap(),
+            "--trace",
+            trace.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]));
+        assert!(out.contains("32 completed, 0 failed"), "{out}");
+        let records = exitgraph::runtime::trace::read_trace(&trace).unwrap().count();
+        let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(records as u64, metrics["generated_tokens"].as_u64().unwrap());
+    }
+}

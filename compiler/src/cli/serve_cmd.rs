@@ -72,15 +72,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Executor::Sim(CostModel::read(path)?)
         }
     };
-    let (report, _) = Runtime::new(
-        program,
-        batching,
-        executor,
-        Decoding::greedy(),
-        requests,
-        trace,
-    )
-    .run()?;
+    // The pipeline's sampling and seed; the workload's lengths are honoured (no EOS stop).
+    let decoding = Decoding::new(
+        &pipeline.runtime.sampling,
+        pipeline.runtime.seed,
+        Vec::new(),
+    )?;
+    let (report, _) = Runtime::new(program, batching, executor, decoding, requests, trace).run()?;
     out!("{}", report.to_table());
     if let Some(t) = &a.trace {
         outln!("trace: {}", t.display());
