@@ -312,8 +312,14 @@ fn serve_runs_a_workload_with_both_executors() {
             json.to_str().unwrap(),
         ]));
         assert!(out.contains("32 completed, 0 failed"), "{out}");
-        let records = exitgraph::runtime::trace::read_trace(&trace).unwrap().count();
-        let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        assert_eq!(records as u64, metrics["generated_tokens"].as_u64().unwrap());
+        let records = exitgraph::runtime::trace::read_trace(&trace)
+            .unwrap()
+            .count();
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(
+            records as u64,
+            metrics["generated_tokens"].as_u64().unwrap()
+        );
     }
 }

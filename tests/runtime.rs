@@ -39,6 +39,10 @@ fn policies() -> impl Strategy<Value = Batching> {
             max_batch: m,
             token_budget: b
         }),
+        (1usize..5, 1usize..5).prop_map(|(m, st)| Batching::DepthWise {
+            max_batch: m,
+            stages: st
+        }),
     ]
 }
 

@@ -33,12 +33,15 @@ pub struct Args {
     /// Write the metrics as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Override the policy: static or continuous.
+    /// Override the policy: static, continuous or depthwise.
     #[arg(long)]
     policy: Option<String>,
     /// With --policy: most sequences per step.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
+    /// With --policy depthwise: stages the layers are cut into.
+    #[arg(long, default_value_t = 2)]
+    stages: usize,
     /// With --policy continuous: most new tokens per step.
     #[arg(long, default_value_t = 512)]
     token_budget: usize,
@@ -60,7 +63,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_batch: a.max_batch,
             token_budget: a.token_budget,
         },
-        Some(other) => anyhow::bail!("--policy {other}: expected static or continuous"),
+        Some("depthwise") => Batching::DepthWise {
+            max_batch: a.max_batch,
+            stages: a.stages,
+        },
+        Some(other) => anyhow::bail!("--policy {other}: expected static, continuous or depthwise"),
     };
     let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
     let executor = match a.executor {

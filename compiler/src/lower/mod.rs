@@ -10,7 +10,7 @@ mod ragged;
 mod rope;
 mod weights;
 
-pub use ragged::Segment;
+pub use ragged::{Segment, StageOutput};
 pub use rope::inv_freq;
 pub use weights::{WeightLoadError, WeightSource, WeightStore};
 

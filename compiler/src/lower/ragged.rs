@@ -2,11 +2,17 @@
 //! own KV cache, in one call. Token-wise ops (embedding, norms, projections, MLP, LM head)
 //! run on every token at once; attention runs per sequence, so each sequence's result is
 //! exactly its unbatched one. This is what the runtime's batching policies execute.
+//!
+//! A call can also run only a range of layers (a *stage*): the first stage starts from token
+//! ids, a later one from the hidden states the previous stage returned, and only the last
+//! stage produces logits and advances the caches' lengths. Running the stages in order gives
+//! exactly the full call.
 
 use super::attention::AttnCtx;
 use super::{Kernel, KvCache, Program, RunError};
 use candle_core::{Module, Tensor};
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 /// One sequence's part of a ragged batch: its new tokens and its cache.
 pub struct Segment<'a> {
@@ -14,15 +20,51 @@ pub struct Segment<'a> {
     pub cache: &'a mut KvCache,
 }
 
+/// What a stage returns per sequence.
+#[derive(Clone, Debug)]
+pub enum StageOutput {
+    /// Hidden states `[new tokens, hidden]` after the stage's last layer.
+    Hidden(Vec<Tensor>),
+    /// Logits `[vocab]` at each sequence's last new token (the last stage).
+    Logits(Vec<Tensor>),
+}
+
 impl Program {
     /// Runs each segment's new tokens after its cached ones; returns each segment's logits at
     /// its last new token (`[vocab]`, in the program's dtype).
     pub fn forward_ragged(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Tensor>, RunError> {
+        let layers = self.graph.info.num_layers;
+        match self.forward_stage(segments, 0..layers, None)? {
+            StageOutput::Logits(l) => Ok(l),
+            StageOutput::Hidden(_) => {
+                Err(RunError::Input("the full range produced no logits".into()))
+            }
+        }
+    }
+
+    /// Runs layers `layers` for the segments. A range starting after layer 0 takes the
+    /// previous stage's hidden states in `carried` (one `[new tokens, hidden]` per segment).
+    pub fn forward_stage(
+        &self,
+        segments: &mut [Segment<'_>],
+        layers: Range<usize>,
+        carried: Option<&[Tensor]>,
+    ) -> Result<StageOutput, RunError> {
         if segments.is_empty() {
-            return Ok(Vec::new());
+            return Ok(if layers.end >= self.graph.info.num_layers {
+                StageOutput::Logits(Vec::new())
+            } else {
+                StageOutput::Hidden(Vec::new())
+            });
         }
         if !self.graph.info.family.is_decoder() {
             return Err(RunError::Input("ragged batches are for decoders".into()));
+        }
+        let total_layers = self.graph.info.num_layers;
+        if layers.start >= layers.end || layers.end > total_layers {
+            return Err(RunError::Input(format!(
+                "layer range {layers:?} is not within 0..{total_layers}"
+            )));
         }
         let vocab = self.graph.info.vocab;
         let mut flat = Vec::new();
@@ -44,15 +86,46 @@ impl Program {
         let total = flat.len();
         let input = Tensor::from_vec(flat, (1, total), &self.device)
             .map_err(|e| RunError::Input(e.to_string()))?;
-        let Some(&target) = self.outputs.get("logits") else {
-            return Err(RunError::UnknownOutput(
-                "logits".into(),
-                self.output_names().join(", "),
-            ));
+        let output = |name: &str| {
+            self.outputs
+                .get(name)
+                .copied()
+                .ok_or_else(|| RunError::UnknownOutput(name.into(), self.output_names().join(", ")))
+        };
+        let last = layers.end == total_layers;
+        let target = if last {
+            output("logits")?
+        } else {
+            output(&format!("hidden_states.{}", layers.end))?
+        };
+        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
+        // A later stage starts from the residual stream after `layers.start` layers.
+        let entry = if layers.start > 0 {
+            let entry = output(&format!("hidden_states.{}", layers.start))?;
+            let carried = carried.ok_or_else(|| {
+                RunError::Input(format!(
+                    "layers {layers:?} need the previous stage's hidden states"
+                ))
+            })?;
+            if carried.len() != segments.len() {
+                return Err(RunError::Input(
+                    "one carried hidden state per segment is needed".into(),
+                ));
+            }
+            let joined = Tensor::cat(carried, 0)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(|e| RunError::Input(format!("carried hidden states: {e}")))?;
+            values[entry] = Some(joined);
+            Some(entry)
+        } else {
+            None
         };
         let mut needed = BTreeSet::new();
         let mut stack = vec![target];
         while let Some(i) = stack.pop() {
+            if Some(i) == entry {
+                continue;
+            }
             if needed.insert(i) {
                 stack.extend(self.steps[i].inputs.iter().copied());
             }
@@ -61,7 +134,6 @@ impl Program {
             .iter()
             .map(|(off, len, _)| (off + len - 1) as u32)
             .collect();
-        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
         for &i in &needed {
             let step = &self.steps[i];
             let wrap = |cause| RunError::Step {
@@ -98,15 +170,33 @@ impl Program {
             .map_err(wrap)?;
             values[i] = Some(out);
         }
-        for (seg, &(_, len, start)) in segments.iter_mut().zip(&spans) {
-            seg.cache.len = start + len;
-        }
-        let logits = values[target]
+        let result = values[target]
             .take()
-            .ok_or_else(|| RunError::Input("no logits".into()))?;
-        (0..segments.len())
-            .map(|i| logits.get(0).and_then(|l| l.get(i)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| RunError::Input(e.to_string()))
+            .ok_or_else(|| RunError::Input("the stage produced nothing".into()))?;
+        if last {
+            for (seg, &(_, len, start)) in segments.iter_mut().zip(&spans) {
+                seg.cache.len = start + len;
+            }
+            (0..segments.len())
+                .map(|i| {
+                    result
+                        .get(0)
+                        .and_then(|l| l.get(i))
+                        .map_err(|e| RunError::Input(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(StageOutput::Logits)
+        } else {
+            spans
+                .iter()
+                .map(|&(off, len, _)| {
+                    result
+                        .get(0)
+                        .and_then(|t| t.narrow(0, off, len))
+                        .map_err(|e| RunError::Input(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(StageOutput::Hidden)
+        }
     }
 }

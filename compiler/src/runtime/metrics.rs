@@ -66,6 +66,8 @@ pub struct ServeReport {
     pub mean_batch: f64,
     /// Share of the makespan the executor was busy.
     pub busy_share: f64,
+    /// Share of the executor's busy time spent in each stage.
+    pub stage_busy_share: Vec<(String, f64)>,
     /// (clock time, sequences in the step) for every step.
     pub occupancy: Vec<(f64, usize)>,
 }
@@ -123,6 +125,7 @@ impl ServeReport {
             tbt: Percentiles::of(&tbt),
             e2e: Percentiles::of(&e2e),
             mean_batch,
+            stage_busy_share: Vec::new(),
             busy_share: if makespan > 0.0 {
                 (busy_s / makespan).min(1.0)
             } else {
@@ -158,6 +161,14 @@ impl ServeReport {
             self.mean_batch,
             100.0 * self.busy_share
         );
+        if self.stage_busy_share.len() > 1 {
+            let parts: Vec<String> = self
+                .stage_busy_share
+                .iter()
+                .map(|(name, share)| format!("{name} {:.0}%", 100.0 * share))
+                .collect();
+            let _ = writeln!(s, "stage busy       {}", parts.join(", "));
+        }
         let _ = writeln!(
             s,
             "{:<16} {:>10} {:>10} {:>10}",

@@ -17,7 +17,7 @@ pub mod policy;
 pub mod trace;
 pub mod workload;
 
-use crate::lower::{KvCache, Program, Segment};
+use crate::lower::{KvCache, Program, Segment, StageOutput};
 use bevy_ecs::prelude::*;
 use metrics::{RequestOutcome, ServeReport};
 use policy::{Batching, Candidate};
@@ -40,9 +40,10 @@ pub struct Progress {
     pub first_token_s: Option<f64>,
     pub finish_s: Option<f64>,
     pub done: bool,
-    /// Stage and loop iteration in the program where the sequence is (one stage for
-    /// full-depth programs).
+    /// The stage the next token is at (depth-wise batching cuts the layers into stages).
     pub stage: usize,
+    /// Hidden states the previous stage produced for the next one.
+    pub carried: Option<candle_core::Tensor>,
 }
 
 /// Marks a request that has arrived and not finished.
@@ -147,6 +148,8 @@ pub struct StepTokens(pub Vec<(Entity, Option<u32>)>);
 pub struct Recorder {
     pub trace: Option<TraceWriter>,
     pub occupancy: Vec<(f64, usize)>,
+    /// Busy seconds per stage.
+    pub stage_busy_s: Vec<f64>,
     pub error: Option<String>,
 }
 
@@ -210,15 +213,16 @@ fn plan(
     engine: Res<Engine>,
     mut out: ResMut<Plan>,
     mut queue: ResMut<WaitQueue>,
-    running: Query<(Entity, &Request), With<Running>>,
+    running: Query<(Entity, &Request, &Progress), With<Running>>,
 ) {
     let mut live: Vec<(usize, Entity, Candidate)> = running
         .iter()
-        .map(|(e, r)| {
+        .map(|(e, r, p)| {
             let c = Candidate {
                 id: r.0.id,
                 tokens: 1,
                 running: true,
+                stage: p.stage,
             };
             (r.0.id, e, c)
         })
@@ -232,6 +236,7 @@ fn plan(
             id,
             tokens,
             running: false,
+            stage: 0,
         };
         (id, e, c)
     }));
@@ -257,19 +262,42 @@ fn plan(
     }
 }
 
+/// The layers of stage `stage` when `layers` are cut into `stages` near-equal ranges.
+pub fn stage_layers(layers: usize, stages: usize, stage: usize) -> std::ops::Range<usize> {
+    let stages = stages.clamp(1, layers.max(1));
+    (stage * layers / stages)..((stage + 1) * layers / stages)
+}
+
+fn add_stage_busy(recorder: &mut Recorder, stage: usize, seconds: f64) {
+    if recorder.stage_busy_s.len() <= stage {
+        recorder.stage_busy_s.resize(stage + 1, 0.0);
+    }
+    recorder.stage_busy_s[stage] += seconds;
+}
+
+#[allow(clippy::too_many_arguments)]
 fn execute(
     engine: Res<Engine>,
     plan: Res<Plan>,
     mut clock: ResMut<Clock>,
     mut produced: ResMut<StepTokens>,
     mut recorder: ResMut<Recorder>,
-    mut seqs: Query<(&Request, &Progress, &mut Kv)>,
+    mut seqs: Query<(&Request, &mut Progress, &mut Kv)>,
     mut samplers: Query<&mut Sampler>,
 ) {
     produced.0.clear();
     if plan.0.is_empty() {
         return;
     }
+    let layers = engine.program.graph().info.num_layers;
+    let stages = engine.batching.stages().min(layers.max(1));
+    let stage = plan
+        .0
+        .first()
+        .and_then(|&e| seqs.get(e).ok())
+        .map_or(0, |(_, p, _)| p.stage);
+    let range = stage_layers(layers, stages, stage);
+    let last_stage = range.end == layers;
     if let Executor::Sim(model) = &engine.executor {
         let shapes: Vec<(usize, usize)> = plan
             .0
@@ -284,23 +312,37 @@ fn execute(
             })
             .collect();
         let tokens = shapes.iter().map(|s| s.0).sum();
-        let step_s = model.predict(tokens, cost::attention_work(&shapes), shapes.len());
-        produced.0 = plan.0.iter().map(|&e| (e, None)).collect();
+        let share = range.len() as f64 / layers.max(1) as f64;
+        let step_s = share * model.predict(tokens, cost::attention_work(&shapes), shapes.len());
+        for &e in &plan.0 {
+            if let Ok((_, mut p, _)) = seqs.get_mut(e) {
+                p.stage = if last_stage { 0 } else { stage + 1 };
+            }
+        }
+        if last_stage {
+            produced.0 = plan.0.iter().map(|&e| (e, None)).collect();
+        }
         clock.now_s += step_s;
         clock.busy_s += step_s;
+        add_stage_busy(&mut recorder, stage, step_s);
         clock.step += 1;
         let now = clock.now_s;
         recorder.occupancy.push((now, plan.0.len()));
         return;
     }
-    // Caches leave their components for the step and go back after it.
+    // Caches (and carried hidden states) leave their components for the step and go back
+    // after it.
     let mut taken: Vec<(Entity, Vec<u32>, KvCache)> = Vec::with_capacity(plan.0.len());
+    let mut carried: Vec<candle_core::Tensor> = Vec::new();
     for &e in &plan.0 {
-        if let Ok((req, progress, mut kv)) = seqs.get_mut(e) {
+        if let Ok((req, mut progress, mut kv)) = seqs.get_mut(e) {
             let ids = match progress.tokens.last() {
                 Some(&t) => vec![t],
                 None => req.0.prompt.clone(),
             };
+            if let Some(h) = progress.carried.take() {
+                carried.push(h);
+            }
             taken.push((e, ids, std::mem::take(&mut kv.0)));
         }
     }
@@ -309,44 +351,61 @@ fn execute(
         .map(|(_, ids, cache)| Segment { ids, cache })
         .collect();
     let started = Instant::now();
-    let result = engine.program.forward_ragged(&mut segments);
+    let carried_ref = (stage > 0).then_some(carried.as_slice());
+    let result = engine
+        .program
+        .forward_stage(&mut segments, range, carried_ref);
     let elapsed = started.elapsed().as_secs_f64();
     drop(segments);
-    let tokens = result.and_then(|logits| {
-        logits
-            .iter()
-            .zip(&taken)
-            .map(|(l, (e, _, _))| {
-                let l = l
-                    .to_dtype(candle_core::DType::F32)
-                    .map_err(|e| crate::lower::RunError::Input(e.to_string()))?;
-                match samplers.get_mut(*e) {
-                    Ok(mut s) => s.0.sample(&l),
-                    Err(_) => l.argmax(0).and_then(|t| t.to_scalar::<u32>()),
-                }
-                .map_err(|e| crate::lower::RunError::Input(e.to_string()))
-            })
-            .collect::<Result<Vec<u32>, _>>()
-    });
     let entities: Vec<Entity> = taken.iter().map(|(e, _, _)| *e).collect();
+    let mut outcome: Result<Vec<Option<u32>>, String> = Ok(Vec::new());
+    match result {
+        Ok(StageOutput::Logits(logits)) => {
+            let tokens: Result<Vec<Option<u32>>, String> = logits
+                .iter()
+                .zip(&entities)
+                .map(|(l, e)| {
+                    let l = l
+                        .to_dtype(candle_core::DType::F32)
+                        .map_err(|e| e.to_string())?;
+                    match samplers.get_mut(*e) {
+                        Ok(mut s) => s.0.sample(&l),
+                        Err(_) => l.argmax(0).and_then(|t| t.to_scalar::<u32>()),
+                    }
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+                })
+                .collect();
+            outcome = tokens;
+        }
+        Ok(StageOutput::Hidden(hidden)) => {
+            for (e, h) in entities.iter().zip(hidden) {
+                if let Ok((_, mut p, _)) = seqs.get_mut(*e) {
+                    p.carried = Some(h);
+                }
+            }
+        }
+        Err(e) => outcome = Err(e.to_string()),
+    }
     for (e, _, cache) in taken {
-        if let Ok((_, _, mut kv)) = seqs.get_mut(e) {
+        if let Ok((_, mut p, mut kv)) = seqs.get_mut(e) {
             kv.0 = cache;
+            p.stage = if last_stage { 0 } else { stage + 1 };
         }
     }
-    match tokens {
+    match outcome {
         Ok(tokens) => {
-            produced.0 = entities
-                .into_iter()
-                .zip(tokens.into_iter().map(Some))
-                .collect();
+            if last_stage {
+                produced.0 = entities.into_iter().zip(tokens).collect();
+            }
             clock.now_s += elapsed;
             clock.busy_s += elapsed;
+            add_stage_busy(&mut recorder, stage, elapsed);
             clock.step += 1;
             let now = clock.now_s;
             recorder.occupancy.push((now, plan.0.len()));
         }
-        Err(e) => recorder.error = Some(e.to_string()),
+        Err(e) => recorder.error = Some(e),
     }
 }
 
@@ -359,6 +418,14 @@ fn emit(
     mut seqs: Query<(&Request, &mut Progress)>,
 ) {
     let layers: Vec<usize> = engine.program.graph().layers();
+    let n_layers = engine.program.graph().info.num_layers;
+    let n_stages = engine.batching.stages().min(n_layers.max(1));
+    let stage_names: Vec<String> = (0..n_stages)
+        .map(|s| {
+            let r = stage_layers(n_layers, n_stages, s);
+            format!("layers {}..{}", r.start, r.end)
+        })
+        .collect();
     let last_layer = layers.last().copied().unwrap_or(0);
     let batch = produced.0.len();
     for &(e, token) in &produced.0 {
@@ -386,7 +453,7 @@ fn emit(
             step: clock.step,
             t_s: clock.now_s,
             batch,
-            stages: vec!["full".to_string()],
+            stages: stage_names.clone(),
             layers: layers.clone(),
             exit_layer: last_layer,
             signals: Vec::new(),
@@ -470,6 +537,7 @@ impl Runtime {
         let (steps, busy) = (clock.step, clock.busy_s);
         let mut recorder = self.world.resource_mut::<Recorder>();
         let occupancy = std::mem::take(&mut recorder.occupancy);
+        let stage_busy = std::mem::take(&mut recorder.stage_busy_s);
         if let Some(w) = recorder.trace.take() {
             w.finish()?;
         }
@@ -480,6 +548,19 @@ impl Runtime {
             Executor::Sim(_) => "simulated".into(),
         };
         report.policy = format!("{:?}", engine.batching);
+        let layers = engine.program.graph().info.num_layers;
+        let stages = engine.batching.stages().min(layers.max(1));
+        let total: f64 = stage_busy.iter().sum();
+        report.stage_busy_share = (0..stages)
+            .map(|s| {
+                let r = stage_layers(layers, stages, s);
+                let busy = stage_busy.get(s).copied().unwrap_or(0.0);
+                (
+                    format!("layers {}..{}", r.start, r.end),
+                    if total > 0.0 { busy / total } else { 0.0 },
+                )
+            })
+            .collect();
         Ok((report, outcomes))
     }
 }

@@ -15,6 +15,11 @@ pub enum Batching {
         max_batch: usize,
         token_budget: usize,
     },
+    /// Depth-wise: the layers are cut into `stages` equal ranges and each step runs one
+    /// stage for up to `max_batch` sequences that are at it, so tokens at the same depth run
+    /// together whatever their position. The deepest occupied stage goes first (finishing
+    /// tokens frees their slots); new requests join at stage 0.
+    DepthWise { max_batch: usize, stages: usize },
 }
 
 /// What the planner sees of a sequence.
@@ -24,15 +29,25 @@ pub struct Candidate {
     /// Tokens it would run this step (its prompt if it has not started, else 1).
     pub tokens: usize,
     pub running: bool,
+    /// The stage the sequence's next token is at (0 for every policy but depth-wise).
+    pub stage: usize,
 }
 
 impl Batching {
+    /// Stages the layers are cut into.
+    pub fn stages(&self) -> usize {
+        match *self {
+            Batching::DepthWise { stages, .. } => stages.max(1),
+            _ => 1,
+        }
+    }
+
     /// Most sequences in one step.
     pub fn max_batch(&self) -> usize {
         match *self {
-            Batching::Static { max_batch } | Batching::Continuous { max_batch, .. } => {
-                max_batch.max(1)
-            }
+            Batching::Static { max_batch }
+            | Batching::Continuous { max_batch, .. }
+            | Batching::DepthWise { max_batch, .. } => max_batch.max(1),
         }
     }
 
@@ -70,6 +85,17 @@ impl Batching {
                 }
                 chosen
             }
+            Batching::DepthWise { max_batch, .. } => {
+                let Some(stage) = candidates.iter().map(|c| c.stage).max() else {
+                    return Vec::new();
+                };
+                candidates
+                    .iter()
+                    .filter(|c| c.stage == stage)
+                    .take(max_batch.max(1))
+                    .map(|c| c.id)
+                    .collect()
+            }
         }
     }
 }
@@ -83,6 +109,7 @@ mod tests {
             id,
             tokens,
             running,
+            stage: 0,
         }
     }
 
@@ -115,5 +142,34 @@ mod tests {
             p.plan(&[c(0, 1, true), c(1, 1, true), c(2, 1, true), c(4, 1, false)]),
             vec![0, 1, 2]
         );
+    }
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    #[test]
+    fn depth_wise_runs_the_deepest_occupied_stage() {
+        let c = |id, stage, running| Candidate {
+            id,
+            tokens: 1,
+            running,
+            stage,
+        };
+        let p = Batching::DepthWise {
+            max_batch: 2,
+            stages: 3,
+        };
+        let cands = [
+            c(0, 1, true),
+            c(1, 2, true),
+            c(2, 2, true),
+            c(3, 2, true),
+            c(4, 0, false),
+        ];
+        assert_eq!(p.plan(&cands), vec![1, 2]);
+        assert_eq!(p.plan(&[c(0, 0, true), c(4, 0, false)]), vec![0, 4]);
+        assert_eq!(p.stages(), 3);
     }
 }
