@@ -2,7 +2,8 @@
 //! entity. Components hold its prompt, generated tokens, KV cache and timing; resources hold
 //! the program, the batching policy, the clock and the trace. A schedule of small systems
 //! runs one scheduler iteration per call: admit arrivals → plan the batch → execute → emit
-//! tokens → record. Entity order never matters: everything that iterates sorts by request id.
+//! tokens → record. (Exit decisions join between execute and emit with early exiting.)
+//! Entity order never matters: everything that iterates sorts by request id.
 //!
 //! Two executors share these systems. The real one (candle) runs the planned sequences as one
 //! ragged batch ([`Program::forward_ragged`]), whose per-sequence results equal unbatched
@@ -409,25 +410,14 @@ fn execute(
     }
 }
 
+/// Appends each produced token to its request and finishes requests that are done.
 fn emit(
     mut commands: Commands,
     produced: Res<StepTokens>,
     mut clock: ResMut<Clock>,
     engine: Res<Engine>,
-    mut recorder: ResMut<Recorder>,
     mut seqs: Query<(&Request, &mut Progress)>,
 ) {
-    let layers: Vec<usize> = engine.program.graph().layers();
-    let n_layers = engine.program.graph().info.num_layers;
-    let n_stages = engine.batching.stages().min(n_layers.max(1));
-    let stage_names: Vec<String> = (0..n_stages)
-        .map(|s| {
-            let r = stage_layers(n_layers, n_stages, s);
-            format!("layers {}..{}", r.start, r.end)
-        })
-        .collect();
-    let last_layer = layers.last().copied().unwrap_or(0);
-    let batch = produced.0.len();
     for &(e, token) in &produced.0 {
         let Ok((req, mut p)) = seqs.get_mut(e) else {
             continue;
@@ -446,7 +436,37 @@ fn emit(
             clock.active -= 1;
             commands.entity(e).remove::<(Active, Running)>();
         }
-        let record = TraceRecord {
+    }
+}
+
+/// Writes one trace record per produced token.
+fn record(
+    produced: Res<StepTokens>,
+    clock: Res<Clock>,
+    engine: Res<Engine>,
+    mut recorder: ResMut<Recorder>,
+    seqs: Query<(&Request, &Progress)>,
+) {
+    if recorder.trace.is_none() || produced.0.is_empty() {
+        return;
+    }
+    let graph = engine.program.graph();
+    let layers: Vec<usize> = graph.layers();
+    let n_layers = graph.info.num_layers;
+    let n_stages = engine.batching.stages().min(n_layers.max(1));
+    let stage_names: Vec<String> = (0..n_stages)
+        .map(|s| {
+            let r = stage_layers(n_layers, n_stages, s);
+            format!("layers {}..{}", r.start, r.end)
+        })
+        .collect();
+    let last_layer = layers.last().copied().unwrap_or(0);
+    let batch = produced.0.len();
+    for &(e, token) in &produced.0 {
+        let Ok((req, p)) = seqs.get(e) else {
+            continue;
+        };
+        let r = TraceRecord {
             seq: req.0.id,
             pos: req.0.prompt.len() + p.produced - 1,
             token,
@@ -459,7 +479,7 @@ fn emit(
             signals: Vec::new(),
         };
         if let Some(w) = recorder.trace.as_mut() {
-            if let Err(err) = w.write(&record) {
+            if let Err(err) = w.write(&r) {
                 recorder.error = Some(err.to_string());
                 return;
             }
@@ -501,7 +521,7 @@ impl Runtime {
             ..Recorder::default()
         });
         let mut schedule = Schedule::default();
-        schedule.add_systems((admit, plan, execute, emit).chain());
+        schedule.add_systems((admit, plan, execute, emit, record).chain());
         Runtime { world, schedule }
     }
 
