@@ -460,7 +460,6 @@ fn record(
             format!("layers {}..{}", r.start, r.end)
         })
         .collect();
-    let last_layer = layers.last().copied().unwrap_or(0);
     let batch = produced.0.len();
     for &(e, token) in &produced.0 {
         let Ok((req, p)) = seqs.get(e) else {
@@ -475,7 +474,7 @@ fn record(
             batch,
             stages: stage_names.clone(),
             layers: layers.clone(),
-            exit_layer: last_layer,
+            exit_layer: n_layers,
             signals: Vec::new(),
         };
         if let Some(w) = recorder.trace.as_mut() {

@@ -3,9 +3,11 @@
 //! Each record: `seq` (request id), `pos` (position of the token in its sequence), `token`,
 //! `step` (scheduler iteration), `t_s` (clock time the token was produced, seconds),
 //! `batch` (sequences in that step), `stages` (graph stages run, in order), `layers` (the
-//! transformer layers run), `exit_layer` (the layer whose output produced the token; the last
-//! layer for a full-depth program), `signals` (exit-rule values per layer; empty without
-//! exit heads). The file is written to a temporary name and renamed when the run ends.
+//! transformer layers run, 0-based), `exit_layer` (the exit point whose output produced the
+//! token, counted in layers run: `L` for the full model of `L` layers, `4` for a head after
+//! the fourth layer), `signals` (per exit point evaluated, in order: its layer count, the
+//! exit rule's signal value there and the head's token; empty without exit heads). The file
+//! is written to a temporary name and renamed when the run ends.
 
 use serde::{Deserialize, Serialize};
 use std::io::{BufWriter, Write};
@@ -24,7 +26,19 @@ pub struct TraceRecord {
     pub layers: Vec<usize>,
     pub exit_layer: usize,
     #[serde(default)]
-    pub signals: Vec<f64>,
+    pub signals: Vec<LayerSignal>,
+}
+
+/// What an exit point saw for one token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerSignal {
+    /// The exit point: hidden state after this many layers.
+    pub layer: usize,
+    /// The exit rule's signal there (confidence, margin, entropy, cosine or gate
+    /// probability, by rule); higher means readier to exit except for entropy.
+    pub value: f64,
+    /// The head's top token there (`null` from the simulated executor).
+    pub token: Option<u32>,
 }
 
 /// Streams records to a file without holding them.
