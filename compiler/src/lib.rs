@@ -5,6 +5,7 @@ pub mod bench;
 pub mod corpus;
 pub mod device;
 pub mod eval;
+pub mod exits;
 pub mod generate;
 pub mod inspect;
 pub mod lower;

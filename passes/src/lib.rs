@@ -4,10 +4,12 @@
 //! verifies the graph after each and names the pass that broke it. [`PassSpec`] is the RON
 //! form of a pass in a pipeline file. Each pass's module documents its invariant.
 
+pub mod exits;
 mod manager;
 mod spec;
 pub mod truncate;
 
+pub use exits::{HeadKind, InsertExits};
 pub use manager::{PassManager, PassOutcome};
 pub use spec::PassSpec;
 pub use truncate::TruncateLayers;

@@ -135,16 +135,14 @@ impl AttentionKernel {
         self.o.forward(&Tensor::cat(&outs, 1)?)
     }
 
-    /// Attention of projected `q, k, v: [batch, seq, heads * head_dim]` for one call on one
-    /// cache; returns `[batch, seq, heads * head_dim]` before the output projection.
-    fn attend(
+    /// Splits projected `[batch, seq, heads * head_dim]` into heads and rotates q and k.
+    fn heads_with_rope(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         ctx: &mut AttnCtx,
-        cache: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = q.dims3()?;
         let d = self.head_dim;
         let split = |t: &Tensor, h: usize| -> Result<Tensor> {
@@ -165,6 +163,16 @@ impl AttentionKernel {
             q = rope.apply(&q, &cos, &sin, self.differentiable)?;
             k = rope.apply(&k, &cos, &sin, self.differentiable)?;
         }
+        Ok((q, k, v))
+    }
+
+    /// Appends this call's keys and values to the cache; returns every position's.
+    fn append(
+        k: Tensor,
+        v: Tensor,
+        ctx: &AttnCtx,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
         let cached = cache.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?;
         if cached != ctx.start {
             candle_core::bail!(
@@ -177,9 +185,39 @@ impl AttentionKernel {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Writes keys and values computed from `x: [1, total, hidden]` (the layer's normed input)
+    /// into each part's cache without attending: CALM's state copying fills the layers an
+    /// exited token skipped from its exit hidden state.
+    pub fn append_kv_ragged(&self, x: &Tensor, parts: &mut [RaggedPart<'_>]) -> Result<()> {
+        let qkv = self.qkv.forward(x)?;
+        for (offset, len, ctx, cache) in parts.iter_mut() {
+            let part = |t: &Tensor| t.narrow(1, *offset, *len);
+            let (_, k, v) =
+                self.heads_with_rope(&part(&qkv[0])?, &part(&qkv[1])?, &part(&qkv[2])?, ctx)?;
+            Self::append(k, v, ctx, cache)?;
+        }
+        Ok(())
+    }
+
+    /// Attention of projected `q, k, v: [batch, seq, heads * head_dim]` for one call on one
+    /// cache; returns `[batch, seq, heads * head_dim]` before the output projection.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &mut AttnCtx,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.heads_with_rope(q, k, v, ctx)?;
+        let (k, v) = Self::append(k, v, ctx, cache)?;
         let n_rep = self.heads / self.kv_heads;
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
+        let (b, _, s, d) = q.dims4()?;
         let dtype = q.dtype();
         let mut att = (q.matmul(&k.t()?)? * self.scale)?;
         if dtype != DType::F32 {

@@ -64,6 +64,8 @@ enum Kernel {
 
 struct Step {
     name: String,
+    /// The transformer layer the step belongs to.
+    layer: Option<usize>,
     kernel: Kernel,
     inputs: Vec<usize>,
 }
@@ -282,6 +284,7 @@ impl Program {
             index.insert(n, steps.len());
             steps.push(Step {
                 name: node.name.clone(),
+                layer: node.layer,
                 kernel,
                 inputs,
             });

@@ -50,12 +50,27 @@ impl Program {
         layers: Range<usize>,
         carried: Option<&[Tensor]>,
     ) -> Result<StageOutput, RunError> {
+        self.forward_stage_with(segments, layers, carried, &[])
+            .map(|(out, _)| out)
+    }
+
+    /// [`Program::forward_stage`], also returning the named head outputs `extras` (exit heads
+    /// and gates: LM-head-like outputs) at each segment's last new token: `extras[i][s]` is
+    /// extra `i` of segment `s`.
+    pub fn forward_stage_with(
+        &self,
+        segments: &mut [Segment<'_>],
+        layers: Range<usize>,
+        carried: Option<&[Tensor]>,
+        extras: &[&str],
+    ) -> Result<(StageOutput, Vec<Vec<Tensor>>), RunError> {
         if segments.is_empty() {
-            return Ok(if layers.end >= self.graph.info.num_layers {
+            let out = if layers.end >= self.graph.info.num_layers {
                 StageOutput::Logits(Vec::new())
             } else {
                 StageOutput::Hidden(Vec::new())
-            });
+            };
+            return Ok((out, vec![Vec::new(); extras.len()]));
         }
         if !self.graph.info.family.is_decoder() {
             return Err(RunError::Input("ragged batches are for decoders".into()));
@@ -120,8 +135,19 @@ impl Program {
         } else {
             None
         };
+        let mut extra_steps = Vec::with_capacity(extras.len());
+        for name in extras {
+            let i = output(name)?;
+            if !matches!(self.steps[i].kernel, Kernel::LmHead(_)) {
+                return Err(RunError::Input(format!(
+                    "{name} is not a head output; a stage returns heads only"
+                )));
+            }
+            extra_steps.push(i);
+        }
         let mut needed = BTreeSet::new();
         let mut stack = vec![target];
+        stack.extend(&extra_steps);
         while let Some(i) = stack.pop() {
             if Some(i) == entry {
                 continue;
@@ -173,19 +199,28 @@ impl Program {
         let result = values[target]
             .take()
             .ok_or_else(|| RunError::Input("the stage produced nothing".into()))?;
-        if last {
-            for (seg, &(_, len, start)) in segments.iter_mut().zip(&spans) {
-                seg.cache.len = start + len;
-            }
-            (0..segments.len())
+        let n_segments = segments.len();
+        let per_segment = |t: &Tensor| {
+            (0..n_segments)
                 .map(|i| {
-                    result
-                        .get(0)
+                    t.get(0)
                         .and_then(|l| l.get(i))
                         .map_err(|e| RunError::Input(e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()
-                .map(StageOutput::Logits)
+        };
+        let mut extra_out = Vec::with_capacity(extra_steps.len());
+        for &i in &extra_steps {
+            let t = values[i].as_ref().ok_or_else(|| {
+                RunError::Input(format!("{} was not computed", self.steps[i].name))
+            })?;
+            extra_out.push(per_segment(t)?);
+        }
+        let out = if last {
+            for (seg, &(_, len, start)) in segments.iter_mut().zip(&spans) {
+                seg.cache.len = start + len;
+            }
+            per_segment(&result).map(StageOutput::Logits)
         } else {
             spans
                 .iter()
@@ -197,6 +232,82 @@ impl Program {
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(StageOutput::Hidden)
+        }?;
+        Ok((out, extra_out))
+    }
+
+    /// CALM's state copying: for sequences whose token exited after `from` layers, writes
+    /// the keys and values of layers `from..` computed from the exit hidden states `hidden`
+    /// (one `[new tokens, hidden]` per segment) into their caches, and advances the caches,
+    /// so later tokens can attend at every layer.
+    pub fn fill_kv(
+        &self,
+        segments: &mut [Segment<'_>],
+        from: usize,
+        hidden: &[Tensor],
+    ) -> Result<(), RunError> {
+        if segments.is_empty() {
+            return Ok(());
         }
+        if hidden.len() != segments.len() {
+            return Err(RunError::Input(
+                "one hidden state per segment is needed".into(),
+            ));
+        }
+        let mut spans = Vec::with_capacity(segments.len());
+        let mut offset = 0;
+        for (seg, h) in segments.iter().zip(hidden) {
+            let len = seg.ids.len();
+            if h.dims().first() != Some(&len) {
+                return Err(RunError::Input(format!(
+                    "hidden state of shape {:?} for {len} tokens",
+                    h.dims()
+                )));
+            }
+            spans.push((offset, len, seg.cache.len));
+            offset += len;
+        }
+        let x = Tensor::cat(hidden, 0)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| RunError::Input(format!("exit hidden states: {e}")))?;
+        for step in &self.steps {
+            let Kernel::Attention(a) = &step.kernel else {
+                continue;
+            };
+            if step.layer.is_none_or(|l| l < from) {
+                continue;
+            }
+            let wrap = |cause| RunError::Step {
+                step: step.name.clone(),
+                cause,
+            };
+            let input = step.inputs.first().map(|&i| &self.steps[i]);
+            let normed = match input.map(|s| &s.kernel) {
+                Some(Kernel::Norm(n)) => n.forward(&x).map_err(wrap)?,
+                _ => {
+                    return Err(RunError::Input(format!(
+                        "{}: state copying needs the attention input to be a norm of the residual stream",
+                        step.name
+                    )))
+                }
+            };
+            let mut parts: Vec<_> = segments
+                .iter_mut()
+                .zip(&spans)
+                .map(|(seg, &(off, len, start))| {
+                    (
+                        off,
+                        len,
+                        AttnCtx::new(start, len, None),
+                        &mut seg.cache.layers[a.slot],
+                    )
+                })
+                .collect();
+            a.append_kv_ragged(&normed, &mut parts).map_err(wrap)?;
+        }
+        for (seg, &(_, len, start)) in segments.iter_mut().zip(&spans) {
+            seg.cache.len = start + len;
+        }
+        Ok(())
     }
 }

@@ -46,6 +46,25 @@ pub struct RequestOutcome {
     pub finish_s: Option<f64>,
     /// Why the request did not complete.
     pub failed: Option<String>,
+    /// Per generated token: how deep it ran.
+    #[serde(default)]
+    pub stats: Vec<TokenStat>,
+    /// Sum of the forced tokens' negative log-likelihoods (nats; 0 without forcing).
+    #[serde(default)]
+    pub nll: f64,
+}
+
+/// How deep one generated token ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenStat {
+    /// The exit point that produced it (layers its hidden state went through).
+    pub exit_layer: u16,
+    /// Transformer layers it ran.
+    pub layers_run: u16,
+    /// Exit heads evaluated for it.
+    pub heads: u16,
+    /// Layers whose keys and values were filled from its exit state.
+    pub filled: u16,
 }
 
 /// The summary `serve` prints and writes as JSON.

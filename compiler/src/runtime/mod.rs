@@ -13,18 +13,20 @@
 //! request to its `max_new_tokens`.
 
 pub mod cost;
+mod decide;
 pub mod metrics;
 pub mod policy;
+mod step;
 pub mod trace;
 pub mod workload;
 
-use crate::lower::{KvCache, Program, Segment, StageOutput};
+use crate::exits::Depth;
+use crate::lower::{KvCache, Program};
 use bevy_ecs::prelude::*;
-use metrics::{RequestOutcome, ServeReport};
+use metrics::{RequestOutcome, ServeReport, TokenStat};
 use policy::{Batching, Candidate};
 use std::sync::Arc;
-use std::time::Instant;
-use trace::{TraceRecord, TraceWriter};
+use trace::{LayerSignal, TraceRecord, TraceWriter};
 use workload::RequestSpec;
 
 /// A request, as it arrived.
@@ -45,6 +47,77 @@ pub struct Progress {
     pub stage: usize,
     /// Hidden states the previous stage produced for the next one.
     pub carried: Option<candle_core::Tensor>,
+    /// The path of the token on its way down (or just produced).
+    pub track: TokenTrack,
+    /// Per generated token: how deep it ran.
+    pub stats: Vec<TokenStat>,
+    /// Sum of forced tokens' negative log-likelihoods.
+    pub nll: f64,
+}
+
+/// One token's way through the layers.
+#[derive(Clone, Debug, Default)]
+pub struct TokenTrack {
+    /// Layers run so far.
+    pub layers: Vec<usize>,
+    /// Exit points evaluated: signal and head token.
+    pub signals: Vec<LayerSignal>,
+    /// Head tokens of the exit points so far (patience).
+    pub earlier: Vec<u32>,
+    /// (exit point, head token), for the oracle's choice.
+    pub oracle: Vec<(usize, u32)>,
+    /// The residual stream at the last exit point (saturation).
+    pub prev_hidden: Option<Vec<f32>>,
+    /// Exit heads evaluated.
+    pub heads: usize,
+    /// The exit point that produced the token.
+    pub exit_layer: usize,
+    /// Layers whose keys and values came from the exit state.
+    pub filled: usize,
+}
+
+impl TokenTrack {
+    fn stat(&self) -> TokenStat {
+        TokenStat {
+            exit_layer: self.exit_layer as u16,
+            layers_run: self.layers.len() as u16,
+            heads: self.heads as u16,
+            filled: self.filled as u16,
+        }
+    }
+}
+
+/// What one sequence got from this step's stage.
+pub struct StageResult {
+    pub entity: Entity,
+    /// The model's logits (the stage ended at the last layer).
+    pub logits: Option<candle_core::Tensor>,
+    /// Hidden states `[new tokens, hidden]` after the stage.
+    pub hidden: Option<candle_core::Tensor>,
+    /// The exit head's logits at the stage's end.
+    pub exit_logits: Option<candle_core::Tensor>,
+    /// The exit gate's logit.
+    pub gate: Option<candle_core::Tensor>,
+}
+
+impl StageResult {
+    fn new(entity: Entity) -> Self {
+        StageResult {
+            entity,
+            logits: None,
+            hidden: None,
+            exit_logits: None,
+            gate: None,
+        }
+    }
+}
+
+/// This step's results, for `decide`.
+#[derive(Resource, Default)]
+pub struct StageResults {
+    pub stage: usize,
+    pub range: std::ops::Range<usize>,
+    pub entries: Vec<StageResult>,
 }
 
 /// Marks a request that has arrived and not finished.
@@ -109,13 +182,50 @@ impl Decoding {
     }
 }
 
-/// The lowered program, the batching policy, the executor and the decoding rule.
+/// The lowered program, the batching policy, the executor, the decoding rule and how deep
+/// tokens run.
 #[derive(Resource)]
 pub struct Engine {
     pub program: Arc<Program>,
     pub batching: Batching,
     pub executor: Executor,
     pub decoding: Decoding,
+    pub depth: Depth,
+    /// The program's exit points.
+    pub exits: Vec<usize>,
+    /// Whether the exits have learned gates.
+    pub gates: bool,
+    /// Where stages start and end: `[0, .., layers]`. The policy's depth-wise cuts, plus
+    /// the exit points under early exiting.
+    pub boundaries: Vec<usize>,
+}
+
+impl Engine {
+    /// The layers of stage `s`.
+    pub fn stage_range(&self, s: usize) -> std::ops::Range<usize> {
+        let at = |i: usize| self.boundaries.get(i).copied().unwrap_or(0);
+        at(s)..at(s + 1)
+    }
+
+    /// Number of stages.
+    pub fn stages(&self) -> usize {
+        self.boundaries.len().saturating_sub(1).max(1)
+    }
+
+    fn compute_boundaries(&mut self) {
+        let layers = self.program.graph().info.num_layers;
+        let stages = self.batching.stages().min(layers.max(1));
+        let mut b: Vec<usize> = (0..=stages)
+            .map(|s| stage_layers(layers, stages, s.min(stages - 1)).start)
+            .collect();
+        b[stages] = layers;
+        if matches!(self.depth, Depth::EarlyExit { .. }) {
+            b.extend(self.exits.iter().copied().filter(|&k| k > 0 && k < layers));
+        }
+        b.sort_unstable();
+        b.dedup();
+        self.boundaries = b;
+    }
 }
 
 /// A request's token sampler.
@@ -242,8 +352,19 @@ fn plan(
         (id, e, c)
     }));
     let candidates: Vec<Candidate> = live.iter().map(|(_, _, c)| *c).collect();
+    // Tokens part-way down finish their way together before anything else runs (depth-wise
+    // batching picks stages itself).
+    let deepest = candidates.iter().map(|c| c.stage).max().unwrap_or(0);
     let chosen: std::collections::HashSet<usize> =
-        engine.batching.plan(&candidates).into_iter().collect();
+        if deepest > 0 && !matches!(engine.batching, Batching::DepthWise { .. }) {
+            candidates
+                .iter()
+                .filter(|c| c.stage == deepest)
+                .map(|c| c.id)
+                .collect()
+        } else {
+            engine.batching.plan(&candidates).into_iter().collect()
+        };
     out.0.clear();
     for (id, e, c) in &live {
         if chosen.contains(id) {
@@ -276,140 +397,6 @@ fn add_stage_busy(recorder: &mut Recorder, stage: usize, seconds: f64) {
     recorder.stage_busy_s[stage] += seconds;
 }
 
-#[allow(clippy::too_many_arguments)]
-fn execute(
-    engine: Res<Engine>,
-    plan: Res<Plan>,
-    mut clock: ResMut<Clock>,
-    mut produced: ResMut<StepTokens>,
-    mut recorder: ResMut<Recorder>,
-    mut seqs: Query<(&Request, &mut Progress, &mut Kv)>,
-    mut samplers: Query<&mut Sampler>,
-) {
-    produced.0.clear();
-    if plan.0.is_empty() {
-        return;
-    }
-    let layers = engine.program.graph().info.num_layers;
-    let stages = engine.batching.stages().min(layers.max(1));
-    let stage = plan
-        .0
-        .first()
-        .and_then(|&e| seqs.get(e).ok())
-        .map_or(0, |(_, p, _)| p.stage);
-    let range = stage_layers(layers, stages, stage);
-    let last_stage = range.end == layers;
-    if let Executor::Sim(model) = &engine.executor {
-        let shapes: Vec<(usize, usize)> = plan
-            .0
-            .iter()
-            .filter_map(|&e| seqs.get(e).ok())
-            .map(|(req, p, _)| {
-                if p.produced == 0 {
-                    (req.0.prompt.len(), 0)
-                } else {
-                    (1, req.0.prompt.len() + p.produced - 1)
-                }
-            })
-            .collect();
-        let tokens = shapes.iter().map(|s| s.0).sum();
-        let share = range.len() as f64 / layers.max(1) as f64;
-        let step_s = share * model.predict(tokens, cost::attention_work(&shapes), shapes.len());
-        for &e in &plan.0 {
-            if let Ok((_, mut p, _)) = seqs.get_mut(e) {
-                p.stage = if last_stage { 0 } else { stage + 1 };
-            }
-        }
-        if last_stage {
-            produced.0 = plan.0.iter().map(|&e| (e, None)).collect();
-        }
-        clock.now_s += step_s;
-        clock.busy_s += step_s;
-        add_stage_busy(&mut recorder, stage, step_s);
-        clock.step += 1;
-        let now = clock.now_s;
-        recorder.occupancy.push((now, plan.0.len()));
-        return;
-    }
-    // Caches (and carried hidden states) leave their components for the step and go back
-    // after it.
-    let mut taken: Vec<(Entity, Vec<u32>, KvCache)> = Vec::with_capacity(plan.0.len());
-    let mut carried: Vec<candle_core::Tensor> = Vec::new();
-    for &e in &plan.0 {
-        if let Ok((req, mut progress, mut kv)) = seqs.get_mut(e) {
-            let ids = match progress.tokens.last() {
-                Some(&t) => vec![t],
-                None => req.0.prompt.clone(),
-            };
-            if let Some(h) = progress.carried.take() {
-                carried.push(h);
-            }
-            taken.push((e, ids, std::mem::take(&mut kv.0)));
-        }
-    }
-    let mut segments: Vec<Segment> = taken
-        .iter_mut()
-        .map(|(_, ids, cache)| Segment { ids, cache })
-        .collect();
-    let started = Instant::now();
-    let carried_ref = (stage > 0).then_some(carried.as_slice());
-    let result = engine
-        .program
-        .forward_stage(&mut segments, range, carried_ref);
-    let elapsed = started.elapsed().as_secs_f64();
-    drop(segments);
-    let entities: Vec<Entity> = taken.iter().map(|(e, _, _)| *e).collect();
-    let mut outcome: Result<Vec<Option<u32>>, String> = Ok(Vec::new());
-    match result {
-        Ok(StageOutput::Logits(logits)) => {
-            let tokens: Result<Vec<Option<u32>>, String> = logits
-                .iter()
-                .zip(&entities)
-                .map(|(l, e)| {
-                    let l = l
-                        .to_dtype(candle_core::DType::F32)
-                        .map_err(|e| e.to_string())?;
-                    match samplers.get_mut(*e) {
-                        Ok(mut s) => s.0.sample(&l),
-                        Err(_) => l.argmax(0).and_then(|t| t.to_scalar::<u32>()),
-                    }
-                    .map(Some)
-                    .map_err(|e| e.to_string())
-                })
-                .collect();
-            outcome = tokens;
-        }
-        Ok(StageOutput::Hidden(hidden)) => {
-            for (e, h) in entities.iter().zip(hidden) {
-                if let Ok((_, mut p, _)) = seqs.get_mut(*e) {
-                    p.carried = Some(h);
-                }
-            }
-        }
-        Err(e) => outcome = Err(e.to_string()),
-    }
-    for (e, _, cache) in taken {
-        if let Ok((_, mut p, mut kv)) = seqs.get_mut(e) {
-            kv.0 = cache;
-            p.stage = if last_stage { 0 } else { stage + 1 };
-        }
-    }
-    match outcome {
-        Ok(tokens) => {
-            if last_stage {
-                produced.0 = entities.into_iter().zip(tokens).collect();
-            }
-            clock.now_s += elapsed;
-            clock.busy_s += elapsed;
-            add_stage_busy(&mut recorder, stage, elapsed);
-            clock.step += 1;
-            let now = clock.now_s;
-            recorder.occupancy.push((now, plan.0.len()));
-        }
-        Err(e) => recorder.error = Some(e),
-    }
-}
-
 /// Appends each produced token to its request and finishes requests that are done.
 fn emit(
     mut commands: Commands,
@@ -425,11 +412,16 @@ fn emit(
         if let Some(t) = token {
             p.tokens.push(t);
         }
+        let stat = p.track.stat();
+        p.stats.push(stat);
         p.produced += 1;
         if p.first_token_s.is_none() {
             p.first_token_s = Some(clock.now_s);
         }
-        let stopped = token.is_some_and(|t| engine.decoding.stop_ids.contains(&t));
+        let forced_done = !req.0.forced.is_empty() && p.produced >= req.0.forced.len();
+        let stopped = forced_done
+            || (req.0.forced.is_empty()
+                && token.is_some_and(|t| engine.decoding.stop_ids.contains(&t)));
         if p.produced >= req.0.max_new_tokens || stopped {
             p.done = true;
             p.finish_s = Some(clock.now_s);
@@ -450,16 +442,6 @@ fn record(
     if recorder.trace.is_none() || produced.0.is_empty() {
         return;
     }
-    let graph = engine.program.graph();
-    let layers: Vec<usize> = graph.layers();
-    let n_layers = graph.info.num_layers;
-    let n_stages = engine.batching.stages().min(n_layers.max(1));
-    let stage_names: Vec<String> = (0..n_stages)
-        .map(|s| {
-            let r = stage_layers(n_layers, n_stages, s);
-            format!("layers {}..{}", r.start, r.end)
-        })
-        .collect();
     let batch = produced.0.len();
     for &(e, token) in &produced.0 {
         let Ok((req, p)) = seqs.get(e) else {
@@ -472,10 +454,10 @@ fn record(
             step: clock.step,
             t_s: clock.now_s,
             batch,
-            stages: stage_names.clone(),
-            layers: layers.clone(),
-            exit_layer: n_layers,
-            signals: Vec::new(),
+            stages: stage_names(&p.track.layers, &engine.boundaries),
+            layers: p.track.layers.clone(),
+            exit_layer: p.track.exit_layer,
+            signals: p.track.signals.clone(),
         };
         if let Some(w) = recorder.trace.as_mut() {
             if let Err(err) = w.write(&r) {
@@ -484,6 +466,20 @@ fn record(
             }
         }
     }
+}
+
+/// The stages a path ran: contiguous runs of layers, split at stage boundaries.
+fn stage_names(layers: &[usize], boundaries: &[usize]) -> Vec<String> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &l in layers {
+        match runs.last_mut() {
+            Some((_, end)) if *end == l && !boundaries.contains(&l) => *end = l + 1,
+            _ => runs.push((l, l + 1)),
+        }
+    }
+    runs.into_iter()
+        .map(|(a, b)| format!("layers {a}..{b}"))
+        .collect()
 }
 
 /// A configured run.
@@ -504,12 +500,21 @@ impl Runtime {
     ) -> Self {
         let mut world = World::new();
         requests.sort_by(|a, b| b.arrival_s.total_cmp(&a.arrival_s).then(b.id.cmp(&a.id)));
-        world.insert_resource(Engine {
+        let exits = crate::exits::exit_points(program.graph());
+        let gates = crate::exits::has_gates(program.graph());
+        let mut engine = Engine {
             program,
             batching,
             executor,
             decoding,
-        });
+            depth: Depth::Full,
+            exits,
+            gates,
+            boundaries: Vec::new(),
+        };
+        engine.compute_boundaries();
+        world.insert_resource(engine);
+        world.insert_resource(StageResults::default());
         world.insert_resource(Clock::default());
         world.insert_resource(Arrivals(requests));
         world.insert_resource(Plan::default());
@@ -520,8 +525,30 @@ impl Runtime {
             ..Recorder::default()
         });
         let mut schedule = Schedule::default();
-        schedule.add_systems((admit, plan, execute, emit, record).chain());
+        schedule.add_systems((admit, plan, step::execute, decide::decide, emit, record).chain());
         Runtime { world, schedule }
+    }
+
+    /// Sets how deep tokens run; checks it against the program and the executor.
+    pub fn with_depth(mut self, depth: Depth) -> anyhow::Result<Self> {
+        {
+            let mut engine = self.world.resource_mut::<Engine>();
+            depth
+                .validate(engine.program.graph())
+                .map_err(anyhow::Error::msg)?;
+            match (&depth, &engine.executor, &engine.batching) {
+                (Depth::EarlyExit { .. }, Executor::Sim(_), _) => anyhow::bail!(
+                    "the simulated executor runs no model, so exit rules cannot be evaluated; use the real executor"
+                ),
+                (Depth::SkipDecode(_), _, Batching::DepthWise { .. }) => anyhow::bail!(
+                    "SkipDecode runs each token's whole path in one step; use static or continuous batching"
+                ),
+                _ => {}
+            }
+            engine.depth = depth;
+            engine.compute_boundaries();
+        }
+        Ok(self)
     }
 
     /// Runs every request to completion (or failure).
@@ -549,6 +576,8 @@ impl Runtime {
                 first_token_s: p.first_token_s,
                 finish_s: p.finish_s,
                 failed: f.map(|f| f.0.clone()),
+                stats: p.stats.clone(),
+                nll: p.nll,
             })
             .collect();
         outcomes.sort_by_key(|o| o.id);
@@ -567,12 +596,11 @@ impl Runtime {
             Executor::Sim(_) => "simulated".into(),
         };
         report.policy = format!("{:?}", engine.batching);
-        let layers = engine.program.graph().info.num_layers;
-        let stages = engine.batching.stages().min(layers.max(1));
+        let stages = engine.stages();
         let total: f64 = stage_busy.iter().sum();
         report.stage_busy_share = (0..stages)
             .map(|s| {
-                let r = stage_layers(layers, stages, s);
+                let r = engine.stage_range(s);
                 let busy = stage_busy.get(s).copied().unwrap_or(0.0);
                 (
                     format!("layers {}..{}", r.start, r.end),
@@ -593,6 +621,18 @@ pub fn generate_through_runtime(
     prompts: &[Vec<u32>],
     opts: &crate::generate::GenerateOptions,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
+    generate_with_depth(program, prompts, opts, &Depth::Full, None).map(|(rows, _)| rows)
+}
+
+/// [`generate_through_runtime`] with adaptive depth, a trace, and each request's outcome
+/// (per-token depth statistics).
+pub fn generate_with_depth(
+    program: Arc<Program>,
+    prompts: &[Vec<u32>],
+    opts: &crate::generate::GenerateOptions,
+    depth: &Depth,
+    trace: Option<TraceWriter>,
+) -> anyhow::Result<(Vec<Vec<u32>>, Vec<RequestOutcome>)> {
     let info = program.graph().info.clone();
     if !info.family.is_decoder() {
         anyhow::bail!(
@@ -615,21 +655,23 @@ pub fn generate_through_runtime(
             arrival_s: 0.0,
             prompt: p.clone(),
             max_new_tokens: opts.max_new_tokens,
+            forced: Vec::new(),
         })
         .collect();
     if opts.max_new_tokens == 0 {
-        return Ok(prompts.to_vec());
+        return Ok((prompts.to_vec(), Vec::new()));
     }
     let batching = Batching::Static {
         max_batch: prompts.len().max(1),
     };
-    let (_, outcomes) =
-        Runtime::new(program, batching, Executor::Real, decoding, requests, None).run()?;
+    let (_, outcomes) = Runtime::new(program, batching, Executor::Real, decoding, requests, trace)
+        .with_depth(depth.clone())?
+        .run()?;
     if let Some(f) = outcomes.iter().find_map(|o| o.failed.as_ref()) {
         anyhow::bail!("{f}");
     }
     let longest = outcomes.iter().map(|o| o.tokens.len()).max().unwrap_or(0);
-    Ok(prompts
+    let rows = prompts
         .iter()
         .zip(&outcomes)
         .map(|(p, o)| {
@@ -638,5 +680,6 @@ pub fn generate_through_runtime(
             row.resize(p.len() + longest, pad);
             row
         })
-        .collect())
+        .collect();
+    Ok((rows, outcomes))
 }

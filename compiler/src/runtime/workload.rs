@@ -75,6 +75,11 @@ pub struct RequestSpec {
     pub arrival_s: f64,
     pub prompt: Vec<u32>,
     pub max_new_tokens: usize,
+    /// Teacher forcing: when not empty, the request's tokens are these (one per step, at
+    /// most `max_new_tokens`) instead of sampled ones, and their log-likelihood under the
+    /// distribution that produced each step is summed (perplexity studies).
+    #[serde(default)]
+    pub forced: Vec<u32>,
 }
 
 impl Workload {
@@ -134,6 +139,7 @@ impl Workload {
                     arrival_s,
                     prompt,
                     max_new_tokens: self.output_len.sample(&mut rng),
+                    forced: Vec::new(),
                 }
             })
             .collect())

@@ -1,0 +1,83 @@
+//! What a token's path costs, in FLOPs per token (attention over the context not counted):
+//! the ideal speedup of adaptive depth is the full path's cost over the adaptive one's.
+
+use exitgraph_ir::op::Op;
+use exitgraph_ir::Graph;
+use std::collections::BTreeMap;
+
+/// Per-token FLOPs of a graph's parts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DepthCost {
+    /// FLOPs of each transformer layer.
+    pub layer: Vec<f64>,
+    /// FLOPs of each exit point's head (and gate), by layer count.
+    pub head: BTreeMap<usize, f64>,
+    /// FLOPs of the final norm and LM head.
+    pub final_head: f64,
+    /// FLOPs of writing one layer's keys and values from a copied state (norm + k, v).
+    pub kv_fill: Vec<f64>,
+}
+
+impl DepthCost {
+    pub fn of(graph: &Graph) -> Self {
+        let layers = graph.info.num_layers;
+        let mut layer = vec![0.0; layers];
+        let mut kv_fill = vec![0.0; layers];
+        let mut head = BTreeMap::new();
+        let mut final_head = 0.0;
+        for n in graph.graph.node_weights() {
+            let f = n.op.flops_per_token() as f64;
+            match n.layer {
+                Some(l) if l < layers => {
+                    layer[l] += f;
+                    if let Op::Attention(a) = &n.op {
+                        let kv = 2.0
+                            * (a.k.in_features * a.k.out_features
+                                + a.v.in_features * a.v.out_features)
+                                as f64;
+                        kv_fill[l] += kv + 5.0 * a.q.in_features as f64;
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(k) = n
+                        .name
+                        .strip_prefix("exit.")
+                        .and_then(|r| r.split_once('.'))
+                        .and_then(|(k, _)| k.parse::<usize>().ok())
+                    {
+                        *head.entry(k).or_insert(0.0) += f;
+                    } else if matches!(n.op, Op::Norm(_) | Op::LmHead(_)) {
+                        final_head += f;
+                    }
+                }
+            }
+        }
+        DepthCost {
+            layer,
+            head,
+            final_head,
+            kv_fill,
+        }
+    }
+
+    /// FLOPs of the full model for one token.
+    pub fn full(&self) -> f64 {
+        self.layer.iter().sum::<f64>() + self.final_head
+    }
+
+    /// FLOPs of a token that ran `layers`, evaluated the heads at `heads`, filled keys and
+    /// values for `filled` layers and reached the final head when `final_head`.
+    pub fn path(
+        &self,
+        layers: &[usize],
+        heads: &[usize],
+        filled: &[usize],
+        final_head: bool,
+    ) -> f64 {
+        let l: f64 = layers.iter().filter_map(|&i| self.layer.get(i)).sum();
+        let h: f64 = heads.iter().filter_map(|k| self.head.get(k)).sum();
+        let f: f64 = filled.iter().filter_map(|&i| self.kv_fill.get(i)).sum();
+        l + h + f + if final_head { self.final_head } else { 0.0 }
+    }
+}

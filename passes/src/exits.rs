@@ -1,0 +1,437 @@
+//! `InsertExits`: exit heads after chosen layers.
+//!
+//! Each exit point `k` (1 ≤ k < layers) reads the residual stream after `k` layers
+//! (`hidden_states.k`) and adds the outputs `exit.k.logits` (decoders) or
+//! `exit.k.sentence_embedding` (encoders with sentence pooling), plus `exit.k.gate` (one
+//! logit) when a learned gate is asked for. Head kinds:
+//!
+//! - `SharedLmHead(norm: true)`: the model's own final norm and LM head (LayerSkip, logit lens);
+//!   with `norm: false` the LM head reads the stream directly.
+//! - `Linear`: a norm and LM head of its own (`exits.k.norm.weight`, `exits.k.head.weight`).
+//! - `Mlp(hidden: h)`: a residual adapter `x + down(act(up(norm_k(x))))`, then the shared final
+//!   norm and LM head (`exits.k.norm.weight`, `exits.k.mlp.up.weight`, `exits.k.mlp.down.weight`).
+//!
+//! Trained weights (own heads, gates `exits.k.gate.weight`/`.bias`) must be in the weight
+//! catalog: a pipeline's `weights:` file is added to it before the passes run.
+//! Encoders pool each exit's stream the way the model pools its last one; they take no head.
+//!
+//! **Invariant**: the pass only adds nodes and outputs; every existing node, edge and output is
+//! unchanged, so the full path computes exactly what it did before.
+
+use crate::{Pass, PassError, PassReport};
+use exitgraph_ir::op::{Linear, Mlp, Norm, Op};
+use exitgraph_ir::{Graph, Node, NodeIndex, Shape, WeightRef};
+use serde::{Deserialize, Serialize};
+
+/// What an exit head is made of.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum HeadKind {
+    /// The model's final norm (when `norm`) and LM head.
+    SharedLmHead { norm: bool },
+    /// A norm and LM head of the exit's own.
+    Linear,
+    /// A residual MLP adapter of width `hidden` before the shared final norm and LM head.
+    Mlp { hidden: usize },
+}
+
+impl Default for HeadKind {
+    fn default() -> Self {
+        HeadKind::SharedLmHead { norm: true }
+    }
+}
+
+/// Names of the weights an exit head of this kind owns (trained by `train exits`), with shapes.
+pub fn head_weights(
+    kind: &HeadKind,
+    gate: bool,
+    point: usize,
+    hidden: usize,
+    vocab: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    match kind {
+        HeadKind::SharedLmHead { .. } => {}
+        HeadKind::Linear => {
+            out.push((format!("exits.{point}.norm.weight"), vec![hidden]));
+            out.push((format!("exits.{point}.head.weight"), vec![vocab, hidden]));
+        }
+        HeadKind::Mlp { hidden: h } => {
+            out.push((format!("exits.{point}.norm.weight"), vec![hidden]));
+            out.push((format!("exits.{point}.mlp.up.weight"), vec![*h, hidden]));
+            out.push((format!("exits.{point}.mlp.down.weight"), vec![hidden, *h]));
+        }
+    }
+    if gate {
+        out.push((format!("exits.{point}.gate.weight"), vec![1, hidden]));
+        out.push((format!("exits.{point}.gate.bias"), vec![1]));
+    }
+    out
+}
+
+/// The exit points: explicit layer counts or every `n` layers (the last layer, which is the
+/// model's own output, is never an exit point).
+pub fn exit_points(
+    after: &[usize],
+    every: Option<usize>,
+    layers: usize,
+) -> Result<Vec<usize>, String> {
+    let mut points: Vec<usize> = match (after.is_empty(), every) {
+        (false, None) => after.to_vec(),
+        (true, Some(0)) => return Err("every must be at least 1".into()),
+        (true, Some(n)) => (1..layers).filter(|k| k % n == 0).collect(),
+        (true, None) => return Err("give the exit layers in `after: [..]` or `every: n`".into()),
+        (false, Some(_)) => return Err("give either `after` or `every`, not both".into()),
+    };
+    if let Some(&bad) = points.iter().find(|&&k| k == 0 || k >= layers) {
+        return Err(format!(
+            "exit after layer {bad} is out of range 1..{layers} (layer {layers} is the model's own output)"
+        ));
+    }
+    points.sort_unstable();
+    points.dedup();
+    Ok(points)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct InsertExits {
+    /// Exit after these many layers...
+    pub after: Vec<usize>,
+    /// ...or after every `n` layers.
+    pub every: Option<usize>,
+    pub head: HeadKind,
+    /// Add a learned gate per exit.
+    pub gate: bool,
+}
+
+fn node(name: String, op: Op, shape: Shape) -> Node {
+    Node {
+        name,
+        op,
+        layer: None,
+        shape,
+    }
+}
+
+impl InsertExits {
+    fn err(message: String) -> PassError {
+        PassError::Config {
+            pass: "InsertExits",
+            message,
+        }
+    }
+
+    /// The final norm (if any) and LM head of a decoder.
+    fn shared_head(g: &Graph) -> Result<(Option<Norm>, Linear), PassError> {
+        let head = *g.outputs.get("logits").ok_or_else(|| {
+            Self::err("the graph has no logits output (no LM head to share)".into())
+        })?;
+        let Op::LmHead(l) = &g.graph[head].op else {
+            return Err(Self::err("the logits output is not an LmHead".into()));
+        };
+        let norm = g.inputs(head).first().and_then(|&i| match &g.graph[i].op {
+            Op::Norm(n) if g.graph[i].layer.is_none() => Some(n.clone()),
+            _ => None,
+        });
+        Ok((norm, l.clone()))
+    }
+
+    fn own(&self, g: &Graph, name: &str) -> Result<WeightRef, PassError> {
+        if g.weights.tensors.contains_key(name) {
+            Ok(WeightRef::file(name))
+        } else {
+            Err(Self::err(format!(
+                "weight {name} is not loaded: train the heads with `exitgraph train exits` and \
+                 name the file in the pass's `weights:`"
+            )))
+        }
+    }
+
+    fn add_decoder_exit(
+        &self,
+        g: &mut Graph,
+        k: usize,
+        stream: NodeIndex,
+        added: &mut Vec<String>,
+    ) -> Result<(), PassError> {
+        let hidden = g.info.hidden;
+        let (final_norm, lm_head) = Self::shared_head(g)?;
+        let mut push = |g: &mut Graph, n: Node, inputs: &[NodeIndex]| {
+            added.push(n.name.clone());
+            g.add(n, inputs)
+        };
+        let per_token = Shape::per_token(hidden);
+        let (head_in, head) = match &self.head {
+            HeadKind::SharedLmHead { norm } => {
+                let x = match (norm, &final_norm) {
+                    (true, Some(n)) => push(
+                        g,
+                        node(
+                            format!("exit.{k}.norm"),
+                            Op::Norm(n.clone()),
+                            per_token.clone(),
+                        ),
+                        &[stream],
+                    ),
+                    (true, None) => {
+                        return Err(Self::err(
+                            "SharedLmHead(norm: true): the model has no final norm".into(),
+                        ))
+                    }
+                    (false, _) => stream,
+                };
+                (x, lm_head.clone())
+            }
+            HeadKind::Linear => {
+                let base = final_norm.clone().ok_or_else(|| {
+                    Self::err("Linear heads copy the final norm; the model has none".into())
+                })?;
+                let norm = Norm {
+                    weight: self.own(g, &format!("exits.{k}.norm.weight"))?,
+                    bias: None,
+                    ..base
+                };
+                let x = push(
+                    g,
+                    node(format!("exit.{k}.norm"), Op::Norm(norm), per_token.clone()),
+                    &[stream],
+                );
+                let head = Linear {
+                    weight: self.own(g, &format!("exits.{k}.head.weight"))?,
+                    bias: None,
+                    in_features: hidden,
+                    out_features: g.info.vocab,
+                };
+                (x, head)
+            }
+            HeadKind::Mlp { hidden: h } => {
+                let base = final_norm.clone().ok_or_else(|| {
+                    Self::err("Mlp heads end in the final norm; the model has none".into())
+                })?;
+                let own_norm = Norm {
+                    weight: self.own(g, &format!("exits.{k}.norm.weight"))?,
+                    bias: None,
+                    ..base.clone()
+                };
+                let up = self.own(g, &format!("exits.{k}.mlp.up.weight"))?;
+                let down = self.own(g, &format!("exits.{k}.mlp.down.weight"))?;
+                let act = g
+                    .graph
+                    .node_weights()
+                    .find_map(|n| match &n.op {
+                        Op::Mlp(m) => Some(m.act),
+                        _ => None,
+                    })
+                    .ok_or_else(|| Self::err("the model has no MLP to copy".into()))?;
+                let x = push(
+                    g,
+                    node(
+                        format!("exit.{k}.norm"),
+                        Op::Norm(own_norm),
+                        per_token.clone(),
+                    ),
+                    &[stream],
+                );
+                let mlp = Mlp {
+                    act,
+                    gate: None,
+                    up: Linear {
+                        weight: up,
+                        bias: None,
+                        in_features: hidden,
+                        out_features: *h,
+                    },
+                    down: Linear {
+                        weight: down,
+                        bias: None,
+                        in_features: *h,
+                        out_features: hidden,
+                    },
+                };
+                let m = push(
+                    g,
+                    node(format!("exit.{k}.mlp"), Op::Mlp(mlp), per_token.clone()),
+                    &[x],
+                );
+                let sum = push(
+                    g,
+                    node(format!("exit.{k}.add"), Op::Add, per_token.clone()),
+                    &[stream, m],
+                );
+                let out = push(
+                    g,
+                    node(
+                        format!("exit.{k}.final_norm"),
+                        Op::Norm(base),
+                        per_token.clone(),
+                    ),
+                    &[sum],
+                );
+                (out, lm_head.clone())
+            }
+        };
+        let vocab = head.out_features;
+        let logits = push(
+            g,
+            node(
+                format!("exit.{k}.head"),
+                Op::LmHead(head),
+                Shape::per_token(vocab),
+            ),
+            &[head_in],
+        );
+        g.outputs.insert(format!("exit.{k}.logits"), logits);
+        if self.gate {
+            let gate = Linear {
+                weight: self.own(g, &format!("exits.{k}.gate.weight"))?,
+                bias: Some(self.own(g, &format!("exits.{k}.gate.bias"))?),
+                in_features: hidden,
+                out_features: 1,
+            };
+            let n = push(
+                g,
+                node(
+                    format!("exit.{k}.gate"),
+                    Op::LmHead(gate),
+                    Shape::per_token(1),
+                ),
+                &[head_in],
+            );
+            g.outputs.insert(format!("exit.{k}.gate"), n);
+        }
+        Ok(())
+    }
+
+    fn add_encoder_exit(
+        &self,
+        g: &mut Graph,
+        k: usize,
+        stream: NodeIndex,
+        added: &mut Vec<String>,
+    ) -> Result<(), PassError> {
+        let pool = *g.outputs.get("sentence_embedding").ok_or_else(|| {
+            Self::err("encoder exits pool like the model's sentence_embedding; it has none".into())
+        })?;
+        let node_ = g.graph[pool].clone();
+        let n = g.add(
+            Node {
+                name: format!("exit.{k}.pool"),
+                layer: None,
+                ..node_
+            },
+            &[stream],
+        );
+        added.push(format!("exit.{k}.pool"));
+        g.outputs.insert(format!("exit.{k}.sentence_embedding"), n);
+        Ok(())
+    }
+}
+
+impl Pass for InsertExits {
+    fn name(&self) -> &'static str {
+        "InsertExits"
+    }
+
+    fn run(&self, g: &mut Graph) -> Result<PassReport, PassError> {
+        let layers = g.info.num_layers;
+        let points = exit_points(&self.after, self.every, layers).map_err(Self::err)?;
+        if let Some(k) = points
+            .iter()
+            .find(|k| g.outputs.contains_key(&format!("exit.{k}.logits")))
+        {
+            return Err(Self::err(format!(
+                "the graph already has an exit after layer {k}"
+            )));
+        }
+        let mut added = Vec::new();
+        for &k in &points {
+            let stream = *g
+                .outputs
+                .get(&format!("hidden_states.{k}"))
+                .ok_or_else(|| Self::err(format!("the graph has no output hidden_states.{k}")))?;
+            if g.info.family.is_decoder() {
+                self.add_decoder_exit(g, k, stream, &mut added)?;
+            } else {
+                self.add_encoder_exit(g, k, stream, &mut added)?;
+            }
+        }
+        Ok(PassReport {
+            summary: format!(
+                "added exits after layers {points:?} ({} nodes)",
+                added.len()
+            ),
+            added,
+            removed: Vec::new(),
+            changed: Vec::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PassManager;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    fn fixture(name: &str) -> Graph {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name);
+        exitgraph_ir::import(&dir).expect("fixture imports").graph
+    }
+
+    #[test]
+    fn points_are_checked() {
+        assert_eq!(exit_points(&[], Some(2), 6), Ok(vec![2, 4]));
+        assert_eq!(exit_points(&[4, 2, 4], None, 6), Ok(vec![2, 4]));
+        assert!(exit_points(&[6], None, 6).unwrap_err().contains("1..6"));
+        assert!(exit_points(&[0], None, 6).is_err());
+        assert!(exit_points(&[], None, 6).is_err());
+        assert!(exit_points(&[2], Some(2), 6).is_err());
+        assert!(exit_points(&[], Some(0), 6).is_err());
+    }
+
+    #[test]
+    fn own_heads_need_their_weights() {
+        let mut g = fixture("tiny-llama");
+        let e = InsertExits {
+            after: vec![2],
+            every: None,
+            head: HeadKind::Linear,
+            gate: false,
+        }
+        .run(&mut g)
+        .expect_err("no weights");
+        assert!(e.to_string().contains("exits.2.norm.weight"), "{e}");
+    }
+
+    proptest! {
+        /// Only nodes and outputs are added: the original graph is a subgraph, unchanged.
+        #[test]
+        fn exits_leave_the_full_path_unchanged(
+            name in prop_oneof![Just("tiny-llama"), Just("tiny-qwen2"), Just("tiny-gpt2")],
+            mask in 1u32..64,
+        ) {
+            let g = fixture(name);
+            let n = g.info.num_layers;
+            let points: Vec<usize> = (1..n).filter(|k| mask & (1 << (k - 1)) != 0).collect();
+            prop_assume!(!points.is_empty());
+            let mut h = g.clone();
+            let pass = InsertExits { after: points.clone(), every: None, head: HeadKind::default(), gate: false };
+            PassManager::new(vec![Box::new(pass)]).run(&mut h).expect("verifies");
+            for i in g.graph.node_indices() {
+                prop_assert_eq!(&g.graph[i].name, &h.graph[i].name);
+                prop_assert_eq!(g.inputs(i), h.inputs(i));
+            }
+            for (k, v) in &g.outputs {
+                prop_assert_eq!(h.outputs.get(k), Some(v));
+            }
+            for k in &points {
+                let key = format!("exit.{k}.logits");
+                prop_assert!(h.outputs.contains_key(&key));
+            }
+            prop_assert_eq!(h.outputs.len(), g.outputs.len() + points.len());
+        }
+    }
+}
