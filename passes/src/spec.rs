@@ -18,8 +18,9 @@ pub enum PassSpec {
     InsertExits {
         #[serde(default)]
         after: Vec<usize>,
+        /// 0: not used.
         #[serde(default)]
-        every: Option<usize>,
+        every: usize,
         #[serde(default)]
         head: HeadKind,
         #[serde(default)]
@@ -42,7 +43,7 @@ impl PassSpec {
                 ..
             } => Box::new(InsertExits {
                 after: after.clone(),
-                every: *every,
+                every: (*every > 0).then_some(*every),
                 head: head.clone(),
                 gate: *gate,
             }),

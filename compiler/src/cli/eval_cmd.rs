@@ -5,6 +5,46 @@ use std::path::PathBuf;
 pub enum EvalCommand {
     /// Per task, answer-token accuracy when decoding from each layer (logit lens).
     Layers(LayersArgs),
+    /// Speed against quality of early exiting: sweep exit rules' thresholds.
+    Exits(ExitsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ExitsArgs {
+    /// Pipeline (RON) with an InsertExits pass, on a model with tokenizer.json.
+    pipeline: PathBuf,
+    /// Corpus tasks to draw cases from, comma-separated (copy, count, recall, addition,
+    /// grammar); all when omitted.
+    #[arg(long, value_delimiter = ',')]
+    data: Vec<String>,
+    /// Held-out examples (seed of the held-out corpus: --seed).
+    #[arg(long, default_value_t = 200)]
+    examples: usize,
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
+    /// Longest continuation per case.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// RULE=lo:hi:step (confidence, margin, entropy, patience, saturation, gate); repeat for
+    /// several rules.
+    #[arg(long, required = true)]
+    sweep: Vec<String>,
+    /// Pick, per rule, the threshold with the best speedup reaching this agreement with the
+    /// full model on a calibration half, and report it on the held-out half.
+    #[arg(long)]
+    target_agreement: Option<f64>,
+    /// Write every row as CSV.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write a plot of speedup against agreement (PNG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -23,8 +63,66 @@ pub struct LayersArgs {
     json: Option<PathBuf>,
 }
 
+fn exits(a: ExitsArgs) -> anyhow::Result<()> {
+    use exitgraph::eval::exits::{corpus_cases, parse_sweep, sweep};
+    let pipeline = exitgraph::pipeline::Pipeline::read(&a.pipeline)?;
+    let compiled = exitgraph::pipeline::compile(&pipeline, &a.pipeline)?;
+    let tok_path = compiled.checkpoint.tokenizer.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: eval exits needs the model's tokenizer.json",
+            compiled.model_dir.display()
+        )
+    })?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let tasks = a
+        .data
+        .iter()
+        .map(|t| t.parse())
+        .collect::<anyhow::Result<Vec<exitgraph::corpus::Task>>>()?;
+    if let Some(t) = a.target_agreement {
+        if !(0.0..=1.0).contains(&t) {
+            anyhow::bail!("--target-agreement {t} is outside 0..=1");
+        }
+    }
+    let mut rules = Vec::new();
+    for s in &a.sweep {
+        rules.extend(parse_sweep(s)?);
+    }
+    let cases = corpus_cases(&tokenizer, &tasks, a.seed, a.examples, a.max_new_tokens)?;
+    let program = std::sync::Arc::new(compiled.lower()?);
+    let bar = indicatif::ProgressBar::new(rules.len() as u64);
+    let report = sweep(
+        program,
+        &cases,
+        a.batch,
+        &rules,
+        a.target_agreement,
+        |what| {
+            bar.set_message(what.to_string());
+            bar.inc(1);
+        },
+    )?;
+    bar.finish_and_clear();
+    out!("{}", report.to_markdown());
+    if let Some(path) = &a.csv {
+        exitgraph::atomic::write_text(path, &report.to_csv())?;
+        outln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.json {
+        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+        outln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        exitgraph::eval::exits::plot(&report, path)?;
+        outln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
     match cmd {
+        EvalCommand::Exits(a) => exits(a),
         EvalCommand::Layers(a) => {
             let dir = a
                 .model_dir

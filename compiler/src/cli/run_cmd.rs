@@ -3,7 +3,8 @@ use candle_core::{DType, Tensor};
 use exitgraph::generate::Sampling;
 use exitgraph::lower::{Inputs, Program};
 use exitgraph::pipeline::{compile, Compiled, Pipeline};
-use exitgraph::runtime::generate_through_runtime;
+use exitgraph::runtime::generate_with_depth;
+use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::tensor_io::write_atomic;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,12 @@ pub struct RunArgs {
     /// With --temperature: nucleus sampling threshold.
     #[arg(long, requires = "temperature")]
     top_p: Option<f64>,
+    /// Print, per generated token, the layers it ran and where it exited.
+    #[arg(long)]
+    show_exits: bool,
+    /// Write the token-level trace (JSON Lines) to this file.
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -117,7 +124,16 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             top_p: a.top_p,
         };
     }
-    let out = generate_through_runtime(Arc::new(program), std::slice::from_ref(&prompt), &opts)?;
+    let depth = compiled.pipeline.runtime.depth.clone();
+    let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
+    let layers = compiled.graph.info.num_layers;
+    let (out, outcomes) = generate_with_depth(
+        Arc::new(program),
+        std::slice::from_ref(&prompt),
+        &opts,
+        &depth,
+        trace,
+    )?;
     let new: Vec<u32> = out
         .first()
         .map(|r| r[prompt.len()..].to_vec())
@@ -133,6 +149,31 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             "{}",
             new.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
         ),
+    }
+    if a.show_exits {
+        let stats = outcomes
+            .first()
+            .map(|o| o.stats.clone())
+            .unwrap_or_default();
+        outln!("token  text            exit layer  layers run");
+        for (t, s) in new.iter().zip(&stats) {
+            let text = match &tokenizer {
+                Some(tk) => tk.decode(&[*t], false).unwrap_or_default(),
+                None => t.to_string(),
+            };
+            outln!(
+                "{t:>5}  {:<14}  {:>4} / {layers}  {:>10}",
+                format!("{text:?}"),
+                s.exit_layer,
+                s.layers_run
+            );
+        }
+        let n = stats.len().max(1) as f64;
+        let mean: f64 = stats.iter().map(|s| s.layers_run as f64).sum::<f64>() / n;
+        outln!("mean layers run {mean:.2} of {layers} ({:?})", depth);
+    }
+    if let Some(path) = &a.trace {
+        outln!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -5,6 +5,35 @@ use std::path::PathBuf;
 pub enum TrainCommand {
     /// Train a Llama-architecture language model from scratch on the synthetic corpus.
     Lm(LmArgs),
+    /// Train a pipeline's exit heads and gates (backbone frozen) by self-distillation.
+    Exits(ExitsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ExitsArgs {
+    /// Pipeline (RON) with an InsertExits pass of Linear or Mlp heads, or gates.
+    pipeline: PathBuf,
+    /// Output folder: heads.safetensors, pipeline.ron (referencing them), training.json.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Corpus tasks to train on, comma-separated; all when omitted.
+    #[arg(long, value_delimiter = ',')]
+    data: Vec<String>,
+    #[arg(long, default_value_t = 4000)]
+    examples: usize,
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Weight of the distillation term (KL to the final layer); the rest is the label loss.
+    #[arg(long, default_value_t = 0.5)]
+    distill: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -18,6 +47,48 @@ pub struct LmArgs {
 
 pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
     match cmd {
+        TrainCommand::Exits(a) => {
+            use exitgraph::exits::train::{train_exits, ExitTrainSpec};
+            let tasks = a
+                .data
+                .iter()
+                .map(|t| t.parse())
+                .collect::<anyhow::Result<Vec<exitgraph::corpus::Task>>>()?;
+            let spec = ExitTrainSpec {
+                tasks,
+                examples: a.examples,
+                seed: a.seed,
+                seq_len: a.seq_len,
+                batch_size: a.batch_size,
+                distill: a.distill,
+                training: exitgraph::train::TrainConfig {
+                    steps: a.steps,
+                    grad_accum: 1,
+                    lr: a.lr,
+                    min_lr: a.lr * 0.1,
+                    warmup_steps: (a.steps / 20).min(50),
+                    adamw: None,
+                    clip_norm: Some(1.0),
+                    eval_every: (a.steps / 4).max(1),
+                    checkpoint_every: 0,
+                },
+            };
+            let report = train_exits(&a.pipeline, &a.out, &spec, true)?;
+            let last_eval = report.log.eval_loss.last().map_or(f64::NAN, |e| e.1);
+            outln!(
+                "trained {} parameters of exits after layers {:?} for {} steps in {:.0} s; eval loss {last_eval:.4}",
+                report.trainable,
+                report.exits,
+                report.log.train_loss.len(),
+                report.log.seconds
+            );
+            outln!(
+                "wrote {} and {}",
+                report.heads.display(),
+                report.pipeline.display()
+            );
+            Ok(())
+        }
         TrainCommand::Lm(a) => {
             let report = train_lm(&a.config, a.resume, true)?;
             let last_eval = report.log.eval_loss.last().map_or(f64::NAN, |e| e.1);

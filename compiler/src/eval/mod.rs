@@ -1,3 +1,5 @@
 //! Evaluations of trained models.
 
+pub mod exits;
 pub mod layers;
+pub mod plot;

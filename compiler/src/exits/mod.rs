@@ -14,6 +14,7 @@
 
 pub mod cost;
 pub mod rule;
+pub mod train;
 
 pub use rule::{ExitRule, ExitView};
 

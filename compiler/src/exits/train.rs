@@ -1,0 +1,305 @@
+//! `exitgraph train exits PIPELINE.ron`: trains the exit heads and gates of a pipeline's
+//! `InsertExits` pass with the backbone frozen, by self-distillation.
+//!
+//! Per exit point `k` and position: `distill · KL(p_final ‖ p_k) + (1 − distill) · CE(y, p_k)`,
+//! where `p_final` is the full model's distribution (a constant) and `y` the next token of the
+//! corpus; a gate adds `BCE(σ(gate_k), [argmax p_k = argmax p_final])`. Heads start as the
+//! shared head (`Linear`: copies of the final norm and LM head) or as the identity (`Mlp`:
+//! zero down-projection); gates start at 0.5.
+//!
+//! Output: `OUT/heads.safetensors` (only the `exits.*` tensors, written atomically),
+//! `OUT/pipeline.ron` (the pipeline with `weights: "heads.safetensors"` and the model path
+//! resolved) and `OUT/training.json` (loss curves).
+
+use crate::corpus::{self, CorpusSpec, Task};
+use crate::lower::{Inputs, LowerOptions, Program, WeightSource, WeightStore};
+use crate::pipeline::{compile, resolve_model, Pipeline};
+use crate::train::data::Batcher;
+use crate::train::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor, D};
+use exitgraph_ir::op::Op;
+use exitgraph_passes::exits::{exit_points, head_weights};
+use exitgraph_passes::{HeadKind, PassSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// What `train exits` is asked to do.
+#[derive(Clone, Debug)]
+pub struct ExitTrainSpec {
+    pub tasks: Vec<Task>,
+    pub examples: usize,
+    pub seed: u64,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    /// Weight of the distillation term (the rest is the hard-label loss).
+    pub distill: f64,
+    pub training: TrainConfig,
+}
+
+/// What a run produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExitTrainReport {
+    pub heads: PathBuf,
+    pub pipeline: PathBuf,
+    pub trainable: usize,
+    pub exits: Vec<usize>,
+    pub log: TrainLog,
+}
+
+/// Initial values of the heads' own weights.
+fn initial_heads(
+    graph: &exitgraph_ir::Graph,
+    model_dir: &Path,
+    kind: &HeadKind,
+    gate: bool,
+    points: &[usize],
+    seed: u64,
+) -> anyhow::Result<HashMap<String, Tensor>> {
+    let device = Device::Cpu;
+    let hidden = graph.info.hidden;
+    let vocab = graph.info.vocab;
+    let head = graph
+        .outputs
+        .get("logits")
+        .copied()
+        .context("the model has no logits output")?;
+    let Op::LmHead(lm) = &graph.graph[head].op else {
+        bail!("the logits output is not an LM head");
+    };
+    let norm = graph
+        .inputs(head)
+        .first()
+        .and_then(|&i| match &graph.graph[i].op {
+            Op::Norm(n) => Some(n.weight.clone()),
+            _ => None,
+        });
+    let mut store = WeightStore::open(&graph.weights, model_dir, &device, DType::F32)?;
+    let mut out = HashMap::new();
+    for &k in points {
+        for (name, shape) in head_weights(kind, gate, k, hidden, vocab) {
+            let t = if name.ends_with(".norm.weight") {
+                match &norm {
+                    Some(w) => store.get(w)?.copy()?,
+                    None => Tensor::ones(shape.as_slice(), DType::F32, &device)?,
+                }
+            } else if name.ends_with(".head.weight") {
+                store.get(&lm.weight)?.copy()?
+            } else if name.ends_with(".mlp.up.weight") {
+                // Seeded uniform values with standard deviation 0.02.
+                let mut rng = crate::train::data::SplitMix64::new(seed ^ (k as u64) << 8);
+                let n: usize = shape.iter().product();
+                let a = 0.02 * 3f64.sqrt();
+                let values: Vec<f32> = (0..n)
+                    .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * a)
+                    .map(|v| v as f32)
+                    .collect();
+                Tensor::from_vec(values, shape.as_slice(), &device)?
+            } else {
+                Tensor::zeros(shape.as_slice(), DType::F32, &device)?
+            };
+            out.insert(name, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Mean over positions of KL(p ‖ q) for `[n, vocab]` log-probabilities.
+fn kl(log_p: &Tensor, log_q: &Tensor) -> candle_core::Result<Tensor> {
+    (log_p.exp()? * (log_p - log_q)?)?
+        .sum(D::Minus1)?
+        .mean_all()
+}
+
+/// Mean binary cross-entropy of logits `x` against 0/1 targets `t` (stable form).
+fn bce_with_logits(x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+    // max(x, 0) − x·t + log(1 + exp(−|x|))
+    let relu = x.relu()?;
+    let soft = ((x.abs()?.neg()?.exp()? + 1.0)?).log()?;
+    ((relu - (x * t)?)? + soft)?.mean_all()
+}
+
+/// Trains the exits of the pipeline at `pipeline_path`, writing into `out`.
+pub fn train_exits(
+    pipeline_path: &Path,
+    out: &Path,
+    spec: &ExitTrainSpec,
+    show_progress: bool,
+) -> anyhow::Result<ExitTrainReport> {
+    let mut pipeline = Pipeline::read(pipeline_path)?;
+    let index = pipeline
+        .passes
+        .iter()
+        .position(|p| matches!(p, PassSpec::InsertExits { .. }))
+        .with_context(|| {
+            format!(
+                "{}: the pipeline has no InsertExits pass",
+                pipeline_path.display()
+            )
+        })?;
+    let PassSpec::InsertExits {
+        after,
+        every,
+        head,
+        gate,
+        ..
+    } = pipeline.passes[index].clone()
+    else {
+        bail!("unreachable: the pass was matched above");
+    };
+    if matches!(head, HeadKind::SharedLmHead { .. }) && !gate {
+        bail!(
+            "{}: SharedLmHead exits without gates have nothing to train (use Linear or Mlp heads, or gate: true)",
+            pipeline_path.display()
+        );
+    }
+    let model_dir = resolve_model(&pipeline, pipeline_path);
+    let ckpt = exitgraph_ir::import(&model_dir)?;
+    let layers = ckpt.graph.info.num_layers;
+    let points = exit_points(&after, (every > 0).then_some(every), layers)
+        .map_err(|e| anyhow::anyhow!("{}: InsertExits: {e}", pipeline_path.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let heads_path = out.join("heads.safetensors");
+    let init = initial_heads(&ckpt.graph, &model_dir, &head, gate, &points, spec.seed)?;
+    crate::tensor_io::write_atomic(&heads_path, &init)?;
+
+    // The pipeline as it will be saved: model resolved, weights next to it.
+    let abs_model = std::fs::canonicalize(&model_dir).unwrap_or(model_dir.clone());
+    pipeline.model = abs_model.display().to_string();
+    if let PassSpec::InsertExits { weights, .. } = &mut pipeline.passes[index] {
+        *weights = Some("heads.safetensors".into());
+    }
+    let saved_pipeline = out.join("pipeline.ron");
+    let compiled = compile(&pipeline, &saved_pipeline)?;
+
+    let tok_path =
+        compiled.checkpoint.tokenizer.clone().with_context(|| {
+            format!("{}: train exits needs tokenizer.json", model_dir.display())
+        })?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let train_examples = corpus::generate(&CorpusSpec {
+        seed: spec.seed,
+        examples: spec.examples,
+        tasks: spec.tasks.clone(),
+    });
+    let eval_examples = corpus::generate(&CorpusSpec {
+        seed: spec.seed.wrapping_add(7919),
+        examples: (spec.examples / 10).max(16),
+        tasks: spec.tasks.clone(),
+    });
+    let train_rows = corpus::pack(&tokenizer, &train_examples, spec.seq_len)?;
+    let eval_rows = corpus::pack(&tokenizer, &eval_examples, spec.seq_len)?;
+    if train_rows.is_empty() || eval_rows.is_empty() {
+        bail!("the corpus is too small for seq_len {}", spec.seq_len);
+    }
+    if spec.seq_len + 1 > compiled.graph.info.max_positions {
+        bail!(
+            "seq_len {} exceeds the model's {} positions",
+            spec.seq_len,
+            compiled.graph.info.max_positions
+        );
+    }
+    let device = Device::Cpu;
+    let mut params = ParamStore::load(&compiled.graph.weights, &compiled.model_dir, &device)?;
+    let trainable = params.select(&["exits.*".to_string()])?;
+    let program = Program::lower_with(
+        &compiled.graph,
+        &mut params,
+        &device,
+        DType::F32,
+        LowerOptions::training(),
+    )?;
+    let mut want: Vec<String> = vec!["logits".into()];
+    for k in &points {
+        want.push(format!("exit.{k}.logits"));
+        if gate {
+            want.push(format!("exit.{k}.gate"));
+        }
+    }
+    let want_refs: Vec<&str> = want.iter().map(String::as_str).collect();
+    let distill = spec.distill.clamp(0.0, 1.0);
+    let forward_loss = |x: Tensor, y: &Tensor| -> anyhow::Result<Tensor> {
+        let inputs = Inputs {
+            input_ids: x,
+            attention_mask: None,
+            token_type_ids: None,
+        };
+        let outs = program.forward(&inputs, &mut program.new_cache(), &want_refs, false)?;
+        let final_logits = outs.get("logits").context("no logits")?.detach();
+        let (b, s, v) = final_logits.dims3()?;
+        let final_lp = candle_nn::ops::log_softmax(&final_logits.reshape((b * s, v))?, D::Minus1)?;
+        let final_top = final_logits.argmax(D::Minus1)?;
+        let mut total: Option<Tensor> = None;
+        for k in &points {
+            let logits = outs
+                .get(&format!("exit.{k}.logits"))
+                .context("no exit logits")?;
+            let lp = candle_nn::ops::log_softmax(&logits.reshape((b * s, v))?, D::Minus1)?;
+            let mut loss =
+                ((kl(&final_lp, &lp)? * distill)? + (lm_loss(logits, y)? * (1.0 - distill))?)?;
+            if gate {
+                let g = outs
+                    .get(&format!("exit.{k}.gate"))
+                    .context("no gate")?
+                    .reshape((b, s))?;
+                let target = logits
+                    .detach()
+                    .argmax(D::Minus1)?
+                    .eq(&final_top)?
+                    .to_dtype(DType::F32)?;
+                loss = (loss + bce_with_logits(&g, &target)?)?;
+            }
+            total = Some(match total {
+                Some(t) => (t + loss)?,
+                None => loss,
+            });
+        }
+        let n = points.len().max(1) as f64;
+        Ok((total.context("no exit points")? / n)?)
+    };
+    let train = Batcher::new(train_rows, spec.batch_size, spec.seed);
+    let eval = Batcher::new(eval_rows, spec.batch_size, spec.seed);
+    let eval_batches = eval.in_order(&device)?;
+    let accum = spec.training.grad_accum.max(1);
+    let mut loss = |step: usize, micro: usize| -> anyhow::Result<(Tensor, usize)> {
+        let (x, y) = train.batch(step * accum + micro, &device)?;
+        let tokens = y.elem_count();
+        Ok((forward_loss(x, &y)?, tokens))
+    };
+    let mut evaluate = || -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for (x, y) in &eval_batches {
+            let n = y.elem_count();
+            let l = forward_loss(x.clone(), y)?.detach();
+            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+            count += n;
+        }
+        Ok(total / count.max(1) as f64)
+    };
+    let mut trainer = Trainer::new(spec.training.clone(), &mut params);
+    trainer.show_progress = show_progress;
+    let log = trainer.run(&mut loss, &mut evaluate)?;
+    drop(trainer);
+    let heads: HashMap<String, Tensor> = params
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("exits."))
+        .collect();
+    crate::tensor_io::write_atomic(&heads_path, &heads)?;
+    crate::atomic::write_text(&saved_pipeline, &pipeline.to_ron())?;
+    let report = ExitTrainReport {
+        heads: heads_path,
+        pipeline: saved_pipeline,
+        trainable,
+        exits: points,
+        log,
+    };
+    crate::atomic::write_text(
+        &out.join("training.json"),
+        &serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(report)
+}
