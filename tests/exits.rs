@@ -210,3 +210,160 @@ proptest! {
         }
     }
 }
+
+/// MiniLM (weights fetched by scripts/fetch-minilm.sh) with exits after layers 2..=5.
+fn minilm() -> (exitgraph_ir::Graph, Arc<Program>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm-l6/model");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "MiniLM weights missing: run scripts/fetch-minilm.sh"
+    );
+    let g = exitgraph_ir::import(&dir).unwrap().graph;
+    let h = with_exits(&g, &[2, 3, 4, 5]);
+    let p = lower(&h, &dir);
+    (h, p)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn encoder_exits_match_full_and_shallow_embeddings_and_ignore_the_batch() {
+    use exitgraph::exits::encoder::embed_with_exits;
+    use exitgraph::lower::Inputs;
+    let (_, p) = minilm();
+    let rows: Vec<Vec<u32>> = vec![
+        vec![101, 1037, 2158, 2003, 2652, 1037, 6490, 1012, 102],
+        vec![101, 7592, 102],
+        vec![101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 102],
+    ];
+    let len = 9;
+    let ids: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| (0..len).map(|i| r.get(i).copied().unwrap_or(0)))
+        .collect();
+    let mask: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| (0..len).map(|i| u32::from(i < r.len())))
+        .collect();
+    let inputs = Inputs {
+        input_ids: candle_core::Tensor::from_vec(ids, (3, len), &Device::Cpu).unwrap(),
+        attention_mask: Some(candle_core::Tensor::from_vec(mask, (3, len), &Device::Cpu).unwrap()),
+        token_type_ids: None,
+    };
+    let out = p
+        .forward(
+            &inputs,
+            &mut p.new_cache(),
+            &["sentence_embedding", "exit.2.sentence_embedding"],
+            false,
+        )
+        .unwrap();
+    let full = out["sentence_embedding"].to_vec2::<f32>().unwrap();
+    let shallow = out["exit.2.sentence_embedding"].to_vec2::<f32>().unwrap();
+    // Never exiting: the model's own embeddings.
+    let never = embed_with_exits(&p, &rows, 0, &ExitRule::Never).unwrap();
+    for (e, f) in never.iter().zip(&full) {
+        assert_eq!(e.exit_layer, 6);
+        assert!(max_diff(&e.embedding, f) < 1e-5);
+        assert_eq!(e.signals.len(), 4);
+    }
+    // Always exiting: the first exit's pooled state.
+    let always = embed_with_exits(&p, &rows, 0, &ExitRule::Saturation(-1.0)).unwrap();
+    for (e, s) in always.iter().zip(&shallow) {
+        assert_eq!(e.exit_layer, 2);
+        assert!(max_diff(&e.embedding, s) < 1e-5);
+    }
+    // A threshold between: each sample's result equals its run alone.
+    let rule = ExitRule::Saturation(0.85);
+    let together = embed_with_exits(&p, &rows, 0, &rule).unwrap();
+    let layers: Vec<usize> = together.iter().map(|e| e.exit_layer).collect();
+    assert!(
+        layers.iter().any(|&l| l < 6),
+        "someone exits early: {layers:?}"
+    );
+    for (r, t) in rows.iter().zip(&together) {
+        let alone = embed_with_exits(&p, std::slice::from_ref(r), 0, &rule).unwrap();
+        assert_eq!(alone[0].exit_layer, t.exit_layer);
+        assert!(max_diff(&alone[0].embedding, &t.embedding) < 1e-4);
+    }
+    assert!(embed_with_exits(&p, &rows, 0, &ExitRule::Confidence(0.5)).is_err());
+}
+
+/// `train exits` on the demo model: heads start as the shared head, the distillation loss
+/// falls, only head tensors are saved, and the written pipeline runs with the trained gates.
+#[test]
+fn exit_heads_train_and_the_written_pipeline_runs() {
+    use exitgraph::exits::train::{train_exits, ExitTrainSpec};
+    use exitgraph::pipeline::{compile, Pipeline};
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("p.ron");
+    let demo = exitgraph::pipeline::demo_model_dir();
+    std::fs::write(
+        &pipeline,
+        format!(
+            "Pipeline(model: {:?}, passes: [InsertExits(after: [2], head: Linear, gate: true)], runtime: (depth: EarlyExit(rule: Gate(0.5))))",
+            demo.display().to_string()
+        ),
+    )
+    .unwrap();
+    let spec = ExitTrainSpec {
+        tasks: Vec::new(),
+        examples: 200,
+        seed: 3,
+        seq_len: 32,
+        batch_size: 4,
+        distill: 1.0,
+        training: exitgraph::train::TrainConfig {
+            steps: 16,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-3,
+            warmup_steps: 0,
+            adamw: None,
+            clip_norm: Some(1.0),
+            eval_every: 8,
+            checkpoint_every: 0,
+        },
+    };
+    let out = dir.path().join("out");
+    let report = train_exits(&pipeline, &out, &spec, false).unwrap();
+    let evals: Vec<f64> = report.log.eval_loss.iter().map(|e| e.1).collect();
+    assert!(
+        evals.len() >= 2 && evals.last() < evals.first(),
+        "{evals:?}"
+    );
+    let saved = candle_core::safetensors::load(&report.heads, &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = saved.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "exits.2.gate.bias",
+            "exits.2.gate.weight",
+            "exits.2.head.weight",
+            "exits.2.norm.weight"
+        ]
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind");
+    let p = Pipeline::read(&report.pipeline).unwrap();
+    let compiled = compile(&p, &report.pipeline).unwrap();
+    let program = Arc::new(compiled.lower().unwrap());
+    let got = serve(
+        &program,
+        &prompts(1, 2),
+        4,
+        Batching::Static { max_batch: 2 },
+        &p.runtime.depth,
+    );
+    assert_eq!(got.len(), 2);
+}

@@ -212,6 +212,51 @@ fn embed(
             mask.push(u32::from(i < r.len()));
         }
     }
+    if let exitgraph::exits::Depth::EarlyExit { rule } = &compiled.pipeline.runtime.depth {
+        let out = exitgraph::exits::encoder::embed_with_exits(program, &rows, pad, rule)?;
+        let layers = compiled.graph.info.num_layers;
+        if let Some(path) = output {
+            let flat: Vec<f32> = out.iter().flat_map(|e| e.embedding.clone()).collect();
+            let width = out.first().map_or(0, |e| e.embedding.len());
+            let t = Tensor::from_vec(flat, (out.len(), width), &candle_core::Device::Cpu)?;
+            let exits: Vec<u32> = out.iter().map(|e| e.exit_layer as u32).collect();
+            let n = exits.len();
+            let exits = Tensor::from_vec(exits, n, &candle_core::Device::Cpu)?;
+            write_atomic(
+                path,
+                &HashMap::from([
+                    ("sentence_embedding".to_string(), t),
+                    ("exit_layer".to_string(), exits),
+                ]),
+            )?;
+            outln!(
+                "wrote sentence_embedding [{n}, {width}] and exit_layer to {}",
+                path.display()
+            );
+            return Ok(());
+        }
+        for (text, e) in texts.iter().zip(&out) {
+            let head: Vec<String> = e
+                .embedding
+                .iter()
+                .take(8)
+                .map(|x| format!("{x:+.4}"))
+                .collect();
+            let sat: Vec<String> = e
+                .signals
+                .iter()
+                .map(|(k, c)| format!("L{k} {c:.4}"))
+                .collect();
+            outln!(
+                "{text:?}\n  exit after layer {} of {layers} (saturation: {})\n  sentence_embedding dim {}: [{} ...]",
+                e.exit_layer,
+                sat.join(", "),
+                e.embedding.len(),
+                head.join(", ")
+            );
+        }
+        return Ok(());
+    }
     let device = program.device();
     let inputs = Inputs {
         input_ids: Tensor::from_vec(ids, (rows.len(), len), device)?,

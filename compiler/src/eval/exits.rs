@@ -267,6 +267,11 @@ impl ExitEval {
     ) -> anyhow::Result<SweepRow> {
         let subset: Vec<Case> = which.iter().map(|&i| cases[i].clone()).collect();
         let depth = Depth::EarlyExit { rule: rule.clone() };
+        // The full model is timed right before, on the same cases, so both runs see the
+        // same machine load.
+        let (full, full_wall) = run_cases(&self.program, &subset, self.batch, &Depth::Full, false)?;
+        let full_generated: usize = full.iter().map(|o| o.tokens.len()).sum();
+        let full_tps = full_generated as f64 / full_wall.max(1e-9);
         let (outs, wall) = run_cases(&self.program, &subset, self.batch, &depth, false)?;
         let (forced, _) = run_cases(&self.program, &subset, self.batch, &depth, true)?;
         let (mut same, mut total) = (0usize, 0usize);
@@ -315,7 +320,7 @@ impl ExitEval {
             perplexity: ppl,
             perplexity_change: ppl / full_ppl - 1.0,
             tokens_per_s: tps,
-            speedup: tps / self.full_tps,
+            speedup: tps / full_tps,
             ideal_speedup: self.cost.full() / adaptive_cost.max(1e-9),
         })
     }

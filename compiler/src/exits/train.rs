@@ -203,7 +203,8 @@ pub fn train_exits(
     }
     let device = Device::Cpu;
     let mut params = ParamStore::load(&compiled.graph.weights, &compiled.model_dir, &device)?;
-    let trainable = params.select(&["exits.*".to_string()])?;
+    params.select(&["exits.*".to_string()])?;
+    let trainable = params.trainable_count();
     let program = Program::lower_with(
         &compiled.graph,
         &mut params,

@@ -360,6 +360,20 @@ impl Program {
         want: &[&str],
         last_logits_only: bool,
     ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        self.forward_from(inputs, cache, None, want, last_logits_only)
+    }
+
+    /// [`Program::forward`] starting, when `entry` is `(k, h)`, from the residual stream
+    /// `h: [batch, seq, hidden]` after `k` layers (`hidden_states.k`) instead of the token
+    /// ids: layers before `k` do not run. Staged encoders (per-sample exits) use it.
+    pub fn forward_from(
+        &self,
+        inputs: &Inputs,
+        cache: &mut KvCache,
+        entry: Option<(usize, &Tensor)>,
+        want: &[&str],
+        last_logits_only: bool,
+    ) -> Result<BTreeMap<String, Tensor>, RunError> {
         let (batch, seq) = inputs
             .input_ids
             .dims2()
@@ -410,10 +424,25 @@ impl Program {
                 }
             }
         }
+        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
+        let entry_step = match entry {
+            Some((k, h)) => {
+                let name = format!("hidden_states.{k}");
+                let i = *self.outputs.get(&name).ok_or_else(|| {
+                    RunError::UnknownOutput(name.clone(), self.output_names().join(", "))
+                })?;
+                values[i] = Some(h.clone());
+                Some(i)
+            }
+            None => None,
+        };
         // Steps needed, and the last step reading each value.
         let mut needed = BTreeSet::new();
         let mut stack = targets.clone();
         while let Some(i) = stack.pop() {
+            if Some(i) == entry_step {
+                continue;
+            }
             if needed.insert(i) {
                 stack.extend(self.steps[i].inputs.iter().copied());
             }
@@ -426,6 +455,9 @@ impl Program {
         }
         for &t in &targets {
             last_use[t] = usize::MAX;
+        }
+        if let Some(e) = entry_step {
+            last_use[e] = last_use[e].max(usize::MAX - 1);
         }
         let key_mask = inputs
             .attention_mask
@@ -441,7 +473,6 @@ impl Program {
             None => None,
         };
         let mut ctx = AttnCtx::new(start, seq, key_mask);
-        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
         for &i in &needed {
             let step = &self.steps[i];
             let wrap = |cause| RunError::Step {
