@@ -2,6 +2,7 @@
 
 pub mod atomic;
 pub mod bench;
+pub mod bench_exits;
 pub mod corpus;
 pub mod device;
 pub mod eval;

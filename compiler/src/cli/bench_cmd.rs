@@ -25,6 +25,10 @@ pub struct Args {
     hidden: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Benchmark adaptive depth instead: decode speed of early exits and SkipDecode on the
+    /// random model, measured against the ideal speedup their paths imply.
+    #[arg(long)]
+    exits: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -42,6 +46,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         reps: a.reps.max(1),
         seed: a.seed,
     };
+    if a.exits {
+        let bar = ProgressBar::new_spinner();
+        let report = exitgraph::bench_exits::run(&opts, |what| {
+            bar.set_message(what.to_string());
+            bar.tick();
+        })?;
+        bar.finish_and_clear();
+        out!("{}", report.to_markdown());
+        return Ok(());
+    }
     let bar = ProgressBar::new(opts.reps as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs ({elapsed})")

@@ -85,7 +85,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         pipeline.runtime.seed,
         Vec::new(),
     )?;
-    let (report, _) = Runtime::new(program, batching, executor, decoding, requests, trace).run()?;
+    let (report, _) = Runtime::new(program, batching, executor, decoding, requests, trace)
+        .with_depth(pipeline.runtime.depth.clone())?
+        .run()?;
     out!("{}", report.to_table());
     if let Some(t) = &a.trace {
         outln!("trace: {}", t.display());

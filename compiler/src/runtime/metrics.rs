@@ -87,6 +87,9 @@ pub struct ServeReport {
     pub busy_share: f64,
     /// Share of the executor's busy time spent in each stage.
     pub stage_busy_share: Vec<(String, f64)>,
+    /// Mean layers a generated token ran (adaptive depth lowers it).
+    #[serde(default)]
+    pub mean_layers_run: f64,
     /// (clock time, sequences in the step) for every step.
     pub occupancy: Vec<(f64, usize)>,
 }
@@ -145,6 +148,10 @@ impl ServeReport {
             e2e: Percentiles::of(&e2e),
             mean_batch,
             stage_busy_share: Vec::new(),
+            mean_layers_run: {
+                let stats: Vec<&TokenStat> = done.iter().flat_map(|o| &o.stats).collect();
+                stats.iter().map(|s| s.layers_run as f64).sum::<f64>() / stats.len().max(1) as f64
+            },
             busy_share: if makespan > 0.0 {
                 (busy_s / makespan).min(1.0)
             } else {
@@ -173,6 +180,13 @@ impl ServeReport {
             self.generated_tokens, self.steps
         );
         let _ = writeln!(s, "makespan         {:.3} s", self.makespan_s);
+        if self.mean_layers_run > 0.0 {
+            let _ = writeln!(
+                s,
+                "layers run       {:.2} per generated token",
+                self.mean_layers_run
+            );
+        }
         let _ = writeln!(s, "throughput       {:.1} tokens/s", self.throughput_tok_s);
         let _ = writeln!(
             s,

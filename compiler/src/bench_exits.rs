@@ -1,0 +1,228 @@
+//! `exitgraph bench --exits`: decode speed of adaptive depth against the ideal speedup its
+//! paths imply, on a random Llama (weights do not matter for speed, and fixed rules make
+//! the paths deterministic).
+//!
+//! Each setting decodes one sequence through the runtime; its decode time is the runtime's
+//! clock from the first to the last token (measured execution, state copying included). The
+//! ideal speedup is the full path's FLOPs over the mean adaptive path's (layers run, exit
+//! heads evaluated, keys and values filled from exit states; see [`crate::exits::cost`]).
+
+use crate::bench::BenchOptions;
+use crate::exits::cost::DepthCost;
+use crate::exits::{Depth, ExitRule, SkipDecode};
+use crate::lower::Program;
+use crate::runtime::metrics::TokenStat;
+use crate::runtime::policy::Batching;
+use crate::runtime::workload::RequestSpec;
+use crate::runtime::{Decoding, Executor, Runtime};
+use crate::synth::write_random_llama;
+use candle_core::{DType, Device};
+use exitgraph_passes::{HeadKind, InsertExits, Pass};
+use std::fmt::Write;
+use std::sync::Arc;
+
+/// One setting's figures.
+#[derive(Clone, Debug)]
+pub struct ExitBenchRow {
+    pub setting: String,
+    pub layers_run: f64,
+    pub heads_per_token: f64,
+    pub decode_tokens_per_s: f64,
+    pub measured_speedup: f64,
+    pub ideal_speedup: f64,
+}
+
+/// The table.
+#[derive(Clone, Debug)]
+pub struct ExitBenchReport {
+    pub params: usize,
+    pub layers: usize,
+    pub threads: usize,
+    pub reps: usize,
+    pub rows: Vec<ExitBenchRow>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Decodes once; returns decode seconds per token and the decode tokens' stats.
+fn decode_once(
+    program: &Arc<Program>,
+    prompt: &[u32],
+    new: usize,
+    depth: &Depth,
+) -> anyhow::Result<(f64, Vec<TokenStat>)> {
+    let request = RequestSpec {
+        id: 0,
+        arrival_s: 0.0,
+        prompt: prompt.to_vec(),
+        max_new_tokens: new,
+        forced: Vec::new(),
+    };
+    let (_, outcomes) = Runtime::new(
+        program.clone(),
+        Batching::Static { max_batch: 1 },
+        Executor::Real,
+        Decoding::greedy(),
+        vec![request],
+        None,
+    )
+    .with_depth(depth.clone())?
+    .run()?;
+    let o = outcomes
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no outcome"))?;
+    let (Some(first), Some(last)) = (o.first_token_s, o.finish_s) else {
+        anyhow::bail!("the request did not finish");
+    };
+    let decoded = o.produced.saturating_sub(1).max(1);
+    Ok(((last - first) / decoded as f64, o.stats[1..].to_vec()))
+}
+
+/// Runs the settings on a random model of `opts.spec`.
+pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Result<ExitBenchReport> {
+    let dir = tempfile::tempdir()?;
+    write_random_llama(dir.path(), &opts.spec, opts.seed)?;
+    let graph = exitgraph_ir::import(dir.path())?.graph;
+    let layers = graph.info.num_layers;
+    let q = (layers / 4).max(1);
+    let half = (layers / 2).max(1);
+    let prompt: Vec<u32> = (0..opts.prompt_len)
+        .map(|i| ((i * 7919 + 13) % graph.info.vocab) as u32)
+        .collect();
+    let new = opts.decode_tokens + 1;
+    let always = ExitRule::Confidence(0.0);
+    let skip = SkipDecode {
+        max_layers: layers,
+        min_layers: (layers / 3).max(2),
+        warmup: 1,
+    };
+    let settings: Vec<(String, Vec<usize>, Depth)> = vec![
+        ("full model".into(), Vec::new(), Depth::Full),
+        (
+            format!("exit after layer {}", 3 * q),
+            vec![3 * q],
+            Depth::EarlyExit {
+                rule: always.clone(),
+            },
+        ),
+        (
+            format!("exit after layer {half}"),
+            vec![half],
+            Depth::EarlyExit {
+                rule: always.clone(),
+            },
+        ),
+        (
+            format!("exit after layer {q}"),
+            vec![q],
+            Depth::EarlyExit { rule: always },
+        ),
+        (
+            format!("exits {:?}, never taken", [q, half, 3 * q]),
+            vec![q, half, 3 * q],
+            Depth::EarlyExit {
+                rule: ExitRule::Never,
+            },
+        ),
+        (
+            format!(
+                "SkipDecode {}→{} layers, warm-up 1",
+                skip.max_layers, skip.min_layers
+            ),
+            Vec::new(),
+            Depth::SkipDecode(skip),
+        ),
+    ];
+    let mut full_s = None;
+    let mut rows = Vec::new();
+    for (name, points, depth) in settings {
+        progress(&name);
+        let mut g = graph.clone();
+        if !points.is_empty() {
+            InsertExits {
+                after: points,
+                every: None,
+                head: HeadKind::SharedLmHead { norm: true },
+                gate: false,
+            }
+            .run(&mut g)?;
+        }
+        let cost = DepthCost::of(&g);
+        let program = Arc::new(Program::lower(&g, dir.path(), &Device::Cpu, DType::F32)?);
+        decode_once(&program, &prompt, new.min(4), &depth)?;
+        let mut times = Vec::with_capacity(opts.reps);
+        let mut stats = Vec::new();
+        for _ in 0..opts.reps.max(1) {
+            let (t, s) = decode_once(&program, &prompt, new, &depth)?;
+            times.push(t);
+            stats = s;
+        }
+        let t = median(times);
+        let base = *full_s.get_or_insert(t);
+        let n = stats.len().max(1) as f64;
+        let mean_cost = stats
+            .iter()
+            .map(|s| {
+                let run: Vec<usize> = (0..s.layers_run as usize).collect();
+                let heads: Vec<usize> = cost.head.keys().copied().take(s.heads as usize).collect();
+                let filled: Vec<usize> = (s.exit_layer as usize..layers)
+                    .take(s.filled as usize)
+                    .collect();
+                cost.path(&run, &heads, &filled, s.exit_layer as usize == layers)
+            })
+            .sum::<f64>()
+            / n;
+        rows.push(ExitBenchRow {
+            setting: name,
+            layers_run: stats.iter().map(|s| s.layers_run as f64).sum::<f64>() / n,
+            heads_per_token: stats.iter().map(|s| s.heads as f64).sum::<f64>() / n,
+            decode_tokens_per_s: 1.0 / t.max(1e-12),
+            measured_speedup: base / t.max(1e-12),
+            ideal_speedup: cost.full() / mean_cost.max(1e-9),
+        });
+    }
+    Ok(ExitBenchReport {
+        params: graph.params(),
+        layers,
+        threads: candle_core::utils::get_num_threads(),
+        reps: opts.reps.max(1),
+        rows,
+    })
+}
+
+impl ExitBenchReport {
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "random Llama, {:.1}M parameters, {} layers, {} threads, median of {} runs, batch 1\n",
+            self.params as f64 / 1e6,
+            self.layers,
+            self.threads,
+            self.reps
+        );
+        let _ = writeln!(
+            out,
+            "| setting | layers run | heads / token | decode tok/s | measured speedup | ideal speedup | measured / ideal |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        for r in &self.rows {
+            let _ = writeln!(
+                out,
+                "| {} | {:.2} | {:.2} | {:.1} | {:.2}x | {:.2}x | {:.2} |",
+                r.setting,
+                r.layers_run,
+                r.heads_per_token,
+                r.decode_tokens_per_s,
+                r.measured_speedup,
+                r.ideal_speedup,
+                r.measured_speedup / r.ideal_speedup
+            );
+        }
+        out
+    }
+}
