@@ -671,3 +671,60 @@ fn run_prompt_token_outside_the_vocabulary() {
     let msg = exitgraph_fails(&["run", path.to_str().unwrap(), "--prompt", "1 9999"]);
     assert_mentions(&msg, &["9999", "outside the vocabulary"]);
 }
+
+// ---------------------------------------------------------------- early exits
+
+#[test]
+fn exit_after_a_layer_out_of_range() {
+    let (_dir, path) = llama_pipeline("    passes: [InsertExits(after: [2, 9])],\n");
+    assert_pipeline_fails(&path, &["pipeline.ron", "InsertExits", "9", "1..6"]);
+}
+
+#[test]
+fn exit_heads_without_trained_weights() {
+    let (_dir, path) = llama_pipeline("    passes: [InsertExits(after: [2], head: Linear)],\n");
+    assert_pipeline_fails(
+        &path,
+        &["InsertExits", "exits.2.norm.weight", "train exits"],
+    );
+}
+
+#[test]
+fn exit_weights_file_missing_or_corrupt() {
+    let (dir, path) =
+        llama_pipeline("    passes: [InsertExits(after: [2], weights: \"heads.safetensors\")],\n");
+    assert_pipeline_fails(&path, &["pipeline.ron", "\"weights\"", "heads.safetensors"]);
+    std::fs::write(
+        dir.path().join("heads.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    assert_pipeline_fails(&path, &["\"weights\"", "heads.safetensors", "truncated"]);
+}
+
+#[test]
+fn early_exit_without_exits_or_with_a_bad_threshold() {
+    let (_dir, path) = llama_pipeline("    runtime: (depth: EarlyExit(rule: Confidence(0.9))),\n");
+    let err = exitgraph_fails(&["run", &path.to_string_lossy(), "--prompt", "1 2 3"]);
+    assert_mentions(&err, &["EarlyExit", "InsertExits"]);
+    let (_dir, path) = llama_pipeline(
+        "    passes: [InsertExits(every: 2)],\n    runtime: (depth: EarlyExit(rule: Any([Confidence(1.5)]))),\n",
+    );
+    let err = exitgraph_fails(&["run", &path.to_string_lossy(), "--prompt", "1 2 3"]);
+    assert_mentions(&err, &["Confidence", "1.5", "0..=1"]);
+    let (_dir, path) = llama_pipeline(
+        "    runtime: (depth: SkipDecode((max_layers: 9, min_layers: 2, warmup: 1))),\n",
+    );
+    let err = exitgraph_fails(&["run", &path.to_string_lossy(), "--prompt", "1 2 3"]);
+    assert_mentions(&err, &["SkipDecode", "max_layers (9)", "6 layers"]);
+}
+
+#[test]
+fn eval_exits_rejects_a_bad_sweep() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-exits.ron");
+    let demo = demo.to_string_lossy();
+    let err = exitgraph_fails(&["eval", "exits", &demo, "--sweep", "confidence=0.9:0.5:0.1"]);
+    assert_mentions(&err, &["--sweep", "lo <= hi"]);
+    let err = exitgraph_fails(&["eval", "exits", &demo, "--sweep", "speed=0:1:0.5"]);
+    assert_mentions(&err, &["unknown rule speed"]);
+}

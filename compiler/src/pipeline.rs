@@ -168,7 +168,10 @@ pub enum PipelineError {
 impl Pipeline {
     /// Parses pipeline RON; `path` is used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Pipeline, PipelineError> {
-        let p: Pipeline = ron::from_str(text).map_err(|e| PipelineError::Parse {
+        // Optional fields take a bare value (`weights: "heads.safetensors"`) or `Some(..)`.
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let p: Pipeline = options.from_str(text).map_err(|e| PipelineError::Parse {
             path: path.to_path_buf(),
             line: e.span.start.line,
             column: e.span.start.col,
