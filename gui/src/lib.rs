@@ -11,11 +11,13 @@ pub mod jobs;
 pub mod layout;
 pub mod loaded;
 pub mod node_info;
+pub mod paths;
 pub mod pipeline_check;
 pub mod ron_highlight;
 pub mod serving;
 pub mod tokens;
 pub mod trace_stats;
+pub mod viewport;
 pub mod views;
 
 #[cfg(test)]

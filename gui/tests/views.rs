@@ -18,7 +18,7 @@ fn graph_view_shows_both_graphs_and_node_details() {
     assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
     h.get_by_label_contains("Imported (40 nodes)");
     h.get_by_label_contains("After 0 passes (40 nodes)");
-    h.get_by_label("layer 5");
+    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
     // Both sides draw layer 0's attention; click the compiled one.
     let attn = h.get_all_by_label("attn\nAttention").count();
     assert_eq!(attn, 12);
@@ -32,22 +32,30 @@ fn graph_view_shows_both_graphs_and_node_details() {
         Some(Selection::Node(..))
     ));
     h.get_by_label("q.weight: [192, 192]");
-    h.get_by_label_contains("from model.safetensors (F32 [192, 192])");
-    h.get_by_label_contains("per context token");
+    // q and o are 192 × 192 tensors of the checkpoint file.
+    assert_eq!(
+        h.get_all_by_label_contains("from model.safetensors (F32 [192, 192])")
+            .count(),
+        2
+    );
+    h.get_by_label("+ per context token");
     h.snapshot_options("graph", &snapshot_options());
 
     // Folding: the six identical layers become one block.
     h.get_by_label("Fold repeated layers").click();
     h.run_steps(2);
     assert!(h.query_by_label("layer 5").is_none());
-    h.get_all_by_label_contains("layers 0–5")
+    h.get_all_by_label_contains("×6 folded")
         .next()
         .unwrap()
         .click();
     h.run_steps(2);
+    // Inside a scroll area a press needs the pointer there a frame before, as a hand does.
+    h.get_by_label("Unfold layers 0–5").hover();
+    h.run_steps(1);
     h.get_by_label("Unfold layers 0–5").click();
     h.run_steps(2);
-    h.get_all_by_label("layer 5").next().unwrap();
+    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
 }
 
 #[test]
@@ -82,8 +90,11 @@ fn pipeline_editor_reports_errors_while_typing_and_apply_recompiles() {
     h.get_by_label("Graph").click();
     h.run_steps(3);
     h.get_by_label_contains("After 1 pass (22 nodes)");
-    h.get_by_label_contains("changed 1");
-    h.get_by_label_contains("removed 18");
+    let (added, changed, removed) = h.state().loaded.as_ref().unwrap().diff.counts();
+    h.get_by_label(&format!("changed {changed}"));
+    h.get_by_label(&format!("removed {removed}"));
+    assert_eq!((added, removed), (0, 18));
+    assert!(changed >= 1);
     h.snapshot_options("graph_truncated", &snapshot_options());
 }
 
@@ -95,19 +106,19 @@ fn run_view_generates_and_shows_each_tokens_layers() {
     h.run_steps(2);
     h.state_mut().run.prompts = "copy: K7F2Q | K\nsome birds are cold".into();
     h.state_mut().run.max_new_tokens = 6;
-    h.get_by_role_and_label(eframe::egui::Role::Button, "Run")
-        .click();
+    h.get_by_label("Run prompts").click();
     h.run_steps(1);
     step_until(&mut h, "the run", Duration::from_secs(120), |a| {
         !a.run.running()
     });
     assert!(h.state().run.error.is_none(), "{:?}", h.state().run.error);
     let r = h.state().run.result.as_ref().unwrap();
-    assert_eq!(r.heatmap.rows.len(), 12);
+    // Up to 6 tokens per prompt; both stop early at the end-of-sequence token.
+    assert!((2..=12).contains(&r.heatmap.rows.len()));
     assert_eq!(r.heatmap.depth, 6);
     // No exit heads: every token ran all six layers and exited at the top.
     assert!(r.heatmap.rows.iter().all(|row| row.exit_layer == 6));
-    assert_eq!(r.histogram[6], 12);
+    assert_eq!(r.histogram[6], r.heatmap.rows.len() as u64);
     assert!(r.outputs[0].1.starts_with("7F2Q"), "{:?}", r.outputs[0]);
     h.get_by_label_contains("layer ran");
     h.get_by_label("L5");
@@ -133,7 +144,7 @@ fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
     h.run_steps(2);
     h.get_by_label("Simulator").click();
     h.run_steps(2);
-    h.get_by_label("Simulate").click();
+    h.get_by_label("Run simulation").click();
     h.run_steps(1);
     step_until(&mut h, "the simulation", Duration::from_secs(120), |a| {
         !a.sim.running()

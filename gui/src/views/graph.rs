@@ -4,12 +4,11 @@
 
 use crate::collapse::{group, CollapseOptions, Grouping, Item};
 use crate::diff::NodeStatus;
-use crate::layout::{layout, Layout};
+use crate::layout::{columns_per_row, layout, Layout};
 use crate::loaded::Loaded;
 use crate::node_info::{details, totals};
-use eframe::egui::{
-    self, epaint::CubicBezierShape, Align2, Color32, FontId, Rect, RichText, Stroke, Ui,
-};
+use crate::viewport::Viewport;
+use eframe::egui::{self, epaint::CubicBezierShape, Color32, Rect, RichText, Stroke, Ui};
 use exitgraph::inspect::human;
 use exitgraph_ir::{Graph, NodeIndex};
 use std::collections::BTreeSet;
@@ -39,6 +38,7 @@ pub struct PathHighlight {
 struct Drawn {
     grouping: Grouping,
     layout: Layout,
+    per_row: usize,
     labels: Vec<String>,
     status: Vec<NodeStatus>,
 }
@@ -46,7 +46,8 @@ struct Drawn {
 impl Drawn {
     fn new(g: &Graph, status: impl Fn(&str) -> NodeStatus, opts: &CollapseOptions) -> Self {
         let grouping = group(g, &status, opts);
-        let layout = layout(&grouping);
+        let per_row = grouping.columns.len();
+        let layout = layout(&grouping, per_row);
         let mut labels = Vec::with_capacity(grouping.items.len());
         let mut statuses = Vec::with_capacity(grouping.items.len());
         for item in &grouping.items {
@@ -87,6 +88,7 @@ impl Drawn {
         Drawn {
             grouping,
             layout,
+            per_row,
             labels,
             status: statuses,
         }
@@ -100,8 +102,8 @@ pub struct GraphView {
     pub path: Option<PathHighlight>,
     before: Option<Drawn>,
     after: Option<Drawn>,
-    scene_before: Rect,
-    scene_after: Rect,
+    view_before: Option<Viewport>,
+    view_after: Option<Viewport>,
     expand_layer: usize,
 }
 
@@ -114,8 +116,8 @@ impl Default for GraphView {
             path: None,
             before: None,
             after: None,
-            scene_before: Rect::NOTHING,
-            scene_after: Rect::NOTHING,
+            view_before: None,
+            view_after: None,
             expand_layer: 0,
         }
     }
@@ -140,6 +142,19 @@ fn status_fill(s: NodeStatus, dark: bool) -> Option<Color32> {
     })
 }
 
+impl Drawn {
+    /// Wraps the columns into rows that fit a view of `size`; true when the layout changed.
+    fn fit(&mut self, size: egui::Vec2) -> bool {
+        let k = columns_per_row(&self.grouping, (size.x, size.y));
+        if k == self.per_row {
+            return false;
+        }
+        self.per_row = k;
+        self.layout = layout(&self.grouping, k);
+        true
+    }
+}
+
 impl GraphView {
     /// Drops the layouts; the next frame rebuilds them (a new pipeline was applied).
     pub fn reset(&mut self, loaded: Option<&Loaded>) {
@@ -147,8 +162,8 @@ impl GraphView {
         self.after = None;
         self.selected = None;
         self.path = None;
-        self.scene_before = Rect::NOTHING;
-        self.scene_after = Rect::NOTHING;
+        self.view_before = None;
+        self.view_after = None;
         // Fold by default when the model is deep.
         self.collapse = loaded.is_some_and(|l| l.before.info.num_layers > 12);
         self.expanded.clear();
@@ -157,8 +172,8 @@ impl GraphView {
     fn relayout(&mut self) {
         self.before = None;
         self.after = None;
-        self.scene_before = Rect::NOTHING;
-        self.scene_after = Rect::NOTHING;
+        self.view_before = None;
+        self.view_after = None;
     }
 
     fn ensure(&mut self, loaded: &Loaded) {
@@ -200,8 +215,8 @@ impl GraphView {
                 self.relayout();
             }
             if ui.button("Fit").clicked() {
-                self.scene_before = Rect::NOTHING;
-                self.scene_after = Rect::NOTHING;
+                self.view_before = None;
+                self.view_after = None;
             }
             ui.separator();
             legend(ui, ADDED, &format!("added {added}"));
@@ -235,7 +250,11 @@ impl GraphView {
         let mut clicked: Option<Selection> = None;
         let dark = ui.visuals().dark_mode;
         for (side, rect) in [(Side::Before, left), (Side::After, right)] {
-            let mut child = ui.new_child(egui::UiBuilder::new().max_rect(rect));
+            let mut child = ui.new_child(
+                egui::UiBuilder::new()
+                    .max_rect(rect)
+                    .id_salt(("graph_side", side == Side::After)),
+            );
             let title = match side {
                 Side::Before => format!("Imported ({} nodes)", loaded.before.graph.node_count()),
                 Side::After => {
@@ -248,30 +267,59 @@ impl GraphView {
                 }
             };
             child.strong(title);
-            let frame = egui::Frame::canvas(child.style());
+            let frame = egui::Frame::canvas(child.style()).inner_margin(0.0);
             frame.show(&mut child, |ui| {
-                ui.set_min_size(ui.available_size());
-                let (drawn, scene_rect) = match side {
-                    Side::Before => (self.before.as_ref(), &mut self.scene_before),
-                    Side::After => (self.after.as_ref(), &mut self.scene_after),
+                let canvas = Rect::from_min_size(ui.cursor().min, ui.available_size());
+                ui.set_min_size(canvas.size());
+                let (drawn, view) = match side {
+                    Side::Before => (self.before.as_mut(), &mut self.view_before),
+                    Side::After => (self.after.as_mut(), &mut self.view_after),
                 };
                 let Some(drawn) = drawn else { return };
-                if !scene_rect.is_positive() {
-                    *scene_rect = drawn.layout.bounds;
+                if drawn.fit(canvas.size()) || view.is_none() {
+                    *view = Some(Viewport::fit(drawn.layout.bounds, canvas.size()));
+                }
+                let Some(view) = view.as_mut() else { return };
+                // Drag pans, scrolling pans, ctrl + scroll (or pinch) zooms.
+                let bg = ui.interact(
+                    canvas,
+                    ui.scope_id().with(("graph_canvas", side == Side::After)),
+                    egui::Sense::drag(),
+                );
+                if bg.dragged() {
+                    view.pan(bg.drag_delta());
+                }
+                if let (true, Some(pointer)) = (
+                    ui.rect_contains_pointer(canvas),
+                    ui.input(|i| i.pointer.hover_pos()),
+                ) {
+                    let (zoom, scroll) = ui.input(|i| (i.zoom_delta(), i.smooth_scroll_delta));
+                    if zoom != 1.0 {
+                        view.zoom_at(canvas.min, pointer, zoom);
+                    }
+                    if scroll != egui::Vec2::ZERO {
+                        view.pan(scroll);
+                    }
                 }
                 let path = match side {
                     Side::After => self.path.as_ref(),
                     Side::Before => None,
                 };
                 let selected = self.selected.clone();
-                egui::Scene::new()
-                    .zoom_range(0.05..=4.0)
-                    .show(ui, scene_rect, |ui| {
-                        if let Some(s) = draw_graph(ui, side, drawn, path, selected.as_ref(), dark)
-                        {
-                            clicked = Some(s);
-                        }
-                    });
+                let mut inner = ui.new_child(egui::UiBuilder::new().max_rect(canvas));
+                inner.set_clip_rect(canvas.intersect(ui.clip_rect()));
+                if let Some(s) = draw_graph(
+                    &mut inner,
+                    side,
+                    drawn,
+                    *view,
+                    canvas,
+                    path,
+                    selected.as_ref(),
+                    dark,
+                ) {
+                    clicked = Some(s);
+                }
             });
         }
         if let Some(s) = clicked {
@@ -333,15 +381,13 @@ impl GraphView {
                     ui.label(format!("{} ({})", human(d.params as f64), d.params));
                     ui.end_row();
                     ui.label("FLOPs/token");
-                    let mut f = human(d.flops_per_token as f64);
-                    if d.flops_per_context_token > 0 {
-                        f.push_str(&format!(
-                            " + {} per context token",
-                            human(d.flops_per_context_token as f64)
-                        ));
-                    }
-                    ui.label(f);
+                    ui.label(human(d.flops_per_token as f64));
                     ui.end_row();
+                    if d.flops_per_context_token > 0 {
+                        ui.label("+ per context token");
+                        ui.label(human(d.flops_per_context_token as f64));
+                        ui.end_row();
+                    }
                 });
                 if !d.inputs.is_empty() {
                     ui.label(RichText::new("Inputs").strong());
@@ -426,26 +472,40 @@ fn legend(ui: &mut Ui, color: Color32, text: &str) {
 }
 
 /// Draws one graph; returns what was clicked.
+#[allow(clippy::too_many_arguments)]
 fn draw_graph(
     ui: &mut Ui,
     side: Side,
     drawn: &Drawn,
+    view: Viewport,
+    canvas: Rect,
     path: Option<&PathHighlight>,
     selected: Option<&Selection>,
     dark: bool,
 ) -> Option<Selection> {
     let painter = ui.painter().clone();
     let visible = ui.clip_rect();
+    let origin = canvas.min;
+    let zoom = view.zoom;
+    let to_screen = |r: Rect| view.rect_to_screen(origin, r);
     let text_color = ui.visuals().text_color();
     let edge_color = ui.visuals().weak_text_color();
     for (col, pos) in drawn.grouping.columns.iter().zip(&drawn.layout.titles) {
-        painter.text(
+        let rect = to_screen(Rect::from_min_size(
             *pos,
-            Align2::LEFT_TOP,
-            &col.title,
-            FontId::proportional(14.0),
-            text_color,
-        );
+            egui::vec2(crate::layout::NODE_W, 20.0),
+        ));
+        if zoom > 0.3 && visible.intersects(rect) {
+            ui.put(
+                rect,
+                egui::Label::new(
+                    RichText::new(&col.title)
+                        .size(14.0 * zoom)
+                        .color(text_color),
+                )
+                .selectable(false),
+            );
+        }
     }
     let on_path = |i: usize| -> Option<bool> {
         let p = path?;
@@ -455,7 +515,8 @@ fn draw_graph(
         })
     };
     for (&(a, b), pts) in drawn.grouping.edges.iter().zip(&drawn.layout.curves) {
-        let bounds = Rect::from_points(pts);
+        let pts = pts.map(|p| view.to_screen(origin, p));
+        let bounds = Rect::from_points(&pts);
         if !visible.intersects(bounds.expand(4.0)) {
             continue;
         }
@@ -466,7 +527,7 @@ fn draw_graph(
             Stroke::new(1.2, edge_color)
         };
         painter.add(CubicBezierShape::from_points_stroke(
-            *pts,
+            pts,
             false,
             Color32::TRANSPARENT,
             stroke,
@@ -474,7 +535,8 @@ fn draw_graph(
     }
     let mut clicked = None;
     for (i, rect) in drawn.layout.rects.iter().enumerate() {
-        if !visible.intersects(*rect) {
+        let rect = to_screen(*rect);
+        if !visible.intersects(rect) {
             continue;
         }
         let sel = match (&drawn.grouping.items[i], selected) {
@@ -497,7 +559,13 @@ fn draw_graph(
         } else {
             Stroke::new(1.0, edge_color)
         };
-        let mut text = RichText::new(&drawn.labels[i]).size(11.0);
+        // Text too small to read is left out; the box and its tooltip remain.
+        let label = if zoom > 0.35 {
+            drawn.labels[i].as_str()
+        } else {
+            ""
+        };
+        let mut text = RichText::new(label).size(11.0 * zoom);
         if dim {
             text = text.weak();
         }
@@ -506,7 +574,13 @@ fn draw_graph(
             .stroke(stroke)
             .corner_radius(4.0)
             .selected(sel);
-        if ui.put(*rect, button).clicked() {
+        let response = ui.put(rect, button);
+        let response = if label.is_empty() {
+            response.on_hover_text(&drawn.labels[i])
+        } else {
+            response
+        };
+        if response.clicked() {
             clicked = Some(match &drawn.grouping.items[i] {
                 Item::Node(n) => Selection::Node(side, *n),
                 Item::Block { first, last, .. } => Selection::Block(side, *first, *last),

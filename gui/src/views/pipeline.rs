@@ -83,6 +83,7 @@ impl PipelineEditor {
     }
 
     pub fn show(&mut self, ui: &mut Ui) -> EditorAction {
+        self.recheck();
         let mut action = EditorAction::None;
         ui.horizontal(|ui| {
             let can_apply = self.error.is_none();

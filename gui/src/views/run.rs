@@ -195,7 +195,10 @@ impl RunView {
                 });
                 ui.horizontal(|ui| {
                     let running = self.running();
-                    if ui.add_enabled(!running, egui::Button::new("Run")).clicked() {
+                    if ui
+                        .add_enabled(!running, egui::Button::new("Run prompts"))
+                        .clicked()
+                    {
                         self.start(loaded, Some(ui.ctx().clone()));
                     }
                     ui.weak(format!(
@@ -223,7 +226,7 @@ impl RunView {
                         .max_height(160.0)
                         .show(ui, |ui| {
                             for (p, o) in &r.outputs {
-                                ui.label(RichText::new(format!("{p}⟶{o}")).monospace().small());
+                                ui.label(RichText::new(format!("{p} -> {o}")).monospace().small());
                             }
                         });
                     ui.separator();
@@ -311,7 +314,7 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
                     let sel = *selected == Some(i);
                     let r = ui.add_sized(
                         [label_w, cell.y],
-                        egui::Button::selectable(sel, RichText::new(text).monospace().small()),
+                        egui::Button::selectable(sel, RichText::new(text).monospace()),
                     );
                     if r.clicked() {
                         *selected = Some(i);

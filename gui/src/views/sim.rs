@@ -40,7 +40,7 @@ pub struct SimView {
 
 /// The repository's `examples/` folder.
 pub fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    crate::paths::friendly(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))
 }
 
 impl Default for SimView {
@@ -290,7 +290,7 @@ impl SimView {
         match loaded {
             Some(l) => {
                 if ui
-                    .add_enabled(!running, egui::Button::new("Simulate"))
+                    .add_enabled(!running, egui::Button::new("Run simulation"))
                     .clicked()
                 {
                     self.start(l, Some(ui.ctx().clone()));
