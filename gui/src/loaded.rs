@@ -47,8 +47,8 @@ impl Loaded {
         ProgramSource {
             graph: self.after.clone(),
             model_dir: self.model_dir.clone(),
-            device: self.pipeline.device.clone(),
-            dtype: self.pipeline.dtype.clone(),
+            device: self.pipeline.device,
+            dtype: self.pipeline.dtype,
         }
     }
 

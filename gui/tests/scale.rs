@@ -64,8 +64,14 @@ fn a_model_of_120_layers_folds_and_unfolds() {
     h.run_steps(3);
     assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
     assert!(h.state().graph.collapse, "deep models fold by default");
-    h.get_by_label_contains("layers 0–119\n×120 folded");
-    h.get_by_label_contains("layers 0–99\n×100 folded");
+    // Kept layers fold on both sides; the removed ones fold apart, marked removed.
+    assert_eq!(
+        h.get_all_by_label_contains("layers 0–99\n×100 folded")
+            .count(),
+        2
+    );
+    h.get_by_label_contains("layers 100–119\n×20 folded");
+    h.get_by_label("removed 120");
     let (mean, max) = measure(&mut h, 20);
     println!("graph view, 120 layers folded: frame mean {mean:.2} ms, max {max:.2} ms");
     // Unfold everything: 1,444 boxes; only those in view are drawn.

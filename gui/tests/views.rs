@@ -168,3 +168,77 @@ fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
     h.get_by_label_contains("bad.jsonl:1");
     assert!(h.state().sim.summary.is_some());
 }
+
+#[test]
+fn run_view_colours_exit_signals_when_the_trace_has_them() {
+    use exitgraph::runtime::trace::{LayerSignal, TraceRecord};
+    use exitgraph_gui::serving::PromptResult;
+    use exitgraph_gui::views::run::RunData;
+    // A trace as a program with exit heads after layers 2 and 4 writes it: some tokens
+    // leave at 2, some at 4, the rest run all 6 layers.
+    let records: Vec<TraceRecord> = (0..9)
+        .map(|i| {
+            let exit = [2, 4, 6][i % 3];
+            TraceRecord {
+                seq: 0,
+                pos: 10 + i,
+                token: Some(40 + i as u32),
+                step: i as u64,
+                t_s: i as f64 * 0.01,
+                batch: 1,
+                stages: vec!["all".into()],
+                layers: (0..exit).collect(),
+                exit_layer: exit,
+                signals: [2, 4]
+                    .into_iter()
+                    .filter(|&l| l <= exit)
+                    .map(|l| LayerSignal {
+                        layer: l,
+                        value: if l == exit {
+                            0.9
+                        } else {
+                            0.2 + 0.05 * i as f64
+                        },
+                        token: Some(40 + i as u32),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let mut app = ExplorerApp::demo();
+    let result = PromptResult {
+        records,
+        outputs: vec![(40..49).collect()],
+    };
+    let data = RunData::new(
+        &result,
+        &["copy: K7F2Q | K".to_string()],
+        app.loaded.as_ref().unwrap(),
+    );
+    assert!(data.heatmap.has_signals());
+    assert_eq!(&data.histogram[1..], &[0, 3, 0, 3, 0, 3]);
+    app.run.result = Some(data);
+    app.tab = Tab::Run;
+    let mut h = harness(app);
+    h.run_steps(3);
+    h.get_by_label_contains("colour: exit signal");
+    h.snapshot_options("run_signals", &snapshot_options());
+
+    // A token that left after 2 layers: its path stops at layer 1.
+    h.get_all_by_label_contains("pos 10")
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    let path = h.state().graph.path.clone().unwrap();
+    let g = &h.state().loaded.as_ref().unwrap().after;
+    let layers: std::collections::BTreeSet<usize> = path
+        .nodes
+        .iter()
+        .filter_map(|&n| g.graph[n].layer)
+        .collect();
+    assert_eq!(layers.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    h.state_mut().tab = Tab::Graph;
+    h.run_steps(3);
+    h.snapshot_options("graph_exit_path", &snapshot_options());
+}

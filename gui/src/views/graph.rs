@@ -95,6 +95,7 @@ impl Drawn {
     }
 }
 
+#[derive(Default)]
 pub struct GraphView {
     pub collapse: bool,
     pub expanded: BTreeSet<usize>,
@@ -105,22 +106,6 @@ pub struct GraphView {
     view_before: Option<Viewport>,
     view_after: Option<Viewport>,
     expand_layer: usize,
-}
-
-impl Default for GraphView {
-    fn default() -> Self {
-        GraphView {
-            collapse: false,
-            expanded: BTreeSet::new(),
-            selected: None,
-            path: None,
-            before: None,
-            after: None,
-            view_before: None,
-            view_after: None,
-            expand_layer: 0,
-        }
-    }
 }
 
 const ADDED: Color32 = Color32::from_rgb(46, 125, 50);
@@ -284,7 +269,7 @@ impl GraphView {
                 let bg = ui.interact(
                     canvas,
                     ui.scope_id().with(("graph_canvas", side == Side::After)),
-                    egui::Sense::drag(),
+                    egui::Sense::click_and_drag(),
                 );
                 if bg.dragged() {
                     view.pan(bg.drag_delta());
@@ -308,6 +293,11 @@ impl GraphView {
                 let selected = self.selected.clone();
                 let mut inner = ui.new_child(egui::UiBuilder::new().max_rect(canvas));
                 inner.set_clip_rect(canvas.intersect(ui.clip_rect()));
+                let canvas_click = if bg.clicked() {
+                    bg.interact_pointer_pos()
+                } else {
+                    None
+                };
                 if let Some(s) = draw_graph(
                     &mut inner,
                     side,
@@ -317,6 +307,7 @@ impl GraphView {
                     path,
                     selected.as_ref(),
                     dark,
+                    canvas_click,
                 ) {
                     clicked = Some(s);
                 }
@@ -453,8 +444,11 @@ impl GraphView {
                 }
                 ui.horizontal(|ui| {
                     self.expand_layer = self.expand_layer.clamp(first, last);
-                    ui.add(egui::DragValue::new(&mut self.expand_layer).range(first..=last));
-                    if ui.button("Unfold this layer").clicked() {
+                    let dv =
+                        ui.add(egui::DragValue::new(&mut self.expand_layer).range(first..=last));
+                    let unfold = ui.button("Unfold this layer");
+                    let _ = dv.labelled_by(unfold.id);
+                    if unfold.clicked() {
                         self.expanded.insert(self.expand_layer);
                         self.selected = None;
                         self.relayout();
@@ -482,6 +476,7 @@ fn draw_graph(
     path: Option<&PathHighlight>,
     selected: Option<&Selection>,
     dark: bool,
+    canvas_click: Option<egui::Pos2>,
 ) -> Option<Selection> {
     let painter = ui.painter().clone();
     let visible = ui.clip_rect();
@@ -559,13 +554,19 @@ fn draw_graph(
         } else {
             Stroke::new(1.0, edge_color)
         };
-        // Text too small to read is left out; the box and its tooltip remain.
-        let label = if zoom > 0.35 {
-            drawn.labels[i].as_str()
-        } else {
-            ""
+        let item = || match &drawn.grouping.items[i] {
+            Item::Node(n) => Selection::Node(side, *n),
+            Item::Block { first, last, .. } => Selection::Block(side, *first, *last),
         };
-        let mut text = RichText::new(label).size(11.0 * zoom);
+        if zoom <= 0.35 {
+            // Zoomed far out: plain boxes (no text to read), clicked through the canvas.
+            painter.rect(rect, 2.0, fill, stroke, egui::StrokeKind::Inside);
+            if canvas_click.is_some_and(|p| rect.contains(p)) {
+                clicked = Some(item());
+            }
+            continue;
+        }
+        let mut text = RichText::new(&drawn.labels[i]).size(11.0 * zoom);
         if dim {
             text = text.weak();
         }
@@ -574,17 +575,8 @@ fn draw_graph(
             .stroke(stroke)
             .corner_radius(4.0)
             .selected(sel);
-        let response = ui.put(rect, button);
-        let response = if label.is_empty() {
-            response.on_hover_text(&drawn.labels[i])
-        } else {
-            response
-        };
-        if response.clicked() {
-            clicked = Some(match &drawn.grouping.items[i] {
-                Item::Node(n) => Selection::Node(side, *n),
-                Item::Block { first, last, .. } => Selection::Block(side, *first, *last),
-            });
+        if ui.put(rect, button).clicked() {
+            clicked = Some(item());
         }
     }
     clicked

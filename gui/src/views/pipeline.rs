@@ -95,8 +95,9 @@ impl PipelineEditor {
                 action = EditorAction::Apply;
             }
             ui.separator();
-            ui.label("File");
-            ui.add(egui::TextEdit::singleline(&mut self.path_field).desired_width(360.0));
+            let file = ui.label("File");
+            ui.add(egui::TextEdit::singleline(&mut self.path_field).desired_width(360.0))
+                .labelled_by(file.id);
             if ui.button("Open").clicked() {
                 self.open(PathBuf::from(self.path_field.trim()));
             }
@@ -149,6 +150,7 @@ impl PipelineEditor {
                 )
             })
             .inner;
+        let response = response.on_hover_text("Pipeline RON");
         if response.changed() {
             self.recheck();
         }
@@ -160,6 +162,26 @@ impl PipelineEditor {
         }
         action
     }
+}
+
+/// The text to underline for an error at byte `at`: from the next non-blank character
+/// (RON points just past the last good token) to the end of its line; the last character
+/// when only blanks follow.
+pub fn error_span(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let start = match text[at..].find(|c: char| !c.is_whitespace()) {
+        Some(i) => at + i,
+        None => text.trim_end().char_indices().last().map_or(0, |(i, _)| i),
+    };
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let first_char_end = text[start..]
+        .chars()
+        .next()
+        .map_or(start, |c| start + c.len_utf8());
+    (start, line_end.max(first_char_end))
 }
 
 /// Coloured RON; the character at `error_at` (byte offset) and the rest of its line are
@@ -182,12 +204,7 @@ pub fn highlight(text: &str, error_at: Option<usize>, dark: bool) -> LayoutJob {
             (_, false) => Color32::from_rgb(40, 40, 40),
         }
     };
-    let error_span = error_at.map(|at| {
-        let end = text[at.min(text.len())..]
-            .find('\n')
-            .map_or(text.len(), |i| at + i);
-        (at, end.max(at + 1))
-    });
+    let error_span = error_at.map(|at| error_span(text, at));
     for (range, kind) in tokenize(text) {
         // Split the token where the error span starts and ends.
         let mut cuts = vec![range.start, range.end];
@@ -234,6 +251,19 @@ mod tests {
             .map(|s| &job.text[s.byte_range.start.0..s.byte_range.end.0])
             .collect();
         assert_eq!(marked, "],");
+    }
+
+    #[test]
+    fn an_error_at_a_line_end_marks_what_follows() {
+        let text = "Pipeline(\n)\n\noops é\n";
+        // RON points just past `)`.
+        let at = offset_of(text, 2, 2);
+        let (a, b) = error_span(text, at);
+        assert_eq!(&text[a..b], "oops é");
+        // Nothing after: the last character.
+        let (a, b) = error_span("Pipeline(\n  ", 12);
+        assert_eq!(&"Pipeline(\n  "[a..b], "(");
+        assert_eq!(error_span("", 0), (0, 0));
     }
 
     #[test]

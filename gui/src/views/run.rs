@@ -165,18 +165,20 @@ impl RunView {
             .default_size(320.0)
             .show(ui, |ui| {
                 ui.heading("Prompts");
-                ui.label("One prompt per line.");
+                let hint = ui.label("One prompt per line.");
                 ui.add(
                     egui::TextEdit::multiline(&mut self.prompts)
                         .desired_rows(6)
                         .desired_width(f32::INFINITY),
-                );
+                )
+                .labelled_by(hint.id);
                 ui.horizontal(|ui| {
                     ui.add(
                         egui::TextEdit::singleline(&mut self.prompts_file)
                             .hint_text("prompts file (one per line)")
                             .desired_width(200.0),
-                    );
+                    )
+                    .labelled_by(hint.id);
                     if ui.button("Load").clicked() {
                         match std::fs::read_to_string(self.prompts_file.trim()) {
                             Ok(t) => {
@@ -190,8 +192,9 @@ impl RunView {
                     }
                 });
                 ui.horizontal(|ui| {
-                    ui.label("new tokens");
-                    ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=512));
+                    let l = ui.label("new tokens");
+                    ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=512))
+                        .labelled_by(l.id);
                 });
                 ui.horizontal(|ui| {
                     let running = self.running();

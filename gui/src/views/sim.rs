@@ -250,8 +250,8 @@ impl SimView {
 
     fn inputs(&mut self, ui: &mut Ui, loaded: Option<&Loaded>) {
         ui.heading("Simulate");
-        ui.label("Workload");
-        egui::ComboBox::from_id_salt("workload_pick")
+        let wl = ui.label("Workload");
+        egui::ComboBox::new("workload_pick", "examples")
             .selected_text(
                 Path::new(self.workload.trim())
                     .file_name()
@@ -269,9 +269,11 @@ impl SimView {
                     }
                 }
             });
-        ui.add(egui::TextEdit::singleline(&mut self.workload).desired_width(f32::INFINITY));
-        ui.label("Cost model (from `exitgraph profile`)");
-        ui.add(egui::TextEdit::singleline(&mut self.cost).desired_width(f32::INFINITY));
+        ui.add(egui::TextEdit::singleline(&mut self.workload).desired_width(f32::INFINITY))
+            .labelled_by(wl.id);
+        let cl = ui.label("Cost model (from `exitgraph profile`)");
+        ui.add(egui::TextEdit::singleline(&mut self.cost).desired_width(f32::INFINITY))
+            .labelled_by(cl.id);
         ui.horizontal(|ui| {
             ui.label("policy");
             ui.selectable_value(&mut self.policy, Policy::Static, "static");
@@ -279,11 +281,13 @@ impl SimView {
             ui.selectable_value(&mut self.policy, Policy::DepthWise, "depth-wise");
         });
         ui.horizontal(|ui| {
-            ui.label("max batch");
-            ui.add(egui::DragValue::new(&mut self.max_batch).range(1..=1024));
+            let mb = ui.label("max batch");
+            ui.add(egui::DragValue::new(&mut self.max_batch).range(1..=1024))
+                .labelled_by(mb.id);
             if self.policy == Policy::DepthWise {
-                ui.label("stages");
-                ui.add(egui::DragValue::new(&mut self.stages).range(1..=64));
+                let st = ui.label("stages");
+                ui.add(egui::DragValue::new(&mut self.stages).range(1..=64))
+                    .labelled_by(st.id);
             }
         });
         let running = self.running();
@@ -310,12 +314,13 @@ impl SimView {
         }
         ui.separator();
         ui.heading("Trace file");
-        ui.label("JSON Lines from `exitgraph serve --trace FILE`");
+        let tl = ui.label("JSON Lines from `exitgraph serve --trace FILE`");
         ui.add(
             egui::TextEdit::singleline(&mut self.trace_path)
                 .hint_text("trace.jsonl")
                 .desired_width(f32::INFINITY),
-        );
+        )
+        .labelled_by(tl.id);
         if ui.button("Load trace").clicked() {
             let p = PathBuf::from(self.trace_path.trim());
             self.load_trace(&p);
