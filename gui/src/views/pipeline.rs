@@ -139,15 +139,44 @@ impl PipelineEditor {
             job.wrap.max_width = wrap;
             ui.fonts_mut(|f| f.layout_job(job))
         };
+        let lines = self.text.split('\n').count().max(1);
+        // The line the underline is on (RON may point at the end of the line before).
+        let error_line = error_at.map_or(0, |at| {
+            let (start, _) = error_span(&self.text, at);
+            self.text[..start].matches('\n').count() + 1
+        });
         let response = egui::ScrollArea::vertical()
             .show(ui, |ui| {
-                ui.add(
-                    egui::TextEdit::multiline(&mut self.text)
-                        .code_editor()
-                        .desired_width(f32::INFINITY)
-                        .desired_rows(30)
-                        .layouter(&mut layouter),
-                )
+                ui.horizontal_top(|ui| {
+                    // Line numbers, the error's in red.
+                    let mut gutter = LayoutJob::default();
+                    for n in 1..=lines {
+                        let color = if n == error_line {
+                            Color32::from_rgb(229, 57, 53)
+                        } else {
+                            ui.visuals().weak_text_color()
+                        };
+                        let sep = if n < lines { "\n" } else { "" };
+                        gutter.append(
+                            &format!("{n:>3}{sep}"),
+                            0.0,
+                            TextFormat::simple(FontId::monospace(13.0), color),
+                        );
+                    }
+                    ui.add_space(2.0);
+                    ui.vertical(|ui| {
+                        ui.add_space(2.0);
+                        ui.add(egui::Label::new(gutter).selectable(false));
+                    });
+                    ui.add(
+                        egui::TextEdit::multiline(&mut self.text)
+                            .code_editor()
+                            .desired_width(f32::INFINITY)
+                            .desired_rows(30)
+                            .layouter(&mut layouter),
+                    )
+                })
+                .inner
             })
             .inner;
         let response = response.on_hover_text("Pipeline RON");

@@ -228,8 +228,10 @@ impl RunView {
                         .id_salt("outputs")
                         .max_height(160.0)
                         .show(ui, |ui| {
-                            for (p, o) in &r.outputs {
-                                ui.label(RichText::new(format!("{p} -> {o}")).monospace().small());
+                            for (i, (p, o)) in r.outputs.iter().enumerate() {
+                                ui.label(
+                                    RichText::new(format!("#{} {p} -> {o}", i + 1)).monospace(),
+                                );
                             }
                         });
                     ui.separator();
