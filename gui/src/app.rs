@@ -166,11 +166,11 @@ impl ExplorerApp {
                     self.apply();
                 }
             }
-            Tab::Run => {
-                if let RunAction::ShowPath(row) = self.run.show(ui, self.loaded.as_ref()) {
-                    self.show_token_path(row);
-                }
-            }
+            Tab::Run => match self.run.show(ui, self.loaded.as_ref()) {
+                RunAction::ShowPath(row) => self.show_token_path(row),
+                RunAction::OpenGraph => self.tab = Tab::Graph,
+                RunAction::None => {}
+            },
             Tab::Simulator => self.sim.show(ui, self.loaded.as_ref()),
         });
     }

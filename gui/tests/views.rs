@@ -75,6 +75,16 @@ fn pipeline_editor_reports_errors_while_typing_and_apply_recompiles() {
     h.get_by_label_contains(&format!("error at {}:{}", err.line, err.column));
     h.snapshot_options("pipeline_error", &snapshot_options());
 
+    // A pipeline that parses but does not fit the model: the error shows, nothing panics,
+    // the last good compile stays.
+    h.state_mut().editor.text = "Pipeline(passes: [TruncateLayers(keep: 99)])".into();
+    h.run_steps(2);
+    h.get_by_label("Apply").click();
+    h.run_steps(2);
+    let e = h.state().compile_error.clone().expect("a compile error");
+    assert!(e.contains("TruncateLayers"), "{e}");
+    assert_eq!(h.state().loaded.as_ref().unwrap().depth(), 6);
+
     // Fix it with a pass and apply.
     h.state_mut().editor.text =
         "Pipeline(\n    passes: [TruncateLayers(keep: 3)],\n    runtime: (max_new_tokens: 4),\n)\n"
@@ -132,8 +142,9 @@ fn run_view_generates_and_shows_each_tokens_layers() {
     h.run_steps(2);
     let path = h.state().graph.path.clone().expect("a compute path");
     assert_eq!(path.nodes.len(), 40);
-    h.state_mut().tab = Tab::Graph;
+    h.get_by_label("Open Graph").click();
     h.run_steps(3);
+    assert_eq!(h.state().tab, Tab::Graph);
     h.get_by_label_contains("compute path of token");
     h.snapshot_options("graph_path", &snapshot_options());
 }

@@ -42,6 +42,8 @@ pub enum RunAction {
     None,
     /// Show the compute path of this heatmap row in the graph view.
     ShowPath(usize),
+    /// Switch to the graph view.
+    OpenGraph,
 }
 
 pub struct RunView {
@@ -273,7 +275,18 @@ fn histogram(ui: &mut Ui, h: &[u64]) {
 /// Draws the heatmap; returns an action when a token's path is asked for.
 fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<RunAction> {
     let mut action = None;
-    ui.heading("Tokens × layers");
+    ui.horizontal(|ui| {
+        ui.heading("Tokens × layers");
+        if let Some(row) = selected.and_then(|i| h.rows.get(i)) {
+            ui.label(format!(
+                "{:?}: {} layers run; its path is outlined on the graph",
+                row.text, row.exit_layer
+            ));
+            if ui.button("Open Graph").clicked() {
+                action = Some(RunAction::OpenGraph);
+            }
+        }
+    });
     ui.horizontal_wrapped(|ui| {
         if h.has_signals() {
             ui.label("colour: exit signal (low");
