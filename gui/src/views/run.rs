@@ -265,6 +265,7 @@ fn histogram(ui: &mut Ui, h: &[u64]) {
         .allow_drag(false)
         .allow_scroll(false)
         .include_y(0.0)
+        .include_y(h.iter().copied().max().unwrap_or(0) as f64 * 1.1 + 1.0)
         .x_axis_label("layers run before exit")
         .y_axis_label("tokens")
         .show(ui, |p| {
@@ -313,10 +314,10 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
         for l in 0..h.depth {
             ui.add_sized(
                 cell,
-                egui::Label::new(RichText::new(format!("L{l}")).small()),
+                egui::Label::new(RichText::new(format!("L{l}")).monospace()),
             );
         }
-        ui.label(RichText::new("exit").small());
+        ui.label("layers run");
     });
     let row_h = cell.y + 2.0;
     let outline = ui.visuals().strong_text_color();
@@ -359,7 +360,7 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
                             resp.on_hover_text(format!("signal {v:.4}"));
                         }
                     }
-                    ui.label(RichText::new(row.exit_layer.to_string()).small());
+                    ui.label(RichText::new(row.exit_layer.to_string()).monospace());
                 });
             }
         });
