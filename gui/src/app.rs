@@ -181,3 +181,33 @@ impl eframe::App for ExplorerApp {
         self.show(ui);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn the_demo_opens_compiled_on_the_graph() {
+        let app = ExplorerApp::demo();
+        assert_eq!(app.tab, Tab::Graph);
+        assert!(app.compile_error.is_none());
+        assert_eq!(app.loaded.as_ref().unwrap().depth(), 6);
+    }
+
+    #[test]
+    fn a_missing_or_broken_file_opens_the_editor_with_the_error() {
+        let app = ExplorerApp::open(Path::new("no-such-pipeline.ron"));
+        assert_eq!(app.tab, Tab::Pipeline);
+        assert!(app.loaded.is_none());
+        assert!(app.compile_error.unwrap().contains("no-such-pipeline.ron"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.ron");
+        std::fs::write(&p, "Pipeline(passes: [").unwrap();
+        let app = ExplorerApp::open(&p);
+        assert_eq!(app.tab, Tab::Pipeline);
+        assert!(app.loaded.is_none());
+        assert_eq!(app.editor.error.as_ref().unwrap().line, 1);
+    }
+}
