@@ -1,0 +1,6 @@
+//! The four views of the explorer.
+
+pub mod graph;
+pub mod pipeline;
+pub mod run;
+pub mod sim;

@@ -1,0 +1,255 @@
+//! The explorer's views on the demo model, driven through egui_kittest: clicks, labels and
+//! snapshot images of each view.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{harness, snapshot_options, step_until};
+use egui_kittest::kittest::Queryable;
+use exitgraph_gui::app::Tab;
+use exitgraph_gui::views::graph::Selection;
+use exitgraph_gui::ExplorerApp;
+use std::time::Duration;
+
+#[test]
+fn graph_view_shows_both_graphs_and_node_details() {
+    let mut h = harness(ExplorerApp::demo());
+    h.run_steps(3);
+    assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
+    h.get_by_label_contains("Imported (40 nodes)");
+    h.get_by_label_contains("After 0 passes (40 nodes)");
+    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
+    // Both sides draw layer 0's attention; click the compiled one.
+    let attn = h.get_all_by_label("attn\nAttention").count();
+    assert_eq!(attn, 12);
+    h.get_all_by_label("attn\nAttention")
+        .last()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    assert!(matches!(
+        h.state().graph.selected,
+        Some(Selection::Node(..))
+    ));
+    h.get_by_label("q.weight: [192, 192]");
+    // q and o are 192 × 192 tensors of the checkpoint file.
+    assert_eq!(
+        h.get_all_by_label_contains("from model.safetensors (F32 [192, 192])")
+            .count(),
+        2
+    );
+    h.get_by_label("+ per context token");
+    h.snapshot_options("graph", &snapshot_options());
+
+    // Folding: the six identical layers become one block.
+    h.get_by_label("Fold repeated layers").click();
+    h.run_steps(2);
+    assert!(h.query_by_label("layer 5").is_none());
+    h.get_all_by_label_contains("×6 folded")
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    // Inside a scroll area a press needs the pointer there a frame before, as a hand does.
+    h.get_by_label("Unfold layers 0–5").hover();
+    h.run_steps(1);
+    h.get_by_label("Unfold layers 0–5").click();
+    h.run_steps(2);
+    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
+}
+
+#[test]
+fn pipeline_editor_reports_errors_while_typing_and_apply_recompiles() {
+    let mut h = harness(ExplorerApp::demo());
+    h.run_steps(2);
+    h.get_by_label("Pipeline").click();
+    h.run_steps(2);
+    h.get_by_label("pipeline parses");
+    // Break the pipeline by typing into the editor.
+    let editor = h.get_by_role(eframe::egui::Role::MultilineTextInput);
+    editor.focus();
+    editor.type_text("oops");
+    h.run_steps(2);
+    let err = h.state().editor.error.clone().expect("an error");
+    assert!(err.line > 0 && err.column > 0, "{err:?}");
+    h.get_by_label_contains(&format!("error at {}:{}", err.line, err.column));
+    h.snapshot_options("pipeline_error", &snapshot_options());
+
+    // A pipeline that parses but does not fit the model: the error shows, nothing panics,
+    // the last good compile stays.
+    h.state_mut().editor.text = "Pipeline(passes: [TruncateLayers(keep: 99)])".into();
+    h.run_steps(2);
+    h.get_by_label("Apply").click();
+    h.run_steps(2);
+    let e = h.state().compile_error.clone().expect("a compile error");
+    assert!(e.contains("TruncateLayers"), "{e}");
+    assert_eq!(h.state().loaded.as_ref().unwrap().depth(), 6);
+
+    // Fix it with a pass and apply.
+    h.state_mut().editor.text =
+        "Pipeline(\n    passes: [TruncateLayers(keep: 3)],\n    runtime: (max_new_tokens: 4),\n)\n"
+            .into();
+    h.run_steps(2);
+    h.get_by_label("pipeline parses");
+    h.get_by_label("Apply").click();
+    h.run_steps(2);
+    let l = h.state().loaded.as_ref().unwrap();
+    assert_eq!(l.depth(), 3);
+    assert_eq!(l.passes.len(), 1);
+    h.snapshot_options("pipeline", &snapshot_options());
+    h.get_by_label("Graph").click();
+    h.run_steps(3);
+    h.get_by_label_contains("After 1 pass (22 nodes)");
+    let (added, changed, removed) = h.state().loaded.as_ref().unwrap().diff.counts();
+    h.get_by_label(&format!("changed {changed}"));
+    h.get_by_label(&format!("removed {removed}"));
+    assert_eq!((added, removed), (0, 18));
+    assert!(changed >= 1);
+    h.snapshot_options("graph_truncated", &snapshot_options());
+}
+
+#[test]
+fn run_view_generates_and_shows_each_tokens_layers() {
+    let mut h = harness(ExplorerApp::demo());
+    h.run_steps(2);
+    h.get_by_label("Run").click();
+    h.run_steps(2);
+    h.state_mut().run.prompts = "copy: K7F2Q | K\nsome birds are cold".into();
+    h.state_mut().run.max_new_tokens = 6;
+    h.get_by_label("Run prompts").click();
+    h.run_steps(1);
+    step_until(&mut h, "the run", Duration::from_secs(120), |a| {
+        !a.run.running()
+    });
+    assert!(h.state().run.error.is_none(), "{:?}", h.state().run.error);
+    let r = h.state().run.result.as_ref().unwrap();
+    // Up to 6 tokens per prompt; both stop early at the end-of-sequence token.
+    assert!((2..=12).contains(&r.heatmap.rows.len()));
+    assert_eq!(r.heatmap.depth, 6);
+    // No exit heads: every token ran all six layers and exited at the top.
+    assert!(r.heatmap.rows.iter().all(|row| row.exit_layer == 6));
+    assert_eq!(r.histogram[6], r.heatmap.rows.len() as u64);
+    assert!(r.outputs[0].1.starts_with("7F2Q"), "{:?}", r.outputs[0]);
+    h.get_by_label_contains("layer ran");
+    h.get_by_label("L5");
+    h.snapshot_options("run", &snapshot_options());
+
+    // Select the first token: its compute path is outlined on the graph.
+    h.get_all_by_label_contains("#1 pos")
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    let path = h.state().graph.path.clone().expect("a compute path");
+    assert_eq!(path.nodes.len(), 40);
+    h.get_by_label("Open Graph").click();
+    h.run_steps(3);
+    assert_eq!(h.state().tab, Tab::Graph);
+    h.get_by_label_contains("compute path of token");
+    h.snapshot_options("graph_path", &snapshot_options());
+}
+
+#[test]
+fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
+    let mut h = harness(ExplorerApp::demo());
+    h.run_steps(2);
+    h.get_by_label("Simulator").click();
+    h.run_steps(2);
+    h.get_by_label("Run simulation").click();
+    h.run_steps(1);
+    step_until(&mut h, "the simulation", Duration::from_secs(120), |a| {
+        !a.sim.running()
+    });
+    assert!(h.state().sim.error.is_none(), "{:?}", h.state().sim.error);
+    let s = h.state().sim.summary.as_ref().unwrap();
+    // examples/workloads/poisson.ron: 64 requests of 16 tokens.
+    assert_eq!(s.records, 64 * 16);
+    assert_eq!(s.depth, 6);
+    h.get_by_label_contains("64 of 64 requests completed");
+    h.get_by_label("Throughput (tokens/s)");
+    h.snapshot_options("simulator", &snapshot_options());
+
+    // A file that is not a trace: an error in the view, no panic, the plots stay.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "not json\n").unwrap();
+    h.state_mut().sim.trace_path = bad.display().to_string();
+    h.get_by_label("Load trace").click();
+    h.run_steps(2);
+    h.get_by_label_contains("bad.jsonl:1");
+    assert!(h.state().sim.summary.is_some());
+}
+
+#[test]
+fn run_view_colours_exit_signals_when_the_trace_has_them() {
+    use exitgraph::runtime::trace::{LayerSignal, TraceRecord};
+    use exitgraph_gui::serving::PromptResult;
+    use exitgraph_gui::views::run::RunData;
+    // A trace as a program with exit heads after layers 2 and 4 writes it: some tokens
+    // leave at 2, some at 4, the rest run all 6 layers.
+    let records: Vec<TraceRecord> = (0..9)
+        .map(|i| {
+            let exit = [2, 4, 6][i % 3];
+            TraceRecord {
+                seq: 0,
+                pos: 10 + i,
+                token: Some(40 + i as u32),
+                step: i as u64,
+                t_s: i as f64 * 0.01,
+                batch: 1,
+                stages: vec!["all".into()],
+                layers: (0..exit).collect(),
+                exit_layer: exit,
+                signals: [2, 4]
+                    .into_iter()
+                    .filter(|&l| l <= exit)
+                    .map(|l| LayerSignal {
+                        layer: l,
+                        value: if l == exit {
+                            0.9
+                        } else {
+                            0.2 + 0.05 * i as f64
+                        },
+                        token: Some(40 + i as u32),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let mut app = ExplorerApp::demo();
+    let result = PromptResult {
+        records,
+        outputs: vec![(40..49).collect()],
+    };
+    let data = RunData::new(
+        &result,
+        &["copy: K7F2Q | K".to_string()],
+        app.loaded.as_ref().unwrap(),
+    );
+    assert!(data.heatmap.has_signals());
+    assert_eq!(&data.histogram[1..], &[0, 3, 0, 3, 0, 3]);
+    app.run.result = Some(data);
+    app.tab = Tab::Run;
+    let mut h = harness(app);
+    h.run_steps(3);
+    h.get_by_label_contains("colour: exit signal");
+    h.snapshot_options("run_signals", &snapshot_options());
+
+    // A token that left after 2 layers: its path stops at layer 1.
+    h.get_all_by_label_contains("pos 10")
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    let path = h.state().graph.path.clone().unwrap();
+    let g = &h.state().loaded.as_ref().unwrap().after;
+    let layers: std::collections::BTreeSet<usize> = path
+        .nodes
+        .iter()
+        .filter_map(|&n| g.graph[n].layer)
+        .collect();
+    assert_eq!(layers.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    h.state_mut().tab = Tab::Graph;
+    h.run_steps(3);
+    h.snapshot_options("graph_exit_path", &snapshot_options());
+}
