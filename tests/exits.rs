@@ -367,3 +367,76 @@ fn exit_heads_train_and_the_written_pipeline_runs() {
     );
     assert_eq!(got.len(), 2);
 }
+
+/// State copying writes, at every skipped layer `j`, the keys and values that layer computes
+/// when the exit hidden state is its input (checked against running layers `j..` from it).
+#[test]
+fn state_copying_writes_each_skipped_layers_keys_from_the_exit_state() {
+    use exitgraph::lower::{Segment, StageOutput};
+    let dir = tempfile::tempdir().unwrap();
+    let g = graph(dir.path(), 5, 11);
+    let p = lower(&g, dir.path());
+    let prompt: Vec<u32> = vec![3, 14, 15, 92, 65];
+    let k = 2;
+    // Prefill, then run the next token through layers 0..k only.
+    let mut cache = p.new_cache();
+    p.forward_ragged(&mut [Segment {
+        ids: &prompt,
+        cache: &mut cache,
+    }])
+    .unwrap();
+    let next = [35u32];
+    let mut after_prompt = cache.clone();
+    let StageOutput::Hidden(h) = p
+        .forward_stage(
+            &mut [Segment {
+                ids: &next,
+                cache: &mut after_prompt,
+            }],
+            0..k,
+            None,
+        )
+        .unwrap()
+    else {
+        panic!("hidden states expected")
+    };
+    let mut filled = after_prompt.clone();
+    p.fill_kv(
+        &mut [Segment {
+            ids: &next,
+            cache: &mut filled,
+        }],
+        k,
+        &h,
+    )
+    .unwrap();
+    assert_eq!(filled.len(), prompt.len() + 1);
+    for j in k..5 {
+        // Layers j.. from the exit state, on a cache holding the prompt and layers 0..j.
+        let mut reference = after_prompt.clone();
+        p.forward_stage(
+            &mut [Segment {
+                ids: &next,
+                cache: &mut reference,
+            }],
+            j..5,
+            Some(&h),
+        )
+        .unwrap();
+        let (fk, fv) = filled.layer(j).unwrap();
+        let (rk, rv) = reference.layer(j).unwrap();
+        for (a, b) in [(fk, rk), (fv, rv)] {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "layer {j}: keys/values differ by {d}");
+        }
+    }
+}

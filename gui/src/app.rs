@@ -3,6 +3,7 @@
 use crate::compute_path::path;
 use crate::loaded::Loaded;
 use crate::pipeline_check::check;
+use crate::views::exits::ExitsView;
 use crate::views::graph::{GraphView, PathHighlight};
 use crate::views::pipeline::{EditorAction, PipelineEditor};
 use crate::views::run::{RunAction, RunView};
@@ -16,6 +17,7 @@ pub enum Tab {
     Pipeline,
     Run,
     Simulator,
+    Exits,
 }
 
 pub struct ExplorerApp {
@@ -26,6 +28,7 @@ pub struct ExplorerApp {
     pub graph: GraphView,
     pub run: RunView,
     pub sim: SimView,
+    pub exits: ExitsView,
 }
 
 /// The demo pipeline of the repository.
@@ -46,6 +49,7 @@ impl ExplorerApp {
             graph: GraphView::default(),
             run: RunView::default(),
             sim: SimView::default(),
+            exits: ExitsView::default(),
         };
         if matches!(app.editor.message, Some((false, _))) {
             app.compile_error = app.editor.message.as_ref().map(|m| m.1.clone());
@@ -130,6 +134,7 @@ impl ExplorerApp {
                     (Tab::Pipeline, "Pipeline"),
                     (Tab::Run, "Run"),
                     (Tab::Simulator, "Simulator"),
+                    (Tab::Exits, "Exits"),
                 ] {
                     ui.selectable_value(&mut self.tab, tab, name);
                 }
@@ -172,6 +177,7 @@ impl ExplorerApp {
                 RunAction::None => {}
             },
             Tab::Simulator => self.sim.show(ui, self.loaded.as_ref()),
+            Tab::Exits => self.exits.show(ui),
         });
     }
 }

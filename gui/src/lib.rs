@@ -15,6 +15,7 @@ pub mod paths;
 pub mod pipeline_check;
 pub mod ron_highlight;
 pub mod serving;
+pub mod sweep;
 pub mod tokens;
 pub mod trace_stats;
 pub mod viewport;

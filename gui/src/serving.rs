@@ -2,6 +2,7 @@
 
 use crate::jobs::Reporter;
 use exitgraph::device::{DeviceSpec, DtypeSpec};
+use exitgraph::exits::Depth;
 use exitgraph::generate::Sampling;
 use exitgraph::lower::Program;
 use exitgraph::runtime::cost::CostModel;
@@ -44,6 +45,8 @@ pub struct PromptRun {
     pub sampling: Sampling,
     pub seed: u64,
     pub stop_ids: Vec<u32>,
+    /// How deep tokens run (the pipeline's `runtime.depth`).
+    pub depth: Depth,
 }
 
 /// What a prompt run produced.
@@ -61,6 +64,7 @@ fn run_traced(
     executor: Executor,
     decoding: Decoding,
     requests: Vec<RequestSpec>,
+    depth: &Depth,
 ) -> anyhow::Result<(
     ServeReport,
     Vec<exitgraph::runtime::metrics::RequestOutcome>,
@@ -77,6 +81,7 @@ fn run_traced(
         requests,
         Some(writer),
     )
+    .with_depth(depth.clone())?
     .run()?;
     let records = read_trace(&path)?.collect::<anyhow::Result<Vec<_>>>()?;
     Ok((report, outcomes, records))
@@ -106,6 +111,7 @@ pub fn run_prompts(
             arrival_s: 0.0,
             prompt: prompt.clone(),
             max_new_tokens: run.max_new_tokens,
+            forced: Vec::new(),
         };
         let (_, outcomes, records) = run_traced(
             program.clone(),
@@ -113,6 +119,7 @@ pub fn run_prompts(
             Executor::Real,
             decoding.clone(),
             vec![request],
+            &run.depth,
         )?;
         if let Some(f) = outcomes.iter().find_map(|o| o.failed.clone()) {
             anyhow::bail!("prompt {}: {f}", i + 1);
@@ -138,6 +145,9 @@ pub struct SimRun {
     pub batching: Batching,
     pub sampling: Sampling,
     pub seed: u64,
+    /// How deep tokens run; exit rules need the real executor, so early exiting simulates
+    /// full depth.
+    pub depth: Depth,
 }
 
 /// Most tokens a simulated workload may produce here (the explorer holds its trace).
@@ -185,6 +195,10 @@ pub fn simulate(
         Executor::Sim(cost),
         decoding,
         requests,
+        &match &sim.depth {
+            Depth::EarlyExit { .. } => Depth::Full,
+            other => other.clone(),
+        },
     )?;
     report(1.0, "done");
     Ok((serve, records))

@@ -30,6 +30,7 @@ fn prompts_run_through_the_runtime_with_one_record_per_token() {
         sampling: Sampling::Greedy,
         seed: 0,
         stop_ids: Vec::new(),
+        depth: exitgraph::exits::Depth::Full,
     };
     let out = run_prompts(&l.source(), &run, None).unwrap();
     assert_eq!(out.outputs.len(), 2);
@@ -60,6 +61,7 @@ fn simulation_errors_are_messages() {
         },
         sampling: Sampling::Greedy,
         seed: 0,
+        depth: exitgraph::exits::Depth::Full,
     };
     let e = simulate(&l.source(), &sim("sim-100k.ron", "demo-cost.ron"), None).unwrap_err();
     assert!(e.to_string().contains("exitgraph serve"), "{e}");

@@ -253,3 +253,57 @@ fn run_view_colours_exit_signals_when_the_trace_has_them() {
     h.run_steps(3);
     h.snapshot_options("graph_exit_path", &snapshot_options());
 }
+
+#[test]
+fn exits_view_plots_the_demo_sweep_and_reports_bad_files() {
+    let mut h = harness(ExplorerApp::demo());
+    h.run_steps(2);
+    h.get_by_label("Exits").click();
+    h.run_steps(3);
+    assert_eq!(h.state().tab, Tab::Exits);
+    let report = h
+        .state()
+        .exits
+        .report
+        .clone()
+        .expect("the demo sweep loads");
+    assert!(!report.rows.is_empty());
+    h.get_by_label_contains("Solid: measured speedup");
+    assert!(h.get_all_by_label("oracle (upper bound)").count() >= 1);
+    h.snapshot_options("exits", &snapshot_options());
+    h.state_mut().exits.path = "no-such-sweep.json".into();
+    h.get_by_label("Load").click();
+    h.run_steps(2);
+    assert!(h
+        .state()
+        .exits
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("no-such-sweep.json")));
+}
+
+#[test]
+fn run_view_shows_real_exits_of_the_demo_exits_pipeline() {
+    let path = exitgraph_gui::views::sim::examples_dir().join("demo-exits.ron");
+    let mut h = harness(ExplorerApp::open(&path));
+    h.run_steps(2);
+    assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
+    h.get_by_label("Run").click();
+    h.run_steps(2);
+    h.state_mut().run.prompts = "some birds\ncopy: K7F2Q | K".into();
+    h.state_mut().run.max_new_tokens = 8;
+    h.get_by_label("Run prompts").click();
+    h.run_steps(1);
+    step_until(&mut h, "the run", Duration::from_secs(120), |a| {
+        !a.run.running()
+    });
+    assert!(h.state().run.error.is_none(), "{:?}", h.state().run.error);
+    let r = h.state().run.result.as_ref().unwrap();
+    assert!(r.heatmap.has_signals());
+    // " ." after "some birds are not green" is certain after one layer.
+    assert!(
+        r.heatmap.rows.iter().any(|row| row.exit_layer < 6),
+        "some token exits early"
+    );
+    h.snapshot_options("run_exits", &snapshot_options());
+}

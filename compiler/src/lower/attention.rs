@@ -192,11 +192,31 @@ impl AttentionKernel {
     /// into each part's cache without attending: CALM's state copying fills the layers an
     /// exited token skipped from its exit hidden state.
     pub fn append_kv_ragged(&self, x: &Tensor, parts: &mut [RaggedPart<'_>]) -> Result<()> {
-        let qkv = self.qkv.forward(x)?;
+        let kv = self.qkv.forward_tail(x, 1)?;
+        let (Some(k_all), Some(v_all)) = (kv.first(), kv.get(1)) else {
+            candle_core::bail!("the fused projection has no key and value parts");
+        };
+        let d = self.head_dim;
         for (offset, len, ctx, cache) in parts.iter_mut() {
-            let part = |t: &Tensor| t.narrow(1, *offset, *len);
-            let (_, k, v) =
-                self.heads_with_rope(&part(&qkv[0])?, &part(&qkv[1])?, &part(&qkv[2])?, ctx)?;
+            let split = |t: &Tensor| -> Result<Tensor> {
+                t.narrow(1, *offset, *len)?
+                    .reshape((1, *len, self.kv_heads, d))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let mut k = split(k_all)?;
+            let v = split(v_all)?;
+            if let Some((id, rope)) = &self.rope {
+                let (cos, sin) = match ctx.tables.get(id) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = rope.tables(ctx.start, ctx.seq, k.dtype())?;
+                        ctx.tables.insert(*id, t.clone());
+                        t
+                    }
+                };
+                k = rope.apply(&k, &cos, &sin, self.differentiable)?;
+            }
             Self::append(k, v, ctx, cache)?;
         }
         Ok(())

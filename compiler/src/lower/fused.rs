@@ -66,4 +66,29 @@ impl FusedLinear {
             FusedLinear::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
         }
     }
+
+    /// The outputs of the parts after the first `skip`, computing only those (state copying
+    /// needs keys and values, not queries).
+    pub fn forward_tail(&self, x: &Tensor, skip: usize) -> Result<Vec<Tensor>> {
+        match self {
+            FusedLinear::Stacked { linear, sizes } => {
+                let start: usize = sizes.iter().take(skip).sum();
+                let rest: usize = sizes.iter().skip(skip).sum();
+                let w = linear.weight().narrow(0, start, rest)?;
+                let b = linear
+                    .bias()
+                    .map(|b| b.narrow(0, start, rest))
+                    .transpose()?;
+                let y = Linear::new(w, b).forward(x)?;
+                let mut at = 0;
+                let mut out = Vec::with_capacity(sizes.len().saturating_sub(skip));
+                for &n in sizes.iter().skip(skip) {
+                    out.push(y.narrow(D::Minus1, at, n)?);
+                    at += n;
+                }
+                Ok(out)
+            }
+            FusedLinear::Separate(parts) => parts.iter().skip(skip).map(|l| l.forward(x)).collect(),
+        }
+    }
 }

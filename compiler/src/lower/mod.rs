@@ -86,6 +86,11 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Keys and values `[batch, kv_heads, positions, head_dim]` of attention layer `i`.
+    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(i).and_then(Option::as_ref)
+    }
 }
 
 /// One call's inputs.

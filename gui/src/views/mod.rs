@@ -1,5 +1,6 @@
-//! The four views of the explorer.
+//! The views of the explorer.
 
+pub mod exits;
 pub mod graph;
 pub mod pipeline;
 pub mod run;

@@ -125,6 +125,7 @@ impl RunView {
             } else {
                 Vec::new()
             },
+            depth: rt.depth.clone(),
         };
         let source = loaded.source();
         self.error = None;

@@ -97,6 +97,7 @@ impl SimView {
             batching: self.batching(),
             sampling: loaded.pipeline.runtime.sampling.clone(),
             seed: loaded.pipeline.runtime.seed,
+            depth: loaded.pipeline.runtime.depth.clone(),
         };
         let source = loaded.source();
         self.error = None;
