@@ -56,6 +56,11 @@ fn every_example_pipeline_compiles_and_runs() {
             continue;
         }
         let ex = ex.to_string_lossy().to_string();
+        if ex.ends_with("-cost.ron") {
+            // A profiled cost model (the explorer's simulator uses it).
+            exitgraph::runtime::cost::CostModel::read(Path::new(&ex)).unwrap();
+            continue;
+        }
         if ex.ends_with("-heads.ron") {
             // Heads of their own need training first: the error says how.
             let out = Command::new(env!("CARGO_BIN_EXE_exitgraph"))

@@ -268,7 +268,7 @@ fn exits_view_plots_the_demo_sweep_and_reports_bad_files() {
         .clone()
         .expect("the demo sweep loads");
     assert!(!report.rows.is_empty());
-    h.get_by_label_contains("Solid: measured speedup");
+    h.get_by_label_contains("Large markers: measured speedup");
     assert!(h.get_all_by_label("oracle (upper bound)").count() >= 1);
     h.snapshot_options("exits", &snapshot_options());
     h.state_mut().exits.path = "no-such-sweep.json".into();

@@ -30,8 +30,12 @@ pub struct ExitsArgs {
     batch: usize,
     /// RULE=lo:hi:step (confidence, margin, entropy, patience, saturation, gate); repeat for
     /// several rules.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "report")]
     sweep: Vec<String>,
+    /// Evaluate nothing: print (and write as CSV/plot) a report an earlier run wrote with
+    /// --json.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Pick, per rule, the threshold with the best speedup reaching this agreement with the
     /// full model on a calibration half, and report it on the held-out half.
     #[arg(long)]
@@ -63,8 +67,35 @@ pub struct LayersArgs {
     json: Option<PathBuf>,
 }
 
+fn write_exit_report(
+    a: &ExitsArgs,
+    report: &exitgraph::eval::exits::ExitReport,
+) -> anyhow::Result<()> {
+    out!("{}", report.to_markdown());
+    if let Some(path) = &a.csv {
+        exitgraph::atomic::write_text(path, &report.to_csv())?;
+        outln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.json {
+        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(report)?)?;
+        outln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        exitgraph::eval::exits::plot(report, path)?;
+        outln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn exits(a: ExitsArgs) -> anyhow::Result<()> {
     use exitgraph::eval::exits::{corpus_cases, parse_sweep, sweep};
+    if let Some(path) = &a.report {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let report: exitgraph::eval::exits::ExitReport = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+        return write_exit_report(&a, &report);
+    }
     let pipeline = exitgraph::pipeline::Pipeline::read(&a.pipeline)?;
     let compiled = exitgraph::pipeline::compile(&pipeline, &a.pipeline)?;
     let tok_path = compiled.checkpoint.tokenizer.clone().ok_or_else(|| {
@@ -104,20 +135,7 @@ fn exits(a: ExitsArgs) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    out!("{}", report.to_markdown());
-    if let Some(path) = &a.csv {
-        exitgraph::atomic::write_text(path, &report.to_csv())?;
-        outln!("wrote {}", path.display());
-    }
-    if let Some(path) = &a.json {
-        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
-        outln!("wrote {}", path.display());
-    }
-    if let Some(path) = &a.plot {
-        exitgraph::eval::exits::plot(&report, path)?;
-        outln!("wrote {}", path.display());
-    }
-    Ok(())
+    write_exit_report(&a, &report)
 }
 
 pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {

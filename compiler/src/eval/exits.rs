@@ -301,8 +301,38 @@ impl ExitEval {
             .collect();
         let avg_exit_layer =
             stats.iter().map(|s| s.exit_layer as f64).sum::<f64>() / generated.max(1) as f64;
+        // The oracle runs the full model to know its answer; its ideal speedup is that of
+        // a perfect rule: the token stops at the oracle's exit (heads up to it, state
+        // copying above it).
+        let costed: Vec<TokenStat> = if rule.is_oracle() {
+            stats
+                .iter()
+                .map(|s| {
+                    let exit = s.exit_layer as usize;
+                    let early = exit < self.layers;
+                    TokenStat {
+                        exit_layer: s.exit_layer,
+                        layers_run: s.exit_layer,
+                        heads: if s.heads == 0 {
+                            0
+                        } else if early {
+                            self.exits.iter().filter(|&&k| k <= exit).count() as u16
+                        } else {
+                            self.exits.len() as u16
+                        },
+                        filled: if early {
+                            (self.layers - exit) as u16
+                        } else {
+                            0
+                        },
+                    }
+                })
+                .collect()
+        } else {
+            stats.clone()
+        };
         let adaptive_cost =
-            stats.iter().map(|s| self.path_cost(s)).sum::<f64>() / generated.max(1) as f64;
+            costed.iter().map(|s| self.path_cost(s)).sum::<f64>() / generated.max(1) as f64;
         let forced_tokens: usize = subset.iter().map(|c| c.reference.len()).sum();
         let nll: f64 = forced.iter().map(|o| o.nll).sum();
         let full_nll: f64 = which.iter().map(|&i| self.full_nll[i]).sum();
@@ -471,7 +501,7 @@ impl ExitReport {
 pub fn plot(report: &ExitReport, path: &std::path::Path) -> anyhow::Result<()> {
     use super::plot::{line_chart_png, Series};
     let mut series: Vec<Series> = Vec::new();
-    for r in &report.rows {
+    for r in report.rows.iter().filter(|r| r.split == "all") {
         for (kind, y) in [("measured", r.speedup), ("ideal", r.ideal_speedup)] {
             let name = format!("{} ({kind})", r.rule);
             match series.iter_mut().find(|s| s.name == name) {
@@ -479,6 +509,7 @@ pub fn plot(report: &ExitReport, path: &std::path::Path) -> anyhow::Result<()> {
                 None => series.push(Series {
                     name,
                     points: vec![(r.agreement * 100.0, y)],
+                    line: kind == "ideal",
                 }),
             }
         }

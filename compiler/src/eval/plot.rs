@@ -23,7 +23,12 @@ use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErro
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Join the points with a line (else markers only, for noisy measurements).
+    pub line: bool,
 }
+
+/// A series after dropping non-finite points: name, points, joined by a line.
+type Clean<'a> = (&'a str, Vec<(f64, f64)>, bool);
 
 /// Font family name under which the bundled font is registered.
 const FONT_FAMILY: &str = "sans-serif";
@@ -272,7 +277,7 @@ fn tick_decimals(range: &Range<f64>, max_ticks: usize) -> usize {
 /// preferring upper right, then lower left (usually empty for
 /// speedup-vs-agreement curves), lower right, upper left.
 fn legend_position(
-    series: &[(&str, Vec<(f64, f64)>)],
+    series: &[Clean<'_>],
     x_range: &Range<f64>,
     y_range: &Range<f64>,
 ) -> SeriesLabelPosition {
@@ -283,7 +288,7 @@ fn legend_position(
         )
     };
     let mut samples = Vec::new();
-    for (_, pts) in series {
+    for (_, pts, _) in series {
         samples.extend(pts.iter().map(|&p| norm(p)));
         for pair in pts.windows(2) {
             let (a, b) = (norm(pair[0]), norm(pair[1]));
@@ -353,7 +358,7 @@ fn render_and_write(
         .ok_or_else(|| anyhow!("chart size {w}x{h} is too large"))?;
 
     // Keep only finite points; drop series that end up empty.
-    let clean: Vec<(&str, Vec<(f64, f64)>)> = series
+    let clean: Vec<Clean<'_>> = series
         .iter()
         .map(|s| {
             let pts = s
@@ -362,9 +367,9 @@ fn render_and_write(
                 .copied()
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
                 .collect::<Vec<_>>();
-            (s.name.as_str(), pts)
+            (s.name.as_str(), pts, s.line)
         })
-        .filter(|(_, pts)| !pts.is_empty())
+        .filter(|(_, pts, _)| !pts.is_empty())
         .collect();
     if clean.is_empty() {
         bail!("no finite data points to plot");
@@ -376,14 +381,18 @@ fn render_and_write(
         f64::INFINITY,
         f64::NEG_INFINITY,
     );
-    for (x, y) in clean.iter().flat_map(|(_, pts)| pts.iter().copied()) {
+    for (x, y) in clean.iter().flat_map(|(_, pts, _)| pts.iter().copied()) {
         x_lo = x_lo.min(x);
         x_hi = x_hi.max(x);
         y_lo = y_lo.min(y);
         y_hi = y_hi.max(y);
     }
     let x_range = padded_range(x_lo, x_hi);
-    let y_range = padded_range(y_lo, y_hi);
+    let mut y_range = padded_range(y_lo, y_hi);
+    // Headroom above the data for the legend (one line per series), so it covers no point.
+    let legend_share = (0.07 * clean.len() as f64 + 0.05).min(0.6);
+    let span = y_range.end - y_range.start;
+    y_range.end += span * legend_share / (1.0 - legend_share);
 
     ensure_font()?;
     let mut pixels = vec![0u8; buf_len];
@@ -407,7 +416,7 @@ fn draw(
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(&str, Vec<(f64, f64)>)],
+    series: &[Clean<'_>],
     x_range: Range<f64>,
     y_range: Range<f64>,
 ) -> anyhow::Result<()> {
@@ -467,19 +476,36 @@ fn draw(
         .draw()
         .map_err(plot_err)?;
 
-    for (i, (name, pts)) in series.iter().enumerate() {
+    for (i, (name, pts, line)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         let line_style = color.stroke_width(stroke);
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), line_style))
-            .map_err(plot_err)?
-            .label(*name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(stroke))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, marker, color.filled())))
-            .map_err(plot_err)?;
+        let drawn = if *line {
+            chart.draw_series(LineSeries::new(pts.iter().copied(), line_style))
+        } else {
+            chart.draw_series(
+                pts.iter()
+                    .map(|&p| Circle::new(p, marker + marker / 2, color.filled())),
+            )
+        };
+        let legend_marker = marker;
+        let joined = *line;
+        drawn.map_err(plot_err)?.label(*name).legend(move |(x, y)| {
+            if joined {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(stroke)).into_dyn()
+            } else {
+                Circle::new(
+                    (x + 10, y),
+                    legend_marker + legend_marker / 2,
+                    color.filled(),
+                )
+                .into_dyn()
+            }
+        });
+        if *line {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, marker, color.filled())))
+                .map_err(plot_err)?;
+        }
     }
 
     chart
@@ -564,6 +590,7 @@ mod tests {
             Series {
                 name: "threshold sweep".into(),
                 points: vec![(1.0, 1.0), (1.4, 0.995), (1.9, 0.97), (2.6, 0.91)],
+                line: true,
             },
             Series {
                 name: "learned exits".into(),
@@ -574,6 +601,7 @@ mod tests {
                     (f64::NAN, 0.5),
                     (3.1, 0.94),
                 ],
+                line: true,
             },
         ]
     }
@@ -635,11 +663,13 @@ mod tests {
         let nan = [Series {
             name: "nan".into(),
             points: vec![(f64::NAN, 1.0), (1.0, f64::INFINITY)],
+            line: true,
         }];
         assert!(line_chart_png(&path, "t", "x", "y", &nan, (300, 200)).is_err());
         let no_points = [Series {
             name: "none".into(),
             points: vec![],
+            line: true,
         }];
         assert!(line_chart_png(&path, "t", "x", "y", &no_points, (300, 200)).is_err());
         assert!(!path.exists());
@@ -652,11 +682,13 @@ mod tests {
         let one = [Series {
             name: "one".into(),
             points: vec![(2.0, 0.9)],
+            line: true,
         }];
         line_chart_png(&dir.join("one.png"), "one", "x", "y", &one, (320, 240)).unwrap();
         let flat = [Series {
             name: "flat".into(),
             points: vec![(0.0, 0.0), (0.0, 0.0)],
+            line: true,
         }];
         line_chart_png(&dir.join("flat.png"), "flat", "x", "y", &flat, (320, 240)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -679,6 +711,7 @@ mod tests {
         s.push(Series {
             name: "random exits (baseline)".into(),
             points: vec![(1.0, 1.0), (1.3, 0.96), (1.7, 0.9), (2.1, 0.83)],
+            line: true,
         });
         let out = PathBuf::from(out);
         line_chart_png(
@@ -693,6 +726,7 @@ mod tests {
         let one = [Series {
             name: "only point".into(),
             points: vec![(1.7, 0.93)],
+            line: true,
         }];
         line_chart_png(
             &out.join("edge-one.png"),
@@ -707,12 +741,14 @@ mod tests {
             Series {
                 name: "a".into(),
                 points: vec![(1.0, 0.9991), (1.01, 0.9993), (1.02, 0.9999)],
+                line: true,
             },
             Series {
                 name: "b".into(),
                 points: (0..50)
                     .map(|i| (1.0 + f64::from(i) * 4e-4, 0.999 + f64::from(i % 7) * 1e-4))
                     .collect(),
+                line: true,
             },
         ];
         line_chart_png(
@@ -727,6 +763,7 @@ mod tests {
         let big = [Series {
             name: "big".into(),
             points: vec![(0.0, 0.0), (250_000.0, 1.5e6), (1_000_000.0, 3.2e6)],
+            line: true,
         }];
         line_chart_png(
             &out.join("edge-big.png"),

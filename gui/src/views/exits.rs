@@ -7,6 +7,18 @@ use egui_plot::{Legend, Line, LineStyle, Plot, Points};
 use exitgraph::eval::exits::ExitReport;
 use std::path::Path;
 
+/// Distinct colours that read on the dark theme.
+const PALETTE: [egui::Color32; 8] = [
+    egui::Color32::from_rgb(77, 171, 247),
+    egui::Color32::from_rgb(255, 146, 43),
+    egui::Color32::from_rgb(81, 207, 102),
+    egui::Color32::from_rgb(240, 101, 149),
+    egui::Color32::from_rgb(252, 196, 25),
+    egui::Color32::from_rgb(151, 117, 250),
+    egui::Color32::from_rgb(32, 201, 151),
+    egui::Color32::from_rgb(233, 236, 239),
+];
+
 pub struct ExitsView {
     pub path: String,
     pub report: Option<ExitReport>,
@@ -15,9 +27,11 @@ pub struct ExitsView {
 
 /// The sweep of the demo model shipped with the repository.
 pub fn demo_sweep() -> String {
-    crate::paths::friendly(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/exits-demo.json"))
-        .display()
-        .to_string()
+    crate::paths::friendly(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/exits-demo-shallow.json"),
+    )
+    .display()
+    .to_string()
 }
 
 impl Default for ExitsView {
@@ -63,7 +77,7 @@ impl ExitsView {
             return;
         };
         ui.label(format!(
-            "{} cases, exits after layers {:?} of {}: full model {:.0} tok/s, perplexity {:.3}. Solid: measured speedup; dashed: ideal (FLOPs).",
+            "{} cases, exits after layers {:?} of {}: full model {:.0} tok/s, perplexity {:.3}. Large markers: measured speedup; dashed: ideal (FLOPs).",
             r.cases, r.exits, r.layers, r.full_tokens_per_s, r.full_perplexity
         ));
         let curves = series(r);
@@ -73,29 +87,47 @@ impl ExitsView {
             v
         };
         let height = (ui.available_height() * 0.6).max(200.0);
+        // Headroom above the data for the legend (top right), so it covers no point.
+        let ys = curves.iter().flat_map(|c| c.points.iter().map(|p| p[1]));
+        let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+            (a.min(y), b.max(y))
+        });
+        let top = if hi.is_finite() {
+            hi + (hi - lo).max(0.1) * 0.04 * (curves.len() as f64 + 2.0)
+        } else {
+            1.0
+        };
         Plot::new("exit_sweep")
             .height(height)
+            .include_y(top)
             .x_axis_label("agreement with full greedy decoding (%)")
             .y_axis_label("speedup (x)")
             .legend(Legend::default())
             .show(ui, |p| {
                 for c in &curves {
                     let i = rules.iter().position(|r| *r == c.rule).unwrap_or(0);
-                    let color =
-                        crate::views::run::signal_color(i as f32 / (rules.len().max(2) - 1) as f32);
+                    let color = PALETTE[i % PALETTE.len()];
                     let name = if c.ideal {
                         format!("{} (ideal)", c.rule)
                     } else {
                         c.rule.clone()
                     };
-                    let mut line = Line::new(name.clone(), c.points.clone()).color(color);
+                    // Measured points are noisy on small models: markers only; the ideal
+                    // curve is a line.
                     if c.ideal {
-                        line = line.style(LineStyle::dashed_loose());
-                    } else {
-                        line = line.width(2.0);
+                        p.line(
+                            Line::new(name.clone(), c.points.clone())
+                                .color(color)
+                                .style(LineStyle::dashed_loose()),
+                        );
                     }
-                    p.line(line);
-                    p.points(Points::new(name, c.points.clone()).color(color).radius(3.0));
+                    p.points(Points::new(name, c.points.clone()).color(color).radius(
+                        if c.ideal && c.points.len() > 1 {
+                            2.0
+                        } else {
+                            4.0
+                        },
+                    ));
                 }
             });
         egui::ScrollArea::vertical().show(ui, |ui| {
