@@ -101,8 +101,15 @@ impl SimView {
         };
         let source = loaded.source();
         self.error = None;
+        let depth_note = match &sim.depth {
+            exitgraph::exits::Depth::EarlyExit { .. } => {
+                " at full depth (exit rules need the real executor: use the Run tab)"
+            }
+            exitgraph::exits::Depth::SkipDecode(_) => " with SkipDecode",
+            exitgraph::exits::Depth::Full => "",
+        };
         self.source = format!(
-            "simulated: {} with {:?}",
+            "simulated: {} with {:?}{depth_note}",
             Path::new(self.workload.trim())
                 .file_name()
                 .map_or_else(String::new, |f| f.to_string_lossy().to_string()),
