@@ -16,7 +16,7 @@ use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::workload::RequestSpec;
 use exitgraph::runtime::{Decoding, Executor, Runtime};
 use exitgraph::synth::{write_random_llama, LlamaSpec};
-use exitgraph_passes::{HeadKind, InsertExits, Pass, TruncateLayers};
+use exitgraph_passes::{HeadKind, InsertExits, Pass, PassContext, TruncateLayers};
 use proptest::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
@@ -39,8 +39,9 @@ fn with_exits(g: &exitgraph_ir::Graph, points: &[usize]) -> exitgraph_ir::Graph 
         every: None,
         head: HeadKind::SharedLmHead { norm: true },
         gate: false,
+        weights: None,
     }
-    .run(&mut h)
+    .run(&mut h, &PassContext::detached())
     .unwrap();
     h
 }
@@ -193,7 +194,7 @@ proptest! {
         let full = lower(&g, dir.path());
         let p = lower(&with_exits(&g, &[k]), dir.path());
         let mut cut = g.clone();
-        TruncateLayers { keep: k }.run(&mut cut).unwrap();
+        TruncateLayers { keep: k }.run(&mut cut, &PassContext::detached()).unwrap();
         let cut = lower(&cut, dir.path());
         let prs = prompts(seed, 2);
         let got = serve(&p, &prs, 5, Batching::Static { max_batch: 2 }, &Depth::EarlyExit { rule: ExitRule::Confidence(0.0) });
@@ -380,51 +381,27 @@ fn state_copying_writes_each_skipped_layers_keys_from_the_exit_state() {
     let k = 2;
     // Prefill, then run the next token through layers 0..k only.
     let mut cache = p.new_cache();
-    p.forward_ragged(&mut [Segment {
-        ids: &prompt,
-        cache: &mut cache,
-    }])
-    .unwrap();
+    p.forward_ragged(&mut [Segment::new(&prompt, &mut cache)])
+        .unwrap();
     let next = [35u32];
     let mut after_prompt = cache.clone();
     let StageOutput::Hidden(h) = p
-        .forward_stage(
-            &mut [Segment {
-                ids: &next,
-                cache: &mut after_prompt,
-            }],
-            0..k,
-            None,
-        )
+        .forward_stage(&mut [Segment::new(&next, &mut after_prompt)], 0..k, None)
         .unwrap()
     else {
         panic!("hidden states expected")
     };
     let mut filled = after_prompt.clone();
-    p.fill_kv(
-        &mut [Segment {
-            ids: &next,
-            cache: &mut filled,
-        }],
-        k,
-        &h,
-    )
-    .unwrap();
+    p.fill_kv(&mut [Segment::new(&next, &mut filled)], k, &h)
+        .unwrap();
     assert_eq!(filled.len(), prompt.len() + 1);
     for j in k..5 {
         // Layers j.. from the exit state, on a cache holding the prompt and layers 0..j.
         let mut reference = after_prompt.clone();
-        p.forward_stage(
-            &mut [Segment {
-                ids: &next,
-                cache: &mut reference,
-            }],
-            j..5,
-            Some(&h),
-        )
-        .unwrap();
-        let (fk, fv) = filled.layer(j).unwrap();
-        let (rk, rv) = reference.layer(j).unwrap();
+        p.forward_stage(&mut [Segment::new(&next, &mut reference)], j..5, Some(&h))
+            .unwrap();
+        let (fk, fv) = filled.slot(j).unwrap();
+        let (rk, rv) = reference.slot(j).unwrap();
         for (a, b) in [(fk, rk), (fv, rv)] {
             let d = (a - b)
                 .unwrap()

@@ -57,12 +57,12 @@ proptest! {
         // Each sequence alone.
         let alone: Vec<Vec<f32>> = prompts.iter().map(|pr| {
             let mut cache = p.new_cache();
-            let mut segs = [Segment { ids: pr, cache: &mut cache }];
+            let mut segs = [Segment::new(pr, &mut cache)];
             p.forward_ragged(&mut segs).unwrap().remove(0).to_vec1::<f32>().unwrap()
         }).collect();
         // All together, then one more token each, together.
         let mut caches: Vec<_> = prompts.iter().map(|_| p.new_cache()).collect();
-        let mut segs: Vec<Segment> = prompts.iter().zip(caches.iter_mut()).map(|(ids, cache)| Segment { ids, cache }).collect();
+        let mut segs: Vec<Segment> = prompts.iter().zip(caches.iter_mut()).map(|(ids, cache)| Segment::new(ids, cache)).collect();
         let together = p.forward_ragged(&mut segs).unwrap();
         for (a, t) in alone.iter().zip(&together) {
             let t = t.to_vec1::<f32>().unwrap();
@@ -70,13 +70,13 @@ proptest! {
             prop_assert!(d < 1e-5, "differs by {d}");
         }
         let next: Vec<Vec<u32>> = (0..prompts.len()).map(|i| vec![(i as u32 * 5) % 97]).collect();
-        let mut segs: Vec<Segment> = next.iter().zip(caches.iter_mut()).map(|(ids, cache)| Segment { ids, cache }).collect();
+        let mut segs: Vec<Segment> = next.iter().zip(caches.iter_mut()).map(|(ids, cache)| Segment::new(ids, cache)).collect();
         let step = p.forward_ragged(&mut segs).unwrap();
         for (i, pr) in prompts.iter().enumerate() {
             let mut full = pr.clone();
             full.extend(&next[i]);
             let mut cache = p.new_cache();
-            let mut one = [Segment { ids: &full, cache: &mut cache }];
+            let mut one = [Segment::new(&full, &mut cache)];
             let want = p.forward_ragged(&mut one).unwrap().remove(0).to_vec1::<f32>().unwrap();
             let got = step[i].to_vec1::<f32>().unwrap();
             let d = want.iter().zip(&got).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);

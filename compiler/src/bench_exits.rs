@@ -17,7 +17,7 @@ use crate::runtime::workload::RequestSpec;
 use crate::runtime::{Decoding, Executor, Runtime};
 use crate::synth::write_random_llama;
 use candle_core::{DType, Device};
-use exitgraph_passes::{HeadKind, InsertExits, Pass};
+use exitgraph_passes::{HeadKind, InsertExits, Pass, PassContext};
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -148,8 +148,9 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
                 every: None,
                 head: HeadKind::SharedLmHead { norm: true },
                 gate: false,
+                weights: None,
             }
-            .run(&mut g)?;
+            .run(&mut g, &PassContext::detached())?;
         }
         let cost = DepthCost::of(&g);
         let program = Arc::new(Program::lower(&g, dir.path(), &Device::Cpu, DType::F32)?);

@@ -16,3 +16,6 @@ pub mod runtime;
 pub mod synth;
 pub mod tensor_io;
 pub mod train;
+
+/// The graph rewrites, re-exported for the explorer and library users.
+pub use exitgraph_passes as passes;

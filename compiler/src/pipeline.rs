@@ -15,7 +15,7 @@ use crate::device::{DeviceSpec, DtypeSpec};
 use crate::generate::{GenerateOptions, Sampling};
 use crate::lower::{LowerError, Program};
 use exitgraph_ir::{Checkpoint, Graph, ImportError};
-use exitgraph_passes::{PassError, PassManager, PassOutcome, PassSpec};
+use exitgraph_passes::{PassContext, PassError, PassManager, PassOutcome, PassSpec};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -254,10 +254,9 @@ pub fn compile(pipeline: &Pipeline, pipeline_path: &Path) -> Result<Compiled, Pi
     })?;
     let original = checkpoint.graph.clone();
     let mut graph = checkpoint.graph.clone();
-    add_pass_weights(pipeline, pipeline_path, &mut graph)?;
     let manager = PassManager::new(pipeline.passes.iter().map(PassSpec::build).collect());
     let outcomes = manager
-        .run(&mut graph)
+        .run_in(&mut graph, &PassContext::for_pipeline(pipeline_path))
         .map_err(|cause| PipelineError::Pass {
             path: pipeline_path.to_path_buf(),
             cause,
@@ -270,62 +269,6 @@ pub fn compile(pipeline: &Pipeline, pipeline_path: &Path) -> Result<Compiled, Pi
         graph,
         outcomes,
     })
-}
-
-/// Resolves a path written in the pipeline file (relative to it).
-pub fn resolve_relative(pipeline_path: &Path, file: &str) -> PathBuf {
-    let f = Path::new(file);
-    if f.is_absolute() {
-        f.to_path_buf()
-    } else {
-        pipeline_path
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join(f)
-    }
-}
-
-/// Adds the tensors of the passes' weight files (trained exit heads) to the graph's catalog,
-/// by absolute path, so lowering reads them next to the checkpoint's own.
-fn add_pass_weights(
-    pipeline: &Pipeline,
-    pipeline_path: &Path,
-    graph: &mut Graph,
-) -> Result<(), PipelineError> {
-    for spec in &pipeline.passes {
-        let PassSpec::InsertExits {
-            weights: Some(file),
-            ..
-        } = spec
-        else {
-            continue;
-        };
-        let path = resolve_relative(pipeline_path, file);
-        let field = |message: String| PipelineError::Field {
-            path: pipeline_path.to_path_buf(),
-            field: "weights",
-            message,
-        };
-        if !path.is_file() {
-            return Err(field(format!(
-                "\"{file}\" resolves to {}, which is not a file",
-                path.display()
-            )));
-        }
-        let abs = std::fs::canonicalize(&path).unwrap_or(path.clone());
-        let tensors = exitgraph_ir::import::read_header(&abs, &abs.display().to_string())
-            .map_err(|e| field(e.to_string()))?;
-        for (name, info) in tensors {
-            if graph.weights.tensors.contains_key(&name) && !name.starts_with("exits.") {
-                return Err(field(format!(
-                    "{}: tensor {name} would shadow the checkpoint's own",
-                    path.display()
-                )));
-            }
-            graph.weights.tensors.insert(name, info);
-        }
-    }
-    Ok(())
 }
 
 impl Compiled {

@@ -5,25 +5,16 @@ use std::collections::BTreeSet;
 
 /// Nodes on the path of a token that ran `layers` (0-based) and exited after `exit_layer`
 /// layers: every node of those layers, and the nodes outside layers that lead to the output
-/// used (the embedding before, the norm and head after). When the graph has outputs per exit
-/// point (`exit.{k}` or `logits.{k}`, as exit heads add), the head of exit `exit_layer` is
-/// followed; otherwise `logits`.
+/// used (the embedding before, the norm and head after). When the graph has an exit head
+/// after `exit_layer` (an [`exitgraph_ir::Exit`] record, as `InsertExits` adds), its head is
+/// followed; at full depth, the model's own head.
 pub fn path(g: &Graph, layers: &[usize], exit_layer: usize) -> BTreeSet<NodeIndex> {
     let ran: BTreeSet<usize> = layers.iter().copied().collect();
     let depth = g.layers().last().map_or(0, |l| l + 1);
-    let output = [format!("exit.{exit_layer}"), format!("logits.{exit_layer}")]
-        .into_iter()
-        .find_map(|name| g.outputs.get(&name).copied())
-        .or_else(|| {
-            if exit_layer >= depth {
-                g.outputs
-                    .get("logits")
-                    .or_else(|| g.outputs.get("last_hidden_state"))
-                    .copied()
-            } else {
-                None
-            }
-        });
+    let output = g
+        .exit_at(exit_layer)
+        .and_then(|e| e.head())
+        .or_else(|| (exit_layer >= depth).then(|| g.final_output()).flatten());
     // Walk back from the output used through nodes that ran.
     let mut on_path = BTreeSet::new();
     let mut stack: Vec<NodeIndex> = output.into_iter().collect();
@@ -57,27 +48,41 @@ mod tests {
         assert_eq!(p.len(), g.graph.node_count());
     }
 
+    /// The graph as the real `InsertExits` pass leaves it (tiny Llama fixture).
+    fn with_exits(after: Vec<usize>) -> Graph {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+        let mut g = exitgraph_ir::import(&dir).unwrap().graph;
+        let pass = exitgraph::passes::InsertExits {
+            after,
+            every: None,
+            head: exitgraph::passes::HeadKind::default(),
+            gate: false,
+            weights: None,
+        };
+        exitgraph::passes::PassManager::new(vec![Box::new(pass)])
+            .run(&mut g)
+            .unwrap();
+        g
+    }
+
     #[test]
     fn an_early_exit_uses_its_head_and_the_layers_before_it() {
-        let mut g = chain(4);
-        let l1 = g.find("layers.1.mlp_residual").unwrap();
-        let head = g.graph[g.find("lm_head").unwrap()].clone();
-        let exit = g.add(
-            exitgraph_ir::Node {
-                name: "exit_head.2".into(),
-                layer: None,
-                ..head
-            },
-            &[l1],
-        );
-        g.outputs.insert("exit.2".into(), exit);
+        let g = with_exits(vec![2, 4]);
         let p = path(&g, &[0, 1], 2);
         let names: BTreeSet<&str> = p.iter().map(|&n| g.graph[n].name.as_str()).collect();
-        assert!(names.contains("exit_head.2"));
+        // The exit's own norm and head, as the pass names them.
+        assert!(names.contains("exit.2.head"), "{names:?}");
+        assert!(names.contains("exit.2.norm"), "{names:?}");
         assert!(names.contains("embed"));
         assert!(names.contains("layers.1.attn"));
         assert!(!names.contains("layers.2.attn"));
         assert!(!names.contains("lm_head"));
+        assert!(!names.contains("exit.4.head"));
+        // At full depth the model's own head is outlined, not an exit's.
+        let full = path(&g, &[0, 1, 2, 3, 4, 5], 6);
+        let names: BTreeSet<&str> = full.iter().map(|&n| g.graph[n].name.as_str()).collect();
+        assert!(names.contains("lm_head") && !names.contains("exit.2.head"));
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub fn chain(layers: usize) -> Graph {
         token_types: None,
     };
     let mut x = g.add(node("embed", Op::Embedding(embed), None), &[input]);
+    let embedded = x;
+    let mut block_outputs = Vec::new();
     g.outputs.insert("hidden_states.0".into(), x);
     for l in 0..layers {
         let p = format!("layers.{l}");
@@ -70,7 +72,9 @@ pub fn chain(layers: usize) -> Graph {
             &[a1, mlp],
         );
         g.outputs.insert(format!("hidden_states.{}", l + 1), x);
+        block_outputs.push(x);
     }
+    g.set_untied_blocks(embedded, &block_outputs);
     let n = g.add(node("norm", norm("norm"), None), &[x]);
     let head = g.add(node("lm_head", norm("lm_head"), None), &[n]);
     g.outputs.insert("logits".into(), head);

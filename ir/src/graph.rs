@@ -2,6 +2,7 @@
 
 use crate::op::Op;
 use crate::shape::Shape;
+use crate::structure::{Block, Exit};
 use crate::weight::WeightCatalog;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
@@ -50,7 +51,8 @@ pub struct Node {
     /// Unique, human-readable name, e.g. `layers.3.attn`.
     pub name: String,
     pub op: Op,
-    /// Transformer layer this op belongs to, if any.
+    /// Depth of the block this op belongs to (an index into [`Graph::blocks`]), if any.
+    /// Which weights the block uses and its KV slot are the block's, not the node's.
     #[serde(default)]
     pub layer: Option<usize>,
     /// Symbolic shape of the op's output.
@@ -66,13 +68,23 @@ pub struct Edge {
 /// A model as a graph of layer-level ops.
 ///
 /// Named outputs follow Hugging Face: `hidden_states.{i}` (0 = embedding output, the last one
-/// after the final norm), `logits` or `last_hidden_state`, `sentence_embedding`.
+/// after the final norm), `logits` or `last_hidden_state`, `sentence_embedding`. They are for
+/// users; structure (blocks, exits, the embedded stream) is in typed records.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Graph {
     pub info: ModelInfo,
     pub graph: StableDiGraph<Node, Edge>,
     pub outputs: BTreeMap<String, NodeIndex>,
     pub weights: WeightCatalog,
+    /// The residual stream before any block (the embedding's output, after its norm if any).
+    #[serde(default)]
+    pub embedded: Option<NodeIndex>,
+    /// The transformer blocks in the order they run (`blocks[d].depth == d`).
+    #[serde(default)]
+    pub blocks: Vec<Block>,
+    /// Exit heads, ordered by the depth they read.
+    #[serde(default)]
+    pub exits: Vec<Exit>,
 }
 
 impl Graph {
@@ -83,7 +95,82 @@ impl Graph {
             graph: StableDiGraph::new(),
             outputs: BTreeMap::new(),
             weights,
+            embedded: None,
+            blocks: Vec::new(),
+            exits: Vec::new(),
         }
+    }
+
+    /// Records the blocks of a model where nothing is tied: block `d` reads the stream
+    /// before it and writes `outputs[d]`, uses layer `d`'s weights, and (when it has
+    /// attention) the next KV slot. `embedded` is the stream before block 0.
+    pub fn set_untied_blocks(&mut self, embedded: NodeIndex, outputs: &[NodeIndex]) {
+        self.embedded = Some(embedded);
+        let mut input = embedded;
+        let mut slot = 0;
+        self.blocks = outputs
+            .iter()
+            .enumerate()
+            .map(|(depth, &output)| {
+                let has_attention = self
+                    .graph
+                    .node_weights()
+                    .any(|n| n.layer == Some(depth) && matches!(n.op, crate::op::Op::Attention(_)));
+                let kv_slot = has_attention.then(|| {
+                    slot += 1;
+                    slot - 1
+                });
+                let b = Block {
+                    depth,
+                    weights: depth,
+                    iteration: 0,
+                    kv_slot,
+                    input,
+                    output,
+                };
+                input = output;
+                b
+            })
+            .collect();
+    }
+
+    /// The residual stream after `k` blocks: the embedded stream for 0, else block `k - 1`'s
+    /// output (before any final norm).
+    pub fn stream(&self, k: usize) -> Option<NodeIndex> {
+        match k {
+            0 => self.embedded,
+            k => self.blocks.get(k - 1).map(|b| b.output),
+        }
+    }
+
+    /// The exit that reads the stream after `after` blocks.
+    pub fn exit_at(&self, after: usize) -> Option<&Exit> {
+        self.exits.iter().find(|e| e.after == after)
+    }
+
+    /// Depths with an exit head, ascending.
+    pub fn exit_depths(&self) -> Vec<usize> {
+        let mut d: Vec<usize> = self.exits.iter().map(|e| e.after).collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// Number of KV cache slots the graph's blocks use.
+    pub fn kv_slots(&self) -> usize {
+        self.blocks
+            .iter()
+            .filter_map(|b| b.kv_slot)
+            .max()
+            .map_or(0, |s| s + 1)
+    }
+
+    /// The model's own head output: logits for decoders, else the last hidden state.
+    pub fn final_output(&self) -> Option<NodeIndex> {
+        self.outputs
+            .get("logits")
+            .or_else(|| self.outputs.get("last_hidden_state"))
+            .copied()
     }
 
     /// Adds a node fed by `inputs` in slot order and returns its index.

@@ -6,13 +6,15 @@ pub mod import;
 pub mod op;
 pub mod serial;
 pub mod shape;
+pub mod structure;
 pub mod verify;
 pub mod weight;
 
 pub use graph::{Edge, Family, Graph, ModelInfo, Node};
 pub use import::{import, Checkpoint, ImportError};
-pub use op::Op;
+pub use op::{LowRank, Op};
 pub use petgraph::stable_graph::NodeIndex;
 pub use shape::{Dim, Shape};
+pub use structure::{Block, Exit};
 pub use verify::{verify, VerifyError};
 pub use weight::{StoredDtype, TensorInfo, WeightCatalog, WeightRef};

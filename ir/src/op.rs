@@ -7,7 +7,8 @@
 use crate::weight::WeightRef;
 use serde::{Deserialize, Serialize};
 
-/// A dense projection `y = x W^T + b` with `W: [out, in]`.
+/// A dense projection `y = x W^T + b` with `W: [out, in]`, plus, when it has an adapter,
+/// the low-rank term `scale · (x A^T) B^T`, applied at run time (never merged into `W`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Linear {
     pub weight: WeightRef,
@@ -15,12 +16,48 @@ pub struct Linear {
     pub bias: Option<WeightRef>,
     pub in_features: usize,
     pub out_features: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<LowRank>,
+}
+
+/// A low-rank adapter (LoRA): `A: [rank, in]`, `B: [out, rank]`, output scaled by `scale`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LowRank {
+    pub a: WeightRef,
+    pub b: WeightRef,
+    pub rank: usize,
+    pub scale: f64,
 }
 
 impl Linear {
-    /// Number of parameters.
+    /// A projection without bias or adapter.
+    pub fn plain(weight: WeightRef, in_features: usize, out_features: usize) -> Self {
+        Linear {
+            weight,
+            bias: None,
+            in_features,
+            out_features,
+            adapter: None,
+        }
+    }
+
+    /// Number of parameters (the adapter's included).
     pub fn params(&self) -> usize {
-        self.in_features * self.out_features + self.bias.as_ref().map_or(0, |_| self.out_features)
+        self.in_features * self.out_features
+            + self.bias.as_ref().map_or(0, |_| self.out_features)
+            + self
+                .adapter
+                .as_ref()
+                .map_or(0, |a| a.rank * (self.in_features + self.out_features))
+    }
+
+    /// FLOPs per token: the dense matmul plus the adapter's two thin ones.
+    pub fn flops_per_token(&self) -> u64 {
+        let dense = 2 * (self.in_features * self.out_features) as u64;
+        let low = self.adapter.as_ref().map_or(0, |a| {
+            2 * (a.rank * (self.in_features + self.out_features)) as u64
+        });
+        dense + low
     }
 }
 
@@ -154,6 +191,9 @@ pub struct Pool {
 }
 
 /// One node's operation.
+// Attention carries four projections; ops live once per graph node, so their size is not
+// worth an indirection on every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Token ids `[batch, seq]` (with `attention_mask` and `token_type_ids` beside them).
@@ -199,7 +239,7 @@ impl Op {
     /// Floating-point operations per token, not counting attention over the context
     /// (see [`Op::attention_flops_per_context_token`]). A multiply-add counts as 2.
     pub fn flops_per_token(&self) -> u64 {
-        let matmul = |l: &Linear| 2 * (l.in_features * l.out_features) as u64;
+        let matmul = Linear::flops_per_token;
         match self {
             Op::TokenInput | Op::Embedding(_) => 0,
             Op::Norm(n) => 5 * n.hidden as u64,
@@ -208,6 +248,43 @@ impl Op {
             Op::Mlp(m) => m.gate.as_ref().map_or(0, matmul) + matmul(&m.up) + matmul(&m.down),
             Op::LmHead(l) => matmul(l),
             Op::Pool(p) => p.hidden as u64,
+        }
+    }
+
+    /// The op with every adapter removed: what its shared, stored weights compute.
+    pub fn without_adapters(&self) -> Op {
+        let mut op = self.clone();
+        op.linears_mut().into_iter().for_each(|l| l.adapter = None);
+        op
+    }
+
+    /// Every projection of the op, mutably (for passes that add adapters).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Op::Attention(a) => vec![&mut a.q, &mut a.k, &mut a.v, &mut a.o],
+            Op::Mlp(m) => {
+                let mut v: Vec<&mut Linear> = m.gate.iter_mut().collect();
+                v.push(&mut m.up);
+                v.push(&mut m.down);
+                v
+            }
+            Op::LmHead(l) => vec![l],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every projection of the op.
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Op::Attention(a) => vec![&a.q, &a.k, &a.v, &a.o],
+            Op::Mlp(m) => {
+                let mut v: Vec<&Linear> = m.gate.iter().collect();
+                v.push(&m.up);
+                v.push(&m.down);
+                v
+            }
+            Op::LmHead(l) => vec![l],
+            _ => Vec::new(),
         }
     }
 
@@ -230,6 +307,10 @@ impl Op {
             out.push((roles.0, &l.weight));
             if let Some(b) = &l.bias {
                 out.push((roles.1, b));
+            }
+            if let Some(a) = &l.adapter {
+                out.push(("adapter.a", &a.a));
+                out.push(("adapter.b", &a.b));
             }
         }
         match self {

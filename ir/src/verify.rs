@@ -96,6 +96,23 @@ impl Checker<'_> {
         if let Some(b) = &l.bias {
             self.weight(node, &format!("{role}.bias"), b, &[l.out_features]);
         }
+        if let Some(a) = &l.adapter {
+            if a.rank == 0 {
+                self.report(node, format!("{role}: adapter rank must be at least 1"));
+            }
+            self.weight(
+                node,
+                &format!("{role}.adapter.a"),
+                &a.a,
+                &[a.rank, l.in_features],
+            );
+            self.weight(
+                node,
+                &format!("{role}.adapter.b"),
+                &a.b,
+                &[l.out_features, a.rank],
+            );
+        }
     }
 
     fn input_width(&mut self, node: &str, input: &Shape, width: usize) {
@@ -355,10 +372,69 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             }
         }
     }
+    check_structure(&mut c);
     if c.problems.is_empty() {
         Ok(())
     } else {
         Err(VerifyError(c.problems))
+    }
+}
+
+/// The typed records point at live nodes and agree with the nodes' layers: one block per
+/// layer in depth order, distinct KV slots, exits within the stack reading its stream.
+fn check_structure(c: &mut Checker<'_>) {
+    let g = c.g;
+    let live = |n: NodeIndex| g.graph.node_weight(n).is_some();
+    if g.blocks.len() != g.info.num_layers {
+        c.report(
+            "graph",
+            format!(
+                "records {} blocks for {} layers",
+                g.blocks.len(),
+                g.info.num_layers
+            ),
+        );
+    }
+    if g.embedded.is_some_and(|n| !live(n)) {
+        c.report("graph", "the embedded stream points at a removed node");
+    }
+    let mut slots = BTreeSet::new();
+    for (d, b) in g.blocks.iter().enumerate() {
+        let name = format!("block {d}");
+        if b.depth != d {
+            c.report(&name, format!("records depth {}", b.depth));
+        }
+        if !live(b.input) || !live(b.output) {
+            c.report(&name, "its input or output stream points at a removed node");
+        } else if g.stream(d) != Some(b.input) {
+            c.report(&name, "does not read the stream the block before it writes");
+        }
+        if let Some(s) = b.kv_slot {
+            if !slots.insert(s) {
+                c.report(&name, format!("KV slot {s} is used by another block"));
+            }
+        }
+    }
+    for e in &g.exits {
+        let name = format!("exit after {}", e.after);
+        if e.after == 0 || e.after >= g.info.num_layers.max(1) {
+            c.report(&name, format!("is out of range 1..{}", g.info.num_layers));
+        }
+        if g.stream(e.after) != Some(e.reads) {
+            c.report(&name, "does not read the stream after its layer");
+        }
+        let nodes = e
+            .nodes
+            .iter()
+            .chain(&e.logits)
+            .chain(&e.embedding)
+            .chain(&e.gate);
+        if nodes.clone().any(|&n| !live(n)) {
+            c.report(&name, "points at a removed node");
+        }
+        if e.head().is_none() {
+            c.report(&name, "has neither logits nor an embedding");
+        }
     }
 }
 

@@ -11,16 +11,19 @@
 //! - `Mlp(hidden: h)`: a residual adapter `x + down(act(up(norm_k(x))))`, then the shared final
 //!   norm and LM head (`exits.k.norm.weight`, `exits.k.mlp.up.weight`, `exits.k.mlp.down.weight`).
 //!
-//! Trained weights (own heads, gates `exits.k.gate.weight`/`.bias`) must be in the weight
-//! catalog: a pipeline's `weights:` file is added to it before the passes run.
+//! Trained weights (own heads, gates `exits.k.gate.weight`/`.bias`) come from the pass's
+//! `weights:` file (resolved by the [`PassContext`], relative to the pipeline), which the
+//! pass adds to the weight catalog; its tensors may replace only `exits.*` entries.
+//! Each exit is recorded as a typed [`Exit`] in the graph (the stream it reads, its logits or
+//! pooled embedding, its gate, every node it added); output names are for users only.
 //! Encoders pool each exit's stream the way the model pools its last one; they take no head.
 //!
 //! **Invariant**: the pass only adds nodes and outputs; every existing node, edge and output is
 //! unchanged, so the full path computes exactly what it did before.
 
-use crate::{Pass, PassError, PassReport};
+use crate::{Pass, PassContext, PassError, PassReport};
 use exitgraph_ir::op::{Linear, Mlp, Norm, Op};
-use exitgraph_ir::{Graph, Node, NodeIndex, Shape, WeightRef};
+use exitgraph_ir::{Exit, Graph, Node, NodeIndex, Shape, WeightRef};
 use serde::{Deserialize, Serialize};
 
 /// What an exit head is made of.
@@ -69,9 +72,9 @@ pub fn head_weights(
     out
 }
 
-/// The exit points: explicit layer counts or every `n` layers (the last layer, which is the
-/// model's own output, is never an exit point).
-pub fn exit_points(
+/// The exit depths a pass's settings choose: explicit layer counts or every `n` layers (the
+/// last layer, which is the model's own output, is never an exit point).
+pub fn chosen_depths(
     after: &[usize],
     every: Option<usize>,
     layers: usize,
@@ -102,6 +105,8 @@ pub struct InsertExits {
     pub head: HeadKind,
     /// Add a learned gate per exit.
     pub gate: bool,
+    /// Safetensors file of trained heads and gates, relative to the pipeline.
+    pub weights: Option<String>,
 }
 
 fn node(name: String, op: Op, shape: Shape) -> Node {
@@ -153,12 +158,15 @@ impl InsertExits {
         k: usize,
         stream: NodeIndex,
         added: &mut Vec<String>,
-    ) -> Result<(), PassError> {
+    ) -> Result<Exit, PassError> {
         let hidden = g.info.hidden;
         let (final_norm, lm_head) = Self::shared_head(g)?;
+        let mut nodes = Vec::new();
         let mut push = |g: &mut Graph, n: Node, inputs: &[NodeIndex]| {
             added.push(n.name.clone());
-            g.add(n, inputs)
+            let idx = g.add(n, inputs);
+            nodes.push(idx);
+            idx
         };
         let per_token = Shape::per_token(hidden);
         let (head_in, head) = match &self.head {
@@ -201,6 +209,7 @@ impl InsertExits {
                     bias: None,
                     in_features: hidden,
                     out_features: g.info.vocab,
+                    adapter: None,
                 };
                 (x, head)
             }
@@ -240,12 +249,14 @@ impl InsertExits {
                         bias: None,
                         in_features: hidden,
                         out_features: *h,
+                        adapter: None,
                     },
                     down: Linear {
                         weight: down,
                         bias: None,
                         in_features: *h,
                         out_features: hidden,
+                        adapter: None,
                     },
                 };
                 let m = push(
@@ -281,12 +292,14 @@ impl InsertExits {
             &[head_in],
         );
         g.outputs.insert(format!("exit.{k}.logits"), logits);
+        let mut gate_node = None;
         if self.gate {
             let gate = Linear {
                 weight: self.own(g, &format!("exits.{k}.gate.weight"))?,
                 bias: Some(self.own(g, &format!("exits.{k}.gate.bias"))?),
                 in_features: hidden,
                 out_features: 1,
+                adapter: None,
             };
             let n = push(
                 g,
@@ -298,8 +311,16 @@ impl InsertExits {
                 &[head_in],
             );
             g.outputs.insert(format!("exit.{k}.gate"), n);
+            gate_node = Some(n);
         }
-        Ok(())
+        Ok(Exit {
+            after: k,
+            reads: stream,
+            logits: Some(logits),
+            embedding: None,
+            gate: gate_node,
+            nodes,
+        })
     }
 
     fn add_encoder_exit(
@@ -308,7 +329,7 @@ impl InsertExits {
         k: usize,
         stream: NodeIndex,
         added: &mut Vec<String>,
-    ) -> Result<(), PassError> {
+    ) -> Result<Exit, PassError> {
         let pool = *g.outputs.get("sentence_embedding").ok_or_else(|| {
             Self::err("encoder exits pool like the model's sentence_embedding; it has none".into())
         })?;
@@ -323,7 +344,14 @@ impl InsertExits {
         );
         added.push(format!("exit.{k}.pool"));
         g.outputs.insert(format!("exit.{k}.sentence_embedding"), n);
-        Ok(())
+        Ok(Exit {
+            after: k,
+            reads: stream,
+            logits: None,
+            embedding: Some(n),
+            gate: None,
+            nodes: vec![n],
+        })
     }
 }
 
@@ -332,29 +360,35 @@ impl Pass for InsertExits {
         "InsertExits"
     }
 
-    fn run(&self, g: &mut Graph) -> Result<PassReport, PassError> {
+    fn run(&self, g: &mut Graph, cx: &PassContext) -> Result<PassReport, PassError> {
         let layers = g.info.num_layers;
-        let points = exit_points(&self.after, self.every, layers).map_err(Self::err)?;
-        if let Some(k) = points
-            .iter()
-            .find(|k| g.outputs.contains_key(&format!("exit.{k}.logits")))
-        {
+        let points = chosen_depths(&self.after, self.every, layers).map_err(Self::err)?;
+        if let Some(k) = points.iter().find(|&&k| g.exit_at(k).is_some()) {
             return Err(Self::err(format!(
                 "the graph already has an exit after layer {k}"
             )));
         }
+        if let Some(file) = &self.weights {
+            cx.add_weights(g, file, |name| name.starts_with("exits."))
+                .map_err(|p| PassError::Field {
+                    pass: "InsertExits",
+                    field: "weights",
+                    message: p.0,
+                })?;
+        }
         let mut added = Vec::new();
         for &k in &points {
-            let stream = *g
-                .outputs
-                .get(&format!("hidden_states.{k}"))
-                .ok_or_else(|| Self::err(format!("the graph has no output hidden_states.{k}")))?;
-            if g.info.family.is_decoder() {
-                self.add_decoder_exit(g, k, stream, &mut added)?;
+            let stream = g
+                .stream(k)
+                .ok_or_else(|| Self::err(format!("the graph has no block {k}")))?;
+            let exit = if g.info.family.is_decoder() {
+                self.add_decoder_exit(g, k, stream, &mut added)?
             } else {
-                self.add_encoder_exit(g, k, stream, &mut added)?;
-            }
+                self.add_encoder_exit(g, k, stream, &mut added)?
+            };
+            g.exits.push(exit);
         }
+        g.exits.sort_by_key(|e| e.after);
         Ok(PassReport {
             summary: format!(
                 "added exits after layers {points:?} ({} nodes)",
@@ -383,13 +417,13 @@ mod tests {
 
     #[test]
     fn points_are_checked() {
-        assert_eq!(exit_points(&[], Some(2), 6), Ok(vec![2, 4]));
-        assert_eq!(exit_points(&[4, 2, 4], None, 6), Ok(vec![2, 4]));
-        assert!(exit_points(&[6], None, 6).unwrap_err().contains("1..6"));
-        assert!(exit_points(&[0], None, 6).is_err());
-        assert!(exit_points(&[], None, 6).is_err());
-        assert!(exit_points(&[2], Some(2), 6).is_err());
-        assert!(exit_points(&[], Some(0), 6).is_err());
+        assert_eq!(chosen_depths(&[], Some(2), 6), Ok(vec![2, 4]));
+        assert_eq!(chosen_depths(&[4, 2, 4], None, 6), Ok(vec![2, 4]));
+        assert!(chosen_depths(&[6], None, 6).unwrap_err().contains("1..6"));
+        assert!(chosen_depths(&[0], None, 6).is_err());
+        assert!(chosen_depths(&[], None, 6).is_err());
+        assert!(chosen_depths(&[2], Some(2), 6).is_err());
+        assert!(chosen_depths(&[], Some(0), 6).is_err());
     }
 
     #[test]
@@ -400,8 +434,9 @@ mod tests {
             every: None,
             head: HeadKind::Linear,
             gate: false,
+            weights: None,
         }
-        .run(&mut g)
+        .run(&mut g, &PassContext::detached())
         .expect_err("no weights");
         assert!(e.to_string().contains("exits.2.norm.weight"), "{e}");
     }
@@ -418,7 +453,7 @@ mod tests {
             let points: Vec<usize> = (1..n).filter(|k| mask & (1 << (k - 1)) != 0).collect();
             prop_assume!(!points.is_empty());
             let mut h = g.clone();
-            let pass = InsertExits { after: points.clone(), every: None, head: HeadKind::default(), gate: false };
+            let pass = InsertExits { after: points.clone(), every: None, head: HeadKind::default(), gate: false, weights: None };
             PassManager::new(vec![Box::new(pass)]).run(&mut h).expect("verifies");
             for i in g.graph.node_indices() {
                 prop_assert_eq!(&g.graph[i].name, &h.graph[i].name);
@@ -427,10 +462,16 @@ mod tests {
             for (k, v) in &g.outputs {
                 prop_assert_eq!(h.outputs.get(k), Some(v));
             }
-            for k in &points {
+            for &k in &points {
                 let key = format!("exit.{k}.logits");
                 prop_assert!(h.outputs.contains_key(&key));
+                // The typed record names the stream after k layers and the logits output.
+                let exit = h.exit_at(k).expect("a record per exit");
+                prop_assert_eq!(Some(exit.reads), g.stream(k));
+                prop_assert_eq!(exit.logits, h.outputs.get(&key).copied());
+                prop_assert!(matches!(h.graph[exit.reads].op, Op::Add));
             }
+            prop_assert_eq!(h.exit_depths(), points.clone());
             prop_assert_eq!(h.outputs.len(), g.outputs.len() + points.len());
         }
     }

@@ -4,11 +4,13 @@
 //! verifies the graph after each and names the pass that broke it. [`PassSpec`] is the RON
 //! form of a pass in a pipeline file. Each pass's module documents its invariant.
 
+mod context;
 pub mod exits;
 mod manager;
 mod spec;
 pub mod truncate;
 
+pub use context::{FileProblem, PassContext};
 pub use exits::{HeadKind, InsertExits};
 pub use manager::{PassManager, PassOutcome};
 pub use spec::PassSpec;
@@ -31,6 +33,13 @@ pub enum PassError {
     /// The pass's parameters do not fit this graph.
     #[error("{pass}: {message}")]
     Config { pass: &'static str, message: String },
+    /// A field of the pass names something that cannot be used (a missing or broken file).
+    #[error("{pass}: field \"{field}\": {message}")]
+    Field {
+        pass: &'static str,
+        field: &'static str,
+        message: String,
+    },
     /// The graph failed verification after the pass ran. (The message includes the
     /// problems, so they are not also a `source()` that `{:#}` would print again.)
     #[error("after pass {pass}: {cause}")]
@@ -40,8 +49,9 @@ pub enum PassError {
     },
 }
 
-/// A rewrite of the graph.
+/// A rewrite of the graph. `cx` resolves files the pass names and lets it extend the
+/// weight catalog, so the compiler needs to know no pass by name.
 pub trait Pass {
     fn name(&self) -> &'static str;
-    fn run(&self, graph: &mut Graph) -> Result<PassReport, PassError>;
+    fn run(&self, graph: &mut Graph, cx: &PassContext) -> Result<PassReport, PassError>;
 }

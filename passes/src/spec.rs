@@ -40,12 +40,13 @@ impl PassSpec {
                 every,
                 head,
                 gate,
-                ..
+                weights,
             } => Box::new(InsertExits {
                 after: after.clone(),
                 every: (*every > 0).then_some(*every),
                 head: head.clone(),
                 gate: *gate,
+                weights: weights.clone(),
             }),
         }
     }

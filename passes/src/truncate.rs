@@ -8,9 +8,8 @@
 //! original's final norm and LM head applied to `hidden_states.keep` of the original (before
 //! its norm); `keep == num_layers` leaves the graph unchanged.
 
-use crate::{Pass, PassError, PassReport};
-use exitgraph_ir::{Graph, NodeIndex};
-use std::collections::BTreeSet;
+use crate::{Pass, PassContext, PassError, PassReport};
+use exitgraph_ir::Graph;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TruncateLayers {
@@ -22,7 +21,7 @@ impl Pass for TruncateLayers {
         "TruncateLayers"
     }
 
-    fn run(&self, g: &mut Graph) -> Result<PassReport, PassError> {
+    fn run(&self, g: &mut Graph, _cx: &PassContext) -> Result<PassReport, PassError> {
         let n = g.info.num_layers;
         let err = |message: String| PassError::Config {
             pass: "TruncateLayers",
@@ -38,32 +37,21 @@ impl Pass for TruncateLayers {
             });
         }
         let stream_key = format!("hidden_states.{}", self.keep);
-        let stream = *g
-            .outputs
-            .get(&stream_key)
-            .ok_or_else(|| err(format!("graph has no output {stream_key}")))?;
-        let last_layer: BTreeSet<NodeIndex> = g
-            .graph
-            .node_indices()
-            .filter(|&i| g.graph[i].layer == Some(n - 1))
-            .collect();
-        // The node of the last layer that feeds something outside the layers, or is an output.
-        let final_stream: Vec<NodeIndex> = last_layer
-            .iter()
-            .copied()
-            .filter(|&i| {
-                g.users(i).iter().any(|&u| g.graph[u].layer.is_none())
-                    || g.outputs.values().any(|&o| o == i)
-            })
-            .collect();
-        let [old] = final_stream[..] else {
-            return Err(err(format!(
-                "expected one output node of layer {}, found {}",
-                n - 1,
-                final_stream.len()
-            )));
-        };
+        let stream = g
+            .stream(self.keep)
+            .ok_or_else(|| err(format!("graph has no block {}", self.keep - 1)))?;
+        let old = g
+            .stream(n)
+            .ok_or_else(|| err(format!("graph has no block {}", n - 1)))?;
         let final_out = g.outputs.get(&format!("hidden_states.{n}")).copied();
+        // Exits at or past the new depth would keep the removed layers alive.
+        let (kept, dropped): (Vec<_>, Vec<_>) =
+            g.exits.drain(..).partition(|e| e.after < self.keep);
+        g.exits = kept;
+        for e in &dropped {
+            let heads: Vec<_> = e.nodes.iter().chain(&e.logits).chain(&e.gate).collect();
+            g.outputs.retain(|_, o| !heads.contains(&&*o));
+        }
         g.replace_uses(old, stream);
         for i in self.keep + 1..=n {
             g.outputs.remove(&format!("hidden_states.{i}"));
@@ -76,6 +64,7 @@ impl Pass for TruncateLayers {
                 g.outputs.insert(stream_key, stream);
             }
         }
+        g.blocks.truncate(self.keep);
         let mut removed = g.prune_unused();
         removed.sort();
         g.info.num_layers = self.keep;
@@ -110,7 +99,9 @@ mod tests {
     fn keeping_every_layer_changes_nothing() {
         let g = fixture("tiny-llama");
         let mut h = g.clone();
-        let report = TruncateLayers { keep: 6 }.run(&mut h).expect("runs");
+        let report = TruncateLayers { keep: 6 }
+            .run(&mut h, &PassContext::detached())
+            .expect("runs");
         assert!(report.removed.is_empty());
         assert_eq!(
             exitgraph_ir::serial::to_ron(&g).expect("ron"),
@@ -122,9 +113,30 @@ mod tests {
     fn out_of_range_is_an_error() {
         let mut g = fixture("tiny-gpt2");
         for keep in [0, 5] {
-            let e = TruncateLayers { keep }.run(&mut g).expect_err("rejects");
+            let e = TruncateLayers { keep }
+                .run(&mut g, &PassContext::detached())
+                .expect_err("rejects");
             assert!(e.to_string().contains("1..=4"), "{e}");
         }
+    }
+
+    #[test]
+    fn exits_past_the_new_depth_go_with_their_layers() {
+        let mut g = fixture("tiny-llama");
+        let exits = crate::InsertExits {
+            after: vec![2, 4],
+            every: None,
+            head: crate::HeadKind::default(),
+            gate: false,
+            weights: None,
+        };
+        PassManager::new(vec![Box::new(exits), Box::new(TruncateLayers { keep: 3 })])
+            .run(&mut g)
+            .expect("verifies");
+        assert_eq!(g.exit_depths(), vec![2]);
+        assert!(!g.outputs.contains_key("exit.4.logits"));
+        assert_eq!(g.layers(), vec![0, 1, 2]);
+        assert_eq!(g.blocks.len(), 3);
     }
 
     proptest! {

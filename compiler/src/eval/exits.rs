@@ -216,7 +216,7 @@ impl ExitEval {
     pub fn new(program: Arc<Program>, cases: &[Case], batch: usize) -> anyhow::Result<Self> {
         let graph = program.graph();
         let layers = graph.info.num_layers;
-        let exits = crate::exits::exit_points(graph);
+        let exits = graph.exit_depths();
         if exits.is_empty() {
             bail!("the pipeline has no exit heads: add an InsertExits pass");
         }

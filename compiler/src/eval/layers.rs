@@ -8,7 +8,7 @@ use crate::corpus::{self, CorpusSpec, Encoded, Task};
 use crate::lower::{Inputs, Program};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use exitgraph_passes::{Pass, TruncateLayers};
+use exitgraph_passes::{Pass, PassContext, TruncateLayers};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -74,7 +74,7 @@ pub fn eval_layers(dir: &Path, seed: u64, examples: usize) -> anyhow::Result<Lay
     let mut totals: BTreeMap<Task, usize> = BTreeMap::new();
     for k in 1..=layers {
         let mut g = ckpt.graph.clone();
-        TruncateLayers { keep: k }.run(&mut g)?;
+        TruncateLayers { keep: k }.run(&mut g, &PassContext::detached())?;
         let program = Program::lower(&g, dir, &device, DType::F32)?;
         for (task, encoded) in &by_task {
             let hits = correct.entry(*task).or_insert_with(|| vec![0; layers]);

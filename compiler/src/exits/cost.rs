@@ -25,28 +25,21 @@ impl DepthCost {
         let mut kv_fill = vec![0.0; layers];
         let mut head = BTreeMap::new();
         let mut final_head = 0.0;
-        for n in graph.graph.node_weights() {
+        for idx in graph.graph.node_indices() {
+            let n = &graph.graph[idx];
             let f = n.op.flops_per_token() as f64;
             match n.layer {
                 Some(l) if l < layers => {
                     layer[l] += f;
                     if let Op::Attention(a) = &n.op {
-                        let kv = 2.0
-                            * (a.k.in_features * a.k.out_features
-                                + a.v.in_features * a.v.out_features)
-                                as f64;
+                        let kv = (a.k.flops_per_token() + a.v.flops_per_token()) as f64;
                         kv_fill[l] += kv + 5.0 * a.q.in_features as f64;
                     }
                 }
                 Some(_) => {}
                 None => {
-                    if let Some(k) = n
-                        .name
-                        .strip_prefix("exit.")
-                        .and_then(|r| r.split_once('.'))
-                        .and_then(|(k, _)| k.parse::<usize>().ok())
-                    {
-                        *head.entry(k).or_insert(0.0) += f;
+                    if let Some(e) = graph.exits.iter().find(|e| e.nodes.contains(&idx)) {
+                        *head.entry(e.after).or_insert(0.0) += f;
                     } else if matches!(n.op, Op::Norm(_) | Op::LmHead(_)) {
                         final_head += f;
                     }

@@ -70,7 +70,7 @@ pub fn embed_with_exits(
         bail!("embed_with_exits is for encoders");
     }
     let layers = graph.info.num_layers;
-    let points = super::exit_points(graph);
+    let points = graph.exit_depths();
     if points.is_empty() {
         bail!("the encoder has no exits: add an InsertExits pass");
     }
@@ -103,25 +103,29 @@ pub fn embed_with_exits(
             token_type_ids: None,
         };
         let last = end == layers;
-        let pooled_name = if last {
-            "sentence_embedding".to_string()
+        let pooled_node = if last {
+            program.output_node("sentence_embedding")?
         } else {
-            format!("exit.{end}.sentence_embedding")
+            graph
+                .exit_at(end)
+                .and_then(|e| e.embedding)
+                .with_context(|| format!("the exit after layer {end} has no pooled embedding"))?
         };
-        let stream = format!("hidden_states.{end}");
-        let mut want = vec![pooled_name.as_str(), stream.as_str()];
-        let first = "hidden_states.0";
+        let mut want = vec![pooled_node, program.stream_node(end)?];
         if start == 0 {
-            want.push(first);
+            want.push(program.stream_node(0)?);
         }
-        let entry = carried.as_ref().map(|h| (start, h));
-        let out = program.forward_from(&inputs, &mut program.new_cache(), entry, &want, false)?;
+        let entry = match &carried {
+            Some(h) => Some((program.stream_node(start)?, h)),
+            None => None,
+        };
+        let out = program.forward_nodes(&inputs, &mut program.new_cache(), entry, &want, false)?;
         if start == 0 {
-            prev = mean_pooled(out.get(first).context("no embeddings")?, &mask_rows)?;
+            prev = mean_pooled(out.get(2).context("no embeddings")?, &mask_rows)?;
         }
-        let h = out.get(&stream).context("no hidden state")?.clone();
+        let h = out.get(1).context("no hidden state")?.clone();
         let pooled = out
-            .get(&pooled_name)
+            .first()
             .context("no pooled output")?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;

@@ -89,32 +89,9 @@ impl SkipDecode {
     }
 }
 
-/// The exit points of a graph (layer counts with an `exit.k.logits` or
-/// `exit.k.sentence_embedding` output), sorted.
-pub fn exit_points(graph: &Graph) -> Vec<usize> {
-    let mut points: Vec<usize> = graph
-        .outputs
-        .keys()
-        .filter_map(|name| {
-            let rest = name.strip_prefix("exit.")?;
-            let (k, what) = rest.split_once('.')?;
-            matches!(what, "logits" | "sentence_embedding")
-                .then(|| k.parse().ok())
-                .flatten()
-        })
-        .collect();
-    points.sort_unstable();
-    points.dedup();
-    points
-}
-
-/// Whether every exit point of the graph has a learned gate.
+/// Whether every exit of the graph has a learned gate.
 pub fn has_gates(graph: &Graph) -> bool {
-    let points = exit_points(graph);
-    !points.is_empty()
-        && points
-            .iter()
-            .all(|k| graph.outputs.contains_key(&format!("exit.{k}.gate")))
+    !graph.exits.is_empty() && graph.exits.iter().all(|e| e.gate.is_some())
 }
 
 impl Depth {
@@ -124,7 +101,7 @@ impl Depth {
             Depth::Full => Ok(()),
             Depth::EarlyExit { rule } => {
                 rule.validate()?;
-                if exit_points(graph).is_empty() {
+                if graph.exits.is_empty() {
                     return Err(
                         "EarlyExit needs exit heads: add an InsertExits pass to the pipeline"
                             .into(),

@@ -19,7 +19,7 @@ use crate::train::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, D};
 use exitgraph_ir::op::Op;
-use exitgraph_passes::exits::{exit_points, head_weights};
+use exitgraph_passes::exits::{chosen_depths, head_weights};
 use exitgraph_passes::{HeadKind, PassSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -157,7 +157,7 @@ pub fn train_exits(
     let model_dir = resolve_model(&pipeline, pipeline_path);
     let ckpt = exitgraph_ir::import(&model_dir)?;
     let layers = ckpt.graph.info.num_layers;
-    let points = exit_points(&after, (every > 0).then_some(every), layers)
+    let points = chosen_depths(&after, (every > 0).then_some(every), layers)
         .map_err(|e| anyhow::anyhow!("{}: InsertExits: {e}", pipeline_path.display()))?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let heads_path = out.join("heads.safetensors");
@@ -212,14 +212,23 @@ pub fn train_exits(
         DType::F32,
         LowerOptions::training(),
     )?;
-    let mut want: Vec<String> = vec!["logits".into()];
-    for k in &points {
-        want.push(format!("exit.{k}.logits"));
-        if gate {
-            want.push(format!("exit.{k}.gate"));
-        }
+    // The heads as the pass recorded them: (logits, gate) per exit, in depth order.
+    let heads = compiled
+        .graph
+        .exits
+        .iter()
+        .map(|e| {
+            let logits = e
+                .logits
+                .with_context(|| format!("the exit after layer {} has no logits", e.after))?;
+            Ok((logits, e.gate))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut want = vec![program.logits_node()?];
+    for (logits, g) in &heads {
+        want.push(*logits);
+        want.extend(g.filter(|_| gate));
     }
-    let want_refs: Vec<&str> = want.iter().map(String::as_str).collect();
     let distill = spec.distill.clamp(0.0, 1.0);
     let forward_loss = |x: Tensor, y: &Tensor| -> anyhow::Result<Tensor> {
         let inputs = Inputs {
@@ -227,24 +236,21 @@ pub fn train_exits(
             attention_mask: None,
             token_type_ids: None,
         };
-        let outs = program.forward(&inputs, &mut program.new_cache(), &want_refs, false)?;
-        let final_logits = outs.get("logits").context("no logits")?.detach();
+        let mut outs = program
+            .forward_nodes(&inputs, &mut program.new_cache(), None, &want, false)?
+            .into_iter();
+        let final_logits = outs.next().context("no logits")?.detach();
         let (b, s, v) = final_logits.dims3()?;
         let final_lp = candle_nn::ops::log_softmax(&final_logits.reshape((b * s, v))?, D::Minus1)?;
         let final_top = final_logits.argmax(D::Minus1)?;
         let mut total: Option<Tensor> = None;
-        for k in &points {
-            let logits = outs
-                .get(&format!("exit.{k}.logits"))
-                .context("no exit logits")?;
+        for (_, g) in &heads {
+            let logits = outs.next().context("no exit logits")?;
             let lp = candle_nn::ops::log_softmax(&logits.reshape((b * s, v))?, D::Minus1)?;
             let mut loss =
-                ((kl(&final_lp, &lp)? * distill)? + (lm_loss(logits, y)? * (1.0 - distill))?)?;
-            if gate {
-                let g = outs
-                    .get(&format!("exit.{k}.gate"))
-                    .context("no gate")?
-                    .reshape((b, s))?;
+                ((kl(&final_lp, &lp)? * distill)? + (lm_loss(&logits, y)? * (1.0 - distill))?)?;
+            if gate && g.is_some() {
+                let g = outs.next().context("no gate")?.reshape((b, s))?;
                 let target = logits
                     .detach()
                     .argmax(D::Minus1)?

@@ -1,9 +1,10 @@
 //! Multi-head attention with grouped-query heads, RoPE, a KV cache and exact masking
 //! (causal, sliding window, padding).
 
+use super::adapter::{adapt, project, Lora};
 use super::fused::FusedLinear;
 use super::rope::RopeKernel;
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::Linear;
 use std::collections::HashMap;
 
@@ -76,7 +77,8 @@ impl AttnCtx {
 /// layer cache.
 pub type RaggedPart<'a> = (usize, usize, AttnCtx, &'a mut Option<(Tensor, Tensor)>);
 
-/// One attention layer, lowered.
+/// One attention layer's stored weights, lowered once per weight identity. The KV slot and
+/// any adapters belong to the place that runs it and are arguments of each call.
 pub struct AttentionKernel {
     /// q, k and v projections, fused.
     pub qkv: FusedLinear,
@@ -88,8 +90,6 @@ pub struct AttentionKernel {
     pub causal: bool,
     pub window: Option<usize>,
     pub rope: Option<(usize, RopeKernel)>,
-    /// Index of this layer's entry in the KV cache.
-    pub slot: usize,
     /// Use ops with gradients (training) instead of the fused inference kernels.
     pub differentiable: bool,
 }
@@ -103,24 +103,44 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 impl AttentionKernel {
+    /// q, k and v of `x`, with their adapters (`adapters` in q, k, v, o order).
+    fn project_qkv(&self, x: &Tensor, adapters: &[Option<Lora>]) -> Result<Vec<Tensor>> {
+        let parts = self.qkv.forward(x)?;
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, y)| adapt(adapters.get(i).and_then(Option::as_ref), x, y))
+            .collect()
+    }
+
+    fn output(&self, y: &Tensor, adapters: &[Option<Lora>]) -> Result<Tensor> {
+        project(&self.o, adapters.get(3).and_then(Option::as_ref), y)
+    }
+
     /// `x: [batch, seq, hidden]` → `[batch, seq, hidden]`, appending this call's keys and
-    /// values to `cache`.
+    /// values to `cache` (the slot of the place that runs the kernel).
     pub fn forward(
         &self,
         x: &Tensor,
         ctx: &mut AttnCtx,
         cache: &mut Option<(Tensor, Tensor)>,
+        adapters: &[Option<Lora>],
     ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?;
+        let qkv = self.project_qkv(x, adapters)?;
         let y = self.attend(&qkv[0], &qkv[1], &qkv[2], ctx, cache)?;
-        self.o.forward(&y)
+        self.output(&y, adapters)
     }
 
     /// Several sequences' tokens side by side in `x: [1, total, hidden]`: the projections
     /// run on all tokens at once, attention runs per sequence on its own cache and
     /// positions. `segments[i]` is (offset in `x`, length, cache of sequence `i`).
-    pub fn forward_ragged(&self, x: &Tensor, segments: &mut [RaggedPart<'_>]) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?;
+    pub fn forward_ragged(
+        &self,
+        x: &Tensor,
+        segments: &mut [RaggedPart<'_>],
+        adapters: &[Option<Lora>],
+    ) -> Result<Tensor> {
+        let qkv = self.project_qkv(x, adapters)?;
         let mut outs = Vec::with_capacity(segments.len());
         for (offset, len, ctx, cache) in segments.iter_mut() {
             let part = |t: &Tensor| t.narrow(1, *offset, *len);
@@ -132,7 +152,7 @@ impl AttentionKernel {
                 cache,
             )?);
         }
-        self.o.forward(&Tensor::cat(&outs, 1)?)
+        self.output(&Tensor::cat(&outs, 1)?, adapters)
     }
 
     /// Splits projected `[batch, seq, heads * head_dim]` into heads and rotates q and k.
@@ -176,7 +196,7 @@ impl AttentionKernel {
         let cached = cache.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?;
         if cached != ctx.start {
             candle_core::bail!(
-                "KV cache holds {cached} positions but the call starts at {}: every call on a cache must run all attention layers",
+                "KV slot holds {cached} positions but the call starts at position {}: a slot is appended to in order (truncate the cache to roll back)",
                 ctx.start
             );
         }
@@ -191,11 +211,19 @@ impl AttentionKernel {
     /// Writes keys and values computed from `x: [1, total, hidden]` (the layer's normed input)
     /// into each part's cache without attending: CALM's state copying fills the layers an
     /// exited token skipped from its exit hidden state.
-    pub fn append_kv_ragged(&self, x: &Tensor, parts: &mut [RaggedPart<'_>]) -> Result<()> {
+    pub fn append_kv_ragged(
+        &self,
+        x: &Tensor,
+        parts: &mut [RaggedPart<'_>],
+        adapters: &[Option<Lora>],
+    ) -> Result<()> {
         let kv = self.qkv.forward_tail(x, 1)?;
         let (Some(k_all), Some(v_all)) = (kv.first(), kv.get(1)) else {
             candle_core::bail!("the fused projection has no key and value parts");
         };
+        let lora = |i: usize| adapters.get(i).and_then(Option::as_ref);
+        let k_all = &adapt(lora(1), x, k_all.clone())?;
+        let v_all = &adapt(lora(2), x, v_all.clone())?;
         let d = self.head_dim;
         for (offset, len, ctx, cache) in parts.iter_mut() {
             let split = |t: &Tensor| -> Result<Tensor> {
@@ -220,6 +248,14 @@ impl AttentionKernel {
             Self::append(k, v, ctx, cache)?;
         }
         Ok(())
+    }
+
+    /// Every stored tensor the kernel holds.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut t = self.qkv.tensors();
+        t.push(self.o.weight());
+        t.extend(self.o.bias());
+        t
     }
 
     /// Attention of projected `q, k, v: [batch, seq, heads * head_dim]` for one call on one

@@ -50,6 +50,21 @@ impl FusedLinear {
         })
     }
 
+    /// Every stored tensor.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            FusedLinear::Stacked { linear, .. } => {
+                let mut t = vec![linear.weight()];
+                t.extend(linear.bias());
+                t
+            }
+            FusedLinear::Separate(parts) => parts
+                .iter()
+                .flat_map(|l| std::iter::once(l.weight()).chain(l.bias()))
+                .collect(),
+        }
+    }
+
     /// Each part's output, as views of one result.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {

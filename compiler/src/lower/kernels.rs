@@ -1,7 +1,8 @@
 //! Lowered forms of the ops other than attention.
 
+use super::adapter::{adapt, project, Lora};
 use super::fused::FusedLinear;
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::Linear;
 use exitgraph_ir::op::{Activation, NormKind, PoolMode};
 
@@ -13,6 +14,13 @@ pub struct EmbeddingKernel {
 }
 
 impl EmbeddingKernel {
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        std::iter::once(&self.tokens)
+            .chain(&self.positions)
+            .chain(&self.token_types)
+            .collect()
+    }
+
     /// `ids: [batch, seq]` (u32) at positions `start..start + seq`.
     pub fn forward(
         &self,
@@ -80,12 +88,22 @@ pub struct NormKernel {
     pub weight: Tensor,
     /// Zeros for RMSNorm and bias-free LayerNorm.
     pub bias: Tensor,
+    /// Whether `bias` is a stored weight (not the zeros stood in for a missing one).
+    pub stored_bias: bool,
     pub eps: f32,
     /// Use ops with gradients (training) instead of the fused inference kernels.
     pub differentiable: bool,
 }
 
 impl NormKernel {
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut t = vec![&self.weight];
+        if self.stored_bias {
+            t.push(&self.bias);
+        }
+        t
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         use candle_nn::ops;
         let (w, b, eps) = (&self.weight, &self.bias, self.eps);
@@ -122,18 +140,37 @@ pub struct MlpKernel {
 }
 
 impl MlpKernel {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = match &self.input {
+    /// `adapters` in the op's projection order: gate (when gated), up, down.
+    pub fn forward(&self, x: &Tensor, adapters: &[Option<Lora>]) -> Result<Tensor> {
+        let lora = |i: usize| adapters.get(i).and_then(Option::as_ref);
+        let (h, down) = match &self.input {
             MlpIn::Gated(gate_up) => {
-                let parts = gate_up.forward(x)?;
-                (activate(self.act, &parts[0])? * &parts[1])?
+                let mut parts = gate_up.forward(x)?.into_iter();
+                let (Some(gate), Some(up)) = (parts.next(), parts.next()) else {
+                    candle_core::bail!("the fused gate/up projection has no two parts");
+                };
+                let gate = adapt(lora(0), x, gate)?;
+                let up = adapt(lora(1), x, up)?;
+                ((activate(self.act, &gate)? * up)?, lora(2))
             }
-            MlpIn::Plain(up) => activate(self.act, &up.forward(x)?)?,
+            MlpIn::Plain(up) => (activate(self.act, &project(up, lora(0), x)?)?, lora(1)),
         };
-        self.down.forward(&h)
+        project(&self.down, down, &h)
+    }
+
+    /// Every stored tensor the kernel holds.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut t = match &self.input {
+            MlpIn::Gated(f) => f.tensors(),
+            MlpIn::Plain(l) => std::iter::once(l.weight()).chain(l.bias()).collect(),
+        };
+        t.push(self.down.weight());
+        t.extend(self.down.bias());
+        t
     }
 }
 
+#[derive(Clone)]
 pub struct PoolKernel {
     pub mode: PoolMode,
     pub normalize: bool,

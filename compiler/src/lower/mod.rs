@@ -1,29 +1,47 @@
 //! Lowering a verified [`Graph`] to a [`Program`] of candle kernels, and running it.
 //!
-//! Steps run in the graph's topological order; each keeps its output until the last step
-//! that reads it. Inference state (the KV cache) lives in a [`KvCache`] the caller owns.
+//! Kernels are keyed by weight identity: every place in the graph that uses the same stored
+//! weights (tied layers, a looped block) shares one kernel, materialised once; what differs
+//! per place (its KV slot, its low-rank adapters) belongs to the place's [`Step`] and is
+//! passed to the kernel on each call. Steps run in the graph's topological order; each keeps
+//! its output until the last step that reads it. Inference state (the KV cache) lives in a
+//! [`KvCache`] the caller owns.
+//!
+//! [`Program::run`] is the one way to run ragged segments (generation, stages, exits, state
+//! copying); [`Program::forward`] runs a padded tensor batch (training, encoders, reference
+//! checks). Both plan with the same step walker.
 
+mod adapter;
 mod attention;
+mod batch;
+mod cache;
 mod fused;
 mod kernels;
 mod ragged;
 mod rope;
+mod run;
+mod walk;
 mod weights;
 
-pub use ragged::{Segment, StageOutput};
+pub use adapter::Lora;
+pub use batch::Inputs;
+pub use cache::KvCache;
+pub use ragged::StageOutput;
 pub use rope::inv_freq;
+pub use run::{Positions, Run, Segment, Task, Want};
 pub use weights::{WeightLoadError, WeightSource, WeightStore};
 
-use attention::{AttentionKernel, AttnCtx};
-use candle_core::{DType, Device, Module, Tensor};
+use attention::AttentionKernel;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use exitgraph_ir::op::{Linear as IrLinear, Op};
-use exitgraph_ir::{Graph, NodeIndex};
+use exitgraph_ir::{Graph, NodeIndex, WeightRef};
 use fused::FusedLinear;
 use kernels::{EmbeddingKernel, MlpIn, MlpKernel, NormKernel, PoolKernel};
 use rope::RopeKernel;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LowerError {
@@ -51,64 +69,63 @@ pub enum RunError {
     UnknownOutput(String, String),
 }
 
+/// A lowered op. Kernels with weights are shared (`Arc`) by every step with the same
+/// stored weights.
+#[derive(Clone)]
 enum Kernel {
     Input,
-    Embedding(EmbeddingKernel),
-    Norm(NormKernel),
-    Attention(AttentionKernel),
-    Mlp(MlpKernel),
+    Embedding(Arc<EmbeddingKernel>),
+    Norm(Arc<NormKernel>),
+    Attention(Arc<AttentionKernel>),
+    Mlp(Arc<MlpKernel>),
     Add,
-    LmHead(Linear),
+    LmHead(Arc<Linear>),
     Pool(PoolKernel),
 }
 
+impl Kernel {
+    /// Every stored tensor the kernel holds.
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Kernel::Input | Kernel::Add | Kernel::Pool(_) => Vec::new(),
+            Kernel::Embedding(e) => e.tensors(),
+            Kernel::Norm(n) => n.tensors(),
+            Kernel::Attention(a) => a.tensors(),
+            Kernel::Mlp(m) => m.tensors(),
+            Kernel::LmHead(l) => std::iter::once(l.weight()).chain(l.bias()).collect(),
+        }
+    }
+}
+
+/// One place in the graph, lowered: its kernel and what is its own.
 struct Step {
     name: String,
-    /// The transformer layer the step belongs to.
+    /// Depth of the block the step belongs to.
     layer: Option<usize>,
     kernel: Kernel,
     inputs: Vec<usize>,
+    /// KV cache slot of an attention step (its block's).
+    slot: Option<usize>,
+    /// Adapters of the op's projections, in [`Op::linears`] order.
+    adapters: Vec<Option<Lora>>,
 }
 
-/// KV cache of one batch of sequences: per attention layer, keys and values so far.
-#[derive(Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Tokens per sequence already in the cache.
-    pub fn len(&self) -> usize {
-        self.len
+impl Step {
+    fn slot(&self) -> Result<usize, candle_core::Error> {
+        self.slot.ok_or_else(|| {
+            candle_core::Error::Msg("attention outside a block has no KV slot".into())
+        })
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Keys and values `[batch, kv_heads, positions, head_dim]` of attention layer `i`.
-    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
-        self.layers.get(i).and_then(Option::as_ref)
-    }
-}
-
-/// One call's inputs.
-pub struct Inputs {
-    /// `[batch, seq]` token ids (u32).
-    pub input_ids: Tensor,
-    /// `[batch, cached + seq]`, 1 for real tokens, 0 for padding.
-    pub attention_mask: Option<Tensor>,
-    /// `[batch, seq]` segment ids (BERT).
-    pub token_type_ids: Option<Tensor>,
 }
 
 /// A lowered graph, ready to run.
 pub struct Program {
     graph: Graph,
     steps: Vec<Step>,
+    /// Step of each graph node.
+    node_step: HashMap<NodeIndex, usize>,
     outputs: BTreeMap<String, usize>,
-    attention_layers: usize,
+    kv_slots: usize,
     device: Device,
     dtype: DType,
 }
@@ -153,6 +170,45 @@ fn linear(store: &mut dyn WeightSource, l: &IrLinear) -> Result<Linear, WeightLo
         None => None,
     };
     Ok(Linear::new(w, b))
+}
+
+/// The adapters of an op's projections, lowered (kept low-rank).
+fn adapters(store: &mut dyn WeightSource, op: &Op) -> Result<Vec<Option<Lora>>, LowerError> {
+    op.linears()
+        .into_iter()
+        .map(|l| {
+            l.adapter
+                .as_ref()
+                .map(|a| Ok(Lora::new(store.get(&a.a)?, store.get(&a.b)?, a.scale)))
+                .transpose()
+        })
+        .collect()
+}
+
+/// Kernels built so far, by the stored weights they hold (ops without adapters).
+#[derive(Default)]
+struct KernelCache(HashMap<Vec<WeightRef>, Vec<(Op, Kernel)>>);
+
+impl KernelCache {
+    fn get(&self, base: &Op) -> Option<Kernel> {
+        let key = Self::key(base);
+        self.0
+            .get(&key)?
+            .iter()
+            .find(|(op, _)| op == base)
+            .map(|(_, k)| k.clone())
+    }
+
+    fn insert(&mut self, base: Op, kernel: Kernel) {
+        self.0
+            .entry(Self::key(&base))
+            .or_default()
+            .push((base, kernel));
+    }
+
+    fn key(base: &Op) -> Vec<WeightRef> {
+        base.weights().into_iter().map(|(_, w)| w.clone()).collect()
+    }
 }
 
 /// How a graph is lowered.
@@ -208,102 +264,119 @@ impl Program {
         let order = graph
             .topo_order()
             .map_err(|_| LowerError::Invalid(exitgraph_ir::VerifyError(Vec::new())))?;
-        let mut index: HashMap<NodeIndex, usize> = HashMap::new();
+        let mut node_step: HashMap<NodeIndex, usize> = HashMap::new();
         let mut steps = Vec::with_capacity(order.len());
         let mut rope_ids: Vec<(exitgraph_ir::op::Rope, usize)> = Vec::new();
-        let mut attention_layers = 0;
+        let mut kernels = KernelCache::default();
         for n in order {
             let node = &graph.graph[n];
             let build = |cause| LowerError::Build {
                 node: node.name.clone(),
                 cause,
             };
-            let kernel = match &node.op {
-                Op::TokenInput => Kernel::Input,
-                Op::Embedding(e) => Kernel::Embedding(EmbeddingKernel {
-                    tokens: store.get(&e.tokens)?,
-                    hidden: e.hidden,
-                    positions: e.positions.as_ref().map(|p| store.get(p)).transpose()?,
-                    token_types: e.token_types.as_ref().map(|t| store.get(t)).transpose()?,
-                }),
-                Op::Norm(nm) => {
-                    let weight = store.get(&nm.weight)?;
-                    let eps = nm.eps as f32;
-                    let bias = match &nm.bias {
-                        Some(b) => store.get(b)?,
-                        None => weight.zeros_like().map_err(build)?,
-                    };
-                    Kernel::Norm(NormKernel {
-                        kind: nm.kind,
-                        weight,
-                        bias,
-                        eps,
-                        differentiable: opts.differentiable,
-                    })
-                }
-                Op::Attention(a) => {
-                    let rope = match &a.rope {
-                        Some(r) => {
-                            let id = match rope_ids.iter().find(|(x, _)| x == r) {
-                                Some((_, id)) => *id,
-                                None => {
-                                    rope_ids.push((r.clone(), rope_ids.len()));
-                                    rope_ids.len() - 1
-                                }
+            let base = node.op.without_adapters();
+            let kernel = match kernels.get(&base) {
+                Some(k) => k,
+                None => {
+                    let k = match &base {
+                        Op::TokenInput => Kernel::Input,
+                        Op::Embedding(e) => Kernel::Embedding(Arc::new(EmbeddingKernel {
+                            tokens: store.get(&e.tokens)?,
+                            hidden: e.hidden,
+                            positions: e.positions.as_ref().map(|p| store.get(p)).transpose()?,
+                            token_types: e
+                                .token_types
+                                .as_ref()
+                                .map(|t| store.get(t))
+                                .transpose()?,
+                        })),
+                        Op::Norm(nm) => {
+                            let weight = store.get(&nm.weight)?;
+                            let bias = match &nm.bias {
+                                Some(b) => store.get(b)?,
+                                None => weight.zeros_like().map_err(build)?,
                             };
-                            Some((id, RopeKernel::new(r, device).map_err(build)?))
+                            Kernel::Norm(Arc::new(NormKernel {
+                                kind: nm.kind,
+                                weight,
+                                bias,
+                                stored_bias: nm.bias.is_some(),
+                                eps: nm.eps as f32,
+                                differentiable: opts.differentiable,
+                            }))
                         }
-                        None => None,
+                        Op::Attention(a) => {
+                            let rope = match &a.rope {
+                                Some(r) => {
+                                    let id = match rope_ids.iter().find(|(x, _)| x == r) {
+                                        Some((_, id)) => *id,
+                                        None => {
+                                            rope_ids.push((r.clone(), rope_ids.len()));
+                                            rope_ids.len() - 1
+                                        }
+                                    };
+                                    Some((id, RopeKernel::new(r, device).map_err(build)?))
+                                }
+                                None => None,
+                            };
+                            Kernel::Attention(Arc::new(AttentionKernel {
+                                qkv: fused(store, &[&a.q, &a.k, &a.v], &opts)?,
+                                o: linear(store, &a.o)?,
+                                heads: a.heads,
+                                kv_heads: a.kv_heads,
+                                head_dim: a.head_dim,
+                                scale: a.scale,
+                                causal: a.causal,
+                                window: a.sliding_window,
+                                rope,
+                                differentiable: opts.differentiable,
+                            }))
+                        }
+                        Op::Mlp(m) => Kernel::Mlp(Arc::new(MlpKernel {
+                            act: m.act,
+                            input: match &m.gate {
+                                Some(g) => MlpIn::Gated(fused(store, &[g, &m.up], &opts)?),
+                                None => MlpIn::Plain(linear(store, &m.up)?),
+                            },
+                            down: linear(store, &m.down)?,
+                        })),
+                        Op::Add => Kernel::Add,
+                        Op::LmHead(l) => Kernel::LmHead(Arc::new(linear(store, l)?)),
+                        Op::Pool(p) => Kernel::Pool(PoolKernel {
+                            mode: p.mode,
+                            normalize: p.normalize,
+                        }),
                     };
-                    attention_layers += 1;
-                    Kernel::Attention(AttentionKernel {
-                        qkv: fused(store, &[&a.q, &a.k, &a.v], &opts)?,
-                        o: linear(store, &a.o)?,
-                        heads: a.heads,
-                        kv_heads: a.kv_heads,
-                        head_dim: a.head_dim,
-                        scale: a.scale,
-                        causal: a.causal,
-                        window: a.sliding_window,
-                        rope,
-                        slot: attention_layers - 1,
-                        differentiable: opts.differentiable,
-                    })
+                    kernels.insert(base, k.clone());
+                    k
                 }
-                Op::Mlp(m) => Kernel::Mlp(MlpKernel {
-                    act: m.act,
-                    input: match &m.gate {
-                        Some(g) => MlpIn::Gated(fused(store, &[g, &m.up], &opts)?),
-                        None => MlpIn::Plain(linear(store, &m.up)?),
-                    },
-                    down: linear(store, &m.down)?,
-                }),
-                Op::Add => Kernel::Add,
-                Op::LmHead(l) => Kernel::LmHead(linear(store, l)?),
-                Op::Pool(p) => Kernel::Pool(PoolKernel {
-                    mode: p.mode,
-                    normalize: p.normalize,
-                }),
             };
-            let inputs = graph.inputs(n).iter().map(|i| index[i]).collect();
-            index.insert(n, steps.len());
+            let slot = match (&kernel, node.layer) {
+                (Kernel::Attention(_), Some(d)) => graph.blocks.get(d).and_then(|b| b.kv_slot),
+                _ => None,
+            };
+            let inputs = graph.inputs(n).iter().map(|i| node_step[i]).collect();
+            node_step.insert(n, steps.len());
             steps.push(Step {
                 name: node.name.clone(),
                 layer: node.layer,
                 kernel,
                 inputs,
+                slot,
+                adapters: adapters(store, &node.op)?,
             });
         }
         let outputs = graph
             .outputs
             .iter()
-            .map(|(name, n)| (name.clone(), index[n]))
+            .map(|(name, n)| (name.clone(), node_step[n]))
             .collect();
         Ok(Program {
             graph: graph.clone(),
             steps,
+            node_step,
             outputs,
-            attention_layers,
+            kv_slots: graph.kv_slots(),
             device: device.clone(),
             dtype,
         })
@@ -319,6 +392,40 @@ impl Program {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Bytes of the weights the program holds, each materialised tensor counted once however
+    /// many places use it (tied embeddings, layers sharing a weight identity), adapters
+    /// included.
+    pub fn weight_bytes(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut bytes = 0;
+        for step in &self.steps {
+            let own = step.adapters.iter().flatten().flat_map(Lora::tensors);
+            for t in step.kernel.tensors().into_iter().chain(own) {
+                if seen.insert(t.id()) {
+                    bytes += t.elem_count() * t.dtype().size_in_bytes();
+                }
+            }
+        }
+        bytes
+    }
+
+    /// Number of distinct kernels with weights (each materialised once).
+    pub fn weight_kernels(&self) -> usize {
+        let mut seen = BTreeSet::new();
+        for step in &self.steps {
+            let id = match &step.kernel {
+                Kernel::Embedding(k) => Arc::as_ptr(k) as *const u8,
+                Kernel::Norm(k) => Arc::as_ptr(k) as *const u8,
+                Kernel::Attention(k) => Arc::as_ptr(k) as *const u8,
+                Kernel::Mlp(k) => Arc::as_ptr(k) as *const u8,
+                Kernel::LmHead(k) => Arc::as_ptr(k) as *const u8,
+                Kernel::Input | Kernel::Add | Kernel::Pool(_) => continue,
+            };
+            seen.insert(id as usize);
+        }
+        seen.len()
     }
 
     /// The input values of step `i`. Steps run in topological order and a value is freed
@@ -348,176 +455,51 @@ impl Program {
         self.outputs.keys().cloned().collect()
     }
 
-    /// An empty KV cache for this program.
+    /// The step computing a graph node.
+    fn step_of(&self, node: NodeIndex) -> Result<usize, RunError> {
+        self.node_step
+            .get(&node)
+            .copied()
+            .ok_or_else(|| RunError::Input(format!("node {node:?} is not part of the program")))
+    }
+
+    /// The graph node of a named output (user-facing names: `forward` dumps).
+    pub fn output_node(&self, name: &str) -> Result<NodeIndex, RunError> {
+        self.graph
+            .outputs
+            .get(name)
+            .copied()
+            .ok_or_else(|| RunError::UnknownOutput(name.into(), self.output_names().join(", ")))
+    }
+
+    /// The model's own logits node (decoders).
+    pub fn logits_node(&self) -> Result<NodeIndex, RunError> {
+        self.output_node("logits")
+    }
+
+    /// The residual stream after `k` blocks.
+    pub fn stream_node(&self, k: usize) -> Result<NodeIndex, RunError> {
+        self.graph.stream(k).ok_or_else(|| {
+            RunError::Input(format!(
+                "the program has no stream after {k} layers (it has {})",
+                self.graph.blocks.len()
+            ))
+        })
+    }
+
+    /// An empty KV cache for this program: one slot per block with attention.
     pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: vec![None; self.attention_layers],
-            len: 0,
-        }
+        KvCache::with_slots(self.kv_slots)
     }
 
-    /// Runs the steps the wanted outputs need. With `last_logits_only`, the LM head sees only
-    /// each sequence's last position (decoding needs no more).
-    pub fn forward(
-        &self,
-        inputs: &Inputs,
-        cache: &mut KvCache,
-        want: &[&str],
-        last_logits_only: bool,
-    ) -> Result<BTreeMap<String, Tensor>, RunError> {
-        self.forward_from(inputs, cache, None, want, last_logits_only)
-    }
-
-    /// [`Program::forward`] starting, when `entry` is `(k, h)`, from the residual stream
-    /// `h: [batch, seq, hidden]` after `k` layers (`hidden_states.k`) instead of the token
-    /// ids: layers before `k` do not run. Staged encoders (per-sample exits) use it.
-    pub fn forward_from(
-        &self,
-        inputs: &Inputs,
-        cache: &mut KvCache,
-        entry: Option<(usize, &Tensor)>,
-        want: &[&str],
-        last_logits_only: bool,
-    ) -> Result<BTreeMap<String, Tensor>, RunError> {
-        let (batch, seq) = inputs
-            .input_ids
-            .dims2()
-            .map_err(|e| RunError::Input(format!("input_ids must be [batch, seq]: {e}")))?;
-        if seq == 0 {
-            return Err(RunError::Input("input_ids has no tokens".into()));
+    /// Checks token ids against the vocabulary.
+    fn check_ids<'a>(&self, ids: impl IntoIterator<Item = &'a u32>) -> Result<(), RunError> {
+        let vocab = self.graph.info.vocab;
+        match ids.into_iter().find(|&&t| t as usize >= vocab) {
+            Some(bad) => Err(RunError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            ))),
+            None => Ok(()),
         }
-        let max_id = inputs
-            .input_ids
-            .flatten_all()
-            .and_then(|t| t.to_dtype(DType::U32))
-            .and_then(|t| t.max(0))
-            .and_then(|t| t.to_scalar::<u32>())
-            .map_err(|e| RunError::Input(format!("input_ids: {e}")))?;
-        if max_id as usize >= self.graph.info.vocab {
-            return Err(RunError::Input(format!(
-                "token id {max_id} is outside the vocabulary (size {})",
-                self.graph.info.vocab
-            )));
-        }
-        let start = cache.len;
-        if let Some(m) = &inputs.attention_mask {
-            if m.dims() != [batch, start + seq] {
-                return Err(RunError::Input(format!(
-                    "attention_mask has shape {:?}, expected [{batch}, {}]",
-                    m.dims(),
-                    start + seq
-                )));
-            }
-        }
-        if let Some(t) = &inputs.token_type_ids {
-            if t.dims() != [batch, seq] {
-                return Err(RunError::Input(format!(
-                    "token_type_ids has shape {:?}, expected [{batch}, {seq}]",
-                    t.dims()
-                )));
-            }
-        }
-        let mut targets = Vec::with_capacity(want.len());
-        for w in want {
-            match self.outputs.get(*w) {
-                Some(&i) => targets.push(i),
-                None => {
-                    return Err(RunError::UnknownOutput(
-                        w.to_string(),
-                        self.output_names().join(", "),
-                    ))
-                }
-            }
-        }
-        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
-        let entry_step = match entry {
-            Some((k, h)) => {
-                let name = format!("hidden_states.{k}");
-                let i = *self.outputs.get(&name).ok_or_else(|| {
-                    RunError::UnknownOutput(name.clone(), self.output_names().join(", "))
-                })?;
-                values[i] = Some(h.clone());
-                Some(i)
-            }
-            None => None,
-        };
-        // Steps needed, and the last step reading each value.
-        let mut needed = BTreeSet::new();
-        let mut stack = targets.clone();
-        while let Some(i) = stack.pop() {
-            if Some(i) == entry_step {
-                continue;
-            }
-            if needed.insert(i) {
-                stack.extend(self.steps[i].inputs.iter().copied());
-            }
-        }
-        let mut last_use = vec![0usize; self.steps.len()];
-        for &i in &needed {
-            for &j in &self.steps[i].inputs {
-                last_use[j] = last_use[j].max(i);
-            }
-        }
-        for &t in &targets {
-            last_use[t] = usize::MAX;
-        }
-        if let Some(e) = entry_step {
-            last_use[e] = last_use[e].max(usize::MAX - 1);
-        }
-        let key_mask = inputs
-            .attention_mask
-            .as_ref()
-            .map(|m| m.to_dtype(DType::F32))
-            .transpose()
-            .map_err(|e| RunError::Input(format!("attention_mask: {e}")))?;
-        let query_mask = match &key_mask {
-            Some(m) => Some(
-                m.narrow(1, start, seq)
-                    .map_err(|e| RunError::Input(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let mut ctx = AttnCtx::new(start, seq, key_mask);
-        for &i in &needed {
-            let step = &self.steps[i];
-            let wrap = |cause| RunError::Step {
-                step: step.name.clone(),
-                cause,
-            };
-            let args = self.step_args(i, &values)?;
-            let arg = |k: usize| args[k];
-            let out = match &step.kernel {
-                Kernel::Input => Ok(inputs.input_ids.clone()),
-                Kernel::Embedding(e) => e.forward(arg(0), start, inputs.token_type_ids.as_ref()),
-                Kernel::Norm(n) => n.forward(arg(0)),
-                Kernel::Attention(a) => a.forward(arg(0), &mut ctx, &mut cache.layers[a.slot]),
-                Kernel::Mlp(m) => m.forward(arg(0)),
-                Kernel::Add => arg(0) + arg(1),
-                Kernel::LmHead(l) => {
-                    let x = arg(0);
-                    if last_logits_only && seq > 1 {
-                        x.narrow(1, seq - 1, 1).and_then(|x| l.forward(&x))
-                    } else {
-                        l.forward(x)
-                    }
-                }
-                Kernel::Pool(p) => p.forward(arg(0), query_mask.as_ref()),
-            }
-            .map_err(wrap)?;
-            values[i] = Some(out);
-            for &j in &step.inputs {
-                if last_use[j] == i {
-                    values[j] = None;
-                }
-            }
-        }
-        cache.len = start + seq;
-        let mut out = BTreeMap::new();
-        for (w, t) in want.iter().zip(targets) {
-            if let Some(v) = &values[t] {
-                out.insert(w.to_string(), v.clone());
-            }
-        }
-        Ok(out)
     }
 }

@@ -180,7 +180,7 @@ pub fn profile(
                     .iter_mut()
                     .zip(caches.iter_mut())
                     .filter(|(ids, _)| !ids.is_empty())
-                    .map(|(ids, cache)| Segment { ids, cache })
+                    .map(|(ids, cache)| Segment::new(ids, cache))
                     .collect();
                 program.forward_ragged(&mut segs)?;
             }
@@ -191,7 +191,7 @@ pub fn profile(
             let mut segs: Vec<Segment> = new
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(ids, cache)| Segment { ids, cache })
+                .map(|(ids, cache)| Segment::new(ids, cache))
                 .collect();
             let start = Instant::now();
             program.forward_ragged(&mut segs)?;

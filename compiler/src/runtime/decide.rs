@@ -1,30 +1,37 @@
-//! The decide system: turns a step's results into tokens. At the last layer the model's own
-//! head speaks; at an exit point the exit rule decides, per token, whether it stops there.
-//! Exited tokens leave the batch: their skipped layers get keys and values from the exit
-//! state (CALM's state copying) and the rest carry their hidden state to the next stage.
+//! The decide systems: turn a step's results into tokens. At the last layer the model's own
+//! head speaks; at an exit head a request with an [`ExitPlan`] asks its rule whether the
+//! token stops there. Exited tokens leave the batch: `copy_state` gives their skipped
+//! layers keys and values from the exit state (CALM's state copying); the rest carry their
+//! hidden state to the next stage.
 
+use super::strategy::ExitPlan;
 use super::trace::LayerSignal;
-use super::{Clock, Engine, Kv, Progress, Recorder, Request, Sampler, StageResults, StepTokens};
+use super::{
+    Clock, Emitted, Engine, Kv, Progress, Recorder, Request, Sampler, StageResults, StepError,
+    StepTokens,
+};
 use crate::exits::rule::{softmax, top2, ExitView};
-use crate::exits::Depth;
-use crate::lower::{KvCache, Segment};
+use crate::lower::{KvCache, Run, Segment, Task};
 use bevy_ecs::prelude::*;
 use candle_core::{DType, Tensor};
 use std::time::Instant;
 
-fn to_vec(t: &Tensor) -> Result<Vec<f32>, String> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| e.to_string())
+/// Tokens that stopped at an exit head this step: their exit states, for `copy_state`.
+#[derive(Resource, Default)]
+pub struct Exited {
+    /// Layers run before the exit.
+    pub after: usize,
+    pub states: Vec<(Entity, Tensor)>,
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>, StepError> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// The last row of a `[tokens, hidden]` state.
-fn last_row(h: &Tensor) -> Result<Vec<f32>, String> {
-    let n = h.dim(0).map_err(|e| e.to_string())?;
-    h.get(n.saturating_sub(1))
-        .map_err(|e| e.to_string())
-        .and_then(|r| to_vec(&r))
+fn last_row(h: &Tensor) -> Result<Vec<f32>, StepError> {
+    let n = h.dim(0)?;
+    to_vec(&h.get(n.saturating_sub(1))?)
 }
 
 /// The token this step gives: the forced one, or a sample; adds the forced token's NLL.
@@ -33,7 +40,7 @@ fn choose(
     p: &mut Progress,
     logits: &Tensor,
     sampler: Option<Mut<Sampler>>,
-) -> Result<u32, String> {
+) -> Result<u32, StepError> {
     if let Some(&forced) = req.0.forced.get(p.produced) {
         let probs = softmax(&to_vec(logits)?);
         let prob = probs
@@ -44,12 +51,49 @@ fn choose(
         p.nll -= (prob as f64).ln();
         return Ok(forced);
     }
-    let l = logits.to_dtype(DType::F32).map_err(|e| e.to_string())?;
-    match sampler {
-        Some(mut s) => s.0.sample(&l),
-        None => l.argmax(0).and_then(|t| t.to_scalar::<u32>()),
-    }
-    .map_err(|e| e.to_string())
+    let l = logits.to_dtype(DType::F32)?;
+    Ok(match sampler {
+        Some(mut s) => s.0.sample(&l)?,
+        None => l.argmax(0)?.to_scalar::<u32>()?,
+    })
+}
+
+/// What the exit rule saw and said at one exit head.
+fn consult(
+    plan: &ExitPlan,
+    p: &mut Progress,
+    after: usize,
+    exit_logits: &Tensor,
+    gate: Option<&Tensor>,
+    hidden: &Tensor,
+) -> Result<bool, StepError> {
+    let probs = softmax(&to_vec(exit_logits)?);
+    let state = last_row(hidden)?;
+    let gate = match gate {
+        Some(g) => {
+            let x = to_vec(g)?.first().copied().unwrap_or(0.0);
+            Some(1.0 / (1.0 + (-x).exp()))
+        }
+        None => None,
+    };
+    let (fire, signal) = plan.rule.decide(&ExitView {
+        probs: &probs,
+        hidden: &state,
+        prev_hidden: p.track.prev_hidden.as_deref(),
+        gate,
+        earlier: &p.track.earlier,
+    });
+    let top = top2(&probs).0;
+    p.track.signals.push(LayerSignal {
+        layer: after,
+        value: signal,
+        token: Some(top),
+    });
+    p.track.earlier.push(top);
+    p.track.oracle.push((after, top));
+    p.track.prev_hidden = Some(state);
+    p.track.heads += 1;
+    Ok(fire)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -57,131 +101,120 @@ pub(super) fn decide(
     engine: Res<Engine>,
     mut results: ResMut<StageResults>,
     mut produced: ResMut<StepTokens>,
-    mut clock: ResMut<Clock>,
-    mut recorder: ResMut<Recorder>,
-    mut seqs: Query<(&Request, &mut Progress, &mut Kv)>,
+    mut exited: ResMut<Exited>,
+    mut seqs: Query<(&Request, &mut Progress, Option<&ExitPlan>)>,
     mut samplers: Query<&mut Sampler>,
-) {
-    if results.entries.is_empty() {
-        return;
-    }
+) -> Result<(), StepError> {
+    exited.states.clear();
+    exited.after = results.range.end;
     let layers = engine.program.graph().info.num_layers;
     let end = results.range.end;
     let stage = results.stage;
-    let rule = match &engine.depth {
-        Depth::EarlyExit { rule } => Some(rule.clone()),
-        _ => None,
-    };
-    let mut exited: Vec<(Entity, Tensor)> = Vec::new();
-    let entries = std::mem::take(&mut results.entries);
-    for r in entries {
-        let Ok((req, mut p, _)) = seqs.get_mut(r.entity) else {
+    for r in std::mem::take(&mut results.entries) {
+        let Ok((req, mut p, plan)) = seqs.get_mut(r.entity) else {
             continue;
         };
-        let outcome: Result<(), String> = (|| {
-            if let Some(logits) = &r.logits {
-                let token = choose(req, &mut p, logits, samplers.get_mut(r.entity).ok())?;
-                let run = p.track.layers.len();
-                p.track.exit_layer = match &rule {
-                    Some(rule) if rule.is_oracle() => p
-                        .track
-                        .oracle
-                        .iter()
-                        .find(|(_, t)| *t == token)
-                        .map_or(layers, |(k, _)| *k),
-                    _ => run,
-                };
-                p.stage = 0;
-                produced.0.push((r.entity, Some(token)));
-                return Ok(());
-            }
-            let hidden = r.hidden.ok_or("a stage returned nothing")?;
-            if let (Some(rule), Some(exit_logits), true) = (&rule, &r.exit_logits, p.produced > 0) {
-                let probs = softmax(&to_vec(exit_logits)?);
-                let state = last_row(&hidden)?;
-                let gate = match &r.gate {
-                    Some(g) => {
-                        let x = to_vec(g)?.first().copied().unwrap_or(0.0);
-                        Some(1.0 / (1.0 + (-x).exp()))
-                    }
-                    None => None,
-                };
-                let (fire, signal) = {
-                    let view = ExitView {
-                        probs: &probs,
-                        hidden: &state,
-                        prev_hidden: p.track.prev_hidden.as_deref(),
-                        gate,
-                        earlier: &p.track.earlier,
-                    };
-                    rule.decide(&view)
-                };
-                let top = top2(&probs).0;
-                p.track.signals.push(LayerSignal {
-                    layer: end,
-                    value: signal,
-                    token: Some(top),
-                });
-                p.track.earlier.push(top);
-                p.track.oracle.push((end, top));
-                p.track.prev_hidden = Some(state);
-                p.track.heads += 1;
-                if fire {
-                    let token = choose(req, &mut p, exit_logits, samplers.get_mut(r.entity).ok())?;
-                    p.track.exit_layer = end;
-                    p.track.filled = layers - end;
-                    p.stage = 0;
-                    produced.0.push((r.entity, Some(token)));
-                    exited.push((r.entity, hidden));
-                    return Ok(());
-                }
-            }
-            p.carried = Some(hidden);
-            p.stage = stage + 1;
-            Ok(())
-        })();
-        if let Err(e) = outcome {
-            recorder.error = Some(e);
-            return;
-        }
-    }
-    if exited.is_empty() {
-        return;
-    }
-    // State copying for the exited tokens, in one batch.
-    let mut taken: Vec<(Entity, Vec<u32>, KvCache)> = Vec::with_capacity(exited.len());
-    let mut states = Vec::with_capacity(exited.len());
-    for (e, h) in exited {
-        if let Ok((req, p, mut kv)) = seqs.get_mut(e) {
-            // The token that just ran is the one before the newly chosen one.
-            let n = p.tokens.len();
-            let ids = match p.tokens.last() {
-                Some(_) if n >= 1 => vec![p.tokens[n - 1]],
-                _ => req.0.prompt.clone(),
+        if let Some(logits) = &r.logits {
+            let token = choose(req, &mut p, logits, samplers.get_mut(r.entity).ok())?;
+            let run = p.track.layers.len();
+            p.track.exit_layer = match plan {
+                Some(plan) if plan.rule.is_oracle() => p
+                    .track
+                    .oracle
+                    .iter()
+                    .find(|(_, t)| *t == token)
+                    .map_or(layers, |(k, _)| *k),
+                _ => run,
             };
-            taken.push((e, ids, std::mem::take(&mut kv.0)));
-            states.push(h);
+            p.stage = 0;
+            produced.0.push(Emitted::one(r.entity, Some(token)));
+            continue;
+        }
+        let hidden = r
+            .hidden
+            .ok_or(StepError::Lost("a stage returned nothing"))?;
+        // A prompt's token comes from the full model: it never exits.
+        if let (Some(plan), Some(exit_logits), true) = (plan, &r.exit_logits, p.produced > 0) {
+            if consult(plan, &mut p, end, exit_logits, r.gate.as_ref(), &hidden)? {
+                let token = choose(req, &mut p, exit_logits, samplers.get_mut(r.entity).ok())?;
+                p.track.exit_layer = end;
+                p.track.filled = layers - end;
+                p.stage = 0;
+                produced.0.push(Emitted::one(r.entity, Some(token)));
+                exited.states.push((r.entity, hidden));
+                continue;
+            }
+        }
+        p.carried = Some(hidden);
+        p.stage = stage + 1;
+    }
+    Ok(())
+}
+
+/// State copying for the tokens that exited this step, in one batch: keys and values of
+/// the layers they skipped, from their exit states.
+pub(super) fn copy_state(
+    engine: Res<Engine>,
+    results: Res<StageResults>,
+    mut exited: ResMut<Exited>,
+    mut clock: ResMut<Clock>,
+    mut recorder: ResMut<Recorder>,
+    mut seqs: Query<(&Request, &Progress, &mut Kv)>,
+) -> Result<(), StepError> {
+    if exited.states.is_empty() {
+        return Ok(());
+    }
+    struct Row {
+        entity: Entity,
+        ids: Vec<u32>,
+        start: usize,
+        cache: KvCache,
+        state: Tensor,
+    }
+    let mut rows = Vec::with_capacity(exited.states.len());
+    for (e, state) in std::mem::take(&mut exited.states) {
+        if let Ok((req, p, mut kv)) = seqs.get_mut(e) {
+            // The token that just ran (the chosen one is emitted after this system).
+            let n = p.tokens.len();
+            let (ids, start) = match p.tokens.last() {
+                Some(&t) => (vec![t], req.0.prompt.len() + n - 1),
+                None => (req.0.prompt.clone(), 0),
+            };
+            rows.push(Row {
+                entity: e,
+                ids,
+                start,
+                cache: std::mem::take(&mut kv.0),
+                state,
+            });
         }
     }
     let started = Instant::now();
-    let mut segments: Vec<Segment> = taken
+    let mut segments: Vec<Segment> = rows
         .iter_mut()
-        .map(|(_, ids, cache)| Segment { ids, cache })
+        .map(|r| Segment {
+            ids: &r.ids,
+            start: r.start,
+            state: Some(r.state.clone()),
+            cache: &mut r.cache,
+        })
         .collect();
-    let result = engine.program.fill_kv(&mut segments, end, &states);
+    let run = Run {
+        from: exited.after,
+        task: Task::FillKv,
+        commit: true,
+    };
+    let result = engine.program.run(&mut segments, &run);
     drop(segments);
     let elapsed = started.elapsed().as_secs_f64();
-    for (e, _, cache) in taken {
-        if let Ok((_, _, mut kv)) = seqs.get_mut(e) {
-            kv.0 = cache;
+    for r in rows {
+        if let Ok((_, _, mut kv)) = seqs.get_mut(r.entity) {
+            kv.0 = r.cache;
         }
     }
-    match result {
-        Ok(()) => {
-            clock.now_s += elapsed;
-            clock.busy_s += elapsed;
-            super::add_stage_busy(&mut recorder, stage, elapsed);
-        }
-        Err(e) => recorder.error = Some(e.to_string()),
-    }
+    result?;
+    clock.now_s += elapsed;
+    clock.busy_s += elapsed;
+    super::add_stage_busy(&mut recorder, results.stage, elapsed);
+    Ok(())
 }

@@ -2,8 +2,12 @@
 //! entity. Components hold its prompt, generated tokens, KV cache and timing; resources hold
 //! the program, the batching policy, the clock and the trace. A schedule of small systems
 //! runs one scheduler iteration per call: admit arrivals → plan the batch → execute → emit
-//! tokens → record. (Exit decisions join between execute and emit with early exiting.)
-//! Entity order never matters: everything that iterates sorts by request id.
+//! tokens → record. Between execute and emit, `decide` turns results into tokens and
+//! `copy_state` fills the caches of tokens that stopped at an exit head. How deep a request's
+//! tokens run is its own plan: components from [`strategy`], attached at admission.
+//! Systems return `Result`; a failed step's [`StepError`] is piped into the [`Failure`]
+//! resource and ends the run. Entity order never matters: everything that iterates sorts by
+//! request id.
 //!
 //! Two executors share these systems. The real one (candle) runs the planned sequences as one
 //! ragged batch ([`Program::forward_ragged`]), whose per-sequence results equal unbatched
@@ -17,6 +21,7 @@ mod decide;
 pub mod metrics;
 pub mod policy;
 mod step;
+pub mod strategy;
 pub mod trace;
 pub mod workload;
 
@@ -182,8 +187,8 @@ impl Decoding {
     }
 }
 
-/// The lowered program, the batching policy, the executor, the decoding rule and how deep
-/// tokens run.
+/// The lowered program, the batching policy, the executor, the decoding rule and the depth
+/// strategy given to each admitted request.
 #[derive(Resource)]
 pub struct Engine {
     pub program: Arc<Program>,
@@ -191,10 +196,8 @@ pub struct Engine {
     pub executor: Executor,
     pub decoding: Decoding,
     pub depth: Depth,
-    /// The program's exit points.
+    /// Depths with an exit head.
     pub exits: Vec<usize>,
-    /// Whether the exits have learned gates.
-    pub gates: bool,
     /// Where stages start and end: `[0, .., layers]`. The policy's depth-wise cuts, plus
     /// the exit points under early exiting.
     pub boundaries: Vec<usize>,
@@ -250,9 +253,50 @@ pub struct Arrivals(pub Vec<RequestSpec>);
 #[derive(Resource, Default)]
 pub struct Plan(pub Vec<Entity>);
 
+/// Tokens one request produced in a step (several when a plan emits more than one; `None`
+/// for the simulated executor, which produces no ids).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Emitted {
+    pub entity: Entity,
+    pub tokens: Vec<Option<u32>>,
+}
+
+impl Emitted {
+    pub fn one(entity: Entity, token: Option<u32>) -> Self {
+        Emitted {
+            entity,
+            tokens: vec![token],
+        }
+    }
+}
+
 /// Tokens produced by this step, in plan order.
 #[derive(Resource, Default)]
-pub struct StepTokens(pub Vec<(Entity, Option<u32>)>);
+pub struct StepTokens(pub Vec<Emitted>);
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Run(#[from] crate::lower::RunError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("writing the trace: {0:#}")]
+    Trace(anyhow::Error),
+    #[error("{0}")]
+    Lost(&'static str),
+}
+
+/// The first failure of a run, piped from the systems that return one.
+#[derive(Resource, Default)]
+pub struct Failure(pub Option<StepError>);
+
+/// Keeps a system's error for [`Runtime::run`] to report.
+fn fail(In(result): In<Result<(), StepError>>, mut failure: ResMut<Failure>) {
+    if let Err(e) = result {
+        failure.0.get_or_insert(e);
+    }
+}
 
 /// The streamed trace and per-step occupancy.
 #[derive(Resource, Default)]
@@ -261,7 +305,6 @@ pub struct Recorder {
     pub occupancy: Vec<(f64, usize)>,
     /// Busy seconds per stage.
     pub stage_busy_s: Vec<f64>,
-    pub error: Option<String>,
 }
 
 fn admit(
@@ -312,10 +355,10 @@ fn admit(
                 engine.decoding.sampling.clone(),
             ),
         );
-        let e = commands
-            .spawn((Request(r), Progress::default(), Kv(cache), Active, sampler))
-            .id();
-        queue.0.push_back((id, e, tokens));
+        let mut entity =
+            commands.spawn((Request(r), Progress::default(), Kv(cache), Active, sampler));
+        strategy::attach(&engine.depth, &mut entity);
+        queue.0.push_back((id, entity.id(), tokens));
     }
 }
 
@@ -405,28 +448,35 @@ fn emit(
     engine: Res<Engine>,
     mut seqs: Query<(&Request, &mut Progress)>,
 ) {
-    for &(e, token) in &produced.0 {
-        let Ok((req, mut p)) = seqs.get_mut(e) else {
+    for emitted in &produced.0 {
+        let Ok((req, mut p)) = seqs.get_mut(emitted.entity) else {
             continue;
         };
-        if let Some(t) = token {
-            p.tokens.push(t);
-        }
-        let stat = p.track.stat();
-        p.stats.push(stat);
-        p.produced += 1;
-        if p.first_token_s.is_none() {
-            p.first_token_s = Some(clock.now_s);
-        }
-        let forced_done = !req.0.forced.is_empty() && p.produced >= req.0.forced.len();
-        let stopped = forced_done
-            || (req.0.forced.is_empty()
-                && token.is_some_and(|t| engine.decoding.stop_ids.contains(&t)));
-        if p.produced >= req.0.max_new_tokens || stopped {
-            p.done = true;
-            p.finish_s = Some(clock.now_s);
-            clock.active -= 1;
-            commands.entity(e).remove::<(Active, Running)>();
+        for &token in &emitted.tokens {
+            if p.done {
+                break;
+            }
+            if let Some(t) = token {
+                p.tokens.push(t);
+            }
+            let stat = p.track.stat();
+            p.stats.push(stat);
+            p.produced += 1;
+            if p.first_token_s.is_none() {
+                p.first_token_s = Some(clock.now_s);
+            }
+            let forced_done = !req.0.forced.is_empty() && p.produced >= req.0.forced.len();
+            let stopped = forced_done
+                || (req.0.forced.is_empty()
+                    && token.is_some_and(|t| engine.decoding.stop_ids.contains(&t)));
+            if p.produced >= req.0.max_new_tokens || stopped {
+                p.done = true;
+                p.finish_s = Some(clock.now_s);
+                clock.active -= 1;
+                commands
+                    .entity(emitted.entity)
+                    .remove::<(Active, Running)>();
+            }
         }
     }
 }
@@ -438,34 +488,36 @@ fn record(
     engine: Res<Engine>,
     mut recorder: ResMut<Recorder>,
     seqs: Query<(&Request, &Progress)>,
-) {
+) -> Result<(), StepError> {
     if recorder.trace.is_none() || produced.0.is_empty() {
-        return;
+        return Ok(());
     }
     let batch = produced.0.len();
-    for &(e, token) in &produced.0 {
-        let Ok((req, p)) = seqs.get(e) else {
+    for emitted in &produced.0 {
+        let Ok((req, p)) = seqs.get(emitted.entity) else {
             continue;
         };
-        let r = TraceRecord {
-            seq: req.0.id,
-            pos: req.0.prompt.len() + p.produced - 1,
-            token,
-            step: clock.step,
-            t_s: clock.now_s,
-            batch,
-            stages: stage_names(&p.track.layers, &engine.boundaries),
-            layers: p.track.layers.clone(),
-            exit_layer: p.track.exit_layer,
-            signals: p.track.signals.clone(),
-        };
-        if let Some(w) = recorder.trace.as_mut() {
-            if let Err(err) = w.write(&r) {
-                recorder.error = Some(err.to_string());
-                return;
+        // The step's tokens are the request's last ones (emit may have stopped early).
+        let n = emitted.tokens.len().min(p.produced);
+        for (i, &token) in emitted.tokens.iter().take(n).enumerate() {
+            let r = TraceRecord {
+                seq: req.0.id,
+                pos: req.0.prompt.len() + p.produced - n + i,
+                token,
+                step: clock.step,
+                t_s: clock.now_s,
+                batch,
+                stages: stage_names(&p.track.layers, &engine.boundaries),
+                layers: p.track.layers.clone(),
+                exit_layer: p.track.exit_layer,
+                signals: p.track.signals.clone(),
+            };
+            if let Some(w) = recorder.trace.as_mut() {
+                w.write(&r).map_err(StepError::Trace)?;
             }
         }
     }
+    Ok(())
 }
 
 /// The stages a path ran: contiguous runs of layers, split at stage boundaries.
@@ -500,8 +552,7 @@ impl Runtime {
     ) -> Self {
         let mut world = World::new();
         requests.sort_by(|a, b| b.arrival_s.total_cmp(&a.arrival_s).then(b.id.cmp(&a.id)));
-        let exits = crate::exits::exit_points(program.graph());
-        let gates = crate::exits::has_gates(program.graph());
+        let exits = program.graph().exit_depths();
         let mut engine = Engine {
             program,
             batching,
@@ -509,12 +560,13 @@ impl Runtime {
             decoding,
             depth: Depth::Full,
             exits,
-            gates,
             boundaries: Vec::new(),
         };
         engine.compute_boundaries();
         world.insert_resource(engine);
         world.insert_resource(StageResults::default());
+        world.insert_resource(decide::Exited::default());
+        world.insert_resource(Failure::default());
         world.insert_resource(Clock::default());
         world.insert_resource(Arrivals(requests));
         world.insert_resource(Plan::default());
@@ -525,7 +577,18 @@ impl Runtime {
             ..Recorder::default()
         });
         let mut schedule = Schedule::default();
-        schedule.add_systems((admit, plan, step::execute, decide::decide, emit, record).chain());
+        schedule.add_systems(
+            (
+                admit,
+                plan,
+                step::execute.pipe(fail),
+                decide::decide.pipe(fail),
+                decide::copy_state.pipe(fail),
+                emit,
+                record.pipe(fail),
+            )
+                .chain(),
+        );
         Runtime { world, schedule }
     }
 
@@ -555,8 +618,9 @@ impl Runtime {
     pub fn run(mut self) -> anyhow::Result<(ServeReport, Vec<RequestOutcome>)> {
         loop {
             self.schedule.run(&mut self.world);
-            if let Some(e) = self.world.resource_mut::<Recorder>().error.take() {
-                anyhow::bail!("step {}: {e}", self.world.resource::<Clock>().step);
+            if let Some(e) = self.world.resource_mut::<Failure>().0.take() {
+                let step = self.world.resource::<Clock>().step;
+                anyhow::bail!("step {step}: {e}");
             }
             let pending = !self.world.resource::<Arrivals>().0.is_empty();
             let active = self.world.resource::<Clock>().active > 0;

@@ -1,21 +1,47 @@
-//! The execute system: runs the planned batch through one stage of layers (or, with
-//! SkipDecode, each token's whole path) and leaves per-sequence results for `decide`.
+//! The execute system: runs the planned batch and leaves per-sequence results for
+//! `decide`. Requests with a [`SkipPlan`] run their token's whole path this step; the others
+//! run the current stage of layers (with the exit head at its end when one is there).
 
+use super::strategy::{ExitPlan, SkipPlan};
 use super::{
     add_stage_busy, cost, Clock, Engine, Executor, Kv, Plan, Progress, Recorder, Request,
-    StageResult, StageResults, StepTokens,
+    StageResult, StageResults, StepError, StepTokens,
 };
-use crate::exits::{Depth, SkipDecode};
-use crate::lower::{KvCache, Segment, StageOutput};
+use crate::lower::{KvCache, Run, Segment, Task, Want};
 use bevy_ecs::prelude::*;
 use candle_core::Tensor;
 use std::time::Instant;
 
-/// The tokens a sequence runs this step: its prompt, or its last token.
-fn step_ids(req: &Request, p: &Progress) -> Vec<u32> {
+/// One planned sequence, its state taken out of its components for the step.
+struct Row {
+    entity: Entity,
+    /// The tokens it runs: its prompt, or its last token.
+    ids: Vec<u32>,
+    /// Position of `ids[0]`.
+    start: usize,
+    cache: KvCache,
+    /// The residual stream the previous stage left.
+    carried: Option<Tensor>,
+    /// The layers its token runs this step.
+    path: Vec<usize>,
+}
+
+impl Row {
+    fn segment(&mut self) -> Segment<'_> {
+        Segment {
+            ids: &self.ids,
+            start: self.start,
+            state: self.carried.clone(),
+            cache: &mut self.cache,
+        }
+    }
+}
+
+/// The tokens a sequence runs this step and the position of the first.
+fn step_ids(req: &Request, p: &Progress) -> (Vec<u32>, usize) {
     match p.tokens.last() {
-        Some(&t) => vec![t],
-        None => req.0.prompt.clone(),
+        Some(&t) => (vec![t], req.0.prompt.len() + p.tokens.len() - 1),
+        None => (req.0.prompt.clone(), 0),
     }
 }
 
@@ -36,36 +62,59 @@ pub(super) fn execute(
     mut produced: ResMut<StepTokens>,
     mut results: ResMut<StageResults>,
     mut recorder: ResMut<Recorder>,
-    mut seqs: Query<(&Request, &mut Progress, &mut Kv)>,
-) {
+    mut seqs: Query<(&Request, &mut Progress, &mut Kv, Option<&SkipPlan>)>,
+    exiting: Query<(), With<ExitPlan>>,
+) -> Result<(), StepError> {
     produced.0.clear();
     results.entries.clear();
     if plan.0.is_empty() {
-        return;
+        return Ok(());
     }
     let layers = engine.program.graph().info.num_layers;
     let stage = plan
         .0
         .first()
         .and_then(|&e| seqs.get(e).ok())
-        .map_or(0, |(_, p, _)| p.stage);
+        .map_or(0, |(_, p, _, _)| p.stage);
     let range = engine.stage_range(stage);
     let last_stage = range.end == layers;
     results.stage = stage;
     results.range = range.clone();
-    // A token starting its way down begins a fresh record of its path.
-    if stage == 0 {
-        for &e in &plan.0 {
-            if let Ok((_, mut p, _)) = seqs.get_mut(e) {
-                p.track = Default::default();
-            }
+    // The layers each planned token runs this step; a token starting its way down begins a
+    // fresh record of its path.
+    let mut rows: Vec<Row> = Vec::with_capacity(plan.0.len());
+    for &e in &plan.0 {
+        let Ok((req, mut p, mut kv, skip)) = seqs.get_mut(e) else {
+            continue;
+        };
+        if stage == 0 {
+            p.track = Default::default();
         }
+        let path = match skip {
+            Some(s) => s.path(p.produced, req.0.max_new_tokens, layers),
+            None => range.clone().collect(),
+        };
+        p.track.layers.extend(&path);
+        let (ids, start) = step_ids(req, &p);
+        let real = matches!(engine.executor, Executor::Real);
+        rows.push(Row {
+            entity: e,
+            ids: if real { ids } else { Vec::new() },
+            start,
+            cache: if real {
+                std::mem::take(&mut kv.0)
+            } else {
+                KvCache::default()
+            },
+            carried: p.carried.take(),
+            path,
+        });
     }
     if let Executor::Sim(model) = &engine.executor {
         let mut shapes = Vec::new();
         let mut layer_share = 0.0;
-        for &e in &plan.0 {
-            let Ok((req, mut p, _)) = seqs.get_mut(e) else {
+        for row in &rows {
+            let Ok((req, mut p, _, _)) = seqs.get_mut(row.entity) else {
                 continue;
             };
             let shape = if p.produced == 0 {
@@ -73,16 +122,8 @@ pub(super) fn execute(
             } else {
                 (1, req.0.prompt.len() + p.produced - 1)
             };
-            let run = match &engine.depth {
-                Depth::SkipDecode(s) if p.produced > 0 => {
-                    s.layers_at(p.produced - 1, req.0.max_new_tokens.saturating_sub(1))
-                }
-                _ => range.len(),
-            };
-            layer_share += run as f64 * shape.0 as f64;
+            layer_share += row.path.len() as f64 * shape.0 as f64;
             shapes.push(shape);
-            let path = skip_or_range(&engine.depth, &p, &req.0, range.clone(), layers);
-            p.track.layers.extend(path);
             p.track.exit_layer = p.track.layers.len();
             p.stage = if last_stage { 0 } else { stage + 1 };
         }
@@ -90,186 +131,175 @@ pub(super) fn execute(
         let share = layer_share / (tokens.max(1) * layers.max(1)) as f64;
         let step_s = share * model.predict(tokens, cost::attention_work(&shapes), shapes.len());
         if last_stage {
-            produced.0 = plan.0.iter().map(|&e| (e, None)).collect();
+            produced.0 = rows
+                .iter()
+                .map(|r| super::Emitted::one(r.entity, None))
+                .collect();
         }
         finish_step(&mut clock, &mut recorder, stage, step_s, plan.0.len());
-        return;
-    }
-    // Caches (and carried hidden states) leave their components for the step and go back
-    // after it.
-    let mut taken: Vec<Taken> = Vec::with_capacity(plan.0.len());
-    for &e in &plan.0 {
-        if let Ok((req, mut p, mut kv)) = seqs.get_mut(e) {
-            let ids = step_ids(req, &p);
-            let carried = p.carried.take();
-            let n = match &engine.depth {
-                Depth::SkipDecode(s) if p.produced > 0 => {
-                    s.layers_at(p.produced - 1, req.0.max_new_tokens.saturating_sub(1))
-                }
-                _ => layers,
-            };
-            let path = skip_or_range(&engine.depth, &p, &req.0, range.clone(), layers);
-            p.track.layers.extend(path);
-            taken.push((e, ids, std::mem::take(&mut kv.0), carried, n));
-        }
+        return Ok(());
     }
     let started = Instant::now();
-    let outcome = match &engine.depth {
-        Depth::SkipDecode(s) => run_skipdecode(&engine, s, &mut taken),
-        _ => run_stage(&engine, &mut taken, stage, range.clone(), last_stage),
-    };
+    let (mut skip_rows, mut stage_rows): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| {
+        seqs.get(r.entity)
+            .is_ok_and(|(_, p, _, skip)| skip.is_some() && p.produced > 0)
+    });
+    // The exit head at the stage's end runs when a token in the stage may stop there.
+    let heads = stage_rows.iter().any(|r| exiting.contains(r.entity));
+    let outcome =
+        run_stage(&engine, &mut stage_rows, range.clone(), heads, last_stage).and_then(|mut a| {
+            a.extend(run_paths(&engine, &mut skip_rows)?);
+            Ok(a)
+        });
     let elapsed = started.elapsed().as_secs_f64();
-    for (e, _, cache, _, _) in taken {
-        if let Ok((_, _, mut kv)) = seqs.get_mut(e) {
-            kv.0 = cache;
+    for row in stage_rows.into_iter().chain(skip_rows) {
+        if let Ok((_, _, mut kv, _)) = seqs.get_mut(row.entity) {
+            kv.0 = row.cache;
         }
     }
-    match outcome {
-        Ok(entries) => {
-            results.entries = entries;
-            finish_step(&mut clock, &mut recorder, stage, elapsed, plan.0.len());
-        }
-        Err(e) => recorder.error = Some(e),
-    }
+    let mut entries = outcome?;
+    // Results (and so tokens and trace records) in plan order.
+    entries.sort_by_key(|r| plan.0.iter().position(|&e| e == r.entity));
+    results.entries = entries;
+    finish_step(&mut clock, &mut recorder, stage, elapsed, plan.0.len());
+    Ok(())
 }
 
-/// The layers a sequence runs in this step.
-fn skip_or_range(
-    depth: &Depth,
-    p: &Progress,
-    req: &super::workload::RequestSpec,
-    range: std::ops::Range<usize>,
-    layers: usize,
-) -> Vec<usize> {
-    match depth {
-        Depth::SkipDecode(s) if p.produced > 0 => {
-            let n = s.layers_at(p.produced - 1, req.max_new_tokens.saturating_sub(1));
-            let (warm, top) = s.path(n, layers);
-            warm.chain(top).collect()
-        }
-        _ => range.collect(),
-    }
-}
-
-type Taken = (Entity, Vec<u32>, KvCache, Option<Tensor>, usize);
-
-/// One stage for every planned sequence, with the exit head at its end when it has one.
+/// One stage for the rows, with the exit head at its end when it has one.
 fn run_stage(
     engine: &Engine,
-    taken: &mut [Taken],
-    stage: usize,
+    rows: &mut [Row],
     range: std::ops::Range<usize>,
+    heads: bool,
     last_stage: bool,
-) -> Result<Vec<StageResult>, String> {
+) -> Result<Vec<StageResult>, StepError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let program = &engine.program;
     let end = range.end;
-    let at_exit = !last_stage
-        && matches!(engine.depth, Depth::EarlyExit { .. })
-        && engine.exits.contains(&end);
-    let mut extras: Vec<String> = Vec::new();
-    if at_exit {
-        extras.push(format!("exit.{end}.logits"));
-        if engine.gates {
-            extras.push(format!("exit.{end}.gate"));
-        }
+    if range.start > 0 && rows.iter().any(|r| r.carried.is_none()) {
+        return Err(StepError::Lost(
+            "a sequence in a later stage lost its hidden state",
+        ));
     }
-    let extra_refs: Vec<&str> = extras.iter().map(String::as_str).collect();
-    let carried: Vec<Tensor> = taken.iter_mut().filter_map(|t| t.3.take()).collect();
-    if stage > 0 && carried.len() != taken.len() {
-        return Err("a sequence in a later stage lost its hidden state".into());
+    let exit = (!last_stage && heads)
+        .then(|| program.graph().exit_at(end))
+        .flatten();
+    let mut want = vec![if last_stage {
+        Want::last(program.logits_node()?)
+    } else {
+        Want::all(program.stream_node(end)?)
+    }];
+    if let Some(e) = exit {
+        want.extend(e.logits.map(Want::last));
+        want.extend(e.gate.map(Want::last));
     }
-    let mut segments: Vec<Segment> = taken
-        .iter_mut()
-        .map(|(_, ids, cache, _, _)| Segment { ids, cache })
-        .collect();
-    let carried_ref = (stage > 0).then_some(carried.as_slice());
-    let (out, extra) = engine
-        .program
-        .forward_stage_with(&mut segments, range, carried_ref, &extra_refs)
-        .map_err(|e| e.to_string())?;
-    let mut exit_logits = extra.first().cloned().map(|v| v.into_iter());
-    let mut gates = extra.get(1).cloned().map(|v| v.into_iter());
-    let mut entries = Vec::with_capacity(taken.len());
-    match out {
-        StageOutput::Logits(logits) => {
-            for ((e, ..), l) in taken.iter().zip(logits) {
-                entries.push(StageResult {
-                    entity: *e,
-                    logits: Some(l),
-                    ..StageResult::new(*e)
-                });
+    let (has_logits, has_gate) = (
+        exit.is_some_and(|e| e.logits.is_some()),
+        exit.is_some_and(|e| e.gate.is_some()),
+    );
+    let run = Run {
+        from: range.start,
+        task: Task::Outputs(want),
+        commit: last_stage,
+    };
+    let mut segments: Vec<Segment> = rows.iter_mut().map(Row::segment).collect();
+    let out = program.run(&mut segments, &run)?;
+    drop(segments);
+    let mut entries = Vec::with_capacity(rows.len());
+    for (row, values) in rows.iter().zip(out) {
+        let mut values = values.into_iter();
+        let main = values
+            .next()
+            .ok_or(StepError::Lost("a stage returned nothing"))?;
+        let mut result = StageResult::new(row.entity);
+        if last_stage {
+            result.logits = Some(squeeze(main)?);
+        } else {
+            result.hidden = Some(main);
+            if has_logits {
+                result.exit_logits = values.next().map(squeeze).transpose()?;
+            }
+            if has_gate {
+                result.gate = values.next().map(squeeze).transpose()?;
             }
         }
-        StageOutput::Hidden(hidden) => {
-            for ((e, ..), h) in taken.iter().zip(hidden) {
-                entries.push(StageResult {
-                    hidden: Some(h),
-                    exit_logits: exit_logits.as_mut().and_then(Iterator::next),
-                    gate: gates.as_mut().and_then(Iterator::next),
-                    ..StageResult::new(*e)
-                });
+        entries.push(result);
+    }
+    Ok(entries)
+}
+
+fn squeeze(t: Tensor) -> Result<Tensor, StepError> {
+    Ok(t.squeeze(0)?)
+}
+
+/// Rows whose token runs a path of its own this step (SkipDecode): rows with the same path
+/// run together, layer by layer in contiguous runs, each run entering with the stream the
+/// previous one left.
+fn run_paths(engine: &Engine, rows: &mut [Row]) -> Result<Vec<StageResult>, StepError> {
+    let program = &engine.program;
+    let layers = program.graph().info.num_layers;
+    // Rows with equal paths are contiguous once sorted (results follow entities).
+    rows.sort_by(|a, b| a.path.cmp(&b.path).then(a.entity.cmp(&b.entity)));
+    let mut entries = Vec::with_capacity(rows.len());
+    for group in rows.chunk_by_mut(|a, b| a.path == b.path) {
+        let runs = contiguous(&group[0].path);
+        for (i, r) in runs.iter().enumerate() {
+            let last = i + 1 == runs.len();
+            if last && r.end != layers {
+                return Err(StepError::Lost(
+                    "a token's path does not end at the last layer",
+                ));
+            }
+            let want = if last {
+                Want::last(program.logits_node()?)
+            } else {
+                Want::all(program.stream_node(r.end)?)
+            };
+            let run = Run {
+                from: r.start,
+                task: Task::Outputs(vec![want]),
+                commit: last,
+            };
+            let mut segments: Vec<Segment> = group.iter_mut().map(Row::segment).collect();
+            let out = program.run(&mut segments, &run)?;
+            drop(segments);
+            for (row, mut values) in group.iter_mut().zip(out) {
+                let v = values.remove(0);
+                if last {
+                    let mut result = StageResult::new(row.entity);
+                    result.logits = Some(squeeze(v)?);
+                    entries.push(result);
+                } else {
+                    row.carried = Some(v);
+                }
             }
         }
     }
     Ok(entries)
 }
 
-/// SkipDecode: every planned token's whole path in this step. Prompts run every layer;
-/// generated tokens run the warm-up layers together, then their top layers grouped by depth.
-fn run_skipdecode(
-    engine: &Engine,
-    s: &SkipDecode,
-    taken: &mut [Taken],
-) -> Result<Vec<StageResult>, String> {
-    let program = &engine.program;
-    let layers = program.graph().info.num_layers;
-    // Groups of equal depth are contiguous once sorted (result order follows entities).
-    taken.sort_by_key(|t| t.4);
-    let mut logits: Vec<Tensor> = Vec::with_capacity(taken.len());
-    for group in taken.chunk_by_mut(|a, b| a.4 == b.4) {
-        let n = group[0].4;
-        let (warm, top) = if n >= layers {
-            (0..0, 0..layers)
-        } else {
-            s.path(n, layers)
-        };
-        let mut carried: Option<Vec<Tensor>> = None;
-        if !warm.is_empty() {
-            let mut segments: Vec<Segment> = group
-                .iter_mut()
-                .map(|t| Segment {
-                    ids: &t.1,
-                    cache: &mut t.2,
-                })
-                .collect();
-            match program
-                .forward_stage(&mut segments, warm, None)
-                .map_err(|e| e.to_string())?
-            {
-                StageOutput::Hidden(h) => carried = Some(h),
-                StageOutput::Logits(_) => return Err("the warm-up produced logits".into()),
-            }
+/// A path cut into runs of consecutive layers.
+fn contiguous(path: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for &l in path {
+        match runs.last_mut() {
+            Some(r) if r.end == l => r.end = l + 1,
+            _ => runs.push(l..l + 1),
         }
-        let mut segments: Vec<Segment> = group
-            .iter_mut()
-            .map(|t| Segment {
-                ids: &t.1,
-                cache: &mut t.2,
-            })
-            .collect();
-        let out = program
-            .forward_stage(&mut segments, top, carried.as_deref())
-            .map_err(|e| e.to_string())?;
-        let StageOutput::Logits(ls) = out else {
-            return Err("the top layers produced no logits".into());
-        };
-        logits.extend(ls);
     }
-    Ok(taken
-        .iter()
-        .zip(logits)
-        .map(|(t, l)| StageResult {
-            logits: Some(l),
-            ..StageResult::new(t.0)
-        })
-        .collect())
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contiguous;
+
+    #[test]
+    fn paths_cut_into_runs() {
+        assert_eq!(contiguous(&[0, 3, 4, 5]), vec![0..1, 3..6]);
+        assert_eq!(contiguous(&[0, 1, 2]), vec![0..3]);
+        assert!(contiguous(&[]).is_empty());
+    }
 }

@@ -91,6 +91,7 @@ pub(super) fn build(
     );
     g.outputs.insert("hidden_states.0".into(), embed_norm);
     let mut x = embed_norm;
+    let mut block_outputs = Vec::with_capacity(layers);
     for i in 0..layers {
         let p = format!("encoder.layer.{i}");
         let n = format!("layers.{i}");
@@ -195,7 +196,9 @@ pub(super) fn build(
             &[res2],
         );
         g.outputs.insert(format!("hidden_states.{}", i + 1), x);
+        block_outputs.push(x);
     }
+    g.set_untied_blocks(embed_norm, &block_outputs);
     g.outputs.insert("last_hidden_state".into(), x);
     if let Some(pool) = sentence_pooling(dir, hidden)? {
         let idx = g.add(

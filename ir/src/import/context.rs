@@ -81,6 +81,7 @@ impl<'a> Ctx<'a> {
             },
             in_features,
             out_features,
+            adapter: None,
         })
     }
 }

@@ -22,6 +22,7 @@ fn conv1d(
         bias: Some(ctx.tensor(&format!("{base}.bias"), need)?),
         in_features: in_f,
         out_features: out_f,
+        adapter: None,
     })
 }
 
@@ -33,6 +34,7 @@ fn qkv_part(fused: &Linear, part: usize, hidden: usize) -> Linear {
         bias: fused.bias.as_ref().map(slice),
         in_features: hidden,
         out_features: hidden,
+        adapter: None,
     }
 }
 
@@ -97,6 +99,7 @@ pub(super) fn build(cfg: &JsonConfig, catalog: &WeightCatalog) -> Result<Graph, 
         }))
     };
     let mut x = embed;
+    let mut block_outputs = Vec::with_capacity(layers);
     for i in 0..layers {
         let p = format!("h.{i}");
         let n = format!("layers.{i}");
@@ -174,7 +177,9 @@ pub(super) fn build(cfg: &JsonConfig, catalog: &WeightCatalog) -> Result<Graph, 
         if i + 1 < layers {
             g.outputs.insert(format!("hidden_states.{}", i + 1), x);
         }
+        block_outputs.push(x);
     }
+    g.set_untied_blocks(embed, &block_outputs);
     let norm = add_node(
         &mut g,
         "final_norm",
@@ -197,6 +202,7 @@ pub(super) fn build(cfg: &JsonConfig, catalog: &WeightCatalog) -> Result<Graph, 
             bias: None,
             in_features: hidden,
             out_features: vocab,
+            adapter: None,
         }),
         None,
         vocab,

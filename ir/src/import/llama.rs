@@ -182,6 +182,7 @@ pub(super) fn build(
         })
     };
     let mut x = embed;
+    let mut block_outputs = Vec::with_capacity(layers);
     for (i, &window) in windows.iter().enumerate() {
         let p = format!("layers.{i}");
         let ln1 = add_node(
@@ -292,7 +293,9 @@ pub(super) fn build(
         if i + 1 < layers {
             g.outputs.insert(format!("hidden_states.{}", i + 1), x);
         }
+        block_outputs.push(x);
     }
+    g.set_untied_blocks(embed, &block_outputs);
     let norm = add_node(
         &mut g,
         "final_norm",
@@ -315,6 +318,7 @@ pub(super) fn build(
             bias: None,
             in_features: hidden,
             out_features: vocab,
+            adapter: None,
         }),
         None,
         vocab,

@@ -1,0 +1,157 @@
+//! Padded tensor batches: `[batch, seq]` token ids with an attention mask, every row at the
+//! same positions. Training, encoders and the reference checks run this way; the runtime
+//! runs ragged segments ([`super::Program::run`]).
+
+use super::attention::AttnCtx;
+use super::{Kernel, KvCache, Program, RunError};
+use crate::lower::adapter::project;
+use candle_core::{DType, Tensor};
+use exitgraph_ir::NodeIndex;
+use std::collections::BTreeMap;
+
+/// One call's inputs.
+pub struct Inputs {
+    /// `[batch, seq]` token ids (u32).
+    pub input_ids: Tensor,
+    /// `[batch, cached + seq]`, 1 for real tokens, 0 for padding.
+    pub attention_mask: Option<Tensor>,
+    /// `[batch, seq]` segment ids (BERT).
+    pub token_type_ids: Option<Tensor>,
+}
+
+impl Program {
+    /// Runs the steps the named outputs need (names as users see them in `forward` dumps).
+    /// With `last_logits_only`, LM heads see only each sequence's last position.
+    pub fn forward(
+        &self,
+        inputs: &Inputs,
+        cache: &mut KvCache,
+        want: &[&str],
+        last_logits_only: bool,
+    ) -> Result<BTreeMap<String, Tensor>, RunError> {
+        let nodes = want
+            .iter()
+            .map(|w| self.output_node(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let values = self.forward_nodes(inputs, cache, None, &nodes, last_logits_only)?;
+        Ok(want.iter().map(|w| w.to_string()).zip(values).collect())
+    }
+
+    /// Runs the steps the graph nodes `want` need and returns their values in order. When
+    /// `entry` is `(node, h)`, the value of `node` (a residual stream,
+    /// `h: [batch, seq, hidden]`) is given and what only feeds it does not run: staged
+    /// encoders start after their exit point this way.
+    pub fn forward_nodes(
+        &self,
+        inputs: &Inputs,
+        cache: &mut KvCache,
+        entry: Option<(NodeIndex, &Tensor)>,
+        want: &[NodeIndex],
+        last_logits_only: bool,
+    ) -> Result<Vec<Tensor>, RunError> {
+        let (batch, seq) = inputs
+            .input_ids
+            .dims2()
+            .map_err(|e| RunError::Input(format!("input_ids must be [batch, seq]: {e}")))?;
+        if seq == 0 {
+            return Err(RunError::Input("input_ids has no tokens".into()));
+        }
+        let ids = inputs
+            .input_ids
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::U32))
+            .and_then(|t| t.to_vec1::<u32>())
+            .map_err(|e| RunError::Input(format!("input_ids: {e}")))?;
+        self.check_ids(&ids)?;
+        let start = cache.len();
+        if let Some(m) = &inputs.attention_mask {
+            if m.dims() != [batch, start + seq] {
+                return Err(RunError::Input(format!(
+                    "attention_mask has shape {:?}, expected [{batch}, {}]",
+                    m.dims(),
+                    start + seq
+                )));
+            }
+        }
+        if let Some(t) = &inputs.token_type_ids {
+            if t.dims() != [batch, seq] {
+                return Err(RunError::Input(format!(
+                    "token_type_ids has shape {:?}, expected [{batch}, {seq}]",
+                    t.dims()
+                )));
+            }
+        }
+        let targets = want
+            .iter()
+            .map(|&n| self.step_of(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
+        let mut given = Vec::new();
+        if let Some((node, h)) = entry {
+            let i = self.step_of(node)?;
+            values[i] = Some(h.clone());
+            given.push(i);
+        }
+        let plan = self.schedule(&targets, &given);
+        let key_mask = inputs
+            .attention_mask
+            .as_ref()
+            .map(|m| m.to_dtype(DType::F32))
+            .transpose()
+            .map_err(|e| RunError::Input(format!("attention_mask: {e}")))?;
+        let query_mask = match &key_mask {
+            Some(m) => Some(
+                m.narrow(1, start, seq)
+                    .map_err(|e| RunError::Input(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut ctx = AttnCtx::new(start, seq, key_mask);
+        for &i in &plan.needed {
+            let step = &self.steps[i];
+            let wrap = |cause| RunError::Step {
+                step: step.name.clone(),
+                cause,
+            };
+            let args = self.step_args(i, &values)?;
+            let arg = |k: usize| args[k];
+            let lora = |k: usize| step.adapters.get(k).and_then(Option::as_ref);
+            let out = match &step.kernel {
+                Kernel::Input => Ok(inputs.input_ids.clone()),
+                Kernel::Embedding(e) => e.forward(arg(0), start, inputs.token_type_ids.as_ref()),
+                Kernel::Norm(n) => n.forward(arg(0)),
+                Kernel::Attention(a) => step.slot().and_then(|slot| {
+                    a.forward(arg(0), &mut ctx, cache.slot_mut(slot)?, &step.adapters)
+                }),
+                Kernel::Mlp(m) => m.forward(arg(0), &step.adapters),
+                Kernel::Add => arg(0) + arg(1),
+                Kernel::LmHead(l) => {
+                    let x = arg(0);
+                    if last_logits_only && seq > 1 {
+                        x.narrow(1, seq - 1, 1)
+                            .and_then(|x| project(l, lora(0), &x))
+                    } else {
+                        project(l, lora(0), x)
+                    }
+                }
+                Kernel::Pool(p) => p.forward(arg(0), query_mask.as_ref()),
+            }
+            .map_err(wrap)?;
+            values[i] = Some(out);
+            for &j in &step.inputs {
+                if plan.frees(j, i) {
+                    values[j] = None;
+                }
+            }
+        }
+        cache.commit(start + seq);
+        targets
+            .iter()
+            .map(|&t| {
+                values[t].clone().ok_or_else(|| {
+                    RunError::Input(format!("{} was not computed", self.steps[t].name))
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,49 @@
+//! Which steps a call runs and when each value can be freed: shared by the padded and the
+//! ragged execution modes.
+
+use super::Program;
+use std::collections::BTreeSet;
+
+/// The steps a call runs, in order, and the last step reading each value.
+pub(super) struct Schedule {
+    pub needed: Vec<usize>,
+    pub last_use: Vec<usize>,
+}
+
+impl Schedule {
+    /// Whether value `j` can be dropped after step `i` ran.
+    pub fn frees(&self, j: usize, i: usize) -> bool {
+        self.last_use[j] == i
+    }
+}
+
+impl Program {
+    /// Steps needed for `targets` when the values of `given` are supplied by the caller
+    /// (an entry state): the walk back from the targets stops there. Targets are kept to
+    /// the end.
+    pub(super) fn schedule(&self, targets: &[usize], given: &[usize]) -> Schedule {
+        let mut needed = BTreeSet::new();
+        let mut stack = targets.to_vec();
+        while let Some(i) = stack.pop() {
+            if given.contains(&i) {
+                continue;
+            }
+            if needed.insert(i) {
+                stack.extend(self.steps[i].inputs.iter().copied());
+            }
+        }
+        let mut last_use = vec![0usize; self.steps.len()];
+        for &i in &needed {
+            for &j in &self.steps[i].inputs {
+                last_use[j] = last_use[j].max(i);
+            }
+        }
+        for &t in targets {
+            last_use[t] = usize::MAX;
+        }
+        Schedule {
+            needed: needed.into_iter().collect(),
+            last_use,
+        }
+    }
+}
