@@ -5,7 +5,10 @@
 //!   greedy run, and no request is lost;
 //! - the same workload seed gives the same token-level trace.
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::reference_generate;
 use exitgraph::generate::{generate, GenerateOptions};
 use exitgraph::lower::{Program, Segment};
 use exitgraph::runtime::policy::Batching;
@@ -26,10 +29,11 @@ fn model(dir: &Path, ty: &str, kv: usize, seed: u64) -> Program {
     Program::lower(&g, dir, &Device::Cpu, DType::F32).unwrap()
 }
 
+/// The request alone, on the padded-batch reference path (no runtime).
 fn greedy_alone(p: &Program, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut opts = GenerateOptions::greedy(n);
     opts.stop_at_eos = false;
-    generate(p, &[prompt.to_vec()], &opts).unwrap().remove(0)[prompt.len()..].to_vec()
+    reference_generate(p, &[prompt.to_vec()], &opts).remove(0)[prompt.len()..].to_vec()
 }
 
 fn policies() -> impl Strategy<Value = Batching> {
@@ -250,10 +254,10 @@ fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(8))]
 
-    /// The CLI generates through the runtime: greedy or seeded sampling, with EOS stops and
-    /// padding, it equals `generate`.
+    /// The CLI and `generate` generate through the runtime: greedy or seeded sampling, with
+    /// EOS stops and padding, it equals the padded-batch reference loop.
     #[test]
-    fn generation_through_the_runtime_equals_generate(seed in any::<u64>(), rows in 1usize..4, len in 1usize..8, sample in any::<bool>()) {
+    fn generation_through_the_runtime_equals_the_reference_loop(seed in any::<u64>(), rows in 1usize..4, len in 1usize..8, sample in any::<bool>()) {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = LlamaSpec::tiny();
         spec.eos_token_id = Some((seed % 97) as u32);
@@ -266,8 +270,9 @@ proptest! {
         if sample {
             opts.sampling = exitgraph::generate::Sampling::Temperature { temperature: 1.3, top_p: Some(0.9) };
         }
-        let a = generate(&p, &prompts, &opts).unwrap();
+        let a = reference_generate(&p, &prompts, &opts);
         let b = exitgraph::runtime::generate_through_runtime(p.clone(), &prompts, &opts).unwrap();
-        prop_assert_eq!(a, b);
+        prop_assert_eq!(&a, &b);
+        prop_assert_eq!(generate(&p, &prompts, &opts).unwrap(), b);
     }
 }

@@ -1,13 +1,14 @@
 //! Token generation with the KV cache: greedy, or seeded temperature / top-p sampling.
 //!
-//! Matches Hugging Face `generate` for a batch of equal-length prompts: a row that emits an
+//! Matches Hugging Face `generate` for a batch of prompts: a row that emits an
 //! end-of-sequence id is padded afterwards (with `pad_token_id`, else the first EOS id), and
-//! generation stops when every row has finished or `max_new_tokens` is reached.
+//! generation stops when every row has finished or `max_new_tokens` is reached. The loop is
+//! the runtime's; this module holds the settings and the library entry point.
 
-use crate::lower::{Inputs, Program, RunError};
-use candle_core::{DType, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
+use crate::lower::{Program, RunError};
+use candle_transformers::generation::Sampling as CandleSampling;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// How the next token is chosen.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -54,6 +55,8 @@ pub enum GenerateError {
     Input(String),
     #[error("sampling: {0}")]
     Sample(candle_core::Error),
+    #[error(transparent)]
+    Runtime(anyhow::Error),
 }
 
 impl Sampling {
@@ -84,7 +87,9 @@ impl Sampling {
     }
 }
 
-/// Continues each prompt (all of equal length); returns prompt + new tokens per row.
+/// Continues each prompt; returns prompt + new tokens per row. Generation runs through the
+/// ECS runtime (one static batch, [`crate::runtime::generate_through_runtime`]): a row that
+/// ends at an EOS id is padded to the longest, as transformers' batched `generate` does.
 pub fn generate(
     program: &Program,
     prompts: &[Vec<u32>],
@@ -97,14 +102,11 @@ pub fn generate(
             info.model_type
         )));
     }
-    let Some(first) = prompts.first() else {
+    if prompts.is_empty() {
         return Err(GenerateError::Input("no prompts".into()));
-    };
-    let len = first.len();
-    if len == 0 || prompts.iter().any(|p| p.len() != len) {
-        return Err(GenerateError::Input(
-            "prompts must be non-empty and of equal length (padding is not supported)".into(),
-        ));
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(GenerateError::Input("a prompt has no tokens".into()));
     }
     if let Some(bad) = prompts
         .iter()
@@ -116,55 +118,7 @@ pub fn generate(
             info.vocab
         )));
     }
-    let sampling = opts.sampling.to_candle()?;
-    let mut samplers: Vec<LogitsProcessor> = (0..prompts.len())
-        .map(|i| LogitsProcessor::from_sampling(opts.seed.wrapping_add(i as u64), sampling.clone()))
-        .collect();
-    let eos: &[u32] = if opts.stop_at_eos {
-        &info.eos_token_ids
-    } else {
-        &[]
-    };
-    let pad = info.pad_token_id.or(eos.first().copied()).unwrap_or(0);
-    let device = program.device();
-    let batch = prompts.len();
-    let run_err = |e: candle_core::Error| GenerateError::Run(RunError::Input(e.to_string()));
-    let mut input = Tensor::from_vec(prompts.concat(), (batch, len), device).map_err(run_err)?;
-    let mut out: Vec<Vec<u32>> = prompts.to_vec();
-    let mut done = vec![false; batch];
-    let mut cache = program.new_cache();
-    for _ in 0..opts.max_new_tokens {
-        let inputs = Inputs {
-            input_ids: input,
-            attention_mask: None,
-            token_type_ids: None,
-        };
-        let logits = program
-            .forward(&inputs, &mut cache, &["logits"], true)?
-            .remove("logits")
-            .ok_or_else(|| GenerateError::Input("program produced no logits".into()))?;
-        let seq = logits.dim(1).map_err(run_err)?;
-        let last = logits
-            .narrow(1, seq - 1, 1)
-            .and_then(|l| l.squeeze(1))
-            .and_then(|l| l.to_dtype(DType::F32))
-            .map_err(run_err)?;
-        let mut next = Vec::with_capacity(batch);
-        for (row, sampler) in samplers.iter_mut().enumerate() {
-            let row_logits = last.get(row).map_err(run_err)?;
-            let mut token = sampler.sample(&row_logits).map_err(GenerateError::Sample)?;
-            if done[row] {
-                token = pad;
-            } else if eos.contains(&token) {
-                done[row] = true;
-            }
-            out[row].push(token);
-            next.push(token);
-        }
-        if done.iter().all(|&d| d) {
-            break;
-        }
-        input = Tensor::from_vec(next, (batch, 1), device).map_err(run_err)?;
-    }
-    Ok(out)
+    opts.sampling.to_candle()?;
+    crate::runtime::generate_through_runtime(Arc::new(program.clone()), prompts, opts)
+        .map_err(GenerateError::Runtime)
 }

@@ -98,6 +98,7 @@ impl Kernel {
 }
 
 /// One place in the graph, lowered: its kernel and what is its own.
+#[derive(Clone)]
 struct Step {
     name: String,
     /// Depth of the block the step belongs to.
@@ -118,7 +119,8 @@ impl Step {
     }
 }
 
-/// A lowered graph, ready to run.
+/// A lowered graph, ready to run. Cloning shares every kernel and weight.
+#[derive(Clone)]
 pub struct Program {
     graph: Graph,
     steps: Vec<Step>,

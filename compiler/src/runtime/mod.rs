@@ -154,7 +154,7 @@ pub enum Executor {
 }
 
 /// How tokens are chosen: greedy or seeded sampling (request `i` samples with seed
-/// `seed + i`, as [`crate::generate::generate`] does for row `i`), and which ids end a
+/// `seed + i`), and which ids end a
 /// request early.
 #[derive(Clone)]
 pub struct Decoding {
@@ -679,7 +679,7 @@ impl Runtime {
 /// Continues `prompts` through the runtime, all arriving at once in one static batch, and
 /// returns prompt + new tokens per prompt, in order. A request that ends at an EOS id is
 /// padded (with `pad_token_id`, else the first EOS id) to the longest, as transformers'
-/// batched `generate` does, so the result equals [`crate::generate::generate`]'s.
+/// batched `generate` does.
 pub fn generate_through_runtime(
     program: Arc<Program>,
     prompts: &[Vec<u32>],
