@@ -3,12 +3,11 @@
 //! Matches Hugging Face `generate` for a batch of prompts: a row that emits an
 //! end-of-sequence id is padded afterwards (with `pad_token_id`, else the first EOS id), and
 //! generation stops when every row has finished or `max_new_tokens` is reached. The loop is
-//! the runtime's; this module holds the settings and the library entry point.
+//! the runtime's (`exitgraph_runtime::generate`); this module holds the settings.
 
-use crate::lower::{Program, RunError};
+use crate::lower::RunError;
 use candle_transformers::generation::Sampling as CandleSampling;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// How the next token is chosen.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -85,40 +84,4 @@ impl Sampling {
             }
         }
     }
-}
-
-/// Continues each prompt; returns prompt + new tokens per row. Generation runs through the
-/// ECS runtime (one static batch, [`crate::runtime::generate_through_runtime`]): a row that
-/// ends at an EOS id is padded to the longest, as transformers' batched `generate` does.
-pub fn generate(
-    program: &Program,
-    prompts: &[Vec<u32>],
-    opts: &GenerateOptions,
-) -> Result<Vec<Vec<u32>>, GenerateError> {
-    let info = &program.graph().info;
-    if !info.family.is_decoder() {
-        return Err(GenerateError::Input(format!(
-            "{} is an encoder; it does not generate tokens",
-            info.model_type
-        )));
-    }
-    if prompts.is_empty() {
-        return Err(GenerateError::Input("no prompts".into()));
-    }
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(GenerateError::Input("a prompt has no tokens".into()));
-    }
-    if let Some(bad) = prompts
-        .iter()
-        .flatten()
-        .find(|&&t| t as usize >= info.vocab)
-    {
-        return Err(GenerateError::Input(format!(
-            "token id {bad} is outside the vocabulary (size {})",
-            info.vocab
-        )));
-    }
-    opts.sampling.to_candle()?;
-    crate::runtime::generate_through_runtime(Arc::new(program.clone()), prompts, opts)
-        .map_err(GenerateError::Runtime)
 }

@@ -72,15 +72,15 @@ pub struct RuntimeSpec {
     pub stop_at_eos: bool,
     /// How `serve` batches requests.
     #[serde(default = "default_batching")]
-    pub batching: crate::runtime::policy::Batching,
+    pub batching: crate::batching::Batching,
     /// How deep each token runs: `Full`, `EarlyExit(rule: ...)` (needs an `InsertExits`
     /// pass) or `SkipDecode((max_layers: .., min_layers: .., warmup: ..))`.
     #[serde(default)]
     pub depth: crate::exits::Depth,
 }
 
-fn default_batching() -> crate::runtime::policy::Batching {
-    crate::runtime::policy::Batching::Continuous {
+fn default_batching() -> crate::batching::Batching {
+    crate::batching::Batching::Continuous {
         max_batch: 8,
         token_budget: 512,
     }

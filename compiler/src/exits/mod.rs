@@ -13,9 +13,7 @@
 //! measures speed against quality.
 
 pub mod cost;
-pub mod encoder;
 pub mod rule;
-pub mod train;
 
 pub use rule::{ExitRule, ExitView};
 

@@ -1,8 +1,11 @@
 //! Training on candle autograd: parameters selectable by name pattern, AdamW with warmup and
 //! cosine decay, gradient clipping and accumulation, periodic evaluation, atomic checkpoints
-//! with exact resume. Language-model training from scratch lives in [`lm`].
+//! with exact resume. Language-model training from scratch lives in [`lm`], training exit heads
+//! in [`exits`], the graded synthetic corpus both train on in [`corpus`].
 
+pub mod corpus;
 pub mod data;
+pub mod exits;
 pub mod lm;
 pub mod optim;
 pub mod params;

@@ -51,7 +51,7 @@ pub struct TraceWriter {
 
 impl TraceWriter {
     pub fn create(path: &Path) -> anyhow::Result<Self> {
-        let tmp = crate::atomic::temp_path(path)?;
+        let tmp = exitgraph_compiler::atomic::temp_path(path)?;
         let file = std::fs::File::create(&tmp)
             .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
         Ok(TraceWriter {

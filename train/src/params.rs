@@ -1,9 +1,9 @@
 //! Trainable parameters: every float tensor of a checkpoint as a candle `Var`, a selection of
 //! which ones train (by name pattern), and atomic saving.
 
-use crate::lower::{WeightLoadError, WeightSource};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
+use exitgraph_compiler::lower::{WeightLoadError, WeightSource};
 use exitgraph_ir::{WeightCatalog, WeightRef};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -117,7 +117,7 @@ impl ParamStore {
 
     /// Writes every parameter to `path` (safetensors) through a temporary file.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        crate::tensor_io::write_atomic(path, &self.tensors())?;
+        exitgraph_compiler::tensor_io::write_atomic(path, &self.tensors())?;
         Ok(())
     }
 

@@ -12,12 +12,12 @@
 //! resolved) and `OUT/training.json` (loss curves).
 
 use crate::corpus::{self, CorpusSpec, Task};
-use crate::lower::{Inputs, LowerOptions, Program, WeightSource, WeightStore};
-use crate::pipeline::{compile, resolve_model, Pipeline};
-use crate::train::data::Batcher;
-use crate::train::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
+use crate::data::Batcher;
+use crate::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, D};
+use exitgraph_compiler::lower::{Inputs, LowerOptions, Program, WeightSource, WeightStore};
+use exitgraph_compiler::pipeline::{compile, resolve_model, Pipeline};
 use exitgraph_ir::op::Op;
 use exitgraph_passes::exits::{chosen_depths, head_weights};
 use exitgraph_passes::{HeadKind, PassSpec};
@@ -88,7 +88,7 @@ fn initial_heads(
                 store.get(&lm.weight)?.copy()?
             } else if name.ends_with(".mlp.up.weight") {
                 // Seeded uniform values with standard deviation 0.02.
-                let mut rng = crate::train::data::SplitMix64::new(seed ^ (k as u64) << 8);
+                let mut rng = crate::data::SplitMix64::new(seed ^ (k as u64) << 8);
                 let n: usize = shape.iter().product();
                 let a = 0.02 * 3f64.sqrt();
                 let values: Vec<f32> = (0..n)
@@ -162,7 +162,7 @@ pub fn train_exits(
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let heads_path = out.join("heads.safetensors");
     let init = initial_heads(&ckpt.graph, &model_dir, &head, gate, &points, spec.seed)?;
-    crate::tensor_io::write_atomic(&heads_path, &init)?;
+    exitgraph_compiler::tensor_io::write_atomic(&heads_path, &init)?;
 
     // The pipeline as it will be saved: model resolved, weights next to it.
     let abs_model = std::fs::canonicalize(&model_dir).unwrap_or(model_dir.clone());
@@ -295,8 +295,8 @@ pub fn train_exits(
         .into_iter()
         .filter(|(n, _)| n.starts_with("exits."))
         .collect();
-    crate::tensor_io::write_atomic(&heads_path, &heads)?;
-    crate::atomic::write_text(&saved_pipeline, &pipeline.to_ron())?;
+    exitgraph_compiler::tensor_io::write_atomic(&heads_path, &heads)?;
+    exitgraph_compiler::atomic::write_text(&saved_pipeline, &pipeline.to_ron())?;
     let report = ExitTrainReport {
         heads: heads_path,
         pipeline: saved_pipeline,
@@ -304,7 +304,7 @@ pub fn train_exits(
         exits: points,
         log,
     };
-    crate::atomic::write_text(
+    exitgraph_compiler::atomic::write_text(
         &out.join("training.json"),
         &serde_json::to_string_pretty(&report)?,
     )?;

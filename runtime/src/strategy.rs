@@ -7,8 +7,8 @@
 //! - [`ExitPlan`]: at each exit head the request's rule decides whether the token stops;
 //! - [`SkipPlan`]: each generated token runs SkipDecode's path for its position.
 
-use crate::exits::{Depth, ExitRule, SkipDecode};
 use bevy_ecs::prelude::*;
+use exitgraph_compiler::exits::{Depth, ExitRule, SkipDecode};
 
 /// A request whose tokens may stop at an exit head, decided by `rule`.
 #[derive(Component, Clone, Debug)]

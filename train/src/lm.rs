@@ -10,10 +10,10 @@
 use super::data::Batcher;
 use super::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use crate::corpus::{self, CorpusSpec};
-use crate::lower::{Inputs, LowerOptions, Program};
-use crate::synth::{write_random_llama, LlamaSpec};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
+use exitgraph_compiler::lower::{Inputs, LowerOptions, Program};
+use exitgraph_compiler::synth::{write_random_llama, LlamaSpec};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -63,7 +63,7 @@ pub struct LmTrainSpec {
 
 impl LmTrainSpec {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        crate::ron_file::read(path)
+        exitgraph_compiler::ron_file::read(path)
     }
 }
 
@@ -195,7 +195,7 @@ pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow
         eval_rows: eval.rows(),
         log,
     };
-    crate::atomic::write_text(
+    exitgraph_compiler::atomic::write_text(
         &out.join("training.json"),
         &serde_json::to_string_pretty(&report)?,
     )?;

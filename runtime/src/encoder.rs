@@ -7,11 +7,11 @@
 //! way the model pools); the others continue together to the next exit, or to the model's
 //! own `sentence_embedding`.
 
-use super::rule::cosine;
-use super::ExitRule;
-use crate::lower::{Inputs, Program};
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
+use exitgraph_compiler::exits::rule::cosine;
+use exitgraph_compiler::exits::ExitRule;
+use exitgraph_compiler::lower::{Inputs, Program};
 
 /// One sample's embedding and where it exited.
 #[derive(Clone, Debug, PartialEq)]
@@ -135,7 +135,7 @@ pub fn embed_with_exits(
             let fire = if last {
                 true
             } else {
-                let view = super::ExitView {
+                let view = exitgraph_compiler::exits::ExitView {
                     probs: &[],
                     hidden: &now[i],
                     prev_hidden: Some(&prev[i]),

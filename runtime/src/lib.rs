@@ -18,16 +18,19 @@
 
 pub mod cost;
 mod decide;
+pub mod encoder;
 pub mod metrics;
-pub mod policy;
 mod step;
 pub mod strategy;
 pub mod trace;
 pub mod workload;
 
-use crate::exits::Depth;
-use crate::lower::{KvCache, Program};
 use bevy_ecs::prelude::*;
+/// The batching policies, configured in a pipeline's `runtime.batching`.
+pub use exitgraph_compiler::batching as policy;
+use exitgraph_compiler::exits::Depth;
+use exitgraph_compiler::generate::{GenerateError, GenerateOptions};
+use exitgraph_compiler::lower::{KvCache, Program};
 use metrics::{RequestOutcome, ServeReport, TokenStat};
 use policy::{Batching, Candidate};
 use std::sync::Arc;
@@ -175,10 +178,10 @@ impl Decoding {
 
     /// `sampling` with `seed`; a request ends early at any of `stop_ids`.
     pub fn new(
-        sampling: &crate::generate::Sampling,
+        sampling: &exitgraph_compiler::generate::Sampling,
         seed: u64,
         stop_ids: Vec<u32>,
-    ) -> Result<Self, crate::generate::GenerateError> {
+    ) -> Result<Self, GenerateError> {
         Ok(Decoding {
             sampling: sampling.to_candle()?,
             seed,
@@ -278,7 +281,7 @@ pub struct StepTokens(pub Vec<Emitted>);
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     #[error(transparent)]
-    Run(#[from] crate::lower::RunError),
+    Run(#[from] exitgraph_compiler::lower::RunError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("writing the trace: {0:#}")]
@@ -683,7 +686,7 @@ impl Runtime {
 pub fn generate_through_runtime(
     program: Arc<Program>,
     prompts: &[Vec<u32>],
-    opts: &crate::generate::GenerateOptions,
+    opts: &exitgraph_compiler::generate::GenerateOptions,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
     generate_with_depth(program, prompts, opts, &Depth::Full, None).map(|(rows, _)| rows)
 }
@@ -693,7 +696,7 @@ pub fn generate_through_runtime(
 pub fn generate_with_depth(
     program: Arc<Program>,
     prompts: &[Vec<u32>],
-    opts: &crate::generate::GenerateOptions,
+    opts: &exitgraph_compiler::generate::GenerateOptions,
     depth: &Depth,
     trace: Option<TraceWriter>,
 ) -> anyhow::Result<(Vec<Vec<u32>>, Vec<RequestOutcome>)> {
@@ -746,4 +749,40 @@ pub fn generate_with_depth(
         })
         .collect();
     Ok((rows, outcomes))
+}
+
+/// Continues each prompt; returns prompt + new tokens per row. Generation runs through the
+/// ECS runtime (one static batch, [`generate_through_runtime`]): a row that
+/// ends at an EOS id is padded to the longest, as transformers' batched `generate` does.
+pub fn generate(
+    program: &Program,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>, GenerateError> {
+    let info = &program.graph().info;
+    if !info.family.is_decoder() {
+        return Err(GenerateError::Input(format!(
+            "{} is an encoder; it does not generate tokens",
+            info.model_type
+        )));
+    }
+    if prompts.is_empty() {
+        return Err(GenerateError::Input("no prompts".into()));
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(GenerateError::Input("a prompt has no tokens".into()));
+    }
+    if let Some(bad) = prompts
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= info.vocab)
+    {
+        return Err(GenerateError::Input(format!(
+            "token id {bad} is outside the vocabulary (size {})",
+            info.vocab
+        )));
+    }
+    opts.sampling.to_candle()?;
+    generate_through_runtime(Arc::new(program.clone()), prompts, opts)
+        .map_err(GenerateError::Runtime)
 }

@@ -10,8 +10,8 @@
 //! )
 //! ```
 
-use crate::train::data::SplitMix64;
 use anyhow::{bail, Context};
+use exitgraph_compiler::synth::SplitMix64;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -84,7 +84,7 @@ pub struct RequestSpec {
 
 impl Workload {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        crate::ron_file::read(path)
+        exitgraph_compiler::ron_file::read(path)
     }
 
     /// The requests, with prompts of random ids below `vocab`; `base` resolves trace files.

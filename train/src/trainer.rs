@@ -146,13 +146,13 @@ impl<'a> Trainer<'a> {
             step: self.step,
             log: self.log.clone(),
         };
-        crate::atomic::write_text(
+        exitgraph_compiler::atomic::write_text(
             &ckpt.join("state.json"),
             &serde_json::to_string_pretty(&state)?,
         )?;
         // The pointer moves only once the checkpoint is complete.
         let previous = std::fs::read_to_string(dir.join("latest")).ok();
-        crate::atomic::write_text(&dir.join("latest"), &name)?;
+        exitgraph_compiler::atomic::write_text(&dir.join("latest"), &name)?;
         if let Some(prev) = previous {
             let prev = prev.trim();
             if prev != name && prev.starts_with("step-") {

@@ -117,7 +117,7 @@ impl AdamW {
             "steps".into(),
             Tensor::new(&[self.steps as i64], &Device::Cpu)?,
         );
-        crate::tensor_io::write_atomic(path, &t)?;
+        exitgraph_compiler::tensor_io::write_atomic(path, &t)?;
         Ok(())
     }
 

@@ -10,10 +10,10 @@ use super::{
     Clock, Emitted, Engine, Kv, Progress, Recorder, Request, Sampler, StageResults, StepError,
     StepTokens,
 };
-use crate::exits::rule::{softmax, top2, ExitView};
-use crate::lower::{KvCache, Run, Segment, Task};
 use bevy_ecs::prelude::*;
 use candle_core::{DType, Tensor};
+use exitgraph_compiler::exits::rule::{softmax, top2, ExitView};
+use exitgraph_compiler::lower::{KvCache, Run, Segment, Task};
 use std::time::Instant;
 
 /// Tokens that stopped at an exit head this step: their exit states, for `copy_state`.

@@ -2,8 +2,8 @@
 //! tokens, its attention work (Σ new tokens × context length) and its sequences, fitted by
 //! least squares to steps measured on this machine (`exitgraph profile`).
 
-use crate::lower::{Program, Segment};
 use anyhow::{bail, Context};
+use exitgraph_compiler::lower::{Program, Segment};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -90,7 +90,7 @@ impl CostModel {
     }
 
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let m: CostModel = crate::ron_file::read(path)?;
+        let m: CostModel = exitgraph_compiler::ron_file::read(path)?;
         if m.version != 1 {
             bail!(
                 "{}: cost model version {} is not supported",
@@ -105,7 +105,7 @@ impl CostModel {
         let cfg = ron::ser::PrettyConfig::new()
             .new_line("\n".to_string())
             .struct_names(true);
-        crate::atomic::write_text(path, &ron::ser::to_string_pretty(self, cfg)?)
+        exitgraph_compiler::atomic::write_text(path, &ron::ser::to_string_pretty(self, cfg)?)
     }
 }
 

@@ -7,9 +7,9 @@ use super::{
     add_stage_busy, cost, Clock, Engine, Executor, Kv, Plan, Progress, Recorder, Request,
     StageResult, StageResults, StepError, StepTokens,
 };
-use crate::lower::{KvCache, Run, Segment, Task, Want};
 use bevy_ecs::prelude::*;
 use candle_core::Tensor;
+use exitgraph_compiler::lower::{KvCache, Run, Segment, Task, Want};
 use std::time::Instant;
 
 /// One planned sequence, its state taken out of its components for the step.
