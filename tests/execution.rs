@@ -225,9 +225,12 @@ proptest! {
             .sum();
         prop_assert!(layer_bytes > 0);
         prop_assert_eq!(ps.weight_bytes() + layer_bytes, pc.weight_bytes());
-        prop_assert_eq!(shared.weight_bytes() + layer_bytes, copied.weight_bytes());
-        let summary = exitgraph::inspect::summarize(&shared);
-        prop_assert_eq!(summary.weight_bytes, shared.weight_bytes());
+        // What `inspect` reports counts the shared tensors once too.
+        let (summary_shared, summary_copied) = (
+            exitgraph::inspect::summarize(&shared),
+            exitgraph::inspect::summarize(&copied),
+        );
+        prop_assert_eq!(summary_shared.weight_bytes + layer_bytes, summary_copied.weight_bytes);
         // Norm, attention, norm, MLP of the shared block are the first block's kernels.
         prop_assert_eq!(ps.weight_kernels() + 4, pc.weight_kernels());
         let ids = tokens(len, seed, spec.vocab);
@@ -244,16 +247,22 @@ proptest! {
         (spec, seed) in model_strategy(),
         rank in 1usize..4,
         scale in prop_oneof![Just(1.0f64), Just(0.5), Just(2.0)],
-        len in 1usize..6,
+        // One projection of an attention (q, k, v, o) and one of an MLP (gate, up, down),
+        // in blocks chosen at random.
+        attn in (0usize..3, 0usize..4),
+        mlp in (0usize..3, 0usize..3),
+        len in 2usize..6,
     ) {
         let dir = tempfile::tempdir().unwrap();
         write_random_llama(dir.path(), &spec, seed).unwrap();
         let g = exitgraph_ir::import(dir.path()).unwrap().graph;
         let mut rng = Normal::new(seed ^ 0xada9);
-        // Adapters on block 0's query and the last block's down projection.
+        let attn_names = ["q_proj", "k_proj", "v_proj", "o_proj"];
+        let mlp_names = ["gate_proj", "up_proj", "down_proj"];
+        let (ab, mb) = (attn.0 % spec.layers, mlp.0 % spec.layers);
         let targets = [
-            ("layers.0.attn", 0usize, "model.layers.0.self_attn.q_proj.weight"),
-            ("layers.1.mlp", 2, "model.layers.1.mlp.down_proj.weight"),
+            (format!("layers.{ab}.attn"), attn.1, format!("model.layers.{ab}.self_attn.{}.weight", attn_names[attn.1])),
+            (format!("layers.{mb}.mlp"), mlp.1, format!("model.layers.{mb}.mlp.{}.weight", mlp_names[mlp.1])),
         ];
         let mut adapters = HashMap::new();
         let mut adapted = g.clone();
@@ -263,9 +272,9 @@ proptest! {
             let l = &mut adapted.graph[n].op.linears_mut()[*which];
             let a = rng.tensor(&[rank, l.in_features], 0.3).unwrap();
             let b = rng.tensor(&[l.out_features, rank], 0.3).unwrap();
-            let w = &merged_tensors[*weight];
+            let w = &merged_tensors[weight.as_str()];
             let delta = (b.matmul(&a).unwrap() * scale).unwrap();
-            merged_tensors.insert(weight.to_string(), (w + delta).unwrap());
+            merged_tensors.insert(weight.clone(), (w + delta).unwrap());
             adapters.insert(format!("lora.{i}.a"), a);
             adapters.insert(format!("lora.{i}.b"), b);
             l.adapter = Some(LowRank {
@@ -291,10 +300,41 @@ proptest! {
             pm.weight_bytes() + adapters.values().map(|t| t.elem_count() * 4).sum::<usize>()
         );
         let ids = tokens(len, seed, spec.vocab);
+        // Ragged execution.
         let (mut a, mut m) = (pa.new_cache(), pm.new_cache());
         let (la, lm) = (step(&pa, &ids, &mut a), step(&pm, &ids, &mut m));
         prop_assert!(max_diff(&la, &lm) < 1e-4, "differ by {}", max_diff(&la, &lm));
-        // And it changes the output: the test can fail.
+        prop_assert!(same_slots(&a, &m) < 1e-4);
+        // The padded-batch path.
+        let padded = |p: &Program| {
+            let inputs = exitgraph::lower::Inputs {
+                input_ids: Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap(),
+                attention_mask: None,
+                token_type_ids: None,
+            };
+            p.forward(&inputs, &mut p.new_cache(), &["logits"], false).unwrap().remove("logits").unwrap()
+        };
+        let (fa, fm) = (padded(&pa), padded(&pm));
+        prop_assert!(max_diff(&fa, &fm) < 1e-4, "padded path differs by {}", max_diff(&fa, &fm));
+        // State copying (keys and values from an exit state) uses the k and v adapters.
+        let fill = |p: &Program| {
+            let mut cache = p.new_cache();
+            step(p, &ids[..len - 1], &mut cache);
+            let state = p
+                .run(
+                    &mut [Segment::new(&ids[len - 1..], &mut cache.fork())],
+                    &Run { from: 0, task: exitgraph::lower::Task::Outputs(vec![Want::all(p.stream_node(1).unwrap())]), commit: false },
+                )
+                .unwrap()
+                .remove(0)
+                .remove(0);
+            p.fill_kv(&mut [Segment::new(&ids[len - 1..], &mut cache)], 1, &[state]).unwrap();
+            cache
+        };
+        let (ka, km) = (fill(&pa), fill(&pm));
+        prop_assert_eq!(ka.len(), len);
+        prop_assert!(same_slots(&ka, &km) < 1e-4);
+        // And the adapters change the output: the test can fail.
         let plain = lower(&g, dir.path());
         let lp = step(&plain, &ids, &mut plain.new_cache());
         prop_assert!(max_diff(&la, &lp) > 1e-4);

@@ -77,6 +77,7 @@ fn serve(
             prompt: pr.clone(),
             max_new_tokens: new,
             forced: Vec::new(),
+            depth: None,
         })
         .collect();
     let (_, outcomes) = Runtime::new(
@@ -416,4 +417,54 @@ fn state_copying_writes_each_skipped_layers_keys_from_the_exit_state() {
             assert!(d < 1e-5, "layer {j}: keys/values differ by {d}");
         }
     }
+}
+
+/// Depth strategies are per request: in one batch, a request with its own early-exit plan
+/// stops at the first exit while a request following the runtime's full depth runs every
+/// layer; each gets what it would get alone.
+#[test]
+fn requests_follow_their_own_depth_plans_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = with_exits(&graph(dir.path(), 4, 5), &[1, 2]);
+    let p = lower(&g, dir.path());
+    let prompt: Vec<u32> = vec![11, 22, 33];
+    let always = Depth::EarlyExit {
+        rule: ExitRule::Confidence(0.0),
+    };
+    let request = |id: usize, depth: Option<Depth>| RequestSpec {
+        id,
+        arrival_s: 0.0,
+        prompt: prompt.clone(),
+        max_new_tokens: 5,
+        forced: Vec::new(),
+        depth,
+    };
+    let (_, outcomes) = Runtime::new(
+        p.clone(),
+        Batching::Static { max_batch: 2 },
+        Executor::Real,
+        Decoding::greedy(),
+        vec![request(0, Some(always.clone())), request(1, None)],
+        None,
+    )
+    .run()
+    .unwrap();
+    let exits: Vec<Vec<u16>> = outcomes
+        .iter()
+        .map(|o| o.stats.iter().map(|s| s.exit_layer).collect())
+        .collect();
+    // The prompt's token comes from the full model; every later token of request 0 stops at
+    // the first exit, request 1's run all 4 layers.
+    assert_eq!(exits[0], vec![4, 1, 1, 1, 1]);
+    assert_eq!(exits[1], vec![4; 5]);
+    assert_eq!(outcomes[1].tokens, greedy(&p, &prompt, 5));
+    let alone = serve(
+        &p,
+        std::slice::from_ref(&prompt),
+        5,
+        Batching::Static { max_batch: 1 },
+        &always,
+    );
+    assert_eq!(outcomes[0].tokens, alone[0].0);
+    assert_eq!(exits[0], alone[0].1);
 }

@@ -60,6 +60,7 @@ fn decode_once(
         prompt: prompt.to_vec(),
         max_new_tokens: new,
         forced: Vec::new(),
+        depth: None,
     };
     let (_, outcomes) = Runtime::new(
         program.clone(),

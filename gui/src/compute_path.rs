@@ -78,7 +78,11 @@ mod tests {
         assert!(names.contains("layers.1.attn"));
         assert!(!names.contains("layers.2.attn"));
         assert!(!names.contains("lm_head"));
-        assert!(!names.contains("exit.4.head"));
+        // A token exiting at the second exit takes that exit's head, not the first's.
+        let deeper = path(&g, &[0, 1, 2, 3], 4);
+        let names4: BTreeSet<&str> = deeper.iter().map(|&n| g.graph[n].name.as_str()).collect();
+        assert!(names4.contains("exit.4.head") && names4.contains("layers.3.mlp"));
+        assert!(!names4.contains("exit.2.head") && !names4.contains("layers.4.attn"));
         // At full depth the model's own head is outlined, not an exit's.
         let full = path(&g, &[0, 1, 2, 3, 4, 5], 6);
         let names: BTreeSet<&str> = full.iter().map(|&n| g.graph[n].name.as_str()).collect();

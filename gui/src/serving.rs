@@ -112,6 +112,7 @@ pub fn run_prompts(
             prompt: prompt.clone(),
             max_new_tokens: run.max_new_tokens,
             forced: Vec::new(),
+            depth: None,
         };
         let (_, outcomes, records) = run_traced(
             program.clone(),

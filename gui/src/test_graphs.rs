@@ -78,5 +78,7 @@ pub fn chain(layers: usize) -> Graph {
     let n = g.add(node("norm", norm("norm"), None), &[x]);
     let head = g.add(node("lm_head", norm("lm_head"), None), &[n]);
     g.outputs.insert("logits".into(), head);
+    g.head.norm = Some(n);
+    g.head.logits = Some(head);
     g
 }

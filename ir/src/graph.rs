@@ -2,7 +2,7 @@
 
 use crate::op::Op;
 use crate::shape::Shape;
-use crate::structure::{Block, Exit};
+use crate::structure::{Block, Exit, Head};
 use crate::weight::WeightCatalog;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
@@ -85,6 +85,9 @@ pub struct Graph {
     /// Exit heads, ordered by the depth they read.
     #[serde(default)]
     pub exits: Vec<Exit>,
+    /// The model's own final norm, LM head and pooling.
+    #[serde(default)]
+    pub head: Head,
 }
 
 impl Graph {
@@ -98,6 +101,7 @@ impl Graph {
             embedded: None,
             blocks: Vec::new(),
             exits: Vec::new(),
+            head: Head::default(),
         }
     }
 
@@ -165,12 +169,9 @@ impl Graph {
             .map_or(0, |s| s + 1)
     }
 
-    /// The model's own head output: logits for decoders, else the last hidden state.
+    /// The model's own head output: logits for decoders, else the last block's stream.
     pub fn final_output(&self) -> Option<NodeIndex> {
-        self.outputs
-            .get("logits")
-            .or_else(|| self.outputs.get("last_hidden_state"))
-            .copied()
+        self.head.logits.or_else(|| self.stream(self.blocks.len()))
     }
 
     /// Adds a node fed by `inputs` in slot order and returns its index.

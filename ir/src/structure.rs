@@ -32,6 +32,20 @@ pub struct Block {
     pub output: NodeIndex,
 }
 
+/// The model's own output end, as imported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// The final norm, reading the last block's stream (pre-norm decoders).
+    #[serde(default)]
+    pub norm: Option<NodeIndex>,
+    /// The LM head's logits (decoders).
+    #[serde(default)]
+    pub logits: Option<NodeIndex>,
+    /// Sentence pooling of the last stream (sentence-transformers encoders).
+    #[serde(default)]
+    pub pooled: Option<NodeIndex>,
+}
+
 /// One exit head: where it reads the residual stream and what it outputs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exit {

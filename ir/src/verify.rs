@@ -380,8 +380,10 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
     }
 }
 
-/// The typed records point at live nodes and agree with the nodes' layers: one block per
-/// layer in depth order, distinct KV slots, exits within the stack reading its stream.
+/// The typed records point at live nodes and agree with the graph: one block per layer in
+/// depth order, each reading the stream the one before writes, distinct KV slots, every
+/// attention inside a block with a slot, blocks sharing a weight identity running the same
+/// ops, one exit per depth within the stack reading its stream, a head of the right kinds.
 fn check_structure(c: &mut Checker<'_>) {
     let g = c.g;
     let live = |n: NodeIndex| g.graph.node_weight(n).is_some();
@@ -415,8 +417,57 @@ fn check_structure(c: &mut Checker<'_>) {
             }
         }
     }
+    // Blocks with one weight identity run the same ops (adapters aside), in the same order.
+    let ops_of = |d: usize| -> Vec<crate::op::Op> {
+        g.graph
+            .node_indices()
+            .filter(|&n| g.graph[n].layer == Some(d))
+            .map(|n| g.graph[n].op.without_adapters())
+            .collect()
+    };
+    for (d, b) in g.blocks.iter().enumerate() {
+        if let Some(first) = g.blocks[..d].iter().find(|o| o.weights == b.weights) {
+            if ops_of(first.depth) != ops_of(d) {
+                c.report(
+                    &format!("block {d}"),
+                    format!(
+                        "shares weight identity {} with block {} but runs different ops or weights",
+                        b.weights, first.depth
+                    ),
+                );
+            }
+        }
+    }
+    for n in g.graph.node_indices() {
+        let node = &g.graph[n];
+        if matches!(node.op, Op::Attention(_))
+            && node
+                .layer
+                .and_then(|d| g.blocks.get(d))
+                .and_then(|b| b.kv_slot)
+                .is_none()
+        {
+            c.report(&node.name, "attention outside a block with a KV slot");
+        }
+    }
+    let head_ok = |n: Option<NodeIndex>, ok: fn(&Op) -> bool| {
+        n.is_none_or(|n| g.graph.node_weight(n).is_some_and(|node| ok(&node.op)))
+    };
+    if !head_ok(g.head.logits, |op| matches!(op, Op::LmHead(_)))
+        || !head_ok(g.head.norm, |op| matches!(op, Op::Norm(_)))
+        || !head_ok(g.head.pooled, |op| matches!(op, Op::Pool(_)))
+    {
+        c.report(
+            "graph",
+            "the head record points at a removed node or one of the wrong kind",
+        );
+    }
+    let mut exit_depths = BTreeSet::new();
     for e in &g.exits {
         let name = format!("exit after {}", e.after);
+        if !exit_depths.insert(e.after) {
+            c.report(&name, "is one of several exits at that depth");
+        }
         if e.after == 0 || e.after >= g.info.num_layers.max(1) {
             c.report(&name, format!("is out of range 1..{}", g.info.num_layers));
         }

@@ -128,14 +128,15 @@ impl InsertExits {
 
     /// The final norm (if any) and LM head of a decoder.
     fn shared_head(g: &Graph) -> Result<(Option<Norm>, Linear), PassError> {
-        let head = *g.outputs.get("logits").ok_or_else(|| {
-            Self::err("the graph has no logits output (no LM head to share)".into())
-        })?;
+        let head = g
+            .head
+            .logits
+            .ok_or_else(|| Self::err("the graph has no LM head to share".into()))?;
         let Op::LmHead(l) = &g.graph[head].op else {
-            return Err(Self::err("the logits output is not an LmHead".into()));
+            return Err(Self::err("the model's head is not an LmHead".into()));
         };
-        let norm = g.inputs(head).first().and_then(|&i| match &g.graph[i].op {
-            Op::Norm(n) if g.graph[i].layer.is_none() => Some(n.clone()),
+        let norm = g.head.norm.and_then(|i| match &g.graph[i].op {
+            Op::Norm(n) => Some(n.clone()),
             _ => None,
         });
         Ok((norm, l.clone()))
@@ -330,7 +331,7 @@ impl InsertExits {
         stream: NodeIndex,
         added: &mut Vec<String>,
     ) -> Result<Exit, PassError> {
-        let pool = *g.outputs.get("sentence_embedding").ok_or_else(|| {
+        let pool = g.head.pooled.ok_or_else(|| {
             Self::err("encoder exits pool like the model's sentence_embedding; it has none".into())
         })?;
         let node_ = g.graph[pool].clone();

@@ -43,7 +43,8 @@ impl Pass for TruncateLayers {
         let old = g
             .stream(n)
             .ok_or_else(|| err(format!("graph has no block {}", n - 1)))?;
-        let final_out = g.outputs.get(&format!("hidden_states.{n}")).copied();
+        // The user-facing `hidden_states.{keep}` names the final norm when there is one.
+        let final_out = g.head.norm;
         // Exits at or past the new depth would keep the removed layers alive.
         let (kept, dropped): (Vec<_>, Vec<_>) =
             g.exits.drain(..).partition(|e| e.after < self.keep);
@@ -56,14 +57,7 @@ impl Pass for TruncateLayers {
         for i in self.keep + 1..=n {
             g.outputs.remove(&format!("hidden_states.{i}"));
         }
-        match final_out {
-            Some(f) if f != old => {
-                g.outputs.insert(stream_key, f);
-            }
-            _ => {
-                g.outputs.insert(stream_key, stream);
-            }
-        }
+        g.outputs.insert(stream_key, final_out.unwrap_or(stream));
         g.blocks.truncate(self.keep);
         let mut removed = g.prune_unused();
         removed.sort();

@@ -104,7 +104,10 @@ pub fn embed_with_exits(
         };
         let last = end == layers;
         let pooled_node = if last {
-            program.output_node("sentence_embedding")?
+            graph
+                .head
+                .pooled
+                .context("the encoder has no sentence pooling")?
         } else {
             graph
                 .exit_at(end)

@@ -201,6 +201,9 @@ pub struct Engine {
     pub depth: Depth,
     /// Depths with an exit head.
     pub exits: Vec<usize>,
+    /// Whether a request of the run brings its own early-exit strategy (exit depths are then
+    /// stage boundaries whatever the runtime's strategy).
+    pub request_exits: bool,
     /// Where stages start and end: `[0, .., layers]`. The policy's depth-wise cuts, plus
     /// the exit points under early exiting.
     pub boundaries: Vec<usize>,
@@ -218,6 +221,22 @@ impl Engine {
         self.boundaries.len().saturating_sub(1).max(1)
     }
 
+    /// Checks a depth strategy against the program, the executor and the batching policy.
+    fn check_depth(&self, depth: &Depth) -> anyhow::Result<()> {
+        depth
+            .validate(self.program.graph())
+            .map_err(anyhow::Error::msg)?;
+        match (depth, &self.executor, &self.batching) {
+            (Depth::EarlyExit { .. }, Executor::Sim(_), _) => anyhow::bail!(
+                "the simulated executor runs no model, so exit rules cannot be evaluated; use the real executor"
+            ),
+            (Depth::SkipDecode(_), _, Batching::DepthWise { .. }) => anyhow::bail!(
+                "SkipDecode runs each token's whole path in one step; use static or continuous batching"
+            ),
+            _ => Ok(()),
+        }
+    }
+
     fn compute_boundaries(&mut self) {
         let layers = self.program.graph().info.num_layers;
         let stages = self.batching.stages().min(layers.max(1));
@@ -225,7 +244,7 @@ impl Engine {
             .map(|s| stage_layers(layers, stages, s.min(stages - 1)).start)
             .collect();
         b[stages] = layers;
-        if matches!(self.depth, Depth::EarlyExit { .. }) {
+        if self.request_exits || matches!(self.depth, Depth::EarlyExit { .. }) {
             b.extend(self.exits.iter().copied().filter(|&k| k > 0 && k < layers));
         }
         b.sort_unstable();
@@ -358,9 +377,10 @@ fn admit(
                 engine.decoding.sampling.clone(),
             ),
         );
+        let depth = r.depth.clone().unwrap_or_else(|| engine.depth.clone());
         let mut entity =
             commands.spawn((Request(r), Progress::default(), Kv(cache), Active, sampler));
-        strategy::attach(&engine.depth, &mut entity);
+        strategy::attach(&depth, &mut entity);
         queue.0.push_back((id, entity.id(), tokens));
     }
 }
@@ -556,6 +576,9 @@ impl Runtime {
         let mut world = World::new();
         requests.sort_by(|a, b| b.arrival_s.total_cmp(&a.arrival_s).then(b.id.cmp(&a.id)));
         let exits = program.graph().exit_depths();
+        let request_exits = requests
+            .iter()
+            .any(|r| matches!(r.depth, Some(Depth::EarlyExit { .. })));
         let mut engine = Engine {
             program,
             batching,
@@ -563,6 +586,7 @@ impl Runtime {
             decoding,
             depth: Depth::Full,
             exits,
+            request_exits,
             boundaries: Vec::new(),
         };
         engine.compute_boundaries();
@@ -599,18 +623,7 @@ impl Runtime {
     pub fn with_depth(mut self, depth: Depth) -> anyhow::Result<Self> {
         {
             let mut engine = self.world.resource_mut::<Engine>();
-            depth
-                .validate(engine.program.graph())
-                .map_err(anyhow::Error::msg)?;
-            match (&depth, &engine.executor, &engine.batching) {
-                (Depth::EarlyExit { .. }, Executor::Sim(_), _) => anyhow::bail!(
-                    "the simulated executor runs no model, so exit rules cannot be evaluated; use the real executor"
-                ),
-                (Depth::SkipDecode(_), _, Batching::DepthWise { .. }) => anyhow::bail!(
-                    "SkipDecode runs each token's whole path in one step; use static or continuous batching"
-                ),
-                _ => {}
-            }
+            engine.check_depth(&depth)?;
             engine.depth = depth;
             engine.compute_boundaries();
         }
@@ -619,6 +632,16 @@ impl Runtime {
 
     /// Runs every request to completion (or failure).
     pub fn run(mut self) -> anyhow::Result<(ServeReport, Vec<RequestOutcome>)> {
+        {
+            let engine = self.world.resource::<Engine>();
+            for r in &self.world.resource::<Arrivals>().0 {
+                if let Some(depth) = &r.depth {
+                    engine
+                        .check_depth(depth)
+                        .map_err(|e| anyhow::anyhow!("request {}: {e}", r.id))?;
+                }
+            }
+        }
         loop {
             self.schedule.run(&mut self.world);
             if let Some(e) = self.world.resource_mut::<Failure>().0.take() {
@@ -723,6 +746,7 @@ pub fn generate_with_depth(
             prompt: p.clone(),
             max_new_tokens: opts.max_new_tokens,
             forced: Vec::new(),
+            depth: None,
         })
         .collect();
     if opts.max_new_tokens == 0 {

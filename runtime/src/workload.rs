@@ -80,6 +80,9 @@ pub struct RequestSpec {
     /// distribution that produced each step is summed (perplexity studies).
     #[serde(default)]
     pub forced: Vec<u32>,
+    /// The request's own depth strategy; `None` follows the runtime's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<exitgraph_compiler::exits::Depth>,
 }
 
 impl Workload {
@@ -140,6 +143,7 @@ impl Workload {
                     prompt,
                     max_new_tokens: self.output_len.sample(&mut rng),
                     forced: Vec::new(),
+                    depth: None,
                 }
             })
             .collect())

@@ -60,11 +60,7 @@ fn initial_heads(
     let device = Device::Cpu;
     let hidden = graph.info.hidden;
     let vocab = graph.info.vocab;
-    let head = graph
-        .outputs
-        .get("logits")
-        .copied()
-        .context("the model has no logits output")?;
+    let head = graph.head.logits.context("the model has no LM head")?;
     let Op::LmHead(lm) = &graph.graph[head].op else {
         bail!("the logits output is not an LM head");
     };

@@ -173,6 +173,7 @@ fn run_cases(
             } else {
                 Vec::new()
             },
+            depth: None,
         })
         .collect();
     let started = Instant::now();

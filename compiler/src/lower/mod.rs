@@ -476,7 +476,10 @@ impl Program {
 
     /// The model's own logits node (decoders).
     pub fn logits_node(&self) -> Result<NodeIndex, RunError> {
-        self.output_node("logits")
+        self.graph
+            .head
+            .logits
+            .ok_or_else(|| RunError::Input("the program has no LM head (an encoder?)".into()))
     }
 
     /// The residual stream after `k` blocks.

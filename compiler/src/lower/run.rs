@@ -254,15 +254,23 @@ impl Program {
                 self.steps[bad].name
             )));
         }
-        // Heads wanted only at the last positions compute only those rows.
+        // Heads wanted (and read by nothing else) only at the last positions compute only
+        // those rows.
         let last_rows: Vec<bool> = (0..self.steps.len())
             .map(|i| {
+                let wanted: Vec<&Want> = want
+                    .iter()
+                    .zip(&targets)
+                    .filter(|(_, &t)| t == i)
+                    .map(|(w, _)| w)
+                    .collect();
                 matches!(self.steps[i].kernel, Kernel::LmHead(_) | Kernel::Pool(_))
-                    && want
+                    && !wanted.is_empty()
+                    && wanted.iter().all(|w| w.at == Positions::Last)
+                    && !plan
+                        .needed
                         .iter()
-                        .zip(&targets)
-                        .filter(|(_, &t)| t == i)
-                        .all(|(w, _)| w.at == Positions::Last)
+                        .any(|&j| self.steps[j].inputs.contains(&i))
             })
             .collect();
         let flat: Vec<u32> = segments

@@ -211,6 +211,7 @@ pub(super) fn build(
             &[x],
         );
         g.outputs.insert("sentence_embedding".into(), idx);
+        g.head.pooled = Some(idx);
     }
     Ok(g)
 }

@@ -209,5 +209,10 @@ pub(super) fn build(cfg: &JsonConfig, catalog: &WeightCatalog) -> Result<Graph, 
         &[norm],
     );
     g.outputs.insert("logits".into(), head);
+    g.head = crate::Head {
+        norm: Some(norm),
+        logits: Some(head),
+        pooled: None,
+    };
     Ok(g)
 }

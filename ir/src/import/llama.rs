@@ -325,5 +325,10 @@ pub(super) fn build(
         &[norm],
     );
     g.outputs.insert("logits".into(), head);
+    g.head = crate::Head {
+        norm: Some(norm),
+        logits: Some(head),
+        pooled: None,
+    };
     Ok(g)
 }
