@@ -305,5 +305,28 @@ fn run_view_shows_real_exits_of_the_demo_exits_pipeline() {
         r.heatmap.rows.iter().any(|row| row.exit_layer < 6),
         "some token exits early"
     );
+    // Selecting a token that exited early outlines its path to the exit head the pass
+    // added (read from the graph's exit record), not the model's own head.
+    let (seq, pos, exit) = r
+        .heatmap
+        .rows
+        .iter()
+        .find(|row| row.exit_layer < 6)
+        .map(|row| (row.seq, row.pos, row.exit_layer))
+        .unwrap();
     h.snapshot_options("run_exits", &snapshot_options());
+    h.get_all_by_label_contains(&format!("#{} pos {pos} ", seq + 1))
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    let path = h.state().graph.path.clone().unwrap();
+    let g = &h.state().loaded.as_ref().unwrap().after;
+    let head = g.exit_at(exit).and_then(|e| e.logits).unwrap();
+    assert_eq!(g.graph[head].name, format!("exit.{exit}.head"));
+    assert!(path.nodes.contains(&head), "the exit head is on the path");
+    assert!(!path.nodes.contains(&g.head.logits.unwrap()), "the model's head is not");
+    h.state_mut().tab = Tab::Graph;
+    h.run_steps(3);
+    h.snapshot_options("graph_exit_head", &snapshot_options());
 }
