@@ -279,6 +279,44 @@ fn train_lm_writes_a_checkpoint_that_loads_and_evaluates() {
         assert!(table.contains(&format!("| {task} |")), "{table}");
     }
     assert!(table.contains("L1") && table.contains("L2"), "{table}");
+
+    // A second run refuses to replace the model without --force and leaves it untouched;
+    // with --force it trains in the run folder and replaces the files at the end.
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+        .args(["train", "lm", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    for needle in ["already holds a model", "--force", "model.run"] {
+        assert!(err.contains(needle), "expected {needle:?} in {err}");
+    }
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert!(!dir.path().join("model.run").exists());
+    let config_text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("seed: 3", "seed: 4");
+    std::fs::write(&config, config_text).unwrap();
+    let out = stdout(&exitgraph(&[
+        "train",
+        "lm",
+        config.to_str().unwrap(),
+        "--force",
+    ]));
+    assert!(out.contains("for 4 steps"), "{out}");
+    assert_ne!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert!(
+        !dir.path().join("model.run").exists(),
+        "the run folder is removed"
+    );
+    exitgraph_ir::import(&model).unwrap();
 }
 
 #[test]

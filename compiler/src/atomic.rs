@@ -1,4 +1,6 @@
-//! Atomic writes of user files: a temporary file in the same folder, then a rename.
+//! Atomic writes of user files: a temporary file in the same folder, written completely and
+//! synced to disk, then renamed over the target, and the folder synced, so a reader sees the
+//! old file or the new one, never a part (and a crash leaves one of the two).
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -20,10 +22,41 @@ pub fn write_text(path: &Path, text: &str) -> anyhow::Result<()> {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    replace_with(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// Copies `from` to `to` atomically (the old `to`, if any, stays whole until the rename).
+pub fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
+    replace_with(to, |tmp| std::fs::copy(from, tmp).map(|_| ()))
+        .with_context(|| format!("copying {}", from.display()))
+}
+
+/// Writes `path` through `write` into a temporary file beside it, syncs it, renames it over
+/// `path` and syncs the folder; removes the temporary file on any error.
+pub fn replace_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
     let tmp = temp_path(path)?;
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    let result = write(&tmp)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("{}: cannot write: {e}", path.display())
-    })
+        anyhow::bail!("{}: cannot write: {e}", path.display());
+    }
+    sync_folder(path);
+    Ok(())
+}
+
+/// Syncs the folder holding `path` so a rename in it is durable. Best effort: some file
+/// systems do not sync folders.
+pub fn sync_folder(path: &Path) {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(f) = std::fs::File::open(folder) {
+        let _ = f.sync_all();
+    }
 }

@@ -213,11 +213,12 @@ pub fn write_random_llama(dir: &Path, spec: &LlamaSpec, seed: u64) -> anyhow::Re
         "eos_token_id": spec.eos_token_id,
         "torch_dtype": "float32",
     });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
+    // Never truncate a checkpoint in place: a process may have it memory-mapped.
+    crate::atomic::write_text(
+        &dir.join("config.json"),
+        &serde_json::to_string_pretty(&config)?,
     )?;
-    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    crate::tensor_io::write_atomic(&dir.join("model.safetensors"), &t)?;
     Ok(())
 }
 

@@ -115,12 +115,18 @@ pub fn write_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
         .to_string_lossy()
         .to_string();
     let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
+    let result = candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        err(e.to_string())
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e.to_string())
-    })
+        return Err(err(e));
+    }
+    crate::atomic::sync_folder(path);
+    Ok(())
 }

@@ -325,7 +325,10 @@ fn run_view_shows_real_exits_of_the_demo_exits_pipeline() {
     let head = g.exit_at(exit).and_then(|e| e.logits).unwrap();
     assert_eq!(g.graph[head].name, format!("exit.{exit}.head"));
     assert!(path.nodes.contains(&head), "the exit head is on the path");
-    assert!(!path.nodes.contains(&g.head.logits.unwrap()), "the model's head is not");
+    assert!(
+        !path.nodes.contains(&g.head.logits.unwrap()),
+        "the model's head is not"
+    );
     h.state_mut().tab = Tab::Graph;
     h.run_steps(3);
     h.snapshot_options("graph_exit_head", &snapshot_options());

@@ -3,9 +3,14 @@
 //! model.safetensors, tokenizer.json) that the importer and transformers both load.
 //!
 //! The run: generate the corpus and a held-out corpus (another seed) → train a byte-level
-//! BPE tokenizer → write a seeded random initialisation as a checkpoint in the output folder
-//! → import it, lower it for training, and train all parameters with [`Trainer`] → write the
-//! trained weights over the initialisation, and `training.json` with the loss curves.
+//! BPE tokenizer → write a seeded random initialisation as a checkpoint in the run folder
+//! (`OUTPUT.run`, beside the output) → import it, lower it for training, and train all
+//! parameters with [`Trainer`] (checkpoints in `OUTPUT.run/checkpoints`) → write the trained
+//! weights in the run folder → only then replace the output's files, each atomically
+//! (a complete temporary file, synced, renamed over the old one), and remove the run folder.
+//! An existing model in the output is replaced only when the caller says so (`--force`), and
+//! is never touched before training has finished: an interrupted run leaves it whole, and a
+//! process that has it memory-mapped keeps reading the old file.
 
 use super::data::Batcher;
 use super::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
@@ -78,12 +83,40 @@ pub struct LmReport {
     pub log: TrainLog,
 }
 
+/// The folder a run trains in, beside the output: `OUTPUT.run`.
+pub fn run_folder(output: &Path) -> PathBuf {
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "model".into());
+    name.push(".run");
+    output.with_file_name(name)
+}
+
+/// The files of a trained checkpoint, copied from the run folder to the output.
+const CHECKPOINT_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
 /// Trains the model a config describes. With `resume`, continues from the newest checkpoint
-/// in `OUTPUT/checkpoints`.
-pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow::Result<LmReport> {
+/// in `OUTPUT.run/checkpoints`. A model already in the output is replaced only with `force`.
+pub fn train_lm(
+    config_path: &Path,
+    resume: bool,
+    force: bool,
+    show_progress: bool,
+) -> anyhow::Result<LmReport> {
     let spec = LmTrainSpec::read(config_path)?;
     let base = config_path.parent().unwrap_or_else(|| Path::new("."));
     let out = base.join(&spec.output);
+    let existing = out.join("model.safetensors");
+    if existing.exists() && !force {
+        bail!(
+            "{}: output {} already holds a model; `train lm` replaces it only with --force \
+             (it trains in {} and replaces the files when training has finished)",
+            config_path.display(),
+            existing.display(),
+            run_folder(&out).display()
+        );
+    }
     if spec.seq_len + 1 > spec.model.max_positions {
         bail!(
             "{}: seq_len {} needs max_positions of at least {}",
@@ -92,7 +125,8 @@ pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow
             spec.seq_len + 1
         );
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let run = run_folder(&out);
+    std::fs::create_dir_all(&run).with_context(|| format!("{}: cannot create", run.display()))?;
     let device = Device::Cpu;
 
     let train_examples = corpus::generate(&spec.corpus);
@@ -110,7 +144,7 @@ pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow
         );
     }
 
-    let checkpoints = out.join("checkpoints");
+    let checkpoints = run.join("checkpoints");
     let resuming = resume && checkpoints.join("latest").exists();
     if !resuming {
         let shape = &spec.model;
@@ -131,12 +165,12 @@ pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow
             bos_token_id: Some(bos),
             eos_token_id: Some(eos),
         };
-        write_random_llama(&out, &init, spec.seed)?;
-        corpus::save_tokenizer(&tokenizer, &out.join("tokenizer.json"))?;
+        write_random_llama(&run, &init, spec.seed)?;
+        corpus::save_tokenizer(&tokenizer, &run.join("tokenizer.json"))?;
     }
 
-    let graph = exitgraph_ir::import(&out)?.graph;
-    let mut params = ParamStore::load(&graph.weights, &out, &device)?;
+    let graph = exitgraph_ir::import(&run)?.graph;
+    let mut params = ParamStore::load(&graph.weights, &run, &device)?;
     let program = Program::lower_with(
         &graph,
         &mut params,
@@ -186,7 +220,12 @@ pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow
     let log = trainer.run(&mut loss, &mut evaluate)?;
     drop(trainer);
 
-    params.save(&out.join("model.safetensors"))?;
+    params.save(&run.join("model.safetensors"))?;
+    drop(params);
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    for f in CHECKPOINT_FILES {
+        exitgraph_compiler::atomic::copy_file(&run.join(f), &out.join(f))?;
+    }
     let report = LmReport {
         output: out.clone(),
         params: graph.params(),
@@ -199,6 +238,6 @@ pub fn train_lm(config_path: &Path, resume: bool, show_progress: bool) -> anyhow
         &out.join("training.json"),
         &serde_json::to_string_pretty(&report)?,
     )?;
-    let _ = std::fs::remove_dir_all(&checkpoints);
+    let _ = std::fs::remove_dir_all(&run);
     Ok(report)
 }

@@ -40,9 +40,12 @@ pub struct ExitsArgs {
 pub struct LmArgs {
     /// Training config (RON), e.g. examples/demo-train.ron.
     config: PathBuf,
-    /// Continue from the newest checkpoint in OUTPUT/checkpoints.
+    /// Continue from the newest checkpoint in OUTPUT.run/checkpoints.
     #[arg(long)]
     resume: bool,
+    /// Replace a model already in the output folder (only once training has finished).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
@@ -90,7 +93,7 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TrainCommand::Lm(a) => {
-            let report = train_lm(&a.config, a.resume, true)?;
+            let report = train_lm(&a.config, a.resume, a.force, true)?;
             let last_eval = report.log.eval_loss.last().map_or(f64::NAN, |e| e.1);
             outln!(
                 "trained {} parameters (vocabulary {}) on {} rows for {} steps in {:.0} s ({} tokens); eval loss {last_eval:.4}",
