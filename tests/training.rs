@@ -108,6 +108,49 @@ fn loss_decreases() {
     assert!(last < 0.5 * first, "loss went from {first} to {last}");
 }
 
+/// An interrupted checkpoint write (a dangling `latest`, a newer folder without its state)
+/// never loses the run: `resume` falls back to the newest complete checkpoint and continues
+/// exactly.
+#[test]
+fn resume_falls_back_to_the_newest_complete_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = tiny(dir.path());
+    let mut straight = ParamStore::load(&g.weights, dir.path(), &Device::Cpu).unwrap();
+    let log_straight = train(&g, &mut straight, 8, None, false);
+    let ckpt = tempfile::tempdir().unwrap();
+    let mut first = ParamStore::load(&g.weights, dir.path(), &Device::Cpu).unwrap();
+    train_until(&g, &mut first, 8, Some(4), Some(ckpt.path()), false);
+    let complete: Vec<String> = std::fs::read_dir(ckpt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(complete.len(), 1, "{complete:?}");
+    std::fs::write(ckpt.path().join("latest"), "step-99999999").unwrap();
+    let partial = ckpt.path().join("step-99999998");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("state.json"), "{ not json").unwrap();
+    let mut resumed = ParamStore::load(&g.weights, dir.path(), &Device::Cpu).unwrap();
+    let log_resumed = train(&g, &mut resumed, 8, Some(ckpt.path()), true);
+    assert_eq!(log_resumed.len(), 8);
+    for ((s1, l1), (s2, l2)) in log_straight.iter().zip(&log_resumed) {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() < 1e-6, "step {s1}: {l1} vs {l2}");
+    }
+    // With nothing complete left, resume is an error naming the folder, not a fresh start.
+    for e in std::fs::read_dir(ckpt.path()).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() && path != partial {
+            std::fs::remove_dir_all(path).unwrap();
+        }
+    }
+    std::fs::write(ckpt.path().join("latest"), "step-99999999").unwrap();
+    let mut params = ParamStore::load(&g.weights, dir.path(), &Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(config(8), &mut params).with_checkpoints(ckpt.path());
+    let err = format!("{:#}", trainer.resume().unwrap_err());
+    assert!(err.contains("no checkpoint could be resumed"), "{err}");
+}
+
 #[test]
 fn resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap();

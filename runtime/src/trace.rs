@@ -41,12 +41,15 @@ pub struct LayerSignal {
     pub token: Option<u32>,
 }
 
-/// Streams records to a file without holding them.
+/// Streams records to a file without holding them. Records go to a temporary file beside
+/// the target, moved into place by [`TraceWriter::finish`]; a writer dropped unfinished (a
+/// failed run) removes it, so no partial trace is left behind or replaces an older one.
 pub struct TraceWriter {
     out: BufWriter<std::fs::File>,
     tmp: PathBuf,
     path: PathBuf,
     pub records: u64,
+    finished: bool,
 }
 
 impl TraceWriter {
@@ -59,6 +62,7 @@ impl TraceWriter {
             tmp,
             path: path.to_path_buf(),
             records: 0,
+            finished: false,
         })
     }
 
@@ -69,12 +73,24 @@ impl TraceWriter {
         Ok(())
     }
 
-    /// Flushes and moves the file into place.
+    /// Flushes, syncs and moves the file into place.
     pub fn finish(mut self) -> anyhow::Result<PathBuf> {
-        self.out.flush()?;
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", self.path.display()))?;
-        Ok(self.path)
+        let path = self.path.clone();
+        let wrap = |e: std::io::Error| anyhow::anyhow!("{}: cannot write: {e}", path.display());
+        self.out.flush().map_err(wrap)?;
+        self.out.get_ref().sync_all().map_err(wrap)?;
+        std::fs::rename(&self.tmp, &self.path).map_err(wrap)?;
+        self.finished = true;
+        exitgraph_compiler::atomic::sync_folder(&self.path);
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for TraceWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -93,4 +109,49 @@ pub fn read_trace(
             serde_json::from_str(&line)
                 .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn record(seq: usize) -> TraceRecord {
+        TraceRecord {
+            seq,
+            pos: 3,
+            token: Some(7),
+            step: 1,
+            t_s: 0.5,
+            batch: 1,
+            stages: vec!["layers 0..2".into()],
+            layers: vec![0, 1],
+            exit_layer: 2,
+            signals: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_unfinished_trace_leaves_nothing_and_a_finished_one_replaces_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.jsonl");
+        std::fs::write(&path, "older trace\n").unwrap();
+        let mut w = TraceWriter::create(&path).unwrap();
+        w.write(&record(0)).unwrap();
+        drop(w);
+        // The failed run left no temporary file and did not touch the older trace.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("trace.jsonl")]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "older trace\n");
+        let mut w = TraceWriter::create(&path).unwrap();
+        w.write(&record(0)).unwrap();
+        w.write(&record(1)).unwrap();
+        w.finish().unwrap();
+        let back: Vec<TraceRecord> = read_trace(&path).unwrap().map(|r| r.unwrap()).collect();
+        assert_eq!(back, vec![record(0), record(1)]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }

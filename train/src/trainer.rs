@@ -99,18 +99,67 @@ impl<'a> Trainer<'a> {
     }
 
     /// Continues from the newest checkpoint in the checkpoint folder, if there is one.
-    /// Returns the step it resumes at.
+    /// Returns the step it resumes at. The checkpoint `latest` names is tried first; when the
+    /// pointer or that checkpoint cannot be read, the newest other complete `step-*` folder
+    /// is used (and said on stderr), so an interrupted write never loses the run.
     pub fn resume(&mut self) -> anyhow::Result<Option<usize>> {
-        let Some(dir) = &self.checkpoint_dir else {
+        let Some(dir) = self.checkpoint_dir.clone() else {
             return Ok(None);
         };
         let latest = dir.join("latest");
-        if !latest.exists() {
+        let named = std::fs::read_to_string(&latest)
+            .ok()
+            .map(|n| n.trim().to_string());
+        let mut folders: Vec<String> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.starts_with("step-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        folders.sort_unstable_by(|a, b| b.cmp(a));
+        let candidates: Vec<String> = named
+            .iter()
+            .cloned()
+            .chain(folders.into_iter().filter(|f| Some(f) != named.as_ref()))
+            .collect();
+        if candidates.is_empty() {
             return Ok(None);
         }
-        let name = std::fs::read_to_string(&latest)
-            .with_context(|| format!("{}: cannot read", latest.display()))?;
-        let ckpt = dir.join(name.trim());
+        let mut first_error = None;
+        for name in &candidates {
+            match self.restore_from(&dir.join(name)) {
+                Ok(step) => {
+                    if Some(name) != named.as_ref() {
+                        eprintln!(
+                            "{}: {}; resuming from {name} instead",
+                            latest.display(),
+                            first_error
+                                .as_ref()
+                                .map_or("missing".to_string(), |e: &anyhow::Error| format!(
+                                    "{e:#}"
+                                ))
+                        );
+                    }
+                    return Ok(Some(step));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let e = first_error.unwrap_or_else(|| anyhow::anyhow!("no checkpoint"));
+        Err(e.context(format!(
+            "{}: no checkpoint could be resumed (tried {})",
+            dir.display(),
+            candidates.join(", ")
+        )))
+    }
+
+    /// Restores parameters, optimizer moments, step and log from one checkpoint folder.
+    fn restore_from(&mut self, ckpt: &Path) -> anyhow::Result<usize> {
         let state_path = ckpt.join("state.json");
         let state: CheckpointState = serde_json::from_str(
             &std::fs::read_to_string(&state_path)
@@ -128,7 +177,7 @@ impl<'a> Trainer<'a> {
             .restore(&ckpt.join("optimizer.safetensors"), &device)?;
         self.step = state.step;
         self.log = state.log;
-        Ok(Some(self.step))
+        Ok(self.step)
     }
 
     /// Writes a checkpoint of the state after `self.step - 1` steps.
