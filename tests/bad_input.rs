@@ -728,3 +728,48 @@ fn eval_exits_rejects_a_bad_sweep() {
     let err = exitgraph_fails(&["eval", "exits", &demo, "--sweep", "speed=0:1:0.5"]);
     assert_mentions(&err, &["unknown rule speed"]);
 }
+
+#[test]
+fn a_nan_weight_is_an_error_naming_the_tensor_not_a_silent_result() {
+    let dir = llama_with_weights(|t| {
+        let name = "model.layers.1.mlp.up_proj.weight";
+        let w = t[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut w = w;
+        w[5] = f32::NAN;
+        let shape = t[name].dims().to_vec();
+        t.insert(
+            name.to_string(),
+            Tensor::from_vec(w, shape, &Device::Cpu).unwrap(),
+        );
+    });
+    let err = exitgraph_fails(&[
+        "run",
+        &dir.path().to_string_lossy(),
+        "--prompt",
+        "1 2 3",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert_mentions(
+        &err,
+        &["model.layers.1.mlp.up_proj.weight", "1 NaN or infinite"],
+    );
+}
+
+#[test]
+fn a_workload_without_requests_is_an_error_naming_the_file() {
+    let (dir, pipeline) = llama_pipeline("");
+    let workload = dir.path().join("empty.ron");
+    std::fs::write(
+        &workload,
+        "(requests: 0, arrivals: AllAtOnce, prompt_len: Fixed(4), output_len: Fixed(2))",
+    )
+    .unwrap();
+    let err = exitgraph_fails(&[
+        "serve",
+        &pipeline.to_string_lossy(),
+        "--workload",
+        &workload.to_string_lossy(),
+    ]);
+    assert_mentions(&err, &["empty.ron", "requests", "at least 1"]);
+}

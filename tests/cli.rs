@@ -387,3 +387,18 @@ fn serve_runs_a_workload_with_both_executors() {
         );
     }
 }
+
+/// A model folder where a pipeline is expected runs the model as imported.
+#[test]
+fn run_accepts_a_model_folder() {
+    let model = root().join("tests/fixtures/tiny-llama");
+    let out = stdout(&exitgraph(&[
+        "run",
+        model.to_str().unwrap(),
+        "--prompt",
+        "5 17 42",
+        "--max-new-tokens",
+        "3",
+    ]));
+    assert!(!out.trim().is_empty(), "{out}");
+}

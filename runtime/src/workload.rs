@@ -92,6 +92,9 @@ impl Workload {
 
     /// The requests, with prompts of random ids below `vocab`; `base` resolves trace files.
     pub fn requests(&self, vocab: usize, base: &Path) -> anyhow::Result<Vec<RequestSpec>> {
+        if self.requests == 0 {
+            bail!("requests: a workload needs at least 1 request");
+        }
         self.prompt_len.check("prompt_len")?;
         self.output_len.check("output_len")?;
         let mut rng = SplitMix64::new(self.seed);
@@ -125,6 +128,9 @@ impl Workload {
                         "{}: arrival times must be finite and non-negative",
                         path.display()
                     );
+                }
+                if times.is_empty() {
+                    bail!("{}: the trace lists no arrival times", path.display());
                 }
                 times.sort_by(f64::total_cmp);
                 times.truncate(self.requests);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Pipeline file (RON) whose program to measure.
+    /// Pipeline file (RON) or model folder whose program to measure.
     pipeline: PathBuf,
     /// Where to write the cost model (RON).
     #[arg(short, long)]
@@ -22,8 +22,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let pipeline = Pipeline::read(&a.pipeline)?;
-    let compiled = compile(&pipeline, &a.pipeline)?;
+    let (pipeline, pipeline_path) = Pipeline::open(&a.pipeline)?;
+    let compiled = compile(&pipeline, &pipeline_path)?;
     let program = compiled.lower()?;
     let bar = ProgressBar::new(0);
     let model = profile(

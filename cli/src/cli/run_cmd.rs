@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Pipeline file (RON); the demo model (models/demo) when omitted.
+    /// Pipeline file (RON) or a model folder; the demo model (models/demo) when omitted.
     pipeline: Option<PathBuf>,
     /// Prompt text; token ids separated by spaces when the model has no tokenizer.json.
     #[arg(long)]
@@ -96,7 +96,7 @@ fn tokenize(tok: Option<&Tokenizer>, text: &str) -> anyhow::Result<Vec<u32>> {
 
 fn prepare(path: Option<&Path>) -> anyhow::Result<(Compiled, Program)> {
     let (pipeline, path) = match path {
-        Some(p) => (Pipeline::read(p)?, p.to_path_buf()),
+        Some(p) => Pipeline::open(p)?,
         None => (Pipeline::demo(), PathBuf::from("demo.ron")),
     };
     let compiled = compile(&pipeline, &path)?;

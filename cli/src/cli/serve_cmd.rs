@@ -17,7 +17,7 @@ pub enum ExecutorArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Pipeline file (RON); its `runtime.batching` is the policy.
+    /// Pipeline file (RON; its `runtime.batching` is the policy) or a model folder.
     pipeline: PathBuf,
     /// Workload file (RON): arrivals, prompt and output lengths, seed.
     #[arg(long)]
@@ -48,12 +48,14 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let pipeline = Pipeline::read(&a.pipeline)?;
-    let compiled = compile(&pipeline, &a.pipeline)?;
+    let (pipeline, pipeline_path) = Pipeline::open(&a.pipeline)?;
+    let compiled = compile(&pipeline, &pipeline_path)?;
     let program = Arc::new(compiled.lower()?);
     let workload = Workload::read(&a.workload)?;
     let base = a.workload.parent().unwrap_or_else(|| Path::new("."));
-    let requests = workload.requests(compiled.graph.info.vocab, base)?;
+    let requests = workload
+        .requests(compiled.graph.info.vocab, base)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", a.workload.display()))?;
     let batching = match a.policy.as_deref() {
         None => pipeline.runtime.batching.clone(),
         Some("static") => Batching::Static {

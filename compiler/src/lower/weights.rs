@@ -20,6 +20,22 @@ pub enum WeightLoadError {
     },
     #[error("weight {weight}: tensor \"{tensor}\" is not in the checkpoint catalog")]
     Missing { weight: String, tensor: String },
+    #[error("weight {weight}: tensor \"{tensor}\" holds {count} NaN or infinite value(s); the checkpoint is corrupt or diverged")]
+    NotFinite {
+        weight: String,
+        tensor: String,
+        count: usize,
+    },
+}
+
+/// Values of a loaded tensor that are NaN or infinite.
+fn non_finite(t: &Tensor) -> candle_core::Result<usize> {
+    Ok(t.flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|x| !x.is_finite())
+        .count())
 }
 
 /// Where lowering gets weight tensors: the checkpoint (inference) or trainable parameters.
@@ -79,16 +95,26 @@ impl WeightSource for WeightStore {
             cause,
         };
         let t = match w {
-            WeightRef::File { tensor } => self
-                .files
-                .load(tensor, &Device::Cpu)
-                .map_err(|_| WeightLoadError::Missing {
-                    weight: w.to_string(),
-                    tensor: tensor.clone(),
-                })?
-                .to_dtype(self.dtype)
-                .and_then(|t| t.to_device(&self.device))
-                .map_err(wrap)?,
+            WeightRef::File { tensor } => {
+                let raw = self.files.load(tensor, &Device::Cpu).map_err(|_| {
+                    WeightLoadError::Missing {
+                        weight: w.to_string(),
+                        tensor: tensor.clone(),
+                    }
+                })?;
+                // A NaN or infinite weight would make every output silently wrong.
+                let count = non_finite(&raw).map_err(wrap)?;
+                if count > 0 {
+                    return Err(WeightLoadError::NotFinite {
+                        weight: w.to_string(),
+                        tensor: tensor.clone(),
+                        count,
+                    });
+                }
+                raw.to_dtype(self.dtype)
+                    .and_then(|t| t.to_device(&self.device))
+                    .map_err(wrap)?
+            }
             WeightRef::Transpose(of) => self
                 .get(of)?
                 .t()
