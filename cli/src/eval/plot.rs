@@ -701,19 +701,20 @@ mod tests {
         assert!(format!("{err:#}").contains("chart.png"), "{err:#}");
     }
 
-    /// Writes the sample chart used for visual inspection when PLOTPNG_SAMPLE is set.
+    /// Draws the sample charts (edge cases: one point, tiny ranges, large values) and checks
+    /// each is a PNG of the asked size. They go to PLOTPNG_SAMPLE when set, for looking at.
     #[test]
     fn sample_chart() {
-        let Some(out) = std::env::var_os("PLOTPNG_SAMPLE") else {
-            return;
-        };
+        let scratch = tempfile::tempdir().unwrap();
+        let out = std::env::var_os("PLOTPNG_SAMPLE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| scratch.path().to_path_buf());
         let mut s = two_series();
         s.push(Series {
             name: "random exits (baseline)".into(),
             points: vec![(1.0, 1.0), (1.3, 0.96), (1.7, 0.9), (2.1, 0.83)],
             line: true,
         });
-        let out = PathBuf::from(out);
         line_chart_png(
             &out.join("sample.png"),
             "exitgraph eval exits: speedup vs agreement",
@@ -774,6 +775,21 @@ mod tests {
             (600, 400),
         )
         .unwrap();
+        for (file, w, h) in [
+            ("sample.png", 900u32, 600u32),
+            ("edge-one.png", 400, 300),
+            ("edge-tiny.png", 600, 400),
+            ("edge-big.png", 600, 400),
+        ] {
+            let bytes = std::fs::read(out.join(file)).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{file}");
+            // IHDR: width and height, big-endian, at bytes 16..24.
+            let dims = (
+                u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]),
+                u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]),
+            );
+            assert_eq!(dims, (w, h), "{file}");
+        }
     }
 
     #[test]
