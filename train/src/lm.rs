@@ -145,7 +145,11 @@ pub fn train_lm(
     }
 
     let checkpoints = run.join("checkpoints");
-    let resuming = resume && checkpoints.join("latest").exists();
+    // Any checkpoint (even with a lost `latest` pointer) is something to resume from.
+    let has_checkpoint = std::fs::read_dir(&checkpoints).is_ok_and(|mut entries| {
+        entries.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))
+    });
+    let resuming = resume && has_checkpoint;
     if !resuming {
         let shape = &spec.model;
         let init = LlamaSpec {
