@@ -443,26 +443,51 @@ mod tests {
     }
 
     proptest! {
-        /// Only nodes and outputs are added: the original graph is a subgraph, unchanged.
+        /// Only nodes and outputs are added: every original node (name, op with its weights,
+        /// layer, shape), edge, output and record is unchanged, on decoders of three families,
+        /// with exits chosen by `after` or `every`, with or without gates.
         #[test]
         fn exits_leave_the_full_path_unchanged(
             name in prop_oneof![Just("tiny-llama"), Just("tiny-qwen2"), Just("tiny-gpt2")],
             mask in 1u32..64,
+            every in prop::option::of(1usize..4),
+            gate in any::<bool>(),
         ) {
-            let g = fixture(name);
+            let mut g = fixture(name);
             let n = g.info.num_layers;
-            let points: Vec<usize> = (1..n).filter(|k| mask & (1 << (k - 1)) != 0).collect();
+            let points: Vec<usize> = match every {
+                Some(e) => (1..n).filter(|k| k % e == 0).collect(),
+                None => (1..n).filter(|k| mask & (1 << (k - 1)) != 0).collect(),
+            };
             prop_assume!(!points.is_empty());
+            if gate {
+                // Trained gates, as a `weights:` file would add them to the catalog.
+                let file = g.weights.tensors.values().next().expect("tensors").clone();
+                for &k in &points {
+                    for (tensor, shape) in head_weights(&HeadKind::default(), true, k, g.info.hidden, g.info.vocab) {
+                        g.weights.tensors.insert(tensor, exitgraph_ir::TensorInfo { shape, ..file.clone() });
+                    }
+                }
+            }
             let mut h = g.clone();
-            let pass = InsertExits { after: points.clone(), every: None, head: HeadKind::default(), gate: false, weights: None };
+            let pass = InsertExits {
+                after: if every.is_some() { Vec::new() } else { points.clone() },
+                every,
+                head: HeadKind::default(),
+                gate,
+                weights: None,
+            };
             PassManager::new(vec![Box::new(pass)]).run(&mut h).expect("verifies");
             for i in g.graph.node_indices() {
-                prop_assert_eq!(&g.graph[i].name, &h.graph[i].name);
+                prop_assert_eq!(&g.graph[i], &h.graph[i]);
                 prop_assert_eq!(g.inputs(i), h.inputs(i));
+                prop_assert!(g.users(i).iter().all(|u| h.users(i).contains(u)));
             }
             for (k, v) in &g.outputs {
                 prop_assert_eq!(h.outputs.get(k), Some(v));
             }
+            prop_assert_eq!(&g.blocks, &h.blocks);
+            prop_assert_eq!(&g.head, &h.head);
             for &k in &points {
                 let key = format!("exit.{k}.logits");
                 prop_assert!(h.outputs.contains_key(&key));
@@ -470,10 +495,21 @@ mod tests {
                 let exit = h.exit_at(k).expect("a record per exit");
                 prop_assert_eq!(Some(exit.reads), g.stream(k));
                 prop_assert_eq!(exit.logits, h.outputs.get(&key).copied());
+                prop_assert_eq!(exit.gate, h.outputs.get(&format!("exit.{k}.gate")).copied());
+                prop_assert_eq!(exit.gate.is_some(), gate);
                 prop_assert!(matches!(h.graph[exit.reads].op, Op::Add));
+                // The shared head: the model's own LM head weights, read at depth k.
+                let Op::LmHead(l) = &h.graph[exit.logits.expect("logits")].op else {
+                    panic!("exit head is not an LmHead")
+                };
+                let Op::LmHead(own) = &h.graph[h.head.logits.expect("head")].op else {
+                    panic!("model head is not an LmHead")
+                };
+                prop_assert_eq!(&l.weight, &own.weight);
             }
             prop_assert_eq!(h.exit_depths(), points.clone());
-            prop_assert_eq!(h.outputs.len(), g.outputs.len() + points.len());
+            let per_exit = if gate { 2 } else { 1 };
+            prop_assert_eq!(h.outputs.len(), g.outputs.len() + per_exit * points.len());
         }
     }
 }
