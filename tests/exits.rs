@@ -420,8 +420,8 @@ fn state_copying_writes_each_skipped_layers_keys_from_the_exit_state() {
 }
 
 /// Depth strategies are per request: in one batch, a request with its own early-exit plan
-/// stops at the first exit while a request following the runtime's full depth runs every
-/// layer; each gets what it would get alone.
+/// stops at the first exit, a request following the runtime's full depth runs every layer and
+/// a SkipDecode request follows its schedule; each gets what it would get alone.
 #[test]
 fn requests_follow_their_own_depth_plans_in_one_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -431,6 +431,11 @@ fn requests_follow_their_own_depth_plans_in_one_batch() {
     let always = Depth::EarlyExit {
         rule: ExitRule::Confidence(0.0),
     };
+    let skip = Depth::SkipDecode(SkipDecode {
+        max_layers: 4,
+        min_layers: 2,
+        warmup: 1,
+    });
     let request = |id: usize, depth: Option<Depth>| RequestSpec {
         id,
         arrival_s: 0.0,
@@ -444,7 +449,11 @@ fn requests_follow_their_own_depth_plans_in_one_batch() {
         Batching::Static { max_batch: 2 },
         Executor::Real,
         Decoding::greedy(),
-        vec![request(0, Some(always.clone())), request(1, None)],
+        vec![
+            request(0, Some(always.clone())),
+            request(1, None),
+            request(2, Some(skip.clone())),
+        ],
         None,
     )
     .run()
@@ -457,6 +466,27 @@ fn requests_follow_their_own_depth_plans_in_one_batch() {
     // the first exit, request 1's run all 4 layers.
     assert_eq!(exits[0], vec![4, 1, 1, 1, 1]);
     assert_eq!(exits[1], vec![4; 5]);
+    // Who produced each token, for costing: the model's head, or the exit head.
+    let final_head = |o: &exitgraph::runtime::metrics::RequestOutcome| -> Vec<bool> {
+        o.stats.iter().map(|s| s.final_head).collect()
+    };
+    assert_eq!(
+        final_head(&outcomes[0]),
+        vec![true, false, false, false, false]
+    );
+    assert_eq!(final_head(&outcomes[1]), vec![true; 5]);
+    // The SkipDecode request: 4, 4, 3, 3, 2 layers (n decays from 4 to 2 over the 4 generated
+    // positions after the prompt's token), every token from the model's own head.
+    assert_eq!(exits[2], vec![4, 4, 3, 3, 2]);
+    assert_eq!(final_head(&outcomes[2]), vec![true; 5]);
+    let alone_skip = serve(
+        &p,
+        std::slice::from_ref(&prompt),
+        5,
+        Batching::Static { max_batch: 1 },
+        &skip,
+    );
+    assert_eq!(outcomes[2].tokens, alone_skip[0].0);
     assert_eq!(outcomes[1].tokens, greedy(&p, &prompt, 5));
     let alone = serve(
         &p,

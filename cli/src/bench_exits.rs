@@ -174,7 +174,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
                 let filled: Vec<usize> = (s.exit_layer as usize..layers)
                     .take(s.filled as usize)
                     .collect();
-                cost.path(&run, &heads, &filled, s.exit_layer as usize == layers)
+                cost.path(&run, &heads, &filled, s.final_head)
             })
             .sum::<f64>()
             / n;

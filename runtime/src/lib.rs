@@ -82,6 +82,8 @@ pub struct TokenTrack {
     pub exit_layer: usize,
     /// Layers whose keys and values came from the exit state.
     pub filled: usize,
+    /// The model's own final norm and LM head produced the token.
+    pub final_head: bool,
 }
 
 impl TokenTrack {
@@ -91,6 +93,7 @@ impl TokenTrack {
             layers_run: self.layers.len() as u16,
             heads: self.heads as u16,
             filled: self.filled as u16,
+            final_head: self.final_head,
         }
     }
 }

@@ -65,6 +65,10 @@ pub struct TokenStat {
     pub heads: u16,
     /// Layers whose keys and values were filled from its exit state.
     pub filled: u16,
+    /// The model's own final norm and LM head produced it (full depth, SkipDecode), not an
+    /// exit head; its cost is charged.
+    #[serde(default)]
+    pub final_head: bool,
 }
 
 /// The summary `serve` prints and writes as JSON.

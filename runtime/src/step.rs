@@ -90,9 +90,11 @@ pub(super) fn execute(
         if stage == 0 {
             p.track = Default::default();
         }
+        // A SkipDecode token runs its own path in one step; the prompt (nothing produced
+        // yet) runs with the stage like any full-depth row.
         let path = match skip {
-            Some(s) => s.path(p.produced, req.0.max_new_tokens, layers),
-            None => range.clone().collect(),
+            Some(s) if p.produced > 0 => s.path(p.produced, req.0.max_new_tokens, layers),
+            _ => range.clone().collect(),
         };
         p.track.layers.extend(&path);
         let (ids, start) = step_ids(req, &p);
@@ -125,6 +127,7 @@ pub(super) fn execute(
             layer_share += row.path.len() as f64 * shape.0 as f64;
             shapes.push(shape);
             p.track.exit_layer = p.track.layers.len();
+            p.track.final_head = last_stage;
             p.stage = if last_stage { 0 } else { stage + 1 };
         }
         let tokens: usize = shapes.iter().map(|s| s.0).sum();

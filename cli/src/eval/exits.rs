@@ -251,7 +251,7 @@ impl ExitEval {
         s.layers_run as f64 * mean(&self.cost.layer)
             + s.heads as f64 * mean(&heads)
             + s.filled as f64 * mean(&self.cost.kv_fill)
-            + if s.exit_layer as usize == self.layers {
+            + if s.final_head {
                 self.cost.final_head
             } else {
                 0.0
@@ -326,6 +326,7 @@ impl ExitEval {
                         } else {
                             0
                         },
+                        final_head: !early,
                     }
                 })
                 .collect()

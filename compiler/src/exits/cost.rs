@@ -74,3 +74,49 @@ impl DepthCost {
         l + h + f + if final_head { self.final_head } else { 0.0 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::synth::{write_random_llama, LlamaSpec};
+    use exitgraph_passes::{HeadKind, InsertExits, PassManager};
+
+    /// The tiny Llama (hidden 32, 4 heads of 8, 2 KV heads, MLP 64, vocabulary 97, 3
+    /// layers) with a shared-head exit after layer 1, costed by hand.
+    #[test]
+    fn costs_match_hand_computed_flops() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = LlamaSpec::tiny();
+        write_random_llama(dir.path(), &spec, 1).unwrap();
+        let mut g = exitgraph_ir::import(dir.path()).unwrap().graph;
+        let exits = InsertExits {
+            after: vec![1],
+            every: None,
+            head: HeadKind::default(),
+            gate: false,
+            weights: None,
+        };
+        PassManager::new(vec![Box::new(exits)]).run(&mut g).unwrap();
+        let c = DepthCost::of(&g);
+        // Attention: q 2·32·32 + k 2·32·16 + v 2·32·16 + o 2·32·32 = 6144; gated MLP:
+        // 3 · 2·32·64 = 12288; two RMS norms: 2 · 5·32 = 320.
+        let layer = 6144.0 + 12288.0 + 320.0;
+        assert_eq!(c.layer, vec![layer; 3]);
+        // Final norm 5·32 plus LM head 2·32·97.
+        let head = 160.0 + 6208.0;
+        assert_eq!(c.final_head, head);
+        // The shared exit head: its own copy of the final norm and the LM head.
+        assert_eq!(c.head, BTreeMap::from([(1, head)]));
+        // State copying of one layer: k and v projections (2·32·16 each) and the norm.
+        assert_eq!(c.kv_fill, vec![2048.0 + 160.0; 3]);
+        assert_eq!(c.full(), 3.0 * layer + head);
+        // A token exiting after layer 1: one layer, the exit head, two layers filled.
+        assert_eq!(
+            c.path(&[0], &[1], &[1, 2], false),
+            layer + head + 2.0 * 2208.0
+        );
+        // A SkipDecode token running layers 0 and 2 is produced by the final head.
+        assert_eq!(c.path(&[0, 2], &[], &[], true), 2.0 * layer + head);
+    }
+}
