@@ -263,8 +263,8 @@ fn train_lm_writes_a_checkpoint_that_loads_and_evaluates() {
         assert!(model.join(f).exists(), "{f} missing");
     }
     assert!(
-        !model.join("checkpoints").exists(),
-        "checkpoints are removed after a finished run"
+        !dir.path().join("model.run").exists(),
+        "the run folder (initialisation, checkpoints) is removed after a finished run"
     );
     let g = exitgraph_ir::import(&model).unwrap().graph;
     assert_eq!(g.info.num_layers, 2);

@@ -446,7 +446,7 @@ fn requests_follow_their_own_depth_plans_in_one_batch() {
     };
     let (_, outcomes) = Runtime::new(
         p.clone(),
-        Batching::Static { max_batch: 2 },
+        Batching::Static { max_batch: 3 },
         Executor::Real,
         Decoding::greedy(),
         vec![

@@ -25,12 +25,6 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     replace_with(path, |tmp| std::fs::write(tmp, bytes))
 }
 
-/// Copies `from` to `to` atomically (the old `to`, if any, stays whole until the rename).
-pub fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
-    replace_with(to, |tmp| std::fs::copy(from, tmp).map(|_| ()))
-        .with_context(|| format!("copying {}", from.display()))
-}
-
 /// Writes `path` through `write` into a temporary file beside it, syncs it, renames it over
 /// `path` and syncs the folder; removes the temporary file on any error.
 pub fn replace_with(

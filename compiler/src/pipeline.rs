@@ -190,15 +190,13 @@ impl Pipeline {
         Ok(p)
     }
 
-    /// Reads a pipeline file.
     /// A pipeline file, or a model folder given where a pipeline is expected (the model as
     /// imported, no passes, the default runtime). Returns the pipeline and the path relative
-    /// files resolve against.
+    /// files resolve against (for a folder, a pipeline inside it naming the model `.`).
     pub fn open(path: &Path) -> Result<(Pipeline, PathBuf), PipelineError> {
         if path.is_dir() {
-            let model = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
             let pipeline = Pipeline {
-                model: model.display().to_string(),
+                model: ".".into(),
                 ..Pipeline::demo()
             };
             return Ok((pipeline, path.join("pipeline.ron")));
@@ -206,6 +204,7 @@ impl Pipeline {
         Ok((Pipeline::read(path)?, path.to_path_buf()))
     }
 
+    /// Reads a pipeline file.
     pub fn read(path: &Path) -> Result<Pipeline, PipelineError> {
         let text = std::fs::read_to_string(path).map_err(|cause| PipelineError::Io {
             path: path.to_path_buf(),

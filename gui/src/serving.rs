@@ -185,7 +185,9 @@ pub fn simulate(
     }
     let cost = CostModel::read(&sim.cost)?;
     let base = sim.workload.parent().unwrap_or_else(|| Path::new("."));
-    let requests = workload.requests(source.graph.info.vocab, base)?;
+    let requests = workload
+        .requests(source.graph.info.vocab, base)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", sim.workload.display()))?;
     report(0.2, "lowering the program");
     let program = Arc::new(source.lower()?);
     report(0.4, "simulating");

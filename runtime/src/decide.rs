@@ -126,9 +126,9 @@ pub(super) fn decide(
                     .map_or(layers, |(k, _)| *k),
                 _ => run,
             };
-            // The oracle is costed as a perfect rule: as if it stopped at its exit.
-            p.track.final_head =
-                p.track.exit_layer == layers || plan.is_none_or(|x| !x.rule.is_oracle());
+            // The model's own head produced it (an oracle's exit is only costed as one, by
+            // `eval exits`).
+            p.track.final_head = true;
             p.stage = 0;
             produced.0.push(Emitted::one(r.entity, Some(token)));
             continue;

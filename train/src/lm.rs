@@ -96,6 +96,54 @@ pub fn run_folder(output: &Path) -> PathBuf {
 /// The files of a trained checkpoint, copied from the run folder to the output.
 const CHECKPOINT_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 
+/// `path` with its last component a real name (`.` and `..` resolved against the existing
+/// folders), so the run folder can sit beside it.
+fn named_folder(path: &Path) -> anyhow::Result<PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    let mut normal = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    if normal.file_name().is_none() {
+        bail!("{} has no folder name", path.display());
+    }
+    Ok(normal)
+}
+
+/// Copies the run's checkpoint files into `out`: each to a complete, synced temporary file
+/// first, then all renamed over the old ones back to back, so the output holds a mixed set
+/// only for the moment of the renames.
+fn publish(run: &Path, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut staged = Vec::new();
+    for f in CHECKPOINT_FILES {
+        let target = out.join(f);
+        let tmp = exitgraph_compiler::atomic::temp_path(&target)?;
+        let copied =
+            std::fs::copy(run.join(f), &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all());
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            for (t, _) in &staged {
+                let _ = std::fs::remove_file(t);
+            }
+            bail!("{}: cannot write: {e}", target.display());
+        }
+        staged.push((tmp, target));
+    }
+    for (tmp, target) in &staged {
+        std::fs::rename(tmp, target)
+            .with_context(|| format!("{}: cannot write", target.display()))?;
+    }
+    exitgraph_compiler::atomic::sync_folder(&out.join("config.json"));
+    Ok(())
+}
+
 /// Trains the model a config describes. With `resume`, continues from the newest checkpoint
 /// in `OUTPUT.run/checkpoints`. A model already in the output is replaced only with `force`.
 pub fn train_lm(
@@ -106,7 +154,13 @@ pub fn train_lm(
 ) -> anyhow::Result<LmReport> {
     let spec = LmTrainSpec::read(config_path)?;
     let base = config_path.parent().unwrap_or_else(|| Path::new("."));
-    let out = base.join(&spec.output);
+    let out = named_folder(&base.join(&spec.output)).with_context(|| {
+        format!(
+            "{}: output \"{}\" must name a folder",
+            config_path.display(),
+            spec.output
+        )
+    })?;
     let existing = out.join("model.safetensors");
     if existing.exists() && !force {
         bail!(
@@ -150,6 +204,10 @@ pub fn train_lm(
         entries.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))
     });
     let resuming = resume && has_checkpoint;
+    if !resuming {
+        // A fresh run never mixes with an earlier run's checkpoints.
+        let _ = std::fs::remove_dir_all(&checkpoints);
+    }
     if !resuming {
         let shape = &spec.model;
         let init = LlamaSpec {
@@ -226,10 +284,7 @@ pub fn train_lm(
 
     params.save(&run.join("model.safetensors"))?;
     drop(params);
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
-    for f in CHECKPOINT_FILES {
-        exitgraph_compiler::atomic::copy_file(&run.join(f), &out.join(f))?;
-    }
+    publish(&run, &out)?;
     let report = LmReport {
         output: out.clone(),
         params: graph.params(),
@@ -244,4 +299,30 @@ pub fn train_lm(
     )?;
     let _ = std::fs::remove_dir_all(&run);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_folder_sits_beside_the_output() {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        let named = |p: &str| named_folder(Path::new(p)).ok();
+        assert_eq!(
+            named("/a/model").map(|p| run_folder(&p)),
+            Some(PathBuf::from("/a/model.run"))
+        );
+        assert_eq!(
+            named("/a/model/").map(|p| run_folder(&p)),
+            Some(PathBuf::from("/a/model.run"))
+        );
+        assert_eq!(
+            named("/a/b/..").map(|p| run_folder(&p)),
+            Some(PathBuf::from("/a.run"))
+        );
+        assert_eq!(named("/a/./model/."), Some(PathBuf::from("/a/model")));
+        assert_eq!(named("."), cwd.file_name().map(|_| cwd.clone()));
+        assert!(named("/").is_none());
+    }
 }

@@ -115,7 +115,7 @@ impl<'a> Trainer<'a> {
                 entries
                     .filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().to_string())
-                    .filter(|n| n.starts_with("step-"))
+                    .filter(|n| n.starts_with("step-") && !n.ends_with(".partial"))
                     .collect()
             })
             .unwrap_or_default();
@@ -186,7 +186,10 @@ impl<'a> Trainer<'a> {
             return Ok(());
         };
         let name = format!("step-{:08}", self.step);
-        let ckpt = dir.join(&name);
+        // Written under a temporary name and renamed once complete, so a `step-*` folder
+        // is always a whole checkpoint.
+        let ckpt = dir.join(format!("{name}.partial"));
+        let _ = std::fs::remove_dir_all(&ckpt);
         std::fs::create_dir_all(&ckpt)
             .with_context(|| format!("{}: cannot create", ckpt.display()))?;
         self.params.save(&ckpt.join("params.safetensors"))?;
@@ -199,6 +202,11 @@ impl<'a> Trainer<'a> {
             &ckpt.join("state.json"),
             &serde_json::to_string_pretty(&state)?,
         )?;
+        let done = dir.join(&name);
+        let _ = std::fs::remove_dir_all(&done);
+        std::fs::rename(&ckpt, &done)
+            .with_context(|| format!("{}: cannot write", done.display()))?;
+        exitgraph_compiler::atomic::sync_folder(&done);
         // The pointer moves only once the checkpoint is complete.
         let previous = std::fs::read_to_string(dir.join("latest")).ok();
         exitgraph_compiler::atomic::write_text(&dir.join("latest"), &name)?;
