@@ -11,7 +11,8 @@
 use candle_core::{DType, Device};
 use exitgraph::exits::{Depth, ExitRule, SkipDecode};
 use exitgraph::generate::{generate, GenerateOptions};
-use exitgraph::lower::Program;
+use candle_core::Tensor;
+use exitgraph::lower::{Program, Run, Segment, Task, Want};
 use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::workload::RequestSpec;
 use exitgraph::runtime::{Decoding, Executor, Runtime};
@@ -108,6 +109,87 @@ fn points(layers: usize, mask: u32) -> Vec<usize> {
     (1..layers).filter(|k| mask & (1 << (k - 1)) != 0).collect()
 }
 
+/// What the token at one position ran, for the layer-major reference.
+#[derive(Clone, Debug, PartialEq)]
+enum Ran {
+    /// Every layer.
+    Full,
+    /// These layers; the others are bypassed (no keys or values written there).
+    Layers(Vec<usize>),
+    /// Layers below `k`, then stopped at the exit after `k`: every layer from `k` on gets
+    /// keys and values computed from the exit state (CALM's state copying).
+    Exit(usize),
+}
+
+fn to_rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// One program call from depth `from` on a fresh cache: `ids` at positions `0..`, entering
+/// with `state` (one row per token), returning the wanted node at every position.
+fn call(p: &Program, ids: &[u32], from: usize, state: Option<Vec<Vec<f32>>>, want: Want) -> Vec<Vec<f32>> {
+    let mut cache = p.new_cache();
+    let hidden = p.graph().info.hidden;
+    let state = state.map(|rows| {
+        let flat: Vec<f32> = rows.concat();
+        Tensor::from_vec(flat, (rows.len(), hidden), &Device::Cpu).unwrap()
+    });
+    let mut seg = [Segment { ids, start: 0, state, cache: &mut cache }];
+    let run = Run { from, task: Task::Outputs(vec![want]), commit: true };
+    let out = p.run(&mut seg, &run).unwrap().remove(0).remove(0);
+    let out = if out.rank() == 3 { out.squeeze(0).unwrap() } else { out };
+    to_rows(&out)
+}
+
+/// The logits the last position's producing head gives, recomputed layer by layer over the
+/// whole sequence with no KV cache: at layer `l` the positions that run it, or write its keys
+/// and values from an exit state, attend to each other causally; they must be a prefix of
+/// the sequence (true of SkipDecode's decaying schedule and of exits, which write every
+/// layer). Independent of the runtime's batching, cache reuse and scheduling.
+fn reference_logits(p: &Program, ids: &[u32], ran: &[Ran]) -> Vec<f32> {
+    let layers = p.graph().info.num_layers;
+    let n = ids.len();
+    let mut state = call(p, ids, 0, None, Want::all(p.stream_node(0).unwrap()));
+    for l in 0..layers {
+        let runs = |r: &Ran| match r {
+            Ran::Full => true,
+            Ran::Layers(set) => set.contains(&l),
+            Ran::Exit(k) => l < *k,
+        };
+        let present: Vec<bool> = ran.iter().map(|r| runs(r) || matches!(r, Ran::Exit(k) if l >= *k)).collect();
+        let q = present.iter().take_while(|&&x| x).count();
+        assert!(present[q..].iter().all(|&x| !x), "layer {l}: the positions present must be a prefix");
+        if q == 0 {
+            continue;
+        }
+        let out = call(p, &ids[..q], l, Some(state[..q].to_vec()), Want::all(p.stream_node(l + 1).unwrap()));
+        for (i, row) in out.into_iter().enumerate() {
+            if runs(&ran[i]) {
+                state[i] = row;
+            }
+        }
+    }
+    let last = n - 1;
+    let (from, node) = match ran[last] {
+        Ran::Exit(k) => (k, p.graph().exit_at(k).and_then(|e| e.logits).unwrap()),
+        _ => (layers, p.logits_node().unwrap()),
+    };
+    call(p, &ids[last..], from, Some(vec![state[last].clone()]), Want::last(node)).remove(0)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+}
+
+/// SkipDecode's layers for the token at `pos`, from the paper's formula written out here
+/// (not the library's): n = round(max - (max - min) * min(pos, L - 1) / (L - 1)), the warm-up
+/// layers then the top n - warmup.
+fn skip_layers(layers: usize, max: usize, min: usize, warmup: usize, length: usize, pos: usize) -> Vec<usize> {
+    let frac = pos.min(length - 1) as f64 / (length - 1) as f64;
+    let n = (max as f64 - (max - min) as f64 * frac).round() as usize;
+    (0..warmup).chain(layers - (n - warmup)..layers).collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(8))]
 
@@ -128,7 +210,7 @@ proptest! {
     }
 
     #[test]
-    fn the_oracle_decodes_the_full_models_tokens(seed in any::<u64>(), layers in 2usize..6, mask in 1u32..32) {
+    fn the_oracle_exits_where_an_independent_computation_says(seed in any::<u64>(), layers in 2usize..6, mask in 1u32..32) {
         let dir = tempfile::tempdir().unwrap();
         let g = graph(dir.path(), layers, seed);
         let pts = points(layers, mask);
@@ -138,9 +220,74 @@ proptest! {
         let prs = prompts(seed, 3);
         let got = serve(&p, &prs, 6, Batching::Continuous { max_batch: 2, token_budget: 64 }, &Depth::EarlyExit { rule: ExitRule::Oracle });
         for (pr, (tokens, exits)) in prs.iter().zip(got) {
-            prop_assert_eq!(tokens, greedy(&plain, pr, 6));
-            prop_assert!(exits.iter().all(|e| *e as usize == layers || pts.contains(&(*e as usize))));
+            let full = greedy(&plain, pr, 6);
+            prop_assert_eq!(&tokens, &full);
+            // Every exit head over the whole full-model sequence in one cache-free call: the
+            // oracle's exit for generated token i is the first exit whose top token at the
+            // position that produced it equals the full model's.
+            let seq: Vec<u32> = pr.iter().chain(&full).copied().collect();
+            let heads: Vec<(usize, Vec<Vec<f32>>)> = pts
+                .iter()
+                .map(|&k| {
+                    let node = p.graph().exit_at(k).and_then(|e| e.logits).unwrap();
+                    (k, call(&p, &seq, 0, None, Want::all(node)))
+                })
+                .collect();
+            prop_assert_eq!(exits[0] as usize, layers, "the first token comes from the prompt's pass");
+            for i in 1..full.len() {
+                let pos = pr.len() + i - 1;
+                let want = heads
+                    .iter()
+                    .find(|(_, rows)| argmax(&rows[pos]) == full[i])
+                    .map_or(layers, |(k, _)| *k);
+                prop_assert_eq!(exits[i] as usize, want, "token {}", i);
+            }
         }
+    }
+
+    #[test]
+    fn skipdecode_skips_as_a_layer_major_reference_does(
+        seed in any::<u64>(),
+        layers in 3usize..6,
+        min_frac in 0.0f64..1.0,
+        length in 4usize..12,
+        continuous in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = graph(dir.path(), layers, seed);
+        let p = lower(&g, dir.path());
+        let min = 2 + ((min_frac * (layers - 2) as f64) as usize).min(layers - 3);
+        let schedule = SkipDecode { max_layers: layers, min_layers: min, warmup: 1, max_length: Some(length) };
+        let prs = prompts(seed, 3);
+        let new = 6;
+        let batching = if continuous {
+            Batching::Continuous { max_batch: 3, token_budget: 64 }
+        } else {
+            Batching::Static { max_batch: 3 }
+        };
+        let got = serve(&p, &prs, new, batching, &Depth::SkipDecode(schedule));
+        let mut skipped = 0;
+        for (pr, (tokens, ran)) in prs.iter().zip(got) {
+            // Greedy decoding, each step recomputed from scratch layer by layer.
+            let mut seq = pr.clone();
+            let mut plan: Vec<Ran> = vec![Ran::Full; pr.len()];
+            let mut want = Vec::new();
+            for _ in 0..new {
+                let t = argmax(&reference_logits(&p, &seq, &plan));
+                want.push(t);
+                let pos = seq.len();
+                seq.push(t);
+                let path = skip_layers(layers, layers, min, 1, length, pos);
+                plan.push(if path.len() == layers { Ran::Full } else { Ran::Layers(path) });
+            }
+            prop_assert_eq!(&tokens, &want);
+            for (i, &r) in ran.iter().enumerate().skip(1) {
+                let pos = pr.len() + i - 1;
+                prop_assert_eq!(r as usize, skip_layers(layers, layers, min, 1, length, pos).len());
+                skipped += usize::from((r as usize) < layers);
+            }
+        }
+        prop_assert!(skipped > 0, "some token ran fewer layers");
     }
 
     #[test]
@@ -149,7 +296,7 @@ proptest! {
         let g = graph(dir.path(), layers, seed);
         let p = lower(&g, dir.path());
         let prs = prompts(seed, 3);
-        let depth = Depth::SkipDecode(SkipDecode { max_layers: layers, min_layers: layers, warmup: 1 });
+        let depth = Depth::SkipDecode(SkipDecode { max_layers: layers, min_layers: layers, warmup: 1, max_length: None });
         let got = serve(&p, &prs, 6, Batching::Static { max_batch: 3 }, &depth);
         for (pr, (tokens, _)) in prs.iter().zip(got) {
             prop_assert_eq!(tokens, greedy(&p, pr, 6));
@@ -175,14 +322,49 @@ proptest! {
         prop_assume!(!pts.is_empty());
         let p = lower(&with_exits(&g, &pts), dir.path());
         let depth = if skip && !matches!(policy, Batching::DepthWise { .. }) {
-            Depth::SkipDecode(SkipDecode { max_layers: layers, min_layers: 2, warmup: 1 })
+            Depth::SkipDecode(SkipDecode { max_layers: layers, min_layers: 2, warmup: 1, max_length: Some(12) })
         } else {
             Depth::EarlyExit { rule: ExitRule::Margin(threshold) }
         };
-        let prs = prompts(seed, 4);
-        let together = serve(&p, &prs, 5, policy, &depth);
-        for (i, pr) in prs.iter().enumerate() {
-            let alone = serve(&p, std::slice::from_ref(pr), 5, Batching::Static { max_batch: 1 }, &depth);
+        // Every third request always exits at the first exit point, so exits happen in the
+        // batch whatever the threshold; every third follows the Margin rule.
+        let own = |i: usize| match i % 3 {
+            0 => Some(Depth::EarlyExit { rule: ExitRule::Confidence(0.0) }),
+            1 => Some(Depth::EarlyExit { rule: ExitRule::Margin(threshold) }),
+            _ => None,
+        };
+        let prs = prompts(seed, 5);
+        let run = |ids: &[usize], batching: Batching| -> Vec<(Vec<u32>, Vec<u16>)> {
+            let requests = ids
+                .iter()
+                .map(|&i| RequestSpec {
+                    id: i,
+                    arrival_s: 0.0,
+                    prompt: prs[i].clone(),
+                    max_new_tokens: 5,
+                    forced: Vec::new(),
+                    depth: own(i),
+                })
+                .collect();
+            let (_, outcomes) = Runtime::new(p.clone(), batching, Executor::Real, Decoding::greedy(), requests, None)
+                .with_depth(depth.clone())
+                .unwrap()
+                .run()
+                .unwrap();
+            outcomes
+                .into_iter()
+                .map(|o| (o.tokens, o.stats.iter().map(|s| s.exit_layer).collect()))
+                .collect()
+        };
+        let all: Vec<usize> = (0..prs.len()).collect();
+        let together = run(&all, policy);
+        let exited: usize = together
+            .iter()
+            .map(|(_, e)| e.iter().filter(|&&l| (l as usize) < layers).count())
+            .sum();
+        prop_assert!(exited > 0, "tokens exited in the batch");
+        for i in all {
+            let alone = run(&[i], Batching::Static { max_batch: 1 });
             prop_assert_eq!(&together[i], &alone[0], "request {}", i);
         }
     }
@@ -211,6 +393,55 @@ proptest! {
             prop_assert!(exits[1..].iter().all(|&e| e as usize == k));
         }
     }
+}
+
+/// CALM's state copying, end to end in the runtime: with a threshold that lets some tokens
+/// exit and not others, every token (exited or not) equals the layer-major reference in which
+/// each exited token's skipped layers hold keys and values computed from its exit state — so
+/// the full-depth tokens after an exit read those copied keys and values.
+#[test]
+fn tokens_after_an_exit_read_the_copied_keys_and_values() {
+    let mut mixed_cases = 0;
+    for seed in 0..6u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let layers = 4;
+        let g = graph(dir.path(), layers, seed);
+        let pts = [1, 2];
+        let p = lower(&with_exits(&g, &pts), dir.path());
+        let prs = prompts(seed, 2);
+        let new = 8;
+        // The threshold that gives the most mixed pattern: an exit followed by a full-depth
+        // token, so copied keys and values are read.
+        let mut best: Option<Vec<(Vec<u32>, Vec<u16>)>> = None;
+        for t in [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05] {
+            let got = serve(&p, &prs, new, Batching::Static { max_batch: 2 }, &Depth::EarlyExit { rule: ExitRule::Margin(t) });
+            let mixed = got.iter().any(|(_, e)| {
+                e.iter().skip(1).position(|&l| (l as usize) < layers).is_some_and(|i| e[i + 2..].iter().any(|&l| l as usize == layers))
+            });
+            if mixed {
+                best = Some(got);
+                break;
+            }
+        }
+        let Some(got) = best else { continue };
+        mixed_cases += 1;
+        for (pr, (tokens, exits)) in prs.iter().zip(got) {
+            let mut seq = pr.clone();
+            let mut plan: Vec<Ran> = vec![Ran::Full; pr.len()];
+            for (i, &t) in tokens.iter().enumerate() {
+                // Token i came from the position before it, run as the runtime recorded.
+                if i > 0 {
+                    let k = exits[i] as usize;
+                    let last = plan.len() - 1;
+                    plan[last] = if k < layers { Ran::Exit(k) } else { Ran::Full };
+                }
+                assert_eq!(argmax(&reference_logits(&p, &seq, &plan)), t, "seed {seed}, token {i}");
+                seq.push(t);
+                plan.push(Ran::Full);
+            }
+        }
+    }
+    assert!(mixed_cases >= 2, "only {mixed_cases} seeds mixed exits and full-depth tokens");
 }
 
 /// MiniLM (weights fetched by scripts/fetch-minilm.sh) with exits after layers 2..=5.
@@ -435,6 +666,7 @@ fn requests_follow_their_own_depth_plans_in_one_batch() {
         max_layers: 4,
         min_layers: 2,
         warmup: 1,
+        max_length: Some(8),
     });
     let request = |id: usize, depth: Option<Depth>| RequestSpec {
         id,
@@ -475,9 +707,10 @@ fn requests_follow_their_own_depth_plans_in_one_batch() {
         vec![true, false, false, false, false]
     );
     assert_eq!(final_head(&outcomes[1]), vec![true; 5]);
-    // The SkipDecode request: 4, 4, 3, 3, 2 layers (n decays from 4 to 2 over the 4 generated
-    // positions after the prompt's token), every token from the model's own head.
-    assert_eq!(exits[2], vec![4, 4, 3, 3, 2]);
+    // The SkipDecode request: the prompt's pass gives the first token (4 layers); the token at
+    // position p runs round(4 - 2p/7) layers: positions 3, 4, 5, 6 give 3, 3, 3, 2. Every token
+    // comes from the model's own head.
+    assert_eq!(exits[2], vec![4, 3, 3, 3, 2]);
     assert_eq!(final_head(&outcomes[2]), vec![true; 5]);
     let alone_skip = serve(
         &p,

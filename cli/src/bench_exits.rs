@@ -3,7 +3,9 @@
 //! the paths deterministic).
 //!
 //! Each setting decodes one sequence through the runtime; its decode time is the runtime's
-//! clock from the first to the last token (measured execution, state copying included). The
+//! clock from the first to the last token (measured execution, the host-side exit decisions
+//! and state copying included). Repetitions alternate the settings' order; the table gives
+//! the median and the range of the per-repetition speedups. The
 //! ideal speedup is the full path's FLOPs over the mean adaptive path's (layers run, exit
 //! heads evaluated, keys and values filled from exit states; see [`crate::exits::cost`]).
 
@@ -28,7 +30,10 @@ pub struct ExitBenchRow {
     pub layers_run: f64,
     pub heads_per_token: f64,
     pub decode_tokens_per_s: f64,
+    /// Median decode time of the full model over this setting's.
     pub measured_speedup: f64,
+    /// Lowest and highest of the per-repetition speedups (the noise).
+    pub speedup_range: (f64, f64),
     pub ideal_speedup: f64,
 }
 
@@ -96,10 +101,13 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
         .collect();
     let new = opts.decode_tokens + 1;
     let always = ExitRule::Confidence(0.0);
+    // The exit point decays over the sequence, prompt included (SkipDecode's position-wise
+    // schedule), reaching min_layers at the last generated position.
     let skip = SkipDecode {
         max_layers: layers,
         min_layers: (layers / 3).max(2),
         warmup: 1,
+        max_length: Some(opts.prompt_len + new),
     };
     let settings: Vec<(String, Vec<usize>, Depth)> = vec![
         ("full model".into(), Vec::new(), Depth::Full),
@@ -131,17 +139,26 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
         ),
         (
             format!(
-                "SkipDecode {}→{} layers, warm-up 1",
-                skip.max_layers, skip.min_layers
+                "SkipDecode {}→{} layers over {} positions, warm-up 1",
+                skip.max_layers,
+                skip.min_layers,
+                opts.prompt_len + new
             ),
             Vec::new(),
             Depth::SkipDecode(skip),
         ),
     ];
-    let mut full_s = None;
-    let mut rows = Vec::new();
+    struct Setting {
+        name: String,
+        cost: DepthCost,
+        program: Arc<Program>,
+        depth: Depth,
+        times: Vec<f64>,
+        stats: Vec<TokenStat>,
+    }
+    let mut runs = Vec::with_capacity(settings.len());
     for (name, points, depth) in settings {
-        progress(&name);
+        progress(&format!("compiling {name}"));
         let mut g = graph.clone();
         if !points.is_empty() {
             InsertExits {
@@ -153,18 +170,50 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
             }
             .run(&mut g, &PassContext::detached())?;
         }
-        let cost = DepthCost::of(&g);
         let program = Arc::new(Program::lower(&g, dir.path(), &Device::Cpu, DType::F32)?);
+        // A warm-up decode so no timed run pays first-touch costs.
         decode_once(&program, &prompt, new.min(4), &depth)?;
-        let mut times = Vec::with_capacity(opts.reps);
-        let mut stats = Vec::new();
-        for _ in 0..opts.reps.max(1) {
-            let (t, s) = decode_once(&program, &prompt, new, &depth)?;
-            times.push(t);
-            stats = s;
+        runs.push(Setting {
+            name,
+            cost: DepthCost::of(&g),
+            program,
+            depth,
+            times: Vec::new(),
+            stats: Vec::new(),
+        });
+    }
+    // Repetitions alternate the settings' order (forward, then backward) so slow drifts of
+    // the machine's load fall on every setting alike.
+    let reps = opts.reps.max(1);
+    for rep in 0..reps {
+        progress(&format!("run {} of {reps}", rep + 1));
+        let order: Vec<usize> = if rep % 2 == 0 {
+            (0..runs.len()).collect()
+        } else {
+            (0..runs.len()).rev().collect()
+        };
+        for i in order {
+            let r = &mut runs[i];
+            let (t, s) = decode_once(&r.program, &prompt, new, &r.depth)?;
+            r.times.push(t);
+            r.stats = s;
         }
-        let t = median(times);
-        let base = *full_s.get_or_insert(t);
+    }
+    let base_times = runs.first().map(|r| r.times.clone()).unwrap_or_default();
+    let base = median(base_times.clone());
+    let mut rows = Vec::with_capacity(runs.len());
+    for r in runs {
+        let t = median(r.times.clone());
+        // Per repetition: the full model's time over this setting's, in the same repetition.
+        let ratios: Vec<f64> = base_times
+            .iter()
+            .zip(&r.times)
+            .map(|(b, x)| b / x.max(1e-12))
+            .collect();
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let stats = &r.stats;
+        let cost = &r.cost;
         let n = stats.len().max(1) as f64;
         let mean_cost = stats
             .iter()
@@ -179,11 +228,12 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
             .sum::<f64>()
             / n;
         rows.push(ExitBenchRow {
-            setting: name,
+            setting: r.name,
             layers_run: stats.iter().map(|s| s.layers_run as f64).sum::<f64>() / n,
             heads_per_token: stats.iter().map(|s| s.heads as f64).sum::<f64>() / n,
             decode_tokens_per_s: 1.0 / t.max(1e-12),
             measured_speedup: base / t.max(1e-12),
+            speedup_range: (lo, hi),
             ideal_speedup: cost.full() / mean_cost.max(1e-9),
         });
     }
@@ -209,18 +259,20 @@ impl ExitBenchReport {
         );
         let _ = writeln!(
             out,
-            "| setting | layers run | heads / token | decode tok/s | measured speedup | ideal speedup | measured / ideal |"
+            "| setting | layers run | heads / token | decode tok/s | measured speedup | per-run range | ideal speedup | measured / ideal |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.rows {
             let _ = writeln!(
                 out,
-                "| {} | {:.2} | {:.2} | {:.1} | {:.2}x | {:.2}x | {:.2} |",
+                "| {} | {:.2} | {:.2} | {:.1} | {:.2}x | {:.2}–{:.2}x | {:.2}x | {:.2} |",
                 r.setting,
                 r.layers_run,
                 r.heads_per_token,
                 r.decode_tokens_per_s,
                 r.measured_speedup,
+                r.speedup_range.0,
+                r.speedup_range.1,
                 r.ideal_speedup,
                 r.measured_speedup / r.ideal_speedup
             );

@@ -69,6 +69,7 @@ mod tests {
             tokens_per_s: 100.0,
             speedup,
             ideal_speedup: speedup + 0.1,
+            ..SweepRow::default()
         }
     }
 
@@ -88,6 +89,7 @@ mod tests {
                 row("entropy", "held-out", 0.5, 9.0),
             ],
             chosen: Vec::new(),
+            ..ExitReport::default()
         };
         let s = series(&report);
         assert_eq!(s.len(), 4);

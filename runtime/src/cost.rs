@@ -84,7 +84,15 @@ impl CostModel {
 
     /// Predicted seconds of a step.
     pub fn predict(&self, tokens: usize, attention: usize, sequences: usize) -> f64 {
-        let f = features(tokens, attention, sequences);
+        self.predict_layers(tokens as f64, attention as f64, sequences)
+    }
+
+    /// Predicted seconds of a step whose tokens run only part of the layers: `tokens` and
+    /// `attention` are weighted by the share of the layers each token runs (the terms that
+    /// scale with layers), while the intercept and the per-sequence term (the final norm and
+    /// LM head at each sequence's last position, per-sequence overhead) are paid in full.
+    pub fn predict_layers(&self, tokens: f64, attention: f64, sequences: usize) -> f64 {
+        let f = [1.0, tokens, attention, sequences as f64];
         let t: f64 = f.iter().zip(&self.coefficients).map(|(a, b)| a * b).sum();
         t.max(1e-6)
     }
@@ -212,6 +220,21 @@ pub fn profile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_depth_scales_only_the_layer_terms() {
+        let m = CostModel {
+            version: 1,
+            coefficients: [2e-3, 1e-4, 3e-7, 5e-5],
+            samples: Vec::new(),
+        };
+        // One decode token at context 10 running half the layers: tokens 0.5, attention
+        // 11 * 0.5 = 5.5; the intercept and the sequence's term in full:
+        // 2e-3 + 0.5 * 1e-4 + 5.5 * 3e-7 + 5e-5 = 2.10165e-3.
+        assert!((m.predict_layers(0.5, 5.5, 1) - 2.101_65e-3).abs() < 1e-12);
+        // The whole step scaled by half would have been 1.0508e-3.
+        assert!((m.predict(1, 11, 1) - 2.1533e-3).abs() < 1e-12);
+    }
 
     #[test]
     fn fit_recovers_a_linear_cost() {

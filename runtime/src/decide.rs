@@ -7,8 +7,8 @@
 use super::strategy::ExitPlan;
 use super::trace::LayerSignal;
 use super::{
-    Clock, Emitted, Engine, Kv, Progress, Recorder, Request, Sampler, StageResults, StepError,
-    StepTokens,
+    Clock, Emitted, Engine, Kv, Progress, Recorder, Request, Sampler, StageResult, StageResults,
+    StepError, StepTokens,
 };
 use bevy_ecs::prelude::*;
 use candle_core::{DType, Tensor};
@@ -49,6 +49,9 @@ fn choose(
             .unwrap_or(0.0)
             .max(1e-30);
         p.nll -= (prob as f64).ln();
+        if p.produced == 0 {
+            p.first_nll = -(prob as f64).ln();
+        }
         return Ok(forced);
     }
     let l = logits.to_dtype(DType::F32)?;
@@ -62,13 +65,16 @@ fn choose(
 fn consult(
     plan: &ExitPlan,
     p: &mut Progress,
+    max_tokens: usize,
     after: usize,
+    r: &StageResult,
     exit_logits: &Tensor,
-    gate: Option<&Tensor>,
     hidden: &Tensor,
 ) -> Result<bool, StepError> {
     let probs = softmax(&to_vec(exit_logits)?);
     let state = last_row(hidden)?;
+    let below = r.below.as_ref().map(to_vec).transpose()?;
+    let gate = r.gate.as_ref();
     let gate = match gate {
         Some(g) => {
             let x = to_vec(g)?.first().copied().unwrap_or(0.0);
@@ -79,9 +85,11 @@ fn consult(
     let (fire, signal) = plan.rule.decide(&ExitView {
         probs: &probs,
         hidden: &state,
-        prev_hidden: p.track.prev_hidden.as_deref(),
+        prev_hidden: below.as_deref(),
         gate,
         earlier: &p.track.earlier,
+        index: p.produced,
+        max_tokens,
     });
     let top = top2(&probs).0;
     p.track.signals.push(LayerSignal {
@@ -91,7 +99,6 @@ fn consult(
     });
     p.track.earlier.push(top);
     p.track.oracle.push((after, top));
-    p.track.prev_hidden = Some(state);
     p.track.heads += 1;
     Ok(fire)
 }
@@ -104,13 +111,42 @@ pub(super) fn decide(
     mut exited: ResMut<Exited>,
     mut seqs: Query<(&Request, &mut Progress, Option<&ExitPlan>)>,
     mut samplers: Query<&mut Sampler>,
+    mut clock: ResMut<Clock>,
+    mut recorder: ResMut<Recorder>,
+) -> Result<(), StepError> {
+    // Deciding (host-side softmax over the vocabulary, copies, sampling) is work of the
+    // step: the clock counts it.
+    let started = Instant::now();
+    let (stage, any) = (results.stage, !results.entries.is_empty());
+    let outcome = decide_rows(
+        &engine,
+        &mut results,
+        &mut produced,
+        &mut exited,
+        &mut seqs,
+        &mut samplers,
+    );
+    if any {
+        let elapsed = started.elapsed().as_secs_f64();
+        super::add_busy(&mut clock, &mut recorder, stage, elapsed);
+    }
+    outcome
+}
+
+fn decide_rows(
+    engine: &Engine,
+    results: &mut StageResults,
+    produced: &mut StepTokens,
+    exited: &mut Exited,
+    seqs: &mut Query<(&Request, &mut Progress, Option<&ExitPlan>)>,
+    samplers: &mut Query<&mut Sampler>,
 ) -> Result<(), StepError> {
     exited.states.clear();
     exited.after = results.range.end;
     let layers = engine.program.graph().info.num_layers;
     let end = results.range.end;
     let stage = results.stage;
-    for r in std::mem::take(&mut results.entries) {
+    for mut r in std::mem::take(&mut results.entries) {
         let Ok((req, mut p, plan)) = seqs.get_mut(r.entity) else {
             continue;
         };
@@ -135,10 +171,12 @@ pub(super) fn decide(
         }
         let hidden = r
             .hidden
+            .take()
             .ok_or(StepError::Lost("a stage returned nothing"))?;
         // A prompt's token comes from the full model: it never exits.
         if let (Some(plan), Some(exit_logits), true) = (plan, &r.exit_logits, p.produced > 0) {
-            if consult(plan, &mut p, end, exit_logits, r.gate.as_ref(), &hidden)? {
+            let max_tokens = req.0.max_new_tokens;
+            if consult(plan, &mut p, max_tokens, end, &r, exit_logits, &hidden)? {
                 let token = choose(req, &mut p, exit_logits, samplers.get_mut(r.entity).ok())?;
                 p.track.exit_layer = end;
                 p.track.filled = layers - end;
@@ -216,8 +254,6 @@ pub(super) fn copy_state(
         }
     }
     result?;
-    clock.now_s += elapsed;
-    clock.busy_s += elapsed;
-    super::add_stage_busy(&mut recorder, results.stage, elapsed);
+    super::add_busy(&mut clock, &mut recorder, results.stage, elapsed);
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Per-sample early exiting for encoders' sentence embeddings.
 //!
 //! The batch runs stage by stage between exit points. At each exit point a sample whose
-//! state has saturated — the cosine between its mean-pooled residual stream there and at the
-//! previous exit point (the embeddings for the first) reaches the `Saturation` threshold —
+//! state has saturated — the cosine between its mean-pooled residual stream after the exit's
+//! layer and after the layer below it (the embeddings for an exit after layer 1) reaches the
+//! `Saturation` threshold, as CALM and MuE compare consecutive layers —
 //! leaves the batch with the exit's pooled embedding (`exit.k.sentence_embedding`, pooled the
 //! way the model pools); the others continue together to the next exit, or to the model's
 //! own `sentence_embedding`.
@@ -83,7 +84,6 @@ pub fn embed_with_exits(
     let mut results: Vec<Option<Embedded>> = vec![None; ids.len()];
     let mut signals: Vec<Vec<(usize, f64)>> = vec![Vec::new(); ids.len()];
     let mut carried: Option<Tensor> = None;
-    let mut prev: Vec<Vec<f32>> = Vec::new();
     let mut start = 0;
     for end in points.iter().copied().chain(std::iter::once(layers)) {
         if rows.is_empty() {
@@ -114,18 +114,21 @@ pub fn embed_with_exits(
                 .and_then(|e| e.embedding)
                 .with_context(|| format!("the exit after layer {end} has no pooled embedding"))?
         };
-        let mut want = vec![pooled_node, program.stream_node(end)?];
-        if start == 0 {
-            want.push(program.stream_node(0)?);
-        }
+        // The stream one layer below the exit, for saturation.
+        let want = vec![
+            pooled_node,
+            program.stream_node(end)?,
+            program.stream_node(end - 1)?,
+        ];
         let entry = match &carried {
             Some(h) => Some((program.stream_node(start)?, h)),
             None => None,
         };
         let out = program.forward_nodes(&inputs, &mut program.new_cache(), entry, &want, false)?;
-        if start == 0 {
-            prev = mean_pooled(out.get(2).context("no embeddings")?, &mask_rows)?;
-        }
+        let prev = mean_pooled(
+            out.get(2).context("no hidden state below the exit")?,
+            &mask_rows,
+        )?;
         let h = out.get(1).context("no hidden state")?.clone();
         let pooled = out
             .first()
@@ -144,6 +147,8 @@ pub fn embed_with_exits(
                     prev_hidden: Some(&prev[i]),
                     gate: None,
                     earlier: &[],
+                    index: 0,
+                    max_tokens: 1,
                 };
                 let (fire, _) = rule.decide(&view);
                 signals[r].push((end, cosine(&now[i], &prev[i])));
@@ -170,7 +175,6 @@ pub fn embed_with_exits(
             break;
         }
         carried = Some(h.index_select(&idx, 0)?);
-        prev = keep.iter().map(|&i| now[i].clone()).collect();
         rows = keep.iter().map(|&i| rows[i]).collect();
         start = end;
     }

@@ -61,6 +61,8 @@ pub struct Progress {
     pub stats: Vec<TokenStat>,
     /// Sum of forced tokens' negative log-likelihoods.
     pub nll: f64,
+    /// The first forced token's (it comes from the prompt's pass).
+    pub first_nll: f64,
 }
 
 /// One token's way through the layers.
@@ -74,8 +76,6 @@ pub struct TokenTrack {
     pub earlier: Vec<u32>,
     /// (exit point, head token), for the oracle's choice.
     pub oracle: Vec<(usize, u32)>,
-    /// The residual stream at the last exit point (saturation).
-    pub prev_hidden: Option<Vec<f32>>,
     /// Exit heads evaluated.
     pub heads: usize,
     /// The exit point that produced the token.
@@ -109,6 +109,8 @@ pub struct StageResult {
     pub exit_logits: Option<candle_core::Tensor>,
     /// The exit gate's logit.
     pub gate: Option<candle_core::Tensor>,
+    /// The residual stream one layer below the exit, at the last position (saturation).
+    pub below: Option<candle_core::Tensor>,
 }
 
 impl StageResult {
@@ -119,6 +121,7 @@ impl StageResult {
             hidden: None,
             exit_logits: None,
             gate: None,
+            below: None,
         }
     }
 }
@@ -266,6 +269,11 @@ pub struct Clock {
     pub now_s: f64,
     pub step: u64,
     pub busy_s: f64,
+    /// Busy seconds of steps that ran no prompt (decode only), their exit decisions and
+    /// state copying included.
+    pub decode_busy_s: f64,
+    /// Whether this step runs a prompt.
+    pub prompt_step: bool,
     /// Requests arrived and not finished.
     pub active: usize,
 }
@@ -457,6 +465,16 @@ fn plan(
 pub fn stage_layers(layers: usize, stages: usize, stage: usize) -> std::ops::Range<usize> {
     let stages = stages.clamp(1, layers.max(1));
     (stage * layers / stages)..((stage + 1) * layers / stages)
+}
+
+/// Advances the clock by `seconds` of work done in the current step.
+fn add_busy(clock: &mut Clock, recorder: &mut Recorder, stage: usize, seconds: f64) {
+    clock.now_s += seconds;
+    clock.busy_s += seconds;
+    if !clock.prompt_step {
+        clock.decode_busy_s += seconds;
+    }
+    add_stage_busy(recorder, stage, seconds);
 }
 
 fn add_stage_busy(recorder: &mut Recorder, stage: usize, seconds: f64) {
@@ -671,11 +689,12 @@ impl Runtime {
                 failed: f.map(|f| f.0.clone()),
                 stats: p.stats.clone(),
                 nll: p.nll,
+                first_nll: p.first_nll,
             })
             .collect();
         outcomes.sort_by_key(|o| o.id);
         let clock = self.world.resource::<Clock>();
-        let (steps, busy) = (clock.step, clock.busy_s);
+        let (steps, busy, decode_busy) = (clock.step, clock.busy_s, clock.decode_busy_s);
         let mut recorder = self.world.resource_mut::<Recorder>();
         let occupancy = std::mem::take(&mut recorder.occupancy);
         let stage_busy = std::mem::take(&mut recorder.stage_busy_s);
@@ -683,6 +702,7 @@ impl Runtime {
             w.finish()?;
         }
         let mut report = ServeReport::from_outcomes(&outcomes, steps, busy, occupancy);
+        report.decode_busy_s = decode_busy;
         let engine = self.world.resource::<Engine>();
         report.executor = match engine.executor {
             Executor::Real => "real".into(),

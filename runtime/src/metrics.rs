@@ -52,6 +52,10 @@ pub struct RequestOutcome {
     /// Sum of the forced tokens' negative log-likelihoods (nats; 0 without forcing).
     #[serde(default)]
     pub nll: f64,
+    /// The first forced token's negative log-likelihood (part of `nll`; the prompt's pass
+    /// scores it, so it never depends on adaptive depth).
+    #[serde(default)]
+    pub first_nll: f64,
 }
 
 /// How deep one generated token ran.
@@ -94,6 +98,10 @@ pub struct ServeReport {
     /// Mean layers a generated token ran (adaptive depth lowers it).
     #[serde(default)]
     pub mean_layers_run: f64,
+    /// Busy seconds of decode-only steps (no prompt in the step), exit decisions and state
+    /// copying included: the time of the tokens after each request's first.
+    #[serde(default)]
+    pub decode_busy_s: f64,
     /// (clock time, sequences in the step) for every step.
     pub occupancy: Vec<(f64, usize)>,
 }
@@ -152,6 +160,7 @@ impl ServeReport {
             e2e: Percentiles::of(&e2e),
             mean_batch,
             stage_busy_share: Vec::new(),
+            decode_busy_s: 0.0,
             mean_layers_run: {
                 let stats: Vec<&TokenStat> = done.iter().flat_map(|o| &o.stats).collect();
                 stats.iter().map(|s| s.layers_run as f64).sum::<f64>() / stats.len().max(1) as f64

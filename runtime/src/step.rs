@@ -4,7 +4,7 @@
 
 use super::strategy::{ExitPlan, SkipPlan};
 use super::{
-    add_stage_busy, cost, Clock, Engine, Executor, Kv, Plan, Progress, Recorder, Request,
+    add_busy, cost, Clock, Engine, Executor, Kv, Plan, Progress, Recorder, Request,
     StageResult, StageResults, StepError, StepTokens,
 };
 use bevy_ecs::prelude::*;
@@ -46,9 +46,7 @@ fn step_ids(req: &Request, p: &Progress) -> (Vec<u32>, usize) {
 }
 
 fn finish_step(clock: &mut Clock, recorder: &mut Recorder, stage: usize, s: f64, batch: usize) {
-    clock.now_s += s;
-    clock.busy_s += s;
-    add_stage_busy(recorder, stage, s);
+    add_busy(clock, recorder, stage, s);
     clock.step += 1;
     let now = clock.now_s;
     recorder.occupancy.push((now, batch));
@@ -63,7 +61,7 @@ pub(super) fn execute(
     mut results: ResMut<StageResults>,
     mut recorder: ResMut<Recorder>,
     mut seqs: Query<(&Request, &mut Progress, &mut Kv, Option<&SkipPlan>)>,
-    exiting: Query<(), With<ExitPlan>>,
+    exiting: Query<&ExitPlan>,
 ) -> Result<(), StepError> {
     produced.0.clear();
     results.entries.clear();
@@ -71,6 +69,7 @@ pub(super) fn execute(
         return Ok(());
     }
     let layers = engine.program.graph().info.num_layers;
+    let positions = engine.program.graph().info.max_positions;
     let stage = plan
         .0
         .first()
@@ -82,6 +81,10 @@ pub(super) fn execute(
     results.range = range.clone();
     // The layers each planned token runs this step; a token starting its way down begins a
     // fresh record of its path.
+    clock.prompt_step = plan
+        .0
+        .iter()
+        .any(|&e| seqs.get(e).is_ok_and(|(_, p, _, _)| p.produced == 0));
     let mut rows: Vec<Row> = Vec::with_capacity(plan.0.len());
     for &e in &plan.0 {
         let Ok((req, mut p, mut kv, skip)) = seqs.get_mut(e) else {
@@ -93,7 +96,10 @@ pub(super) fn execute(
         // A SkipDecode token runs its own path in one step; the prompt (nothing produced
         // yet) runs with the stage like any full-depth row.
         let path = match skip {
-            Some(s) if p.produced > 0 => s.path(p.produced, req.0.max_new_tokens, layers),
+            Some(s) if p.produced > 0 => {
+                let pos = req.0.prompt.len() + p.produced - 1;
+                s.path(pos, req.0.prompt.len(), positions, layers)
+            }
             _ => range.clone().collect(),
         };
         p.track.layers.extend(&path);
@@ -113,8 +119,10 @@ pub(super) fn execute(
         });
     }
     if let Executor::Sim(model) = &engine.executor {
-        let mut shapes = Vec::new();
-        let mut layer_share = 0.0;
+        // The token and attention terms scale with the layers each row runs; the intercept
+        // does not, and the per-sequence term (the final norm and LM head at a sequence's last
+        // position) is paid by the rows that reach the last layer.
+        let (mut tokens, mut attention, mut headed) = (0.0, 0.0, 0);
         for row in &rows {
             let Ok((req, mut p, _, _)) = seqs.get_mut(row.entity) else {
                 continue;
@@ -124,15 +132,15 @@ pub(super) fn execute(
             } else {
                 (1, req.0.prompt.len() + p.produced - 1)
             };
-            layer_share += row.path.len() as f64 * shape.0 as f64;
-            shapes.push(shape);
+            let share = row.path.len() as f64 / layers.max(1) as f64;
+            tokens += share * shape.0 as f64;
+            attention += share * cost::attention_work(&[shape]) as f64;
+            headed += usize::from(row.path.last() == Some(&(layers - 1)));
             p.track.exit_layer = p.track.layers.len();
             p.track.final_head = last_stage;
             p.stage = if last_stage { 0 } else { stage + 1 };
         }
-        let tokens: usize = shapes.iter().map(|s| s.0).sum();
-        let share = layer_share / (tokens.max(1) * layers.max(1)) as f64;
-        let step_s = share * model.predict(tokens, cost::attention_work(&shapes), shapes.len());
+        let step_s = model.predict_layers(tokens, attention, headed);
         if last_stage {
             produced.0 = rows
                 .iter()
@@ -147,10 +155,21 @@ pub(super) fn execute(
         seqs.get(r.entity)
             .is_ok_and(|(_, p, _, skip)| skip.is_some() && p.produced > 0)
     });
-    // The exit head at the stage's end runs when a token in the stage may stop there.
+    // The exit head at the stage's end runs when a token in the stage may stop there; the
+    // stream one layer below it when a rule judges saturation.
     let heads = stage_rows.iter().any(|r| exiting.contains(r.entity));
+    let below = stage_rows.iter().any(|r| {
+        exiting
+            .get(r.entity)
+            .is_ok_and(|plan| plan.rule.needs_previous_layer())
+    });
+    let wants = StageWants {
+        heads,
+        below,
+        last_stage,
+    };
     let outcome =
-        run_stage(&engine, &mut stage_rows, range.clone(), heads, last_stage).and_then(|mut a| {
+        run_stage(&engine, &mut stage_rows, range.clone(), wants).and_then(|mut a| {
             a.extend(run_paths(&engine, &mut skip_rows)?);
             Ok(a)
         });
@@ -168,14 +187,28 @@ pub(super) fn execute(
     Ok(())
 }
 
+/// What a stage returns beside its main output.
+#[derive(Clone, Copy)]
+struct StageWants {
+    /// The exit head (and gate) at the stage's end.
+    heads: bool,
+    /// The stream one layer below the exit (saturation), at the last position.
+    below: bool,
+    last_stage: bool,
+}
+
 /// One stage for the rows, with the exit head at its end when it has one.
 fn run_stage(
     engine: &Engine,
     rows: &mut [Row],
     range: std::ops::Range<usize>,
-    heads: bool,
-    last_stage: bool,
+    wants: StageWants,
 ) -> Result<Vec<StageResult>, StepError> {
+    let StageWants {
+        heads,
+        below,
+        last_stage,
+    } = wants;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -202,6 +235,10 @@ fn run_stage(
         exit.is_some_and(|e| e.logits.is_some()),
         exit.is_some_and(|e| e.gate.is_some()),
     );
+    let has_below = exit.is_some() && below;
+    if has_below {
+        want.push(Want::last(program.stream_node(end - 1)?));
+    }
     let run = Run {
         from: range.start,
         task: Task::Outputs(want),
@@ -226,6 +263,9 @@ fn run_stage(
             }
             if has_gate {
                 result.gate = values.next().map(squeeze).transpose()?;
+            }
+            if has_below {
+                result.below = values.next().map(squeeze).transpose()?;
             }
         }
         entries.push(result);

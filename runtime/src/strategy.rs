@@ -5,7 +5,7 @@
 //!
 //! - no component: every token runs every layer (full depth);
 //! - [`ExitPlan`]: at each exit head the request's rule decides whether the token stops;
-//! - [`SkipPlan`]: each generated token runs SkipDecode's path for its position.
+//! - [`SkipPlan`]: each generated token runs SkipDecode's path for its sequence position.
 
 use bevy_ecs::prelude::*;
 use exitgraph_compiler::exits::{Depth, ExitRule, SkipDecode};
@@ -23,16 +23,17 @@ pub struct SkipPlan {
 }
 
 impl SkipPlan {
-    /// The layers the request's next token runs: the prompt (nothing produced yet) runs
-    /// every layer; generated token `t` of `max_new_tokens` runs SkipDecode's warm-up then top
-    /// layers for its `n(t)`.
-    pub fn path(&self, produced: usize, max_new_tokens: usize, layers: usize) -> Vec<usize> {
-        if produced == 0 {
+    /// The layers a request's token at sequence position `pos` runs, when the prompt has
+    /// `prompt` tokens: prompt positions run every layer (they run in one pass that produces
+    /// the first token); a generated token runs SkipDecode's warm-up then top layers for its
+    /// position's `n(pos)`. `positions` is the model's (the decay length by default).
+    pub fn path(&self, pos: usize, prompt: usize, positions: usize, layers: usize) -> Vec<usize> {
+        if pos < prompt {
             return (0..layers).collect();
         }
         let n = self
             .schedule
-            .layers_at(produced - 1, max_new_tokens.saturating_sub(1));
+            .layers_at(pos, self.schedule.length(positions));
         if n >= layers {
             return (0..layers).collect();
         }
@@ -67,14 +68,28 @@ mod tests {
                 max_layers: 6,
                 min_layers: 2,
                 warmup: 1,
+                max_length: Some(9),
             },
         };
-        // The prompt runs every layer; the first generated token max_layers (all 6); the
-        // last of 9 tokens min_layers: the warm-up layer and the top one.
-        assert_eq!(plan.path(0, 9, 6), vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(plan.path(1, 9, 6), vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(plan.path(9, 9, 6), vec![0, 5]);
-        // Token 5 of 9: n = round(6 - 4 * 4/8) = 4 layers: warm-up 0, top 3..6.
-        assert_eq!(plan.path(5, 9, 6), vec![0, 3, 4, 5]);
+        // Prompt positions run every layer, whatever the schedule says there.
+        assert_eq!(plan.path(7, 8, 256, 6), vec![0, 1, 2, 3, 4, 5]);
+        // Position 1 of a 1-token prompt: n = round(6 - 4/8) = 6, every layer.
+        assert_eq!(plan.path(1, 1, 256, 6), vec![0, 1, 2, 3, 4, 5]);
+        // Position 4: n = 6 - 4 * 4/8 = 4: warm-up layer 0, top layers 3..6.
+        assert_eq!(plan.path(4, 1, 256, 6), vec![0, 3, 4, 5]);
+        // Position 8 and beyond: min_layers, the warm-up layer and the top one.
+        assert_eq!(plan.path(8, 3, 256, 6), vec![0, 5]);
+        assert_eq!(plan.path(40, 3, 256, 6), vec![0, 5]);
+        // The same position gives the same path whatever the prompt's length.
+        assert_eq!(plan.path(6, 2, 256, 6), plan.path(6, 5, 256, 6));
+        // Without max_length the decay runs over the model's positions.
+        let long = SkipPlan {
+            schedule: SkipDecode {
+                max_length: None,
+                ..plan.schedule
+            },
+        };
+        assert_eq!(long.path(8, 3, 256, 6).len(), 6);
+        assert_eq!(long.path(255, 3, 256, 6), vec![0, 5]);
     }
 }

@@ -30,8 +30,20 @@ pub struct ExitsArgs {
     batch: usize,
     /// RULE=lo:hi:step (confidence, margin, entropy, patience, saturation, gate); repeat for
     /// several rules.
-    #[arg(long, required_unless_present = "report")]
+    #[arg(long, required_unless_present_any = ["report", "skipdecode"])]
     sweep: Vec<String>,
+    /// A SkipDecode schedule to evaluate beside the rules, MAX:MIN:WARMUP[:LENGTH] (layers
+    /// at position 0, layers from position LENGTH-1 on, warm-up layers; LENGTH defaults to
+    /// the model's positions); repeat for several.
+    #[arg(long)]
+    skipdecode: Vec<String>,
+    /// CALM's decaying threshold for every swept confidence-type rule (confidence, margin,
+    /// saturation, gate): λ_t = clip(0.9·λ + 0.1·e^(−τ·t/N)).
+    #[arg(long)]
+    decay_tau: Option<f64>,
+    /// Timing repetitions per setting (median and range reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     /// Evaluate nothing: print (and write as CSV/plot) a report an earlier run wrote with
     /// --json.
     #[arg(long)]
@@ -40,6 +52,11 @@ pub struct ExitsArgs {
     /// full model on a calibration half, and report it on the held-out half.
     #[arg(long)]
     target_agreement: Option<f64>,
+    /// With --target-agreement: choose by Learn-then-Test instead of the point estimate, so
+    /// that with probability at least 1 − EPSILON the chosen threshold's expected
+    /// disagreement is at most 1 − the target (CALM's calibration).
+    #[arg(long, requires = "target_agreement")]
+    ltt_epsilon: Option<f64>,
     /// Write every row as CSV.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -88,7 +105,10 @@ fn write_exit_report(
 }
 
 fn exits(a: ExitsArgs) -> anyhow::Result<()> {
-    use exitgraph::eval::exits::{corpus_cases, parse_sweep, sweep};
+    use exitgraph::eval::exits::{
+        corpus_cases, parse_skipdecode, parse_sweep, sweep, Setting, SweepOptions,
+    };
+    use exitgraph::exits::ExitRule;
     if let Some(path) = &a.report {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -116,24 +136,49 @@ fn exits(a: ExitsArgs) -> anyhow::Result<()> {
             anyhow::bail!("--target-agreement {t} is outside 0..=1");
         }
     }
-    let mut rules = Vec::new();
+    if let Some(e) = a.ltt_epsilon {
+        if !(e > 0.0 && e < 1.0) {
+            anyhow::bail!("--ltt-epsilon {e} must be between 0 and 1");
+        }
+    }
+    if a.reps == 0 {
+        anyhow::bail!("--reps must be at least 1");
+    }
+    let layers = compiled.graph.info.num_layers;
+    let mut settings = Vec::new();
     for s in &a.sweep {
-        rules.extend(parse_sweep(s)?);
+        for rule in parse_sweep(s)? {
+            let rule = match a.decay_tau {
+                Some(tau) if matches!(
+                    rule,
+                    ExitRule::Confidence(_) | ExitRule::Margin(_) | ExitRule::Saturation(_) | ExitRule::Gate(_)
+                ) => ExitRule::Decaying {
+                    rule: Box::new(rule),
+                    tau,
+                },
+                _ => rule,
+            };
+            rule.validate()
+                .map_err(|e| anyhow::anyhow!("--decay-tau: {e}"))?;
+            settings.push(Setting::Rule(rule));
+        }
+    }
+    for s in &a.skipdecode {
+        settings.push(Setting::Skip(parse_skipdecode(s, layers)?));
     }
     let cases = corpus_cases(&tokenizer, &tasks, a.seed, a.examples, a.max_new_tokens)?;
     let program = std::sync::Arc::new(compiled.lower()?);
-    let bar = indicatif::ProgressBar::new(rules.len() as u64);
-    let report = sweep(
-        program,
-        &cases,
-        a.batch,
-        &rules,
-        a.target_agreement,
-        |what| {
-            bar.set_message(what.to_string());
-            bar.inc(1);
-        },
-    )?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    let opts = SweepOptions {
+        batch: a.batch,
+        reps: a.reps,
+        target: a.target_agreement,
+        epsilon: a.ltt_epsilon,
+    };
+    let report = sweep(program, &cases, &settings, &opts, |what| {
+        bar.set_message(what.to_string());
+        bar.tick();
+    })?;
     bar.finish_and_clear();
     write_exit_report(&a, &report)
 }

@@ -1,18 +1,27 @@
-//! `exitgraph eval exits`: speed against quality of early exiting, per rule and threshold.
+//! `exitgraph eval exits`: speed against quality of adaptive depth, per exit rule and
+//! threshold, and per SkipDecode schedule.
 //!
 //! Data: held-out examples of the synthetic corpus; each is cut at its first answer token
 //! into a prompt and a reference continuation. Per setting, every prompt is decoded greedily
-//! through the runtime (all examples arrive at once, `batch` at a time) with the exits, and
-//! compared with the full model's greedy decoding: agreement is the share of generated
-//! positions whose token equals the full model's. Perplexity is measured on the reference
-//! continuations by teacher forcing, each token scored by the distribution of the exit that
-//! produced it. Speed: measured tokens/s (wall clock of the whole run) and the ideal speedup
-//! implied by the path costs (layers, heads and state copying, in FLOPs; see
-//! [`crate::exits::cost`]).
+//! through the runtime (all examples arrive at once, `batch` at a time) and compared with the
+//! full model's greedy decoding. Every figure is over the *exit-eligible* tokens — each
+//! request's tokens after its first, which the prompt's full pass produces and which can never
+//! exit; the first token's agreement is reported apart. Agreement is the share of eligible
+//! positions whose token equals the full model's; perplexity is over the reference
+//! continuations' eligible positions by teacher forcing, each token scored by the
+//! distribution of the exit that produced it.
+//!
+//! Speed: decode only on both sides. A run's decode time is the busy time of its decode-only
+//! steps (exit decisions and state copying included); decode tokens/s is eligible tokens over
+//! it. Each setting is timed `reps` times, each repetition timing the full model and the
+//! setting back to back in alternating order; the speedup is the median per-repetition ratio,
+//! with its range as the noise. The ideal speedup is the full path's FLOPs over the mean
+//! eligible token's path (layers, heads and state copying; see [`crate::exits::cost`]): the
+//! same tokens the measured speedup counts.
 
 use crate::corpus::{self, CorpusSpec, Task};
 use crate::exits::cost::DepthCost;
-use crate::exits::{Depth, ExitRule};
+use crate::exits::{ltt, Depth, ExitRule, SkipDecode};
 use crate::lower::Program;
 use crate::runtime::metrics::{RequestOutcome, TokenStat};
 use crate::runtime::policy::Batching;
@@ -22,7 +31,6 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// A prompt and its reference continuation.
 #[derive(Clone, Debug)]
@@ -66,40 +74,140 @@ pub fn corpus_cases(
     Ok(out)
 }
 
-/// One setting's figures.
+/// What `eval exits` evaluates: an exit rule (the exits decide per token) or a SkipDecode
+/// schedule (depth fixed per sequence position).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Setting {
+    Rule(ExitRule),
+    Skip(SkipDecode),
+}
+
+impl Setting {
+    fn depth(&self) -> Depth {
+        match self {
+            Setting::Rule(rule) => Depth::EarlyExit { rule: rule.clone() },
+            Setting::Skip(s) => Depth::SkipDecode(*s),
+        }
+    }
+
+    /// The row's rule name and threshold.
+    fn label(&self) -> (String, f64) {
+        match self {
+            Setting::Rule(rule) => rule_name(rule),
+            Setting::Skip(s) => (
+                format!(
+                    "skipdecode {}->{} warm-up {}{}",
+                    s.max_layers,
+                    s.min_layers,
+                    s.warmup,
+                    s.max_length
+                        .map_or(String::new(), |l| format!(" over {l} positions"))
+                ),
+                s.min_layers as f64,
+            ),
+        }
+    }
+}
+
+/// `MAX:MIN:WARMUP[:LENGTH]` → a SkipDecode schedule (`--skipdecode`).
+pub fn parse_skipdecode(text: &str, layers: usize) -> anyhow::Result<SkipDecode> {
+    let parts: Vec<usize> = text
+        .split(':')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--skipdecode {text}: expected MAX:MIN:WARMUP[:LENGTH], whole numbers"))?;
+    let s = match parts[..] {
+        [max_layers, min_layers, warmup] => SkipDecode {
+            max_layers,
+            min_layers,
+            warmup,
+            max_length: None,
+        },
+        [max_layers, min_layers, warmup, length] => SkipDecode {
+            max_layers,
+            min_layers,
+            warmup,
+            max_length: Some(length),
+        },
+        _ => bail!("--skipdecode {text}: expected MAX:MIN:WARMUP[:LENGTH]"),
+    };
+    s.validate(layers)
+        .map_err(|e| anyhow::anyhow!("--skipdecode {text}: {e}"))?;
+    Ok(s)
+}
+
+/// Learn-then-Test's guarantee for a chosen threshold (see [`crate::exits::ltt`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LttBound {
+    /// Risk tolerance: 1 − the target agreement.
+    pub delta: f64,
+    /// With probability ≥ 1 − epsilon, the expected risk is ≤ delta.
+    pub epsilon: f64,
+    /// The chosen threshold's Hoeffding-Bentkus p-value on the calibration split.
+    pub p_value: f64,
+    /// Its mean per-case risk there.
+    pub calibration_risk: f64,
+    pub calibration_cases: usize,
+}
+
+/// One setting's figures. Quality and cost are over the *exit-eligible* tokens: every
+/// generated token after a request's first (the first comes from the prompt's full pass and
+/// can never exit); the first token's agreement is reported apart.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SweepRow {
     /// `all`, `calibration` or `held-out`.
     pub split: String,
     pub rule: String,
     pub threshold: f64,
-    /// Mean layers a generated token's hidden state went through.
+    /// Exit-eligible tokens the row's figures are over.
+    #[serde(default)]
+    pub tokens: usize,
+    /// Mean layers an exit-eligible token's hidden state went through.
     pub avg_exit_layer: f64,
-    /// Share of generated tokens per exit point (the last is the full model).
+    /// Share of exit-eligible tokens per exit point (the last is the full model).
     pub exit_share: Vec<(usize, f64)>,
-    /// Share of generated positions equal to the full model's greedy tokens.
+    /// Share of exit-eligible positions equal to the full model's greedy tokens.
     pub agreement: f64,
+    /// Share of requests whose first token equals the full model's (always 1: it comes
+    /// from the prompt's full pass).
+    #[serde(default)]
+    pub first_token_agreement: f64,
+    /// Perplexity of the reference continuations' exit-eligible positions.
     pub perplexity: f64,
     /// Perplexity relative to the full model's, minus 1.
     pub perplexity_change: f64,
+    /// Decode tokens/s: exit-eligible tokens over the busy time of decode-only steps
+    /// (median of the repetitions; 0 when not timed).
     pub tokens_per_s: f64,
-    /// Measured: tokens/s over the full model's tokens/s.
+    /// Measured: median over repetitions of this setting's decode tokens/s over the full
+    /// model's, timed in the same repetition (0 when not timed).
     pub speedup: f64,
+    /// Lowest and highest per-repetition speedup.
+    #[serde(default)]
+    pub speedup_range: (f64, f64),
     /// Full path cost over the mean adaptive path cost (layers, heads, state copying).
     pub ideal_speedup: f64,
+    /// Set on thresholds chosen by Learn-then-Test.
+    #[serde(default)]
+    pub ltt: Option<LttBound>,
 }
 
 /// The whole evaluation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExitReport {
     pub layers: usize,
     pub exits: Vec<usize>,
     pub cases: usize,
     pub batch: usize,
+    /// Timing repetitions per setting.
+    #[serde(default)]
+    pub reps: usize,
+    /// The full model's decode tokens/s (median).
     pub full_tokens_per_s: f64,
     pub full_perplexity: f64,
     pub rows: Vec<SweepRow>,
-    /// With a target agreement: the threshold chosen per rule on the calibration split.
+    /// With a target agreement: per rule, the threshold chosen on the calibration split
+    /// (even-numbered cases) and its figures on the held-out split (odd-numbered cases).
     pub chosen: Vec<SweepRow>,
 }
 
@@ -146,13 +254,18 @@ fn rule_name(rule: &ExitRule) -> (String, f64) {
         ExitRule::Patience(k) => ("patience".into(), *k as f64),
         ExitRule::Saturation(t) => ("saturation".into(), *t),
         ExitRule::Gate(t) => ("gate".into(), *t),
+        ExitRule::Decaying { rule, tau } => {
+            let (name, t) = rule_name(rule);
+            (format!("{name} decaying tau {tau}"), t)
+        }
         ExitRule::Oracle => ("oracle (upper bound)".into(), 0.0),
         ExitRule::Never => ("never".into(), 0.0),
         other => (format!("{other:?}"), 0.0),
     }
 }
 
-/// Runs every case through the runtime; returns the outcomes in case order and the wall time.
+/// One run of every case through the runtime: outcomes in case order, and the decode-only
+/// busy seconds.
 fn run_cases(
     program: &Arc<Program>,
     cases: &[Case],
@@ -176,8 +289,7 @@ fn run_cases(
             depth: None,
         })
         .collect();
-    let started = Instant::now();
-    let (_, outcomes) = Runtime::new(
+    let (report, outcomes) = Runtime::new(
         program.clone(),
         Batching::Static {
             max_batch: batch.max(1),
@@ -189,11 +301,70 @@ fn run_cases(
     )
     .with_depth(depth.clone())?
     .run()?;
-    let wall = started.elapsed().as_secs_f64();
     if let Some(f) = outcomes.iter().find_map(|o| o.failed.as_ref()) {
         bail!("{f}");
     }
-    Ok((outcomes, wall))
+    Ok((outcomes, report.decode_busy_s))
+}
+
+/// Exit-eligible tokens of a run: every request's tokens after its first.
+fn eligible(outcomes: &[RequestOutcome]) -> usize {
+    outcomes.iter().map(|o| o.produced.saturating_sub(1)).sum()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Decode speed of a setting against the full model on the same cases.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Timing {
+    /// Per repetition: (full model's decode tokens/s, the setting's).
+    pub reps: Vec<(f64, f64)>,
+}
+
+impl Timing {
+    /// Median decode tokens/s of the setting.
+    pub fn tokens_per_s(&self) -> f64 {
+        median(&self.reps.iter().map(|r| r.1).collect::<Vec<_>>())
+    }
+
+    /// Median decode tokens/s of the full model.
+    pub fn full_tokens_per_s(&self) -> f64 {
+        median(&self.reps.iter().map(|r| r.0).collect::<Vec<_>>())
+    }
+
+    /// Per-repetition speedups.
+    fn ratios(&self) -> Vec<f64> {
+        self.reps.iter().map(|(f, s)| s / f.max(1e-12)).collect()
+    }
+
+    /// Median per-repetition speedup, and the lowest and highest.
+    pub fn speedup(&self) -> (f64, (f64, f64)) {
+        let r = self.ratios();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if r.is_empty() {
+            (0.0, (0.0, 0.0))
+        } else {
+            (median(&r), (lo, hi))
+        }
+    }
+}
+
+/// One case's result under a setting.
+#[derive(Clone, Debug)]
+struct CaseResult {
+    tokens: Vec<u32>,
+    stats: Vec<TokenStat>,
+    /// Forced NLL of the reference's exit-eligible positions.
+    nll: f64,
 }
 
 /// The evaluator: a program with exits, its cases and the full model's baseline.
@@ -203,9 +374,10 @@ pub struct ExitEval {
     layers: usize,
     exits: Vec<usize>,
     batch: usize,
+    reps: usize,
+    cases: Vec<Case>,
     full_tokens: Vec<Vec<u32>>,
     full_nll: Vec<f64>,
-    full_tps: f64,
 }
 
 fn perplexity(nll: f64, tokens: usize) -> f64 {
@@ -213,14 +385,17 @@ fn perplexity(nll: f64, tokens: usize) -> f64 {
 }
 
 impl ExitEval {
-    /// Runs the full model over `cases` (greedy and teacher-forced) as the baseline.
-    pub fn new(program: Arc<Program>, cases: &[Case], batch: usize) -> anyhow::Result<Self> {
+    /// Runs the full model over `cases` (greedy and teacher-forced) as the baseline; `reps`
+    /// timing repetitions per setting.
+    pub fn new(
+        program: Arc<Program>,
+        cases: &[Case],
+        batch: usize,
+        reps: usize,
+    ) -> anyhow::Result<Self> {
         let graph = program.graph();
         let layers = graph.info.num_layers;
         let exits = graph.exit_depths();
-        if exits.is_empty() {
-            bail!("the pipeline has no exit heads: add an InsertExits pass");
-        }
         let cost = DepthCost::of(graph);
         // One warm-up pass so the first timed run does not pay for first-touch costs.
         run_cases(
@@ -230,17 +405,17 @@ impl ExitEval {
             &Depth::Full,
             false,
         )?;
-        let (full, wall) = run_cases(&program, cases, batch, &Depth::Full, false)?;
+        let (full, _) = run_cases(&program, cases, batch, &Depth::Full, false)?;
         let (forced, _) = run_cases(&program, cases, batch, &Depth::Full, true)?;
-        let generated: usize = full.iter().map(|o| o.tokens.len()).sum();
         Ok(ExitEval {
             cost,
             layers,
             exits,
             batch,
+            reps: reps.max(1),
+            cases: cases.to_vec(),
             full_tokens: full.into_iter().map(|o| o.tokens).collect(),
-            full_nll: forced.iter().map(|o| o.nll).collect(),
-            full_tps: generated as f64 / wall.max(1e-9),
+            full_nll: forced.iter().map(|o| o.nll - o.first_nll).collect(),
             program,
         })
     }
@@ -258,30 +433,128 @@ impl ExitEval {
             }
     }
 
-    /// One setting on the cases `which` (indices into the baseline's cases).
-    pub fn row(
+    /// The cost a token's path is charged: as run, or for the oracle, as a perfect rule's
+    /// (heads up to the oracle's exit, state copying above it).
+    fn costed(&self, s: &TokenStat, oracle: bool) -> TokenStat {
+        if !oracle {
+            return *s;
+        }
+        let exit = s.exit_layer as usize;
+        let early = exit < self.layers;
+        TokenStat {
+            exit_layer: s.exit_layer,
+            layers_run: s.exit_layer,
+            heads: if s.heads == 0 {
+                0
+            } else if early {
+                self.exits.iter().filter(|&&k| k <= exit).count() as u16
+            } else {
+                self.exits.len() as u16
+            },
+            filled: if early { (self.layers - exit) as u16 } else { 0 },
+            final_head: !early,
+        }
+    }
+
+    /// Decode timing of `setting` on the cases `which`: `reps` repetitions, each timing the
+    /// full model and the setting back to back, in alternating order.
+    fn time(&self, which: &[usize], depth: &Depth) -> anyhow::Result<(Timing, Vec<RequestOutcome>)> {
+        let subset: Vec<Case> = which.iter().map(|&i| self.cases[i].clone()).collect();
+        let mut timing = Timing::default();
+        let mut outcomes = Vec::new();
+        for rep in 0..self.reps {
+            let one = |d: &Depth| -> anyhow::Result<(f64, Vec<RequestOutcome>)> {
+                let (outs, busy) = run_cases(&self.program, &subset, self.batch, d, false)?;
+                Ok((eligible(&outs) as f64 / busy.max(1e-9), outs))
+            };
+            let (full, (tps, outs)) = if rep % 2 == 0 {
+                let f = one(&Depth::Full)?.0;
+                (f, one(depth)?)
+            } else {
+                let s = one(depth)?;
+                (one(&Depth::Full)?.0, s)
+            };
+            timing.reps.push((full, tps));
+            outcomes = outs;
+        }
+        Ok((timing, outcomes))
+    }
+
+    /// Runs `setting` on the cases `which`: tokens, paths and forced NLL per case, and the
+    /// decode timing when `timed` (else the greedy run is untimed).
+    fn measure(
         &self,
-        cases: &[Case],
         which: &[usize],
-        rule: &ExitRule,
-        split: &str,
-    ) -> anyhow::Result<SweepRow> {
-        let subset: Vec<Case> = which.iter().map(|&i| cases[i].clone()).collect();
-        let depth = Depth::EarlyExit { rule: rule.clone() };
-        // The full model is timed right before, on the same cases, so both runs see the
-        // same machine load.
-        let (full, full_wall) = run_cases(&self.program, &subset, self.batch, &Depth::Full, false)?;
-        let full_generated: usize = full.iter().map(|o| o.tokens.len()).sum();
-        let full_tps = full_generated as f64 / full_wall.max(1e-9);
-        let (outs, wall) = run_cases(&self.program, &subset, self.batch, &depth, false)?;
+        setting: &Setting,
+        timed: bool,
+    ) -> anyhow::Result<(Vec<CaseResult>, Option<Timing>)> {
+        let depth = setting.depth();
+        let subset: Vec<Case> = which.iter().map(|&i| self.cases[i].clone()).collect();
+        let (timing, outs) = if timed {
+            let (t, o) = self.time(which, &depth)?;
+            (Some(t), o)
+        } else {
+            (None, run_cases(&self.program, &subset, self.batch, &depth, false)?.0)
+        };
         let (forced, _) = run_cases(&self.program, &subset, self.batch, &depth, true)?;
-        let (mut same, mut total) = (0usize, 0usize);
+        let results = outs
+            .into_iter()
+            .zip(forced)
+            .map(|(o, f)| CaseResult {
+                tokens: o.tokens,
+                stats: o.stats,
+                nll: f.nll - f.first_nll,
+            })
+            .collect();
+        Ok((results, timing))
+    }
+
+    /// Per-case risk: the share of a case's exit-eligible tokens that differ from the full
+    /// model's.
+    fn risks(&self, which: &[usize], results: &[CaseResult]) -> Vec<f64> {
+        which
+            .iter()
+            .zip(results)
+            .map(|(&i, r)| {
+                let want = &self.full_tokens[i];
+                let n = want.len().saturating_sub(1);
+                if n == 0 {
+                    return 0.0;
+                }
+                let differ = (1..want.len())
+                    .filter(|&k| r.tokens.get(k) != Some(&want[k]))
+                    .count();
+                differ as f64 / n as f64
+            })
+            .collect()
+    }
+
+    /// The row of `setting` over the cases `which` (`results` in the same order).
+    fn summarize(
+        &self,
+        which: &[usize],
+        results: &[CaseResult],
+        timing: Option<&Timing>,
+        setting: &Setting,
+        split: &str,
+    ) -> SweepRow {
+        let oracle = matches!(setting, Setting::Rule(r) if r.is_oracle());
+        let (mut same, mut total, mut first_same) = (0usize, 0usize, 0usize);
         let mut stats: Vec<TokenStat> = Vec::new();
-        for (o, &i) in outs.iter().zip(which) {
+        let mut nll = 0.0;
+        let mut full_nll = 0.0;
+        let mut forced_tokens = 0usize;
+        for (&i, r) in which.iter().zip(results) {
             let want = &self.full_tokens[i];
-            total += want.len();
-            same += o.tokens.iter().zip(want).filter(|(a, b)| a == b).count();
-            stats.extend(o.stats.iter().copied());
+            first_same += usize::from(r.tokens.first() == want.first());
+            total += want.len().saturating_sub(1);
+            same += (1..want.len())
+                .filter(|&k| r.tokens.get(k) == Some(&want[k]))
+                .count();
+            stats.extend(r.stats.iter().skip(1).map(|s| self.costed(s, oracle)));
+            nll += r.nll;
+            full_nll += self.full_nll[i];
+            forced_tokens += self.cases[i].reference.len().saturating_sub(1);
         }
         let generated = stats.len();
         let mut counts = vec![0usize; self.layers + 1];
@@ -302,109 +575,175 @@ impl ExitEval {
             .collect();
         let avg_exit_layer =
             stats.iter().map(|s| s.exit_layer as f64).sum::<f64>() / generated.max(1) as f64;
-        // The oracle runs the full model to know its answer; its ideal speedup is that of
-        // a perfect rule: the token stops at the oracle's exit (heads up to it, state
-        // copying above it).
-        let costed: Vec<TokenStat> = if rule.is_oracle() {
-            stats
-                .iter()
-                .map(|s| {
-                    let exit = s.exit_layer as usize;
-                    let early = exit < self.layers;
-                    TokenStat {
-                        exit_layer: s.exit_layer,
-                        layers_run: s.exit_layer,
-                        heads: if s.heads == 0 {
-                            0
-                        } else if early {
-                            self.exits.iter().filter(|&&k| k <= exit).count() as u16
-                        } else {
-                            self.exits.len() as u16
-                        },
-                        filled: if early {
-                            (self.layers - exit) as u16
-                        } else {
-                            0
-                        },
-                        final_head: !early,
-                    }
-                })
-                .collect()
-        } else {
-            stats.clone()
-        };
         let adaptive_cost =
-            costed.iter().map(|s| self.path_cost(s)).sum::<f64>() / generated.max(1) as f64;
-        let forced_tokens: usize = subset.iter().map(|c| c.reference.len()).sum();
-        let nll: f64 = forced.iter().map(|o| o.nll).sum();
-        let full_nll: f64 = which.iter().map(|&i| self.full_nll[i]).sum();
+            stats.iter().map(|s| self.path_cost(s)).sum::<f64>() / generated.max(1) as f64;
         let ppl = perplexity(nll, forced_tokens);
         let full_ppl = perplexity(full_nll, forced_tokens);
-        let tps = generated as f64 / wall.max(1e-9);
-        let (name, threshold) = rule_name(rule);
-        Ok(SweepRow {
+        let (speedup, speedup_range) = timing.map_or((0.0, (0.0, 0.0)), Timing::speedup);
+        let (name, threshold) = setting.label();
+        SweepRow {
             split: split.into(),
             rule: name,
             threshold,
+            tokens: generated,
             avg_exit_layer,
             exit_share,
             agreement: same as f64 / total.max(1) as f64,
+            first_token_agreement: first_same as f64 / which.len().max(1) as f64,
             perplexity: ppl,
             perplexity_change: ppl / full_ppl - 1.0,
-            tokens_per_s: tps,
-            speedup: tps / full_tps,
-            ideal_speedup: self.cost.full() / adaptive_cost.max(1e-9),
-        })
+            tokens_per_s: timing.map_or(0.0, Timing::tokens_per_s),
+            speedup,
+            speedup_range,
+            ideal_speedup: if generated == 0 {
+                1.0
+            } else {
+                self.cost.full() / adaptive_cost.max(1e-9)
+            },
+            ltt: None,
+        }
+    }
+
+    /// One setting on the cases `which`, timed.
+    pub fn row(&self, which: &[usize], setting: &Setting, split: &str) -> anyhow::Result<SweepRow> {
+        let (results, timing) = self.measure(which, setting, true)?;
+        Ok(self.summarize(which, &results, timing.as_ref(), setting, split))
     }
 }
 
-/// Sweeps `rules` over `cases`; with `target`, also picks per rule name the threshold with
-/// the highest ideal speedup reaching `target` agreement on the calibration half, and reports
-/// it on the held-out half.
+/// How `sweep` calibrates and times.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepOptions {
+    pub batch: usize,
+    /// Timing repetitions per setting (median reported, range stated).
+    pub reps: usize,
+    /// Pick per rule the threshold reaching this agreement on the calibration split.
+    pub target: Option<f64>,
+    /// With `target`: choose by Learn-then-Test at this level instead of the point estimate.
+    pub epsilon: Option<f64>,
+}
+
+/// Sweeps `settings` over `cases`; with a target agreement, also chooses per rule a
+/// threshold on the calibration split (even-numbered cases) — the best ideal speedup whose
+/// calibration agreement reaches the target, or with `epsilon` the least conservative
+/// threshold Learn-then-Test certifies — and reports it on the held-out split (odd-numbered
+/// cases).
 pub fn sweep(
     program: Arc<Program>,
     cases: &[Case],
-    batch: usize,
-    rules: &[ExitRule],
-    target: Option<f64>,
+    settings: &[Setting],
+    opts: &SweepOptions,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<ExitReport> {
-    let eval = ExitEval::new(program.clone(), cases, batch)?;
+    let has_rules = settings.iter().any(|s| matches!(s, Setting::Rule(_)));
+    if has_rules && program.graph().exits.is_empty() {
+        bail!("the pipeline has no exit heads: add an InsertExits pass");
+    }
+    let eval = ExitEval::new(program.clone(), cases, opts.batch, opts.reps)?;
     let all: Vec<usize> = (0..cases.len()).collect();
     let mut rows = Vec::new();
-    let oracle = eval.row(cases, &all, &ExitRule::Oracle, "all")?;
-    let full_ppl = oracle.perplexity / (1.0 + oracle.perplexity_change);
-    rows.push(oracle);
-    for rule in rules {
-        progress(&format!("{rule:?}"));
-        rows.push(eval.row(cases, &all, rule, "all")?);
+    let mut per_setting: Vec<Vec<CaseResult>> = Vec::new();
+    let mut full_tps = Vec::new();
+    let mut full_ppl = f64::NAN;
+    let mut listed: Vec<Setting> = Vec::new();
+    if !eval.exits.is_empty() {
+        listed.push(Setting::Rule(ExitRule::Oracle));
+    }
+    listed.extend(settings.iter().cloned());
+    for setting in &listed {
+        progress(&setting.label().0);
+        let (results, timing) = eval.measure(&all, setting, true)?;
+        let row = eval.summarize(&all, &results, timing.as_ref(), setting, "all");
+        if let Some(t) = &timing {
+            full_tps.push(t.full_tokens_per_s());
+        }
+        full_ppl = row.perplexity / (1.0 + row.perplexity_change);
+        rows.push(row);
+        per_setting.push(results);
     }
     let mut chosen = Vec::new();
-    if let Some(target) = target {
+    if let Some(target) = opts.target {
         let calibration: Vec<usize> = all.iter().copied().filter(|i| i % 2 == 0).collect();
         let held_out: Vec<usize> = all.iter().copied().filter(|i| i % 2 == 1).collect();
-        let mut names: Vec<String> = rules.iter().map(|r| rule_name(r).0).collect();
-        names.dedup();
+        let pick = |results: &[CaseResult], which: &[usize]| -> Vec<CaseResult> {
+            which.iter().map(|&i| results[i].clone()).collect()
+        };
+        let mut names: Vec<String> = Vec::new();
+        for s in &listed {
+            if let Setting::Rule(r) = s {
+                let name = rule_name(r).0;
+                if r.threshold().is_some() && !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
         for name in names {
-            let mut best: Option<(ExitRule, SweepRow)> = None;
-            for rule in rules.iter().filter(|r| rule_name(r).0 == name) {
-                let row = eval.row(cases, &calibration, rule, "calibration")?;
-                if row.agreement >= target
+            // The rule's settings, most conservative first.
+            let mut group: Vec<(usize, &ExitRule)> = listed
+                .iter()
+                .enumerate()
+                .filter_map(|(k, s)| match s {
+                    Setting::Rule(r) if rule_name(r).0 == name => Some((k, r)),
+                    _ => None,
+                })
+                .collect();
+            group.sort_by(|a, b| {
+                let (ta, tb) = (a.1.threshold().unwrap_or(0.0), b.1.threshold().unwrap_or(0.0));
+                if a.1.larger_is_stricter() {
+                    tb.total_cmp(&ta)
+                } else {
+                    ta.total_cmp(&tb)
+                }
+            });
+            let mut best: Option<(usize, SweepRow)> = None;
+            let mut p_values = Vec::new();
+            let mut cal_rows = Vec::new();
+            for &(k, rule) in &group {
+                let results = pick(&per_setting[k], &calibration);
+                let setting = Setting::Rule(rule.clone());
+                let mut row = eval.summarize(&calibration, &results, None, &setting, "calibration");
+                if let Some(epsilon) = opts.epsilon {
+                    let risks = eval.risks(&calibration, &results);
+                    let mean = risks.iter().sum::<f64>() / risks.len().max(1) as f64;
+                    let p = ltt::hoeffding_bentkus(mean, 1.0 - target, risks.len());
+                    p_values.push(p);
+                    row.ltt = Some(LttBound {
+                        delta: 1.0 - target,
+                        epsilon,
+                        p_value: p,
+                        calibration_risk: mean,
+                        calibration_cases: risks.len(),
+                    });
+                    cal_rows.push((k, row));
+                } else if row.agreement >= target
                     && best
                         .as_ref()
                         .is_none_or(|(_, b)| row.ideal_speedup > b.ideal_speedup)
                 {
-                    best = Some((rule.clone(), row));
+                    best = Some((k, row));
+                }
+            }
+            if let Some(epsilon) = opts.epsilon {
+                let valid = ltt::fixed_sequence(&p_values, epsilon);
+                best = valid.checked_sub(1).and_then(|i| cal_rows.into_iter().nth(i));
+                if best.is_none() {
+                    progress(&format!(
+                        "{name}: Learn-then-Test certifies no threshold for agreement {target} at epsilon {epsilon}"
+                    ));
                 }
             }
             match best {
-                Some((rule, cal)) => {
+                Some((k, cal)) => {
+                    progress(&format!("{name}: held-out"));
+                    let mut held = eval.row(&held_out, &listed[k], "held-out")?;
+                    held.ltt = cal.ltt.clone();
                     chosen.push(cal);
-                    chosen.push(eval.row(cases, &held_out, &rule, "held-out")?);
+                    chosen.push(held);
                 }
-                None => progress(&format!(
+                None if opts.epsilon.is_none() => progress(&format!(
                     "{name}: no threshold reaches {target} agreement on the calibration split"
                 )),
+                None => {}
             }
         }
     }
@@ -412,8 +751,9 @@ pub fn sweep(
         layers: eval.layers,
         exits: eval.exits.clone(),
         cases: cases.len(),
-        batch,
-        full_tokens_per_s: eval.full_tps,
+        batch: opts.batch,
+        reps: eval.reps,
+        full_tokens_per_s: median(&full_tps),
         full_perplexity: full_ppl,
         rows,
         chosen,
@@ -423,27 +763,41 @@ pub fn sweep(
 fn table(rows: &[SweepRow], out: &mut String) {
     let _ = writeln!(
         out,
-        "| split | rule | threshold | avg exit layer | exit shares | agreement | ppl change | tok/s | speedup | ideal |"
+        "| split | rule | threshold | tokens | avg exit layer | exit shares | agreement | ppl change | decode tok/s | speedup (range) | ideal |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|");
     for r in rows {
         let shares: Vec<String> = r
             .exit_share
             .iter()
             .map(|(k, s)| format!("L{k} {:.0}%", s * 100.0))
             .collect();
+        let speed = if r.speedup > 0.0 {
+            format!(
+                "{:.2}x ({:.2}–{:.2})",
+                r.speedup, r.speedup_range.0, r.speedup_range.1
+            )
+        } else {
+            "—".into()
+        };
+        let tps = if r.tokens_per_s > 0.0 {
+            format!("{:.0}", r.tokens_per_s)
+        } else {
+            "—".into()
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.3} | {:.2} | {} | {:.1}% | {:+.1}% | {:.0} | {:.2}x | {:.2}x |",
+            "| {} | {} | {:.3} | {} | {:.2} | {} | {:.1}% | {:+.1}% | {} | {} | {:.2}x |",
             r.split,
             r.rule,
             r.threshold,
+            r.tokens,
             r.avg_exit_layer,
             shares.join(" "),
             r.agreement * 100.0,
             r.perplexity_change * 100.0,
-            r.tokens_per_s,
-            r.speedup,
+            tps,
+            speed,
             r.ideal_speedup
         );
     }
@@ -454,16 +808,37 @@ impl ExitReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} cases, exits after layers {:?} of {}, batch {}: full model {:.0} tok/s, perplexity {:.3}\n",
-            self.cases, self.exits, self.layers, self.batch, self.full_tokens_per_s, self.full_perplexity
+            "{} cases, exits after layers {:?} of {}, batch {}, {} timing repetitions: full model {:.0} decode tok/s, perplexity {:.3}. Figures are over exit-eligible tokens (after each request's first); the first token always comes from the full model.\n",
+            self.cases,
+            self.exits,
+            self.layers,
+            self.batch,
+            self.reps,
+            self.full_tokens_per_s,
+            self.full_perplexity
         );
         table(&self.rows, &mut out);
         if !self.chosen.is_empty() {
             let _ = writeln!(
                 out,
-                "\nChosen on the calibration split, reported on held-out:\n"
+                "\nChosen on the calibration split (even-numbered cases), reported on the held-out split (odd-numbered cases):\n"
             );
             table(&self.chosen, &mut out);
+            for r in self.chosen.iter().filter(|r| r.split == "held-out") {
+                if let Some(b) = &r.ltt {
+                    let _ = writeln!(
+                        out,
+                        "\n{} {:.3}: Learn-then-Test certifies expected disagreement <= {:.3} with probability >= {:.3} (calibration risk {:.4} over {} cases, p = {:.2e})",
+                        r.rule,
+                        r.threshold,
+                        b.delta,
+                        1.0 - b.epsilon,
+                        b.calibration_risk,
+                        b.calibration_cases,
+                        b.p_value
+                    );
+                }
+            }
         }
         out
     }
@@ -471,7 +846,7 @@ impl ExitReport {
     /// Every row as CSV (exit shares as `L2:0.31;L4:0.20;...`).
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
-            "split,rule,threshold,avg_exit_layer,exit_share,agreement,perplexity,perplexity_change,tokens_per_s,speedup,ideal_speedup\n",
+            "split,rule,threshold,tokens,avg_exit_layer,exit_share,agreement,first_token_agreement,perplexity,perplexity_change,tokens_per_s,speedup,speedup_lo,speedup_hi,ideal_speedup,ltt_delta,ltt_epsilon,ltt_p_value\n",
         );
         for r in self.rows.iter().chain(&self.chosen) {
             let shares: Vec<String> = r
@@ -479,20 +854,28 @@ impl ExitReport {
                 .iter()
                 .map(|(k, s)| format!("L{k}:{s:.4}"))
                 .collect();
+            let ltt = r.ltt.as_ref().map_or(",,".to_string(), |b| {
+                format!("{},{},{:.6e}", b.delta, b.epsilon, b.p_value)
+            });
             let _ = writeln!(
                 out,
-                "{},{},{},{:.4},{},{:.4},{:.4},{:.4},{:.1},{:.4},{:.4}",
+                "{},{},{},{},{:.4},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.4},{:.4},{:.4},{:.4},{}",
                 r.split,
                 r.rule,
                 r.threshold,
+                r.tokens,
                 r.avg_exit_layer,
                 shares.join(";"),
                 r.agreement,
+                r.first_token_agreement,
                 r.perplexity,
                 r.perplexity_change,
                 r.tokens_per_s,
                 r.speedup,
-                r.ideal_speedup
+                r.speedup_range.0,
+                r.speedup_range.1,
+                r.ideal_speedup,
+                ltt
             );
         }
         out

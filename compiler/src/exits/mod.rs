@@ -4,15 +4,18 @@
 //!   [`ExitRule`] decides whether the token stops there. The layers it skipped get keys and
 //!   values computed from its exit hidden state (CALM's state copying), so later tokens can
 //!   attend at every layer. Prompts always run the full depth.
-//! - [`Depth::SkipDecode`]: generated token `t` of `T` runs `n(t)` layers, decaying linearly
-//!   from `max_layers` to `min_layers`: `warmup` bottom layers, then the top `n - warmup`
-//!   (the lower-middle layers are bypassed). `n` never grows, so a token never needs a key
-//!   an earlier token did not write.
+//! - [`Depth::SkipDecode`] (Del Corro et al., 2023): the exit point is a function of the
+//!   *sequence position* alone, shared by every sequence at that position: the token at
+//!   position `p` runs `n(p)` layers, decaying linearly from `max_layers` at position 0 to
+//!   `min_layers` at position `max_length - 1` (and beyond): `warmup` bottom layers, then the
+//!   top `n - warmup` (the lower-middle layers are bypassed). `n` never grows along a
+//!   sequence, so a token never needs a key an earlier token did not write.
 //!
 //! The runtime (`crate::runtime`) executes these per token, in batches; `eval exits`
 //! measures speed against quality.
 
 pub mod cost;
+pub mod ltt;
 pub mod rule;
 
 pub use rule::{ExitRule, ExitView};
@@ -32,20 +35,27 @@ pub enum Depth {
     SkipDecode(SkipDecode),
 }
 
-/// SkipDecode's schedule.
+/// SkipDecode's position-wise schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SkipDecode {
-    /// Layers the first generated token runs.
+    /// Layers the token at sequence position 0 would run (the top of the decay).
     pub max_layers: usize,
-    /// Layers the last generated token runs.
+    /// Layers the tokens at position `max_length - 1` and beyond run.
     pub min_layers: usize,
     /// Bottom layers every token runs before the skip.
     pub warmup: usize,
+    /// Sequence length (prompt included) over which the exit point decays; the model's
+    /// positions when absent.
+    #[serde(default)]
+    pub max_length: Option<usize>,
 }
 
 impl SkipDecode {
     pub fn validate(&self, layers: usize) -> Result<(), String> {
+        if self.max_length.is_some_and(|l| l < 2) {
+            return Err("SkipDecode's max_length must be at least 2 positions".into());
+        }
         if !(self.min_layers <= self.max_layers && self.max_layers <= layers) {
             return Err(format!(
                 "SkipDecode needs min_layers ({}) <= max_layers ({}) <= the model's {layers} layers",
@@ -64,13 +74,20 @@ impl SkipDecode {
         Ok(())
     }
 
-    /// Layers generated token `t` (0-based) of `total` runs: linear from `max_layers` at
-    /// the first to `min_layers` at the last, rounded; never increasing in `t`.
-    pub fn layers_at(&self, t: usize, total: usize) -> usize {
-        if total <= 1 || self.max_layers == self.min_layers {
+    /// The decay length: `max_length`, or the model's `positions`.
+    pub fn length(&self, positions: usize) -> usize {
+        self.max_length.unwrap_or(positions)
+    }
+
+    /// Layers the token at sequence position `pos` (0-based, prompt included) runs when the
+    /// schedule decays over `length` positions: `max_layers - (max_layers - min_layers) ·
+    /// min(pos, length - 1) / (length - 1)`, rounded half away from zero; never increasing
+    /// in `pos`.
+    pub fn layers_at(&self, pos: usize, length: usize) -> usize {
+        if length <= 1 || self.max_layers == self.min_layers {
             return self.max_layers;
         }
-        let frac = t.min(total - 1) as f64 / (total - 1) as f64;
+        let frac = pos.min(length - 1) as f64 / (length - 1) as f64;
         let n = self.max_layers as f64 - (self.max_layers - self.min_layers) as f64 * frac;
         (n.round() as usize).clamp(self.min_layers, self.max_layers)
     }
@@ -128,11 +145,14 @@ mod tests {
             max_layers: 6,
             min_layers: 2,
             warmup: 1,
+            max_length: Some(9),
         };
-        let ns: Vec<usize> = (0..9).map(|t| s.layers_at(t, 9)).collect();
-        assert_eq!(ns.first(), Some(&6));
-        assert_eq!(ns.last(), Some(&2));
-        assert!(ns.windows(2).all(|w| w[1] <= w[0]), "{ns:?}");
+        // Over 9 positions: n(p) = 6 - 4p/8, rounded half away from zero.
+        let ns: Vec<usize> = (0..12).map(|p| s.layers_at(p, s.length(256))).collect();
+        assert_eq!(ns, vec![6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 2, 2]);
+        assert_eq!(s.length(256), 9);
+        assert_eq!(SkipDecode { max_length: None, ..s }.length(256), 256);
+        assert!(SkipDecode { max_length: Some(1), ..s }.validate(6).is_err());
         assert_eq!(s.path(4, 6), (0..1, 3..6));
         assert_eq!(s.path(6, 6), (0..1, 1..6));
         assert!(s.validate(6).is_ok());

@@ -17,14 +17,21 @@ pub enum ExitRule {
     Margin(f64),
     /// Entropy of the head's distribution (nats) ≤ threshold.
     Entropy(f64),
-    /// The last `k` exit points (this one included) agree on the top token (PABEE).
+    /// PABEE's patience `t`: the top token has stayed unchanged over the last `t` exit
+    /// points, i.e. this exit point and the `t` before it (`t + 1` heads) agree.
     Patience(usize),
-    /// Cosine similarity between this exit point's hidden state and the previous exit
-    /// point's (the embeddings for the first) ≥ threshold (CALM, MuE).
+    /// Cosine similarity between the hidden state after the exit's layer and the one after
+    /// the layer below it (the embeddings for an exit after layer 1) ≥ threshold: CALM's and
+    /// MuE's state saturation, between consecutive *layers*.
     Saturation(f64),
-    /// The learned gate's probability that this exit's token equals the final one ≥
-    /// threshold (needs `InsertExits(gate: true)` and trained gates).
+    /// The exit's learned consistency classifier (CALM-style: a linear gate on the exit's
+    /// hidden state, trained to predict that the exit's token equals the final one) gives a
+    /// probability ≥ threshold (needs `InsertExits(gate: true)` and trained gates).
     Gate(f64),
+    /// CALM's decaying threshold over a confidence-type rule (`Confidence`, `Margin`,
+    /// `Saturation`, `Gate`): for generated token `t` of at most `N`, the rule's threshold
+    /// λ becomes clip₀¹(0.9·λ + 0.1·e^(−τ·t/N)).
+    Decaying { rule: Box<ExitRule>, tau: f64 },
     /// Exit at the first exit point whose token equals the full model's. An upper bound for
     /// studies: it runs the full model to know the answer, so it saves nothing.
     Oracle,
@@ -40,12 +47,24 @@ pub struct ExitView<'a> {
     pub probs: &'a [f32],
     /// The residual stream at this exit point (the token's last position).
     pub hidden: &'a [f32],
-    /// The residual stream at the previous exit point (the embeddings for the first).
+    /// The residual stream one layer below this exit point (the embeddings for an exit
+    /// after layer 1), when the rule reads it.
     pub prev_hidden: Option<&'a [f32]>,
     /// The gate's probability, when the exit has a gate.
     pub gate: Option<f32>,
     /// Top tokens of the earlier exit points for this token, in order.
     pub earlier: &'a [u32],
+    /// The token's index among the request's generated tokens (0 for the first).
+    pub index: usize,
+    /// The most tokens the request may generate (CALM's `N`).
+    pub max_tokens: usize,
+}
+
+/// CALM's decayed threshold for generated token `t` of at most `n`:
+/// clip₀¹(0.9·λ + 0.1·e^(−τ·t/n)).
+pub fn decayed_threshold(lambda: f64, tau: f64, t: usize, n: usize) -> f64 {
+    let frac = t as f64 / n.max(1) as f64;
+    (0.9 * lambda + 0.1 * (-tau * frac).exp()).clamp(0.0, 1.0)
 }
 
 /// Top-1 token, its probability and the runner-up's probability.
@@ -105,8 +124,45 @@ impl ExitRule {
     pub fn needs_gate(&self) -> bool {
         match self {
             ExitRule::Gate(_) => true,
+            ExitRule::Decaying { rule, .. } => rule.needs_gate(),
             ExitRule::Any(rs) | ExitRule::All(rs) => rs.iter().any(ExitRule::needs_gate),
             _ => false,
+        }
+    }
+
+    /// Whether the rule reads the hidden state one layer below the exit (saturation).
+    pub fn needs_previous_layer(&self) -> bool {
+        match self {
+            ExitRule::Saturation(_) => true,
+            ExitRule::Decaying { rule, .. } => rule.needs_previous_layer(),
+            ExitRule::Any(rs) | ExitRule::All(rs) => {
+                rs.iter().any(ExitRule::needs_previous_layer)
+            }
+            _ => false,
+        }
+    }
+
+    /// The rule's threshold, for rules that have one.
+    pub fn threshold(&self) -> Option<f64> {
+        match self {
+            ExitRule::Confidence(t)
+            | ExitRule::Margin(t)
+            | ExitRule::Entropy(t)
+            | ExitRule::Saturation(t)
+            | ExitRule::Gate(t) => Some(*t),
+            ExitRule::Patience(k) => Some(*k as f64),
+            ExitRule::Decaying { rule, .. } => rule.threshold(),
+            _ => None,
+        }
+    }
+
+    /// Whether a larger threshold makes the rule exit less often (every thresholded rule but
+    /// `Entropy`, whose threshold is an upper bound).
+    pub fn larger_is_stricter(&self) -> bool {
+        match self {
+            ExitRule::Entropy(_) => false,
+            ExitRule::Decaying { rule, .. } => rule.larger_is_stricter(),
+            _ => true,
         }
     }
 
@@ -147,6 +203,20 @@ impl ExitRule {
                     Err("Patience needs at least 1".into())
                 }
             }
+            ExitRule::Decaying { rule, tau } => {
+                if !(tau.is_finite() && *tau >= 0.0) {
+                    return Err(format!("Decaying's tau {tau} must be a non-negative number"));
+                }
+                match **rule {
+                    ExitRule::Confidence(_)
+                    | ExitRule::Margin(_)
+                    | ExitRule::Saturation(_)
+                    | ExitRule::Gate(_) => rule.validate(),
+                    _ => Err(format!(
+                        "Decaying applies to Confidence, Margin, Saturation or Gate, not {rule:?}"
+                    )),
+                }
+            }
             ExitRule::Any(rs) | ExitRule::All(rs) => {
                 if rs.is_empty() {
                     return Err("Any/All need at least one rule".into());
@@ -183,12 +253,17 @@ impl ExitRule {
             }
             ExitRule::Patience(k) => {
                 let tok = top2(v.probs).0;
-                let run = 1 + v.earlier.iter().rev().take_while(|&&e| e == tok).count();
-                (run >= *k, run as f64)
+                let unchanged = v.earlier.iter().rev().take_while(|&&e| e == tok).count();
+                (unchanged >= *k, unchanged as f64)
             }
             ExitRule::Saturation(t) => {
                 let c = v.prev_hidden.map_or(0.0, |p| cosine(v.hidden, p));
                 (v.prev_hidden.is_some() && c >= *t, c)
+            }
+            ExitRule::Decaying { rule, tau } => {
+                let lambda = rule.threshold().unwrap_or(0.0);
+                let t = decayed_threshold(lambda, *tau, v.index, v.max_tokens);
+                rule.with_threshold(t).decide(v)
             }
             ExitRule::Gate(t) => {
                 let g = v.gate.unwrap_or(0.0) as f64;
@@ -216,6 +291,10 @@ impl ExitRule {
             ExitRule::Patience(_) => ExitRule::Patience(t.round().max(1.0) as usize),
             ExitRule::Saturation(_) => ExitRule::Saturation(t),
             ExitRule::Gate(_) => ExitRule::Gate(t),
+            ExitRule::Decaying { rule, tau } => ExitRule::Decaying {
+                rule: Box::new(rule.with_threshold(t)),
+                tau: *tau,
+            },
             other => other.clone(),
         }
     }
@@ -246,6 +325,8 @@ mod tests {
             prev_hidden: Some(&[1.0, 1.0]),
             gate: Some(0.7),
             earlier,
+            index: 0,
+            max_tokens: 10,
         }
     }
 
@@ -261,9 +342,14 @@ mod tests {
         assert!((h - 0.8018).abs() < 1e-3, "{h}");
         assert!(ExitRule::Entropy(0.81).decide(&v).0);
         assert!(!ExitRule::Entropy(0.8).decide(&v).0);
-        assert_eq!(ExitRule::Patience(3).decide(&v), (true, 3.0));
-        assert!(
-            !ExitRule::Patience(3).decide(&view(&p, &[0, 1])).0,
+        // PABEE: patience t exits once the prediction stayed unchanged t times (t + 1 heads
+        // agree): two earlier heads agree with this one, so 2 is met and 3 is not.
+        assert_eq!(ExitRule::Patience(2).decide(&v), (true, 2.0));
+        assert_eq!(ExitRule::Patience(3).decide(&v), (false, 2.0));
+        assert_eq!(ExitRule::Patience(1).decide(&view(&p, &[])), (false, 0.0));
+        assert_eq!(
+            ExitRule::Patience(1).decide(&view(&p, &[0, 1])),
+            (false, 0.0),
             "the run of agreement is broken"
         );
         let (fire, c) = ExitRule::Saturation(0.7).decide(&v);
@@ -282,6 +368,41 @@ mod tests {
         );
         assert!(!ExitRule::Never.decide(&v).0);
         assert!(!ExitRule::Oracle.decide(&v).0);
+    }
+
+    #[test]
+    fn calm_decays_the_threshold_over_tokens() {
+        // Hand-computed: 0.9 * 0.9 + 0.1 * e^0 = 0.91 at t = 0; at t = N/2 with tau = 4,
+        // 0.81 + 0.1 * e^-2 = 0.823534; at t = N, 0.81 + 0.1 * e^-4 = 0.811832.
+        assert!((decayed_threshold(0.9, 4.0, 0, 10) - 0.91).abs() < 1e-12);
+        assert!((decayed_threshold(0.9, 4.0, 5, 10) - 0.823_533_528).abs() < 1e-8);
+        assert!((decayed_threshold(0.9, 4.0, 10, 10) - 0.811_831_564).abs() < 1e-8);
+        // Clipped to [0, 1].
+        assert_eq!(decayed_threshold(1.2, 0.0, 3, 10), 1.0);
+        let p = [0.82f32, 0.1, 0.08];
+        let rule = ExitRule::Decaying {
+            rule: Box::new(ExitRule::Confidence(0.9)),
+            tau: 4.0,
+        };
+        let mut v = view(&p, &[]);
+        v.index = 0;
+        assert!(!rule.decide(&v).0, "0.82 < 0.91 at the first token");
+        v.index = 10;
+        assert!(rule.decide(&v).0, "0.82 >= 0.8118 at the last token");
+        assert!(rule.validate().is_ok());
+        assert!(ExitRule::Decaying {
+            rule: Box::new(ExitRule::Entropy(0.3)),
+            tau: 1.0
+        }
+        .validate()
+        .is_err());
+        assert_eq!(
+            rule.with_threshold(0.5),
+            ExitRule::Decaying {
+                rule: Box::new(ExitRule::Confidence(0.5)),
+                tau: 4.0
+            }
+        );
     }
 
     #[test]
