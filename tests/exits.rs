@@ -8,10 +8,10 @@
 //! - a token that always exits at layer k continues exactly like the model truncated to k
 //!   layers (an independent reference: `TruncateLayers` + the shared head).
 
+use candle_core::Tensor;
 use candle_core::{DType, Device};
 use exitgraph::exits::{Depth, ExitRule, SkipDecode};
 use exitgraph::generate::{generate, GenerateOptions};
-use candle_core::Tensor;
 use exitgraph::lower::{Program, Run, Segment, Task, Want};
 use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::workload::RequestSpec;
@@ -127,17 +127,36 @@ fn to_rows(t: &Tensor) -> Vec<Vec<f32>> {
 
 /// One program call from depth `from` on a fresh cache: `ids` at positions `0..`, entering
 /// with `state` (one row per token), returning the wanted node at every position.
-fn call(p: &Program, ids: &[u32], from: usize, state: Option<Vec<Vec<f32>>>, want: Want) -> Vec<Vec<f32>> {
+fn call(
+    p: &Program,
+    ids: &[u32],
+    from: usize,
+    state: Option<Vec<Vec<f32>>>,
+    want: Want,
+) -> Vec<Vec<f32>> {
     let mut cache = p.new_cache();
     let hidden = p.graph().info.hidden;
     let state = state.map(|rows| {
         let flat: Vec<f32> = rows.concat();
         Tensor::from_vec(flat, (rows.len(), hidden), &Device::Cpu).unwrap()
     });
-    let mut seg = [Segment { ids, start: 0, state, cache: &mut cache }];
-    let run = Run { from, task: Task::Outputs(vec![want]), commit: true };
+    let mut seg = [Segment {
+        ids,
+        start: 0,
+        state,
+        cache: &mut cache,
+    }];
+    let run = Run {
+        from,
+        task: Task::Outputs(vec![want]),
+        commit: true,
+    };
     let out = p.run(&mut seg, &run).unwrap().remove(0).remove(0);
-    let out = if out.rank() == 3 { out.squeeze(0).unwrap() } else { out };
+    let out = if out.rank() == 3 {
+        out.squeeze(0).unwrap()
+    } else {
+        out
+    };
     to_rows(&out)
 }
 
@@ -156,13 +175,25 @@ fn reference_logits(p: &Program, ids: &[u32], ran: &[Ran]) -> Vec<f32> {
             Ran::Layers(set) => set.contains(&l),
             Ran::Exit(k) => l < *k,
         };
-        let present: Vec<bool> = ran.iter().map(|r| runs(r) || matches!(r, Ran::Exit(k) if l >= *k)).collect();
+        let present: Vec<bool> = ran
+            .iter()
+            .map(|r| runs(r) || matches!(r, Ran::Exit(k) if l >= *k))
+            .collect();
         let q = present.iter().take_while(|&&x| x).count();
-        assert!(present[q..].iter().all(|&x| !x), "layer {l}: the positions present must be a prefix");
+        assert!(
+            present[q..].iter().all(|&x| !x),
+            "layer {l}: the positions present must be a prefix"
+        );
         if q == 0 {
             continue;
         }
-        let out = call(p, &ids[..q], l, Some(state[..q].to_vec()), Want::all(p.stream_node(l + 1).unwrap()));
+        let out = call(
+            p,
+            &ids[..q],
+            l,
+            Some(state[..q].to_vec()),
+            Want::all(p.stream_node(l + 1).unwrap()),
+        );
         for (i, row) in out.into_iter().enumerate() {
             if runs(&ran[i]) {
                 state[i] = row;
@@ -174,17 +205,37 @@ fn reference_logits(p: &Program, ids: &[u32], ran: &[Ran]) -> Vec<f32> {
         Ran::Exit(k) => (k, p.graph().exit_at(k).and_then(|e| e.logits).unwrap()),
         _ => (layers, p.logits_node().unwrap()),
     };
-    call(p, &ids[last..], from, Some(vec![state[last].clone()]), Want::last(node)).remove(0)
+    call(
+        p,
+        &ids[last..],
+        from,
+        Some(vec![state[last].clone()]),
+        Want::last(node),
+    )
+    .remove(0)
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0 as u32
 }
 
 /// SkipDecode's layers for the token at `pos`, from the paper's formula written out here
 /// (not the library's): n = round(max - (max - min) * min(pos, L - 1) / (L - 1)), the warm-up
 /// layers then the top n - warmup.
-fn skip_layers(layers: usize, max: usize, min: usize, warmup: usize, length: usize, pos: usize) -> Vec<usize> {
+fn skip_layers(
+    layers: usize,
+    max: usize,
+    min: usize,
+    warmup: usize,
+    length: usize,
+    pos: usize,
+) -> Vec<usize> {
     let frac = pos.min(length - 1) as f64 / (length - 1) as f64;
     let n = (max as f64 - (max - min) as f64 * frac).round() as usize;
     (0..warmup).chain(layers - (n - warmup)..layers).collect()
@@ -414,9 +465,20 @@ fn tokens_after_an_exit_read_the_copied_keys_and_values() {
         // token, so copied keys and values are read.
         let mut best: Option<Vec<(Vec<u32>, Vec<u16>)>> = None;
         for t in [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05] {
-            let got = serve(&p, &prs, new, Batching::Static { max_batch: 2 }, &Depth::EarlyExit { rule: ExitRule::Margin(t) });
+            let got = serve(
+                &p,
+                &prs,
+                new,
+                Batching::Static { max_batch: 2 },
+                &Depth::EarlyExit {
+                    rule: ExitRule::Margin(t),
+                },
+            );
             let mixed = got.iter().any(|(_, e)| {
-                e.iter().skip(1).position(|&l| (l as usize) < layers).is_some_and(|i| e[i + 2..].iter().any(|&l| l as usize == layers))
+                e.iter()
+                    .skip(1)
+                    .position(|&l| (l as usize) < layers)
+                    .is_some_and(|i| e[i + 2..].iter().any(|&l| l as usize == layers))
             });
             if mixed {
                 best = Some(got);
@@ -435,13 +497,20 @@ fn tokens_after_an_exit_read_the_copied_keys_and_values() {
                     let last = plan.len() - 1;
                     plan[last] = if k < layers { Ran::Exit(k) } else { Ran::Full };
                 }
-                assert_eq!(argmax(&reference_logits(&p, &seq, &plan)), t, "seed {seed}, token {i}");
+                assert_eq!(
+                    argmax(&reference_logits(&p, &seq, &plan)),
+                    t,
+                    "seed {seed}, token {i}"
+                );
                 seq.push(t);
                 plan.push(Ran::Full);
             }
         }
     }
-    assert!(mixed_cases >= 2, "only {mixed_cases} seeds mixed exits and full-depth tokens");
+    assert!(
+        mixed_cases >= 2,
+        "only {mixed_cases} seeds mixed exits and full-depth tokens"
+    );
 }
 
 /// MiniLM (weights fetched by scripts/fetch-minilm.sh) with exits after layers 2..=5.

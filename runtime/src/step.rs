@@ -4,8 +4,8 @@
 
 use super::strategy::{ExitPlan, SkipPlan};
 use super::{
-    add_busy, cost, Clock, Engine, Executor, Kv, Plan, Progress, Recorder, Request,
-    StageResult, StageResults, StepError, StepTokens,
+    add_busy, cost, Clock, Engine, Executor, Kv, Plan, Progress, Recorder, Request, StageResult,
+    StageResults, StepError, StepTokens,
 };
 use bevy_ecs::prelude::*;
 use candle_core::Tensor;
@@ -168,11 +168,10 @@ pub(super) fn execute(
         below,
         last_stage,
     };
-    let outcome =
-        run_stage(&engine, &mut stage_rows, range.clone(), wants).and_then(|mut a| {
-            a.extend(run_paths(&engine, &mut skip_rows)?);
-            Ok(a)
-        });
+    let outcome = run_stage(&engine, &mut stage_rows, range.clone(), wants).and_then(|mut a| {
+        a.extend(run_paths(&engine, &mut skip_rows)?);
+        Ok(a)
+    });
     let elapsed = started.elapsed().as_secs_f64();
     for row in stage_rows.into_iter().chain(skip_rows) {
         if let Ok((_, _, mut kv, _)) = seqs.get_mut(row.entity) {

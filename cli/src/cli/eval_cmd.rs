@@ -149,13 +149,20 @@ fn exits(a: ExitsArgs) -> anyhow::Result<()> {
     for s in &a.sweep {
         for rule in parse_sweep(s)? {
             let rule = match a.decay_tau {
-                Some(tau) if matches!(
-                    rule,
-                    ExitRule::Confidence(_) | ExitRule::Margin(_) | ExitRule::Saturation(_) | ExitRule::Gate(_)
-                ) => ExitRule::Decaying {
-                    rule: Box::new(rule),
-                    tau,
-                },
+                Some(tau)
+                    if matches!(
+                        rule,
+                        ExitRule::Confidence(_)
+                            | ExitRule::Margin(_)
+                            | ExitRule::Saturation(_)
+                            | ExitRule::Gate(_)
+                    ) =>
+                {
+                    ExitRule::Decaying {
+                        rule: Box::new(rule),
+                        tau,
+                    }
+                }
                 _ => rule,
             };
             rule.validate()

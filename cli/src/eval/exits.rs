@@ -115,7 +115,9 @@ pub fn parse_skipdecode(text: &str, layers: usize) -> anyhow::Result<SkipDecode>
         .split(':')
         .map(|p| p.trim().parse::<usize>())
         .collect::<Result<_, _>>()
-        .with_context(|| format!("--skipdecode {text}: expected MAX:MIN:WARMUP[:LENGTH], whole numbers"))?;
+        .with_context(|| {
+            format!("--skipdecode {text}: expected MAX:MIN:WARMUP[:LENGTH], whole numbers")
+        })?;
     let s = match parts[..] {
         [max_layers, min_layers, warmup] => SkipDecode {
             max_layers,
@@ -451,14 +453,22 @@ impl ExitEval {
             } else {
                 self.exits.len() as u16
             },
-            filled: if early { (self.layers - exit) as u16 } else { 0 },
+            filled: if early {
+                (self.layers - exit) as u16
+            } else {
+                0
+            },
             final_head: !early,
         }
     }
 
     /// Decode timing of `setting` on the cases `which`: `reps` repetitions, each timing the
     /// full model and the setting back to back, in alternating order.
-    fn time(&self, which: &[usize], depth: &Depth) -> anyhow::Result<(Timing, Vec<RequestOutcome>)> {
+    fn time(
+        &self,
+        which: &[usize],
+        depth: &Depth,
+    ) -> anyhow::Result<(Timing, Vec<RequestOutcome>)> {
         let subset: Vec<Case> = which.iter().map(|&i| self.cases[i].clone()).collect();
         let mut timing = Timing::default();
         let mut outcomes = Vec::new();
@@ -494,7 +504,10 @@ impl ExitEval {
             let (t, o) = self.time(which, &depth)?;
             (Some(t), o)
         } else {
-            (None, run_cases(&self.program, &subset, self.batch, &depth, false)?.0)
+            (
+                None,
+                run_cases(&self.program, &subset, self.batch, &depth, false)?.0,
+            )
         };
         let (forced, _) = run_cases(&self.program, &subset, self.batch, &depth, true)?;
         let results = outs
@@ -611,6 +624,12 @@ impl ExitEval {
     }
 }
 
+/// The calibration split (even-numbered cases) and the held-out split (odd-numbered cases)
+/// of `n` cases.
+pub fn split(n: usize) -> (Vec<usize>, Vec<usize>) {
+    ((0..n).step_by(2).collect(), (1..n).step_by(2).collect())
+}
+
 /// How `sweep` calibrates and times.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SweepOptions {
@@ -663,8 +682,7 @@ pub fn sweep(
     }
     let mut chosen = Vec::new();
     if let Some(target) = opts.target {
-        let calibration: Vec<usize> = all.iter().copied().filter(|i| i % 2 == 0).collect();
-        let held_out: Vec<usize> = all.iter().copied().filter(|i| i % 2 == 1).collect();
+        let (calibration, held_out) = split(cases.len());
         let pick = |results: &[CaseResult], which: &[usize]| -> Vec<CaseResult> {
             which.iter().map(|&i| results[i].clone()).collect()
         };
@@ -688,7 +706,10 @@ pub fn sweep(
                 })
                 .collect();
             group.sort_by(|a, b| {
-                let (ta, tb) = (a.1.threshold().unwrap_or(0.0), b.1.threshold().unwrap_or(0.0));
+                let (ta, tb) = (
+                    a.1.threshold().unwrap_or(0.0),
+                    b.1.threshold().unwrap_or(0.0),
+                );
                 if a.1.larger_is_stricter() {
                     tb.total_cmp(&ta)
                 } else {
@@ -725,7 +746,9 @@ pub fn sweep(
             }
             if let Some(epsilon) = opts.epsilon {
                 let valid = ltt::fixed_sequence(&p_values, epsilon);
-                best = valid.checked_sub(1).and_then(|i| cal_rows.into_iter().nth(i));
+                best = valid
+                    .checked_sub(1)
+                    .and_then(|i| cal_rows.into_iter().nth(i));
                 if best.is_none() {
                     progress(&format!(
                         "{name}: Learn-then-Test certifies no threshold for agreement {target} at epsilon {epsilon}"
@@ -917,7 +940,146 @@ pub fn plot(report: &ExitReport, path: &std::path::Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn stat(exit: u16, run: u16, heads: u16, filled: u16, final_head: bool) -> TokenStat {
+        TokenStat {
+            exit_layer: exit,
+            layers_run: run,
+            heads,
+            filled,
+            final_head,
+        }
+    }
+
+    /// An evaluator over hand-made data: 4 layers of 10 FLOPs, an exit after layer 2 whose
+    /// head costs 3, a final head of 5, keys and values filled at 2 per layer.
+    fn evaluator() -> (ExitEval, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::synth::write_random_llama(dir.path(), &crate::synth::LlamaSpec::tiny(), 1).unwrap();
+        let g = exitgraph_ir::import(dir.path()).unwrap().graph;
+        let program = Arc::new(
+            Program::lower(
+                &g,
+                dir.path(),
+                &candle_core::Device::Cpu,
+                candle_core::DType::F32,
+            )
+            .unwrap(),
+        );
+        let case = |r: Vec<u32>| Case {
+            prompt: vec![1],
+            reference: r,
+        };
+        let eval = ExitEval {
+            program,
+            cost: DepthCost {
+                layer: vec![10.0; 4],
+                head: BTreeMap::from([(2, 3.0)]),
+                final_head: 5.0,
+                kv_fill: vec![2.0; 4],
+            },
+            layers: 4,
+            exits: vec![2],
+            batch: 1,
+            reps: 1,
+            cases: vec![case(vec![1, 2, 3]), case(vec![4, 5, 6])],
+            full_tokens: vec![vec![1, 2, 3], vec![4, 5, 6]],
+            full_nll: vec![1.0, 2.0],
+        };
+        (eval, dir)
+    }
+
+    fn results() -> Vec<CaseResult> {
+        let full = stat(4, 4, 1, 0, true);
+        let exit = stat(2, 2, 1, 2, false);
+        vec![
+            CaseResult {
+                tokens: vec![1, 2, 9],
+                stats: vec![full, exit, full],
+                nll: 1.5,
+            },
+            CaseResult {
+                tokens: vec![4, 5, 6],
+                stats: vec![full, exit, exit],
+                nll: 2.5,
+            },
+        ]
+    }
+
+    #[test]
+    fn sweep_rows_match_hand_computed_figures() {
+        let (eval, _dir) = evaluator();
+        let timing = Timing {
+            reps: vec![(100.0, 120.0), (100.0, 150.0), (110.0, 121.0)],
+        };
+        let row = eval.summarize(
+            &[0, 1],
+            &results(),
+            Some(&timing),
+            &Setting::Rule(ExitRule::Confidence(0.9)),
+            "all",
+        );
+        // Exit-eligible tokens: the 2 after each case's first. 3 of 4 equal the full model's.
+        assert_eq!(row.tokens, 4);
+        assert!((row.agreement - 0.75).abs() < 1e-12);
+        assert_eq!(row.first_token_agreement, 1.0);
+        assert_eq!(row.exit_share, vec![(2, 0.75), (4, 0.25)]);
+        assert!((row.avg_exit_layer - 2.5).abs() < 1e-12);
+        // Paths: an exit 2·10 + 3 + 2·2 = 27, a full token 4·10 + 3 + 5 = 48; full model
+        // 4·10 + 5 = 45; ideal 45 / ((3·27 + 48) / 4) = 45 / 32.25.
+        assert!((row.ideal_speedup - 45.0 / 32.25).abs() < 1e-12);
+        // Perplexity over the 4 eligible reference positions: e^(4/4) against e^(3/4).
+        assert!((row.perplexity - 1f64.exp()).abs() < 1e-12);
+        assert!((row.perplexity_change - (0.25f64.exp() - 1.0)).abs() < 1e-12);
+        // Speedups per repetition 1.2, 1.5, 1.1: median 1.2, range 1.1..1.5; tokens/s the
+        // median of 120, 150, 121.
+        assert!((row.speedup - 1.2).abs() < 1e-12);
+        assert!((row.speedup_range.0 - 1.1).abs() < 1e-12);
+        assert!((row.speedup_range.1 - 1.5).abs() < 1e-12);
+        assert_eq!(row.tokens_per_s, 121.0);
+        // Per-case risk: 1 of 2 eligible tokens differ in case 0, none in case 1.
+        assert_eq!(eval.risks(&[0, 1], &results()), vec![0.5, 0.0]);
+    }
+
+    #[test]
+    fn the_oracle_is_costed_as_a_perfect_rule() {
+        let (eval, _dir) = evaluator();
+        // The oracle runs the full model (4 layers, one head) and records where it would have
+        // exited: costed as stopping there (27) or at full depth (48).
+        let ran = stat(2, 4, 1, 0, true);
+        assert_eq!(eval.costed(&ran, true), stat(2, 2, 1, 2, false));
+        assert_eq!(
+            eval.costed(&stat(4, 4, 1, 0, true), true),
+            stat(4, 4, 1, 0, true)
+        );
+        assert_eq!(eval.path_cost(&eval.costed(&ran, true)), 27.0);
+        assert_eq!(eval.costed(&ran, false), ran);
+    }
+
+    #[test]
+    fn calibration_and_held_out_splits_alternate() {
+        assert_eq!(split(5), (vec![0, 2, 4], vec![1, 3]));
+        assert_eq!(split(0), (vec![], vec![]));
+    }
+
+    #[test]
+    fn skipdecode_settings_parse() {
+        let s = parse_skipdecode("6:3:1", 6).unwrap();
+        assert_eq!(
+            (s.max_layers, s.min_layers, s.warmup, s.max_length),
+            (6, 3, 1, None)
+        );
+        assert_eq!(
+            parse_skipdecode("6:3:1:64", 6).unwrap().max_length,
+            Some(64)
+        );
+        assert!(parse_skipdecode("7:3:1", 6).is_err());
+        assert!(parse_skipdecode("6:3", 6).is_err());
+        assert!(parse_skipdecode("6:x:1", 6).is_err());
+    }
 
     #[test]
     fn sweeps_parse() {

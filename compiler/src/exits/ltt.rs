@@ -93,13 +93,22 @@ mod tests {
     fn hoeffding_bentkus_matches_hand_computed_values() {
         // R̂ = 0, δ = 0.05, n = 100: Hoeffding exp(-100·ln(1/0.95)) = 0.95^100 = 0.0059205;
         // Bentkus e·0.95^100 = 0.016094; the minimum is Hoeffding's.
-        assert!(close(hoeffding_bentkus(0.0, 0.05, 100), 0.005_920_529_220_334_054));
+        assert!(close(
+            hoeffding_bentkus(0.0, 0.05, 100),
+            0.005_920_529_220_334_054
+        ));
         // R̂ = 0.02, δ = 0.05, n = 100: exp(-100·h1(0.02, 0.05)) = 0.29692 beats
         // e·P(Bin ≤ 2) = 0.32147.
-        assert!(close(hoeffding_bentkus(0.02, 0.05, 100), 0.296_918_951_167_002_5));
+        assert!(close(
+            hoeffding_bentkus(0.02, 0.05, 100),
+            0.296_918_951_167_002_5
+        ));
         // R̂ = 0.02, δ = 0.1, n = 100: Bentkus e·P(Bin(100, 0.1) ≤ 2) = 0.0052867 beats
         // Hoeffding's 0.0059368.
-        assert!(close(hoeffding_bentkus(0.02, 0.1, 100), 0.005_286_744_607_654_359));
+        assert!(close(
+            hoeffding_bentkus(0.02, 0.1, 100),
+            0.005_286_744_607_654_359
+        ));
         // A mean risk above the tolerance is never rejected.
         assert_eq!(hoeffding_bentkus(0.06, 0.05, 100), 1.0);
         assert_eq!(hoeffding_bentkus(0.0, 0.05, 0), 1.0);

@@ -151,8 +151,20 @@ mod tests {
         let ns: Vec<usize> = (0..12).map(|p| s.layers_at(p, s.length(256))).collect();
         assert_eq!(ns, vec![6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 2, 2]);
         assert_eq!(s.length(256), 9);
-        assert_eq!(SkipDecode { max_length: None, ..s }.length(256), 256);
-        assert!(SkipDecode { max_length: Some(1), ..s }.validate(6).is_err());
+        assert_eq!(
+            SkipDecode {
+                max_length: None,
+                ..s
+            }
+            .length(256),
+            256
+        );
+        assert!(SkipDecode {
+            max_length: Some(1),
+            ..s
+        }
+        .validate(6)
+        .is_err());
         assert_eq!(s.path(4, 6), (0..1, 3..6));
         assert_eq!(s.path(6, 6), (0..1, 1..6));
         assert!(s.validate(6).is_ok());

@@ -135,9 +135,7 @@ impl ExitRule {
         match self {
             ExitRule::Saturation(_) => true,
             ExitRule::Decaying { rule, .. } => rule.needs_previous_layer(),
-            ExitRule::Any(rs) | ExitRule::All(rs) => {
-                rs.iter().any(ExitRule::needs_previous_layer)
-            }
+            ExitRule::Any(rs) | ExitRule::All(rs) => rs.iter().any(ExitRule::needs_previous_layer),
             _ => false,
         }
     }
@@ -205,7 +203,9 @@ impl ExitRule {
             }
             ExitRule::Decaying { rule, tau } => {
                 if !(tau.is_finite() && *tau >= 0.0) {
-                    return Err(format!("Decaying's tau {tau} must be a non-negative number"));
+                    return Err(format!(
+                        "Decaying's tau {tau} must be a non-negative number"
+                    ));
                 }
                 match **rule {
                     ExitRule::Confidence(_)
@@ -316,6 +316,7 @@ impl ExitRule {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn view<'a>(probs: &'a [f32], earlier: &'a [u32]) -> ExitView<'a> {
@@ -403,6 +404,19 @@ mod tests {
                 tau: 4.0
             }
         );
+    }
+
+    #[test]
+    fn rules_read_from_ron() {
+        let r: ExitRule = ron::from_str("Decaying(rule: Confidence(0.9), tau: 4.0)").unwrap();
+        assert_eq!(
+            r,
+            ExitRule::Decaying {
+                rule: Box::new(ExitRule::Confidence(0.9)),
+                tau: 4.0
+            }
+        );
+        assert!(ron::from_str::<ExitRule>("Decaying(rule: Confidence(0.9))").is_err());
     }
 
     #[test]
