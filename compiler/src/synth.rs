@@ -222,6 +222,252 @@ pub fn write_random_llama(dir: &Path, spec: &LlamaSpec, seed: u64) -> anyhow::Re
     Ok(())
 }
 
+/// Sizes of a random GPT-2 or BERT checkpoint ([`write_random_gpt2`], [`write_random_bert`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockSpec {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+    /// GPT-2: the LM head is the token embedding.
+    pub tie_embeddings: bool,
+    pub init_std: f32,
+}
+
+impl BlockSpec {
+    /// A tiny model for tests.
+    pub fn tiny() -> Self {
+        BlockSpec {
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            intermediate: 64,
+            vocab: 97,
+            max_positions: 64,
+            tie_embeddings: true,
+            init_std: 0.2,
+        }
+    }
+}
+
+/// A layer norm's weight (near one) and bias.
+fn layer_norm(
+    t: &mut HashMap<String, Tensor>,
+    rng: &mut Normal,
+    name: &str,
+    h: usize,
+) -> anyhow::Result<()> {
+    let ones = Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?;
+    t.insert(format!("{name}.weight"), (ones + rng.tensor(&[h], 0.1)?)?);
+    t.insert(format!("{name}.bias"), rng.tensor(&[h], 0.1)?);
+    Ok(())
+}
+
+/// A linear layer stored as `[out, in]` (`conv1d`: GPT-2's `[in, out]`) with a bias.
+fn linear(
+    t: &mut HashMap<String, Tensor>,
+    rng: &mut Normal,
+    name: &str,
+    (inp, out): (usize, usize),
+    conv1d: bool,
+    std: f32,
+) -> anyhow::Result<()> {
+    let dims = if conv1d { [inp, out] } else { [out, inp] };
+    t.insert(format!("{name}.weight"), rng.tensor(&dims, std)?);
+    t.insert(format!("{name}.bias"), rng.tensor(&[out], std)?);
+    Ok(())
+}
+
+fn write_checkpoint(
+    dir: &Path,
+    config: &serde_json::Value,
+    t: &HashMap<String, Tensor>,
+) -> anyhow::Result<()> {
+    crate::atomic::write_text(
+        &dir.join("config.json"),
+        &serde_json::to_string_pretty(config)?,
+    )?;
+    crate::tensor_io::write_atomic(&dir.join("model.safetensors"), t)?;
+    Ok(())
+}
+
+/// Writes `config.json` and `model.safetensors` of a random GPT-2 into `dir` (tensor names
+/// and `Conv1D` layouts as transformers' `GPT2LMHeadModel` saves them).
+pub fn write_random_gpt2(dir: &Path, spec: &BlockSpec, seed: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = Normal::new(seed);
+    let (h, std) = (spec.hidden, spec.init_std);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert(
+        "transformer.wte.weight".into(),
+        rng.tensor(&[spec.vocab, h], std)?,
+    );
+    t.insert(
+        "transformer.wpe.weight".into(),
+        rng.tensor(&[spec.max_positions, h], std)?,
+    );
+    for i in 0..spec.layers {
+        let p = format!("transformer.h.{i}");
+        layer_norm(&mut t, &mut rng, &format!("{p}.ln_1"), h)?;
+        layer_norm(&mut t, &mut rng, &format!("{p}.ln_2"), h)?;
+        linear(
+            &mut t,
+            &mut rng,
+            &format!("{p}.attn.c_attn"),
+            (h, 3 * h),
+            true,
+            std,
+        )?;
+        linear(
+            &mut t,
+            &mut rng,
+            &format!("{p}.attn.c_proj"),
+            (h, h),
+            true,
+            std,
+        )?;
+        linear(
+            &mut t,
+            &mut rng,
+            &format!("{p}.mlp.c_fc"),
+            (h, spec.intermediate),
+            true,
+            std,
+        )?;
+        linear(
+            &mut t,
+            &mut rng,
+            &format!("{p}.mlp.c_proj"),
+            (spec.intermediate, h),
+            true,
+            std,
+        )?;
+    }
+    layer_norm(&mut t, &mut rng, "transformer.ln_f", h)?;
+    if !spec.tie_embeddings {
+        t.insert("lm_head.weight".into(), rng.tensor(&[spec.vocab, h], std)?);
+    }
+    let config = json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_embd": h,
+        "n_layer": spec.layers,
+        "n_head": spec.heads,
+        "n_inner": spec.intermediate,
+        "n_positions": spec.max_positions,
+        "vocab_size": spec.vocab,
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "torch_dtype": "float32",
+    });
+    write_checkpoint(dir, &config, &t)
+}
+
+/// Writes a random BERT sentence encoder into `dir`: `config.json`, `model.safetensors`
+/// and sentence-transformers' mean pooling (`modules.json`, `1_Pooling/config.json`), as
+/// MiniLM ships.
+pub fn write_random_bert(dir: &Path, spec: &BlockSpec, seed: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("1_Pooling"))?;
+    let mut rng = Normal::new(seed);
+    let (h, std) = (spec.hidden, spec.init_std);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert(
+        "embeddings.word_embeddings.weight".into(),
+        rng.tensor(&[spec.vocab, h], std)?,
+    );
+    t.insert(
+        "embeddings.position_embeddings.weight".into(),
+        rng.tensor(&[spec.max_positions, h], std)?,
+    );
+    t.insert(
+        "embeddings.token_type_embeddings.weight".into(),
+        rng.tensor(&[2, h], std)?,
+    );
+    layer_norm(&mut t, &mut rng, "embeddings.LayerNorm", h)?;
+    for i in 0..spec.layers {
+        let p = format!("encoder.layer.{i}");
+        for name in ["query", "key", "value"] {
+            linear(
+                &mut t,
+                &mut rng,
+                &format!("{p}.attention.self.{name}"),
+                (h, h),
+                false,
+                std,
+            )?;
+        }
+        linear(
+            &mut t,
+            &mut rng,
+            &format!("{p}.attention.output.dense"),
+            (h, h),
+            false,
+            std,
+        )?;
+        layer_norm(
+            &mut t,
+            &mut rng,
+            &format!("{p}.attention.output.LayerNorm"),
+            h,
+        )?;
+        linear(
+            &mut t,
+            &mut rng,
+            &format!("{p}.intermediate.dense"),
+            (h, spec.intermediate),
+            false,
+            std,
+        )?;
+        linear(
+            &mut t,
+            &mut rng,
+            &format!("{p}.output.dense"),
+            (spec.intermediate, h),
+            false,
+            std,
+        )?;
+        layer_norm(&mut t, &mut rng, &format!("{p}.output.LayerNorm"), h)?;
+    }
+    let config = json!({
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": h,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "intermediate_size": spec.intermediate,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": spec.max_positions,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+    });
+    let modules = json!([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]);
+    let pooling = json!({
+        "word_embedding_dimension": h,
+        "pooling_mode_cls_token": false,
+        "pooling_mode_mean_tokens": true,
+        "pooling_mode_max_tokens": false,
+        "pooling_mode_mean_sqrt_len_tokens": false,
+    });
+    crate::atomic::write_text(
+        &dir.join("modules.json"),
+        &serde_json::to_string_pretty(&modules)?,
+    )?;
+    crate::atomic::write_text(
+        &dir.join("1_Pooling/config.json"),
+        &serde_json::to_string_pretty(&pooling)?,
+    )?;
+    write_checkpoint(dir, &config, &t)
+}
+
 /// SplitMix64: a small, seedable generator.
 pub struct SplitMix64(u64);
 

@@ -511,5 +511,46 @@ mod tests {
             let per_exit = if gate { 2 } else { 1 };
             prop_assert_eq!(h.outputs.len(), g.outputs.len() + per_exit * points.len());
         }
+
+        /// On an encoder (MiniLM, fetched by scripts/fetch-minilm.sh): only nodes and outputs
+        /// are added, and each exit pools the stream after its layer as the model pools.
+        #[test]
+        fn encoder_exits_leave_the_full_path_unchanged(mask in 1u32..32, every in prop::option::of(1usize..4)) {
+            let g = fixture("minilm-l6/model");
+            let n = g.info.num_layers;
+            let points: Vec<usize> = match every {
+                Some(e) => (1..n).filter(|k| k % e == 0).collect(),
+                None => (1..n).filter(|k| mask & (1 << (k - 1)) != 0).collect(),
+            };
+            prop_assume!(!points.is_empty());
+            let mut h = g.clone();
+            let pass = InsertExits {
+                after: if every.is_some() { Vec::new() } else { points.clone() },
+                every,
+                head: HeadKind::default(),
+                gate: false,
+                weights: None,
+            };
+            PassManager::new(vec![Box::new(pass)]).run(&mut h).expect("verifies");
+            for i in g.graph.node_indices() {
+                prop_assert_eq!(&g.graph[i], &h.graph[i]);
+                prop_assert_eq!(g.inputs(i), h.inputs(i));
+            }
+            for (k, v) in &g.outputs {
+                prop_assert_eq!(h.outputs.get(k), Some(v));
+            }
+            prop_assert_eq!(&g.blocks, &h.blocks);
+            prop_assert_eq!(&g.head, &h.head);
+            let pool = g.head.pooled.expect("MiniLM pools");
+            for &k in &points {
+                let exit = h.exit_at(k).expect("a record per exit");
+                let e = exit.embedding.expect("an embedding");
+                prop_assert_eq!(h.outputs.get(&format!("exit.{k}.sentence_embedding")), Some(&e));
+                prop_assert_eq!(h.inputs(e), vec![g.stream(k).expect("stream")]);
+                prop_assert_eq!(&h.graph[e].op, &g.graph[pool].op);
+                prop_assert!(exit.logits.is_none() && exit.gate.is_none());
+            }
+            prop_assert_eq!(h.outputs.len(), g.outputs.len() + points.len());
+        }
     }
 }

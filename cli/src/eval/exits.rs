@@ -157,7 +157,8 @@ pub struct LttBound {
 /// can never exit); the first token's agreement is reported apart.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SweepRow {
-    /// `all`, `calibration` or `held-out`.
+    /// `all`, `calibration`, `held-out` (point-estimate choice), or `calibration (LTT)` and
+    /// `held-out (LTT)` (Learn-then-Test's choice).
     pub split: String,
     pub rule: String,
     pub threshold: f64,
@@ -166,7 +167,8 @@ pub struct SweepRow {
     pub tokens: usize,
     /// Mean layers an exit-eligible token's hidden state went through.
     pub avg_exit_layer: f64,
-    /// Share of exit-eligible tokens per exit point (the last is the full model).
+    /// Share of exit-eligible tokens per depth: each exit point, the full model, and any
+    /// other depth tokens ran (SkipDecode).
     pub exit_share: Vec<(usize, f64)>,
     /// Share of exit-eligible positions equal to the full model's greedy tokens.
     pub agreement: f64,
@@ -576,12 +578,17 @@ impl ExitEval {
                 *c += 1;
             }
         }
-        let points: Vec<usize> = self
+        // The exit points and the full depth, and any other depth tokens stopped at
+        // (SkipDecode's layers run).
+        let mut points: Vec<usize> = self
             .exits
             .iter()
             .copied()
             .chain(std::iter::once(self.layers))
+            .chain((0..=self.layers).filter(|&k| counts[k] > 0))
             .collect();
+        points.sort_unstable();
+        points.dedup();
         let exit_share = points
             .iter()
             .map(|&k| (k, counts[k] as f64 / generated.max(1) as f64))
@@ -722,12 +729,21 @@ pub fn sweep(
             for &(k, rule) in &group {
                 let results = pick(&per_setting[k], &calibration);
                 let setting = Setting::Rule(rule.clone());
-                let mut row = eval.summarize(&calibration, &results, None, &setting, "calibration");
+                let row = eval.summarize(&calibration, &results, None, &setting, "calibration");
+                if row.agreement >= target
+                    && best
+                        .as_ref()
+                        .is_none_or(|(_, b)| row.ideal_speedup > b.ideal_speedup)
+                {
+                    best = Some((k, row.clone()));
+                }
                 if let Some(epsilon) = opts.epsilon {
                     let risks = eval.risks(&calibration, &results);
                     let mean = risks.iter().sum::<f64>() / risks.len().max(1) as f64;
                     let p = ltt::hoeffding_bentkus(mean, 1.0 - target, risks.len());
                     p_values.push(p);
+                    let mut row = row;
+                    row.split = "calibration (LTT)".into();
                     row.ltt = Some(LttBound {
                         delta: 1.0 - target,
                         epsilon,
@@ -736,37 +752,30 @@ pub fn sweep(
                         calibration_cases: risks.len(),
                     });
                     cal_rows.push((k, row));
-                } else if row.agreement >= target
-                    && best
-                        .as_ref()
-                        .is_none_or(|(_, b)| row.ideal_speedup > b.ideal_speedup)
-                {
-                    best = Some((k, row));
                 }
+            }
+            let mut picks = Vec::new();
+            match best {
+                Some(b) => picks.push((b, "held-out")),
+                None => progress(&format!(
+                    "{name}: no threshold reaches {target} agreement on the calibration split"
+                )),
             }
             if let Some(epsilon) = opts.epsilon {
                 let valid = ltt::fixed_sequence(&p_values, epsilon);
-                best = valid
-                    .checked_sub(1)
-                    .and_then(|i| cal_rows.into_iter().nth(i));
-                if best.is_none() {
-                    progress(&format!(
+                match valid.checked_sub(1).and_then(|i| cal_rows.into_iter().nth(i)) {
+                    Some(b) => picks.push((b, "held-out (LTT)")),
+                    None => progress(&format!(
                         "{name}: Learn-then-Test certifies no threshold for agreement {target} at epsilon {epsilon}"
-                    ));
+                    )),
                 }
             }
-            match best {
-                Some((k, cal)) => {
-                    progress(&format!("{name}: held-out"));
-                    let mut held = eval.row(&held_out, &listed[k], "held-out")?;
-                    held.ltt = cal.ltt.clone();
-                    chosen.push(cal);
-                    chosen.push(held);
-                }
-                None if opts.epsilon.is_none() => progress(&format!(
-                    "{name}: no threshold reaches {target} agreement on the calibration split"
-                )),
-                None => {}
+            for ((k, cal), split) in picks {
+                progress(&format!("{name}: {split}"));
+                let mut held = eval.row(&held_out, &listed[k], split)?;
+                held.ltt = cal.ltt.clone();
+                chosen.push(cal);
+                chosen.push(held);
             }
         }
     }
@@ -847,7 +856,11 @@ impl ExitReport {
                 "\nChosen on the calibration split (even-numbered cases), reported on the held-out split (odd-numbered cases):\n"
             );
             table(&self.chosen, &mut out);
-            for r in self.chosen.iter().filter(|r| r.split == "held-out") {
+            for r in self
+                .chosen
+                .iter()
+                .filter(|r| r.split.starts_with("held-out"))
+            {
                 if let Some(b) = &r.ltt {
                     let _ = writeln!(
                         out,
