@@ -111,6 +111,10 @@ fn every_example_pipeline_compiles_and_runs() {
             } else {
                 // The demo model has a tokenizer: text in, text out.
                 assert!(out.starts_with("5 17 42 7"), "{ex}: {out}");
+                assert!(
+                    out.trim_end().len() > "5 17 42 7".len(),
+                    "{ex}: no new text after the prompt: {out}"
+                );
             }
         }
     }
@@ -339,6 +343,10 @@ fn the_demo_model_is_the_default() {
         "6",
     ]));
     assert!(out.starts_with("copy: K7F2Q |"), "{out}");
+    assert!(
+        out.trim_end().len() > "copy: K7F2Q |".len(),
+        "no new text after the prompt: {out}"
+    );
 }
 
 #[test]

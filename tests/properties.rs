@@ -32,12 +32,23 @@ fn spec_strategy() -> impl Strategy<Value = (LlamaSpec, u64)> {
         any::<bool>(),
         prop_oneof![Just(None), Just(Some(3usize)), Just(Some(6))],
         any::<u64>(),
+        // (hidden, heads): head widths 6 to 16.
+        prop_oneof![
+            Just((32usize, 4usize)),
+            Just((16, 2)),
+            Just((48, 6)),
+            Just((24, 4)),
+            Just((32, 2))
+        ],
     )
-        .prop_map(|(ty, layers, kv, tie, window, seed)| {
+        .prop_map(|(ty, layers, kv, tie, window, seed, (hidden, heads))| {
             let mut s = LlamaSpec::tiny();
             s.model_type = ty.to_string();
             s.layers = layers;
-            s.kv_heads = kv;
+            s.hidden = hidden;
+            s.heads = heads;
+            // Grouped-query attention where the KV heads divide the heads.
+            s.kv_heads = if heads % kv == 0 { kv } else { 1 };
             s.tie_embeddings = tie;
             s.sliding_window = if ty == "mistral" { window } else { None };
             (s, seed)
