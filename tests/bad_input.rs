@@ -773,3 +773,374 @@ fn a_workload_without_requests_is_an_error_naming_the_file() {
     ]);
     assert_mentions(&err, &["empty.ron", "requests", "at least 1"]);
 }
+
+#[test]
+fn run_with_a_corrupt_tokenizer_json() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
+    let dir = copy_checkpoint(&demo);
+    std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": garbage").unwrap();
+    let err = exitgraph_fails(&["run", &dir.path().to_string_lossy(), "--prompt", "hi"]);
+    assert_mentions(&err, &["tokenizer.json", "not a valid tokenizer"]);
+}
+
+#[test]
+fn run_prompt_longer_than_the_model_positions() {
+    // tiny-llama has max_position_embeddings 2048.
+    let (_dir, path) = llama_pipeline("");
+    let prompt = vec!["5"; 2049].join(" ");
+    let err = exitgraph_fails(&[
+        "run",
+        &path.to_string_lossy(),
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        "1",
+    ]);
+    assert_mentions(
+        &err,
+        &["prompt is too long", "2049 tokens", "2048 positions"],
+    );
+}
+
+// ---------------------------------------------------------------- serve
+
+/// Writes `text` as the workload `name` beside a tiny-llama pipeline; runs `serve` with
+/// `extra` and returns the error.
+fn serve_fails(name: &str, workload: &str, extra: &[&str]) -> String {
+    let (dir, pipeline) = llama_pipeline("");
+    let path = dir.path().join(name);
+    std::fs::write(&path, workload).unwrap();
+    let pipeline = pipeline.to_string_lossy();
+    let path = path.to_string_lossy();
+    let mut args = vec!["serve", &pipeline, "--workload", &path];
+    args.extend_from_slice(extra);
+    exitgraph_fails(&args)
+}
+
+const GOOD_WORKLOAD: &str =
+    "(requests: 2, arrivals: AllAtOnce, prompt_len: Fixed(4), output_len: Fixed(2))";
+
+#[test]
+fn a_workload_with_a_negative_poisson_rate() {
+    let err = serve_fails(
+        "poisson.ron",
+        "(requests: 4, arrivals: Poisson(rate_per_s: -2.0), prompt_len: Fixed(4), output_len: Fixed(2))",
+        &[],
+    );
+    assert_mentions(
+        &err,
+        &["poisson.ron", "arrivals", "rate_per_s", "positive", "-2"],
+    );
+}
+
+#[test]
+fn a_workload_with_uniform_min_above_max() {
+    let err = serve_fails(
+        "uniform.ron",
+        "(requests: 4, arrivals: AllAtOnce, prompt_len: Uniform(min: 9, max: 3), output_len: Fixed(2))",
+        &[],
+    );
+    assert_mentions(&err, &["uniform.ron", "prompt_len", "min <= max", "9..=3"]);
+}
+
+#[test]
+fn a_workload_arrivals_trace_missing_malformed_or_short() {
+    let workload = "(requests: 3, arrivals: Trace(file: \"times.json\"), prompt_len: Fixed(4), output_len: Fixed(2))";
+    let (dir, pipeline) = llama_pipeline("");
+    let path = dir.path().join("traced.ron");
+    std::fs::write(&path, workload).unwrap();
+    let serve = || {
+        exitgraph_fails(&[
+            "serve",
+            &pipeline.to_string_lossy(),
+            "--workload",
+            &path.to_string_lossy(),
+        ])
+    };
+    let needles = ["traced.ron", "arrivals", "Trace(file: \"times.json\")"];
+    let err = serve();
+    assert_mentions(&err, &needles);
+    assert_mentions(&err, &["cannot read", "No such file"]);
+    std::fs::write(dir.path().join("times.json"), "{\"t\": [0.1, 0.2]").unwrap();
+    let err = serve();
+    assert_mentions(&err, &needles);
+    assert_mentions(&err, &["JSON list of arrival times"]);
+    std::fs::write(dir.path().join("times.json"), "[0.1, -0.5, 0.2]").unwrap();
+    let err = serve();
+    assert_mentions(&err, &needles);
+    assert_mentions(&err, &["non-negative", "-0.5"]);
+    // Fewer times than requests is not silently a smaller workload.
+    std::fs::write(dir.path().join("times.json"), "[0.1, 0.2]").unwrap();
+    let err = serve();
+    assert_mentions(&err, &needles);
+    assert_mentions(&err, &["2 arrival times", "3 requests"]);
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_trace_in_a_missing_folder_is_an_error_naming_the_path() {
+    let (dir, pipeline) = llama_pipeline("");
+    let workload = dir.path().join("w.ron");
+    std::fs::write(&workload, GOOD_WORKLOAD).unwrap();
+    let before = names_in(dir.path());
+    let trace = dir.path().join("nonexistent-subdir/trace.jsonl");
+    let trace = trace.to_string_lossy();
+    let pipeline = pipeline.to_string_lossy();
+    let err = exitgraph_fails(&["run", &pipeline, "--prompt", "1 2 3", "--trace", &trace]);
+    assert_mentions(&err, &[&trace, "cannot write"]);
+    let workload = workload.to_string_lossy();
+    let err = exitgraph_fails(&[
+        "serve",
+        &pipeline,
+        "--workload",
+        &workload,
+        "--trace",
+        &trace,
+    ]);
+    assert_mentions(&err, &[&trace, "cannot write"]);
+    assert_eq!(names_in(dir.path()), before, "nothing is left behind");
+}
+
+#[test]
+fn serve_with_an_unknown_policy_lists_the_policies() {
+    let err = serve_fails("w.ron", GOOD_WORKLOAD, &["--policy", "bogus"]);
+    assert_mentions(
+        &err,
+        &["--policy", "bogus", "static", "continuous", "depthwise"],
+    );
+}
+
+#[test]
+fn serve_sim_without_a_cost_model() {
+    let err = serve_fails("w.ron", GOOD_WORKLOAD, &["--executor", "sim"]);
+    assert_mentions(
+        &err,
+        &[
+            "--executor sim",
+            "cost model",
+            "--cost",
+            "exitgraph profile",
+        ],
+    );
+}
+
+#[test]
+fn serve_sim_with_a_corrupt_cost_model_has_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let cost = dir.path().join("cost.ron");
+    std::fs::write(
+        &cost,
+        "CostModel(\n    version: 1,\n    coefficients: [0.001, 0.0002, oops],\n    samples: [],\n)\n",
+    )
+    .unwrap();
+    let cost = cost.to_string_lossy();
+    let err = serve_fails(
+        "w.ron",
+        GOOD_WORKLOAD,
+        &["--executor", "sim", "--cost", &cost],
+    );
+    assert_mentions(&err, &[&format!("{cost}:3:")]);
+    // A missing one is named too.
+    let missing = dir.path().join("missing-cost.ron");
+    let missing = missing.to_string_lossy();
+    let err = serve_fails(
+        "w.ron",
+        GOOD_WORKLOAD,
+        &["--executor", "sim", "--cost", &missing],
+    );
+    assert_mentions(&err, &[&missing, "cannot read"]);
+}
+
+// ---------------------------------------------------------------- train lm
+
+/// A tiny `train lm` config with `seq_len` and `max_positions`, in a fresh folder.
+fn train_config(seq_len: usize, max_positions: usize) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny-train.ron");
+    std::fs::write(
+        &config,
+        format!(
+            r#"(
+            output: "model",
+            corpus: (seed: 5, examples: 300),
+            eval_corpus: (seed: 6, examples: 40),
+            vocab_size: 384,
+            model: (hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64, max_positions: {max_positions}),
+            seq_len: {seq_len},
+            batch_size: 4,
+            seed: 3,
+            training: (steps: 4, lr: 1e-2, warmup_steps: 1, clip_norm: Some(1.0), checkpoint_every: 2),
+        )"#
+        ),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+#[test]
+fn train_lm_seq_len_beyond_the_model_positions() {
+    let (dir, config) = train_config(100, 64);
+    let err = exitgraph_fails(&["train", "lm", &config.to_string_lossy()]);
+    assert_mentions(
+        &err,
+        &["tiny-train.ron", "seq_len 100", "max_positions is 64"],
+    );
+    assert_eq!(
+        names_in(dir.path()),
+        vec!["tiny-train.ron"],
+        "nothing is trained or written"
+    );
+}
+
+#[test]
+fn train_lm_resume_with_a_corrupt_latest_pointer() {
+    let (dir, config) = train_config(32, 64);
+    let config = config.to_string_lossy().to_string();
+    // A run that trains and checkpoints but cannot publish (the output is a file) leaves its
+    // run folder behind, as an interrupted run would.
+    let output = dir.path().join("model");
+    std::fs::write(&output, "in the way").unwrap();
+    let err = exitgraph_fails(&["train", "lm", &config]);
+    assert_mentions(&err, &["model", "cannot create"]);
+    std::fs::remove_file(&output).unwrap();
+    let checkpoints = dir.path().join("model.run/checkpoints");
+    let latest = checkpoints.join("latest");
+    assert_eq!(std::fs::read_to_string(&latest).unwrap(), "step-00000004");
+    std::fs::write(&latest, b"\xff\x00../../garbage\n").unwrap();
+
+    // Nothing complete to fall back to: an error naming the folder and the pointer.
+    let state = checkpoints.join("step-00000004/state.json");
+    let aside = dir.path().join("state.json");
+    std::fs::rename(&state, &aside).unwrap();
+    let err = exitgraph_fails(&["train", "lm", &config, "--resume"]);
+    assert_mentions(
+        &err,
+        &[
+            "checkpoints",
+            "no checkpoint could be resumed",
+            "latest",
+            "does not name a checkpoint",
+        ],
+    );
+
+    // With the checkpoint whole again, resume falls back to it with a warning.
+    std::fs::rename(&aside, &state).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+        .args(["train", "lm", &config, "--resume"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_mentions(
+        &stderr,
+        &[
+            "warning:",
+            "latest",
+            "does not name a checkpoint",
+            "resuming from step-00000004",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("for 4 steps"));
+    exitgraph_ir::import(&output).unwrap();
+}
+
+// ---------------------------------------------------------------- safetensors offsets
+
+/// A copy of tiny-llama whose model.safetensors header (JSON) is rewritten by `edit`,
+/// the data bytes kept as they are.
+fn llama_with_header(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> TempDir {
+    let dir = copy_checkpoint(&tiny_llama());
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    edit(header.as_object_mut().unwrap());
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&bytes[8 + len..]);
+    std::fs::write(&path, out).unwrap();
+    dir
+}
+
+fn offsets(header: &serde_json::Map<String, Value>, tensor: &str) -> Value {
+    header[tensor]["data_offsets"].clone()
+}
+
+#[test]
+fn safetensors_data_offsets_disagree_with_the_shape() {
+    let dir = llama_with_header(|h| {
+        let start = offsets(h, "model.norm.weight")[0].as_u64().unwrap();
+        h["model.norm.weight"]["data_offsets"] = serde_json::json!([start, start + 128]);
+    });
+    assert_import_fails(
+        dir.path(),
+        &[
+            "model.safetensors",
+            "\"model.norm.weight\"",
+            "data_offsets",
+            "hold 128 bytes",
+            "shape [64] of F32 needs 256",
+        ],
+    );
+}
+
+#[test]
+fn safetensors_data_offsets_overlap_another_tensor() {
+    let dir = llama_with_header(|h| {
+        let other = offsets(h, "model.layers.0.input_layernorm.weight");
+        h["model.norm.weight"]["data_offsets"] = other;
+    });
+    assert_import_fails(
+        dir.path(),
+        &[
+            "model.safetensors",
+            "\"model.norm.weight\"",
+            "\"model.layers.0.input_layernorm.weight\"",
+            "overlap",
+        ],
+    );
+}
+
+#[test]
+fn safetensors_data_offsets_not_a_pair_of_numbers() {
+    for bad in [
+        serde_json::json!([0]),
+        serde_json::json!([0, 256, 512]),
+        serde_json::json!(["0", "256"]),
+        serde_json::json!([0, -256]),
+        serde_json::json!("0..256"),
+    ] {
+        let dir = llama_with_header(|h| {
+            h["model.norm.weight"]["data_offsets"] = bad.clone();
+        });
+        assert_import_fails(
+            dir.path(),
+            &[
+                "model.safetensors",
+                "\"model.norm.weight\"",
+                "data_offsets must be two integers",
+            ],
+        );
+    }
+    let dir = llama_with_header(|h| {
+        h["model.norm.weight"]
+            .as_object_mut()
+            .unwrap()
+            .remove("data_offsets");
+    });
+    assert_import_fails(
+        dir.path(),
+        &["\"model.norm.weight\"", "data_offsets must be two integers"],
+    );
+}

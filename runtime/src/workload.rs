@@ -115,22 +115,25 @@ impl Workload {
             }
             Arrivals::Trace { file } => {
                 let path = base.join(file);
+                let at = || format!("arrivals: Trace(file: {file:?}): {}", path.display());
                 let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("{}: cannot read", path.display()))?;
+                    .with_context(|| format!("{}: cannot read", at()))?;
                 let mut times: Vec<f64> = serde_json::from_str(&text).with_context(|| {
-                    format!(
-                        "{}: expected a JSON list of arrival times in seconds",
-                        path.display()
-                    )
+                    format!("{}: expected a JSON list of arrival times in seconds", at())
                 })?;
-                if times.iter().any(|t| !(t.is_finite() && *t >= 0.0)) {
+                if let Some(t) = times.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
                     bail!(
-                        "{}: arrival times must be finite and non-negative",
-                        path.display()
+                        "{}: arrival times must be finite and non-negative, got {t}",
+                        at()
                     );
                 }
-                if times.is_empty() {
-                    bail!("{}: the trace lists no arrival times", path.display());
+                if times.len() < self.requests {
+                    bail!(
+                        "{}: the trace lists {} arrival times, the workload has {} requests",
+                        at(),
+                        times.len(),
+                        self.requests
+                    );
                 }
                 times.sort_by(f64::total_cmp);
                 times.truncate(self.requests);

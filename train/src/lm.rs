@@ -153,6 +153,16 @@ pub fn train_lm(
     show_progress: bool,
 ) -> anyhow::Result<LmReport> {
     let spec = LmTrainSpec::read(config_path)?;
+    // A training row is seq_len + 1 tokens (inputs and the shifted targets).
+    if spec.seq_len >= spec.model.max_positions {
+        bail!(
+            "{}: seq_len {} does not fit the model's positions: model.max_positions is {}, \
+             it needs to be more than seq_len",
+            config_path.display(),
+            spec.seq_len,
+            spec.model.max_positions
+        );
+    }
     let base = config_path.parent().unwrap_or_else(|| Path::new("."));
     let out = named_folder(&base.join(&spec.output)).with_context(|| {
         format!(
@@ -169,14 +179,6 @@ pub fn train_lm(
             config_path.display(),
             existing.display(),
             run_folder(&out).display()
-        );
-    }
-    if spec.seq_len + 1 > spec.model.max_positions {
-        bail!(
-            "{}: seq_len {} needs max_positions of at least {}",
-            config_path.display(),
-            spec.seq_len,
-            spec.seq_len + 1
         );
     }
     let run = run_folder(&out);

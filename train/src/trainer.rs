@@ -62,6 +62,12 @@ struct CheckpointState {
     log: TrainLog,
 }
 
+/// Whether `name` is a complete checkpoint folder's name: `step-` and digits.
+fn is_checkpoint_name(name: &str) -> bool {
+    name.strip_prefix("step-")
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// A training run over a [`ParamStore`].
 pub struct Trainer<'a> {
     pub cfg: TrainConfig,
@@ -107,15 +113,30 @@ impl<'a> Trainer<'a> {
             return Ok(None);
         };
         let latest = dir.join("latest");
-        let named = std::fs::read_to_string(&latest)
-            .ok()
-            .map(|n| n.trim().to_string());
+        // What `latest` names, or why it names nothing usable (a corrupt pointer is not
+        // followed anywhere: it falls back like a missing one, and says so).
+        let (named, pointer_problem) = match std::fs::read(&latest) {
+            Ok(bytes) => match std::str::from_utf8(&bytes).map(str::trim) {
+                Ok(n) if is_checkpoint_name(n) => (Some(n.to_string()), None),
+                _ => {
+                    let shown: String = String::from_utf8_lossy(&bytes).chars().take(40).collect();
+                    (
+                        None,
+                        Some(format!(
+                            "does not name a checkpoint folder (it holds {shown:?})"
+                        )),
+                    )
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
+            Err(e) => (None, Some(format!("cannot read: {e}"))),
+        };
         let mut folders: Vec<String> = std::fs::read_dir(&dir)
             .map(|entries| {
                 entries
                     .filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().to_string())
-                    .filter(|n| n.starts_with("step-") && !n.ends_with(".partial"))
+                    .filter(|n| is_checkpoint_name(n))
                     .collect()
             })
             .unwrap_or_default();
@@ -133,14 +154,14 @@ impl<'a> Trainer<'a> {
             match self.restore_from(&dir.join(name)) {
                 Ok(step) => {
                     if Some(name) != named.as_ref() {
+                        let why = match (&pointer_problem, &first_error) {
+                            (Some(p), _) => p.clone(),
+                            (None, Some(e)) => format!("{e:#}"),
+                            (None, None) => "missing".to_string(),
+                        };
                         eprintln!(
-                            "{}: {}; resuming from {name} instead",
-                            latest.display(),
-                            first_error
-                                .as_ref()
-                                .map_or("missing".to_string(), |e: &anyhow::Error| format!(
-                                    "{e:#}"
-                                ))
+                            "warning: {}: {why}; resuming from {name} instead",
+                            latest.display()
                         );
                     }
                     return Ok(Some(step));
@@ -151,8 +172,11 @@ impl<'a> Trainer<'a> {
             }
         }
         let e = first_error.unwrap_or_else(|| anyhow::anyhow!("no checkpoint"));
+        let pointer = pointer_problem
+            .map(|p| format!("; {}: {p}", latest.display()))
+            .unwrap_or_default();
         Err(e.context(format!(
-            "{}: no checkpoint could be resumed (tried {})",
+            "{}: no checkpoint could be resumed (tried {}){pointer}",
             dir.display(),
             candidates.join(", ")
         )))
@@ -212,7 +236,7 @@ impl<'a> Trainer<'a> {
         exitgraph_compiler::atomic::write_text(&dir.join("latest"), &name)?;
         if let Some(prev) = previous {
             let prev = prev.trim();
-            if prev != name && prev.starts_with("step-") {
+            if prev != name && is_checkpoint_name(prev) {
                 let _ = std::fs::remove_dir_all(dir.join(prev));
             }
         }

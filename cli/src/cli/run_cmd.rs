@@ -54,7 +54,7 @@ fn load_tokenizer(compiled: &Compiled) -> anyhow::Result<Option<Tokenizer>> {
     match &compiled.checkpoint.tokenizer {
         Some(path) => {
             let mut t = Tokenizer::from_file(path)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                .map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer: {e}", path.display()))?;
             // Padding is ours to do (with an attention mask), not the tokenizer's.
             t.with_padding(None);
             Ok(Some(t))
@@ -94,6 +94,18 @@ fn tokenize(tok: Option<&Tokenizer>, text: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// A prompt (or text) must fit the model's positions; it is never silently truncated.
+fn check_length(compiled: &Compiled, ids: &[u32], what: &str) -> anyhow::Result<()> {
+    let positions = compiled.graph.info.max_positions;
+    if ids.len() > positions {
+        bail!(
+            "the {what} is too long: {} tokens, but the model has {positions} positions",
+            ids.len()
+        );
+    }
+    Ok(())
+}
+
 fn prepare(path: Option<&Path>) -> anyhow::Result<(Compiled, Program)> {
     let (pipeline, path) = match path {
         Some(p) => Pipeline::open(p)?,
@@ -111,6 +123,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let tokenizer = load_tokenizer(&compiled)?;
     let prompt = tokenize(tokenizer.as_ref(), &a.prompt)?;
+    check_length(&compiled, &prompt, "prompt")?;
     let mut opts = compiled.pipeline.runtime.generate_options();
     if let Some(n) = a.max_new_tokens {
         opts.max_new_tokens = n;
@@ -200,7 +213,11 @@ fn embed(
     let tokenizer = load_tokenizer(compiled)?;
     let rows: Vec<Vec<u32>> = texts
         .iter()
-        .map(|t| tokenize(tokenizer.as_ref(), t))
+        .map(|t| {
+            let ids = tokenize(tokenizer.as_ref(), t)?;
+            check_length(compiled, &ids, "text")?;
+            Ok(ids)
+        })
         .collect::<anyhow::Result<_>>()?;
     let len = rows.iter().map(Vec::len).max().unwrap_or(0);
     let pad = compiled.graph.info.pad_token_id.unwrap_or(0);

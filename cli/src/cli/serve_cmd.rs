@@ -49,13 +49,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let (pipeline, pipeline_path) = Pipeline::open(&a.pipeline)?;
-    let compiled = compile(&pipeline, &pipeline_path)?;
-    let program = Arc::new(compiled.lower()?);
-    let workload = Workload::read(&a.workload)?;
-    let base = a.workload.parent().unwrap_or_else(|| Path::new("."));
-    let requests = workload
-        .requests(compiled.graph.info.vocab, base)
-        .map_err(|e| anyhow::anyhow!("{}: {e:#}", a.workload.display()))?;
+    // The flags are checked before the (slower) compile.
     let batching = match a.policy.as_deref() {
         None => pipeline.runtime.batching.clone(),
         Some("static") => Batching::Static {
@@ -69,18 +63,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_batch: a.max_batch,
             stages: a.stages,
         },
-        Some(other) => anyhow::bail!("--policy {other}: expected static, continuous or depthwise"),
+        Some(other) => anyhow::bail!(
+            "--policy {other}: unknown policy; expected static, continuous or depthwise"
+        ),
     };
-    let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
     let executor = match a.executor {
         ExecutorArg::Real => Executor::Real,
         ExecutorArg::Sim => {
             let path = a.cost.as_deref().ok_or_else(|| {
-                anyhow::anyhow!("--executor sim needs --cost COST.ron (from `exitgraph profile`)")
+                anyhow::anyhow!(
+                    "--executor sim: the simulated executor needs a cost model; give one with \
+                     --cost COST.ron (write it with `exitgraph profile`)"
+                )
             })?;
             Executor::Sim(CostModel::read(path)?)
         }
     };
+    let compiled = compile(&pipeline, &pipeline_path)?;
+    let program = Arc::new(compiled.lower()?);
+    let workload = Workload::read(&a.workload)?;
+    let base = a.workload.parent().unwrap_or_else(|| Path::new("."));
+    let requests = workload
+        .requests(compiled.graph.info.vocab, base)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", a.workload.display()))?;
+    let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
     // The pipeline's sampling and seed; the workload's lengths are honoured (no EOS stop).
     let decoding = Decoding::new(
         &pipeline.runtime.sampling,

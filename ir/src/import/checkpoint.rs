@@ -116,6 +116,8 @@ pub fn read_header(
     };
     let data_len = file_len - 8 - header_len;
     let mut out = BTreeMap::new();
+    // The (non-empty) byte ranges of the tensors, to check that none overlap.
+    let mut ranges: Vec<(u64, u64, String)> = Vec::new();
     for (name, entry) in entries {
         if name == "__metadata__" {
             continue;
@@ -157,6 +159,9 @@ pub fn read_header(
                 "truncated: tensor \"{name}\" ends at byte {end} of the data, which has {data_len}"
             )));
         }
+        if start < end {
+            ranges.push((start, end, name.clone()));
+        }
         out.insert(
             name,
             TensorInfo {
@@ -165,6 +170,15 @@ pub fn read_header(
                 shape,
             },
         );
+    }
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        let ((s0, e0, a), (s1, e1, b)) = (&pair[0], &pair[1]);
+        if s1 < e0 {
+            return Err(bad(format!(
+                "tensor \"{b}\": data_offsets {s1}..{e1} overlap tensor \"{a}\" ({s0}..{e0})"
+            )));
+        }
     }
     Ok(out)
 }
