@@ -291,7 +291,7 @@ proptest! {
         let tokens = rows.iter().max_by_key(|r| r.len()).unwrap().clone();
         prop_assume!(tokens.len() >= 2);
         let split = split.min(tokens.len() - 1);
-        let full = run(&p, &[tokens.clone()], &["logits"], &mut p.new_cache()).remove(0);
+        let full = run(&p, std::slice::from_ref(&tokens), &["logits"], &mut p.new_cache()).remove(0);
         let mut cache = p.new_cache();
         let mut parts = vec![run(&p, &[tokens[..split].to_vec()], &["logits"], &mut cache).remove(0)];
         for &t in &tokens[split..] {

@@ -54,6 +54,7 @@ pub fn describe_recipe(w: &WeightRef) -> String {
             describe_recipe(of),
             start + len
         ),
+        other => other.to_string(),
     }
 }
 

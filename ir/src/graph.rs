@@ -131,6 +131,7 @@ impl Graph {
                     kv_slot,
                     input,
                     output,
+                    untied: Vec::new(),
                 };
                 input = output;
                 b

@@ -17,4 +17,4 @@ pub use petgraph::stable_graph::NodeIndex;
 pub use shape::{Dim, Shape};
 pub use structure::{Block, Exit, Head};
 pub use verify::{verify, VerifyError};
-pub use weight::{StoredDtype, TensorInfo, WeightCatalog, WeightRef};
+pub use weight::{StoredDtype, SvdFactor, TensorInfo, WeightCatalog, WeightRef};

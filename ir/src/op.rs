@@ -347,4 +347,29 @@ impl Op {
         }
         out
     }
+
+    /// Every stored weight the op reads (adapters excluded), mutably, in [`Op::weights`]'
+    /// order: for passes that re-point weights (tying layers).
+    pub fn weights_mut(&mut self) -> Vec<&mut WeightRef> {
+        fn linear(l: &mut Linear) -> Vec<&mut WeightRef> {
+            let mut v = vec![&mut l.weight];
+            v.extend(l.bias.as_mut());
+            v
+        }
+        match self {
+            Op::TokenInput | Op::Add | Op::Pool(_) => Vec::new(),
+            Op::Embedding(e) => {
+                let mut v = vec![&mut e.tokens];
+                v.extend(e.positions.as_mut());
+                v.extend(e.token_types.as_mut());
+                v
+            }
+            Op::Norm(n) => {
+                let mut v = vec![&mut n.weight];
+                v.extend(n.bias.as_mut());
+                v
+            }
+            other => other.linears_mut().into_iter().flat_map(linear).collect(),
+        }
+    }
 }

@@ -30,6 +30,11 @@ pub struct Block {
     pub input: NodeIndex,
     /// The residual stream the block writes.
     pub output: NodeIndex,
+    /// The stored weights the block's ops read before `TieLayers` pointed them at the shared
+    /// block's (in node order, each op's [`crate::op::Op::weights_mut`] order); empty when
+    /// nothing is tied. `DepthLora` initialises adapters from the difference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub untied: Vec<crate::weight::WeightRef>,
 }
 
 /// The model's own output end, as imported.

@@ -417,12 +417,23 @@ fn check_structure(c: &mut Checker<'_>) {
             }
         }
     }
-    // Blocks with one weight identity run the same ops (adapters aside), in the same order.
+    // Blocks with one weight identity run the same ops, in the same order (adapters, norm
+    // weights and biases aside: `TieLayers(norms: PerIteration)` keeps each depth's own).
     let ops_of = |d: usize| -> Vec<crate::op::Op> {
         g.graph
             .node_indices()
             .filter(|&n| g.graph[n].layer == Some(d))
-            .map(|n| g.graph[n].op.without_adapters())
+            .map(|n| {
+                let mut op = g.graph[n].op.without_adapters();
+                if let Op::Norm(norm) = &mut op {
+                    norm.weight = crate::weight::WeightRef::Zeros { shape: Vec::new() };
+                    norm.bias = None;
+                }
+                for l in op.linears_mut() {
+                    l.bias = None;
+                }
+                op
+            })
             .collect()
     };
     for (d, b) in g.blocks.iter().enumerate() {

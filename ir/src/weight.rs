@@ -98,6 +98,31 @@ pub enum WeightRef {
         start: usize,
         len: usize,
     },
+    /// The element-wise mean of tensors of one shape (`TieLayers(init: Average)`).
+    Mean(Vec<WeightRef>),
+    /// A tensor of zeros.
+    Zeros { shape: Vec<usize> },
+    /// A seeded uniform tensor in ±1/√(last dim) (LoRA's `A` initialisation, as PEFT's
+    /// Kaiming-uniform with a = √5 gives).
+    Uniform { shape: Vec<usize>, seed: u64 },
+    /// A factor of the rank-`rank` truncated SVD of `target − base` (`DepthLora(init: Svd)`):
+    /// with `target − base = U·diag(S)·Vᵀ`, `B = U[:, :r]·diag(S[:r])` (`[out, r]`) and
+    /// `A = Vᵀ[:r, :]` (`[r, in]`), so `B·A` is the best rank-`r` approximation.
+    Svd {
+        target: Box<WeightRef>,
+        base: Box<WeightRef>,
+        rank: usize,
+        factor: SvdFactor,
+    },
+}
+
+/// Which factor of a truncated SVD a [`WeightRef::Svd`] yields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SvdFactor {
+    /// `Vᵀ[:r, :]`: `[rank, in]`.
+    A,
+    /// `U[:, :r]·diag(S[:r])`: `[out, rank]`.
+    B,
 }
 
 /// Why a weight recipe cannot be resolved.
@@ -137,6 +162,13 @@ impl WeightRef {
         match self {
             WeightRef::File { tensor } => vec![tensor.as_str()],
             WeightRef::Transpose(of) | WeightRef::Slice { of, .. } => of.sources(),
+            WeightRef::Mean(of) => of.iter().flat_map(WeightRef::sources).collect(),
+            WeightRef::Zeros { .. } | WeightRef::Uniform { .. } => Vec::new(),
+            WeightRef::Svd { target, base, .. } => {
+                let mut v = target.sources();
+                v.extend(base.sources());
+                v
+            }
         }
     }
 
@@ -175,6 +207,44 @@ impl WeightRef {
                 s[*dim] = *len;
                 Ok(s)
             }
+            WeightRef::Mean(of) => {
+                let Some(first) = of.first() else {
+                    return Err(self.bad("a mean of no tensors".into()));
+                };
+                let s = first.shape(catalog)?;
+                for w in &of[1..] {
+                    let t = w.shape(catalog)?;
+                    if t != s {
+                        return Err(self.bad(format!("shapes {s:?} and {t:?} differ")));
+                    }
+                }
+                Ok(s)
+            }
+            WeightRef::Zeros { shape } | WeightRef::Uniform { shape, .. } => Ok(shape.clone()),
+            WeightRef::Svd {
+                target,
+                base,
+                rank,
+                factor,
+            } => {
+                let (t, b) = (target.shape(catalog)?, base.shape(catalog)?);
+                if t.len() != 2 || t != b {
+                    return Err(self.bad(format!(
+                        "needs two 2-D tensors of one shape, got {t:?} and {b:?}"
+                    )));
+                }
+                if *rank == 0 || *rank > t[0].min(t[1]) {
+                    return Err(self.bad(format!(
+                        "rank {rank} is outside 1..={} for a {:?} weight",
+                        t[0].min(t[1]),
+                        t
+                    )));
+                }
+                Ok(match factor {
+                    SvdFactor::A => vec![*rank, t[1]],
+                    SvdFactor::B => vec![t[0], *rank],
+                })
+            }
         }
     }
 
@@ -199,6 +269,18 @@ impl fmt::Display for WeightRef {
             } => {
                 write!(f, "slice({of}, dim {dim}, {start}..{})", start + len)
             }
+            WeightRef::Mean(of) => {
+                let names: Vec<String> = of.iter().map(ToString::to_string).collect();
+                write!(f, "mean({})", names.join(", "))
+            }
+            WeightRef::Zeros { shape } => write!(f, "zeros({shape:?})"),
+            WeightRef::Uniform { shape, seed } => write!(f, "uniform({shape:?}, seed {seed})"),
+            WeightRef::Svd {
+                target,
+                base,
+                rank,
+                factor,
+            } => write!(f, "svd{factor:?}({target} - {base}, rank {rank})"),
         }
     }
 }

@@ -7,12 +7,14 @@
 mod context;
 pub mod exits;
 mod manager;
+pub mod recursive;
 mod spec;
 pub mod truncate;
 
 pub use context::{FileProblem, PassContext};
 pub use exits::{HeadKind, InsertExits};
 pub use manager::{PassManager, PassOutcome};
+pub use recursive::{DepthLora, LoraInit, LoraRank, LoraTarget, TieInit, TieLayers, TieNorms};
 pub use spec::PassSpec;
 pub use truncate::TruncateLayers;
 

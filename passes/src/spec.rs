@@ -1,6 +1,7 @@
 //! The RON form of a pass in a pipeline file.
 
 use crate::exits::{HeadKind, InsertExits};
+use crate::recursive::{DepthLora, LoraInit, LoraRank, LoraTarget, TieInit, TieLayers, TieNorms};
 use crate::truncate::TruncateLayers;
 use crate::Pass;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,31 @@ pub enum PassSpec {
         #[serde(default)]
         weights: Option<String>,
     },
+    /// Relaxed Recursive Transformers: tie the L layers into one block of L / `loops` layers
+    /// run `loops` times (`init`: Stepwise, Average or Lower; `norms`: Shared or
+    /// PerIteration).
+    TieLayers {
+        loops: usize,
+        #[serde(default)]
+        init: TieInit,
+        #[serde(default)]
+        norms: TieNorms,
+    },
+    /// A low-rank adapter per loop iteration and layer position on the tied block's
+    /// projections (`targets`, all by default), initialised by truncated SVD of each original
+    /// layer's residual from the shared weights (`Svd`) or as zero (`Zero`).
+    DepthLora {
+        rank: LoraRank,
+        #[serde(default = "all_targets")]
+        targets: Vec<LoraTarget>,
+        #[serde(default)]
+        init: LoraInit,
+    },
+}
+
+fn all_targets() -> Vec<LoraTarget> {
+    use LoraTarget::*;
+    vec![q, k, v, o, gate, up, down]
 }
 
 impl PassSpec {
@@ -48,6 +74,60 @@ impl PassSpec {
                 gate: *gate,
                 weights: weights.clone(),
             }),
+            PassSpec::TieLayers { loops, init, norms } => Box::new(TieLayers {
+                loops: *loops,
+                init: *init,
+                norms: *norms,
+            }),
+            PassSpec::DepthLora {
+                rank,
+                targets,
+                init,
+            } => Box::new(DepthLora {
+                rank: *rank,
+                targets: targets.clone(),
+                init: *init,
+            }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn recursive_passes_read_from_ron() {
+        let p: Vec<PassSpec> = ron::from_str(
+            "[TieLayers(loops: 2, init: Average, norms: PerIteration), DepthLora(rank: Rank(8)), DepthLora(rank: Full, targets: [q, v], init: Zero)]",
+        )
+        .unwrap();
+        assert_eq!(
+            p[0],
+            PassSpec::TieLayers {
+                loops: 2,
+                init: TieInit::Average,
+                norms: TieNorms::PerIteration
+            }
+        );
+        assert_eq!(
+            p[1],
+            PassSpec::DepthLora {
+                rank: LoraRank::Rank(8),
+                targets: all_targets(),
+                init: LoraInit::Svd
+            }
+        );
+        assert_eq!(
+            p[2],
+            PassSpec::DepthLora {
+                rank: LoraRank::Full,
+                targets: vec![LoraTarget::q, LoraTarget::v],
+                init: LoraInit::Zero
+            }
+        );
+        assert!(ron::from_str::<PassSpec>("TieLayers(loops: 2, init: Middle)").is_err());
+        assert!(ron::from_str::<PassSpec>("DepthLora(rank: Fulll)").is_err());
     }
 }

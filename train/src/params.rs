@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
-use exitgraph_compiler::lower::{WeightLoadError, WeightSource};
+use exitgraph_compiler::lower::{recipes, WeightLoadError, WeightSource};
 use exitgraph_ir::{WeightCatalog, WeightRef};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -149,6 +149,16 @@ impl ParamStore {
     }
 }
 
+impl ParamStore {
+    /// Where the parameters live.
+    fn device(&self) -> Device {
+        self.params
+            .values()
+            .next()
+            .map_or(Device::Cpu, |v| v.device().clone())
+    }
+}
+
 impl WeightSource for ParamStore {
     fn get(&mut self, w: &WeightRef) -> Result<Tensor, WeightLoadError> {
         let wrap = |cause| WeightLoadError::Load {
@@ -177,6 +187,34 @@ impl WeightSource for ParamStore {
                 start,
                 len,
             } => self.get(of)?.narrow(*dim, *start, *len).map_err(wrap),
+            WeightRef::Mean(of) => {
+                let parts = of
+                    .iter()
+                    .map(|w| self.get(w))
+                    .collect::<Result<Vec<_>, _>>()?;
+                recipes::mean(&parts).map_err(wrap)
+            }
+            WeightRef::Zeros { shape } => {
+                Tensor::zeros(shape.as_slice(), DType::F32, &self.device()).map_err(wrap)
+            }
+            WeightRef::Uniform { shape, seed } => recipes::uniform(shape, *seed)
+                .and_then(|t| t.to_device(&self.device()))
+                .map_err(wrap),
+            WeightRef::Svd {
+                target,
+                base,
+                rank,
+                factor,
+            } => {
+                let (t, b) = (self.get(target)?.detach(), self.get(base)?.detach());
+                let (a, b) = recipes::svd_factors(&t, &b, *rank).map_err(wrap)?;
+                match factor {
+                    exitgraph_ir::SvdFactor::A => a,
+                    exitgraph_ir::SvdFactor::B => b,
+                }
+                .to_device(&self.device())
+                .map_err(wrap)
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ pub enum EvalCommand {
     /// Per task, answer-token accuracy when decoding from each layer (logit lens).
     Layers(LayersArgs),
     /// Speed against quality of early exiting: sweep exit rules' thresholds.
-    Exits(ExitsArgs),
+    Exits(Box<ExitsArgs>),
 }
 
 #[derive(clap::Args)]
@@ -192,7 +192,7 @@ fn exits(a: ExitsArgs) -> anyhow::Result<()> {
 
 pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
     match cmd {
-        EvalCommand::Exits(a) => exits(a),
+        EvalCommand::Exits(a) => exits(*a),
         EvalCommand::Layers(a) => {
             let dir = a
                 .model_dir

@@ -2,7 +2,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use exitgraph::device::{DeviceSpec, DtypeSpec};
 use exitgraph::generate::GenerateOptions;
-use exitgraph::lower::{Inputs, Program};
+use exitgraph::lower::Inputs;
+use exitgraph::pipeline::{compile, Pipeline};
 use exitgraph::runtime::generate_through_runtime;
 use exitgraph::tensor_io::{read_forward_inputs, write_atomic};
 use std::collections::HashMap;
@@ -18,7 +19,8 @@ pub enum DtypeArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Checkpoint folder (config.json, safetensors).
+    /// Checkpoint folder (config.json, safetensors), or a pipeline (RON) whose compiled
+    /// program runs (a looped model's `hidden_states.{i}` count layer applications).
     model_dir: PathBuf,
     /// safetensors with `input_ids` [batch, seq] (and `attention_mask`, `token_type_ids`).
     #[arg(long)]
@@ -30,18 +32,29 @@ pub struct Args {
     /// Also decode this many tokens greedily; written as `greedy` (prompt + new ids, i64).
     #[arg(long)]
     generate: Option<usize>,
-    /// Compute precision.
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
-    /// Run on CUDA GPU N (needs the `cuda` feature).
+    /// Compute precision (default: the pipeline's, f32 for a model folder).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Run on CUDA GPU N (needs the `cuda` feature; default: the pipeline's device).
     #[arg(long)]
     cuda: Option<usize>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let ckpt = exitgraph_ir::import(&a.model_dir)?;
+    let (mut pipeline, pipeline_path) = Pipeline::open(&a.model_dir)?;
+    if let Some(i) = a.cuda {
+        pipeline.device = DeviceSpec::Cuda(i);
+    }
+    if let Some(d) = a.dtype {
+        pipeline.dtype = match d {
+            DtypeArg::F32 => DtypeSpec::F32,
+            DtypeArg::F16 => DtypeSpec::F16,
+            DtypeArg::Bf16 => DtypeSpec::BF16,
+        };
+    }
+    let compiled = compile(&pipeline, &pipeline_path)?;
     let inputs = read_forward_inputs(&a.input)?;
-    let vocab = ckpt.graph.info.vocab;
+    let vocab = compiled.graph.info.vocab;
     let max_id = inputs.input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
     if max_id as usize >= vocab {
         bail!(
@@ -50,18 +63,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.model_dir.display()
         );
     }
-    let device = match a.cuda {
-        Some(i) => DeviceSpec::Cuda(i),
-        None => DeviceSpec::Cpu,
-    }
-    .to_candle()?;
-    let dtype = match a.dtype {
-        DtypeArg::F32 => DtypeSpec::F32,
-        DtypeArg::F16 => DtypeSpec::F16,
-        DtypeArg::Bf16 => DtypeSpec::BF16,
-    }
-    .to_candle();
-    let program = Program::lower(&ckpt.graph, &a.model_dir, &device, dtype)?;
+    let device = pipeline.device.to_candle()?;
+    let program = compiled.lower()?;
     let to_dev = |t: &Tensor| t.to_device(&device);
     let run_inputs = Inputs {
         input_ids: to_dev(&inputs.input_ids)?,

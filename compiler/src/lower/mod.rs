@@ -18,6 +18,7 @@ mod cache;
 mod fused;
 mod kernels;
 mod ragged;
+pub mod recipes;
 mod rope;
 mod run;
 mod walk;

@@ -1,8 +1,9 @@
 //! Materialising weight recipes from memory-mapped safetensors, once each.
 
+use super::recipes;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use exitgraph_ir::{WeightCatalog, WeightRef};
+use exitgraph_ir::{SvdFactor, WeightCatalog, WeightRef};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -139,6 +140,55 @@ impl WeightSource for WeightStore {
                 .narrow(*dim, *start, *len)
                 .and_then(|t| t.contiguous())
                 .map_err(wrap)?,
+            WeightRef::Mean(of) => {
+                let parts = of
+                    .iter()
+                    .map(|w| self.get(w))
+                    .collect::<Result<Vec<_>, _>>()?;
+                recipes::mean(&parts).map_err(wrap)?
+            }
+            WeightRef::Zeros { shape } => {
+                Tensor::zeros(shape.as_slice(), self.dtype, &self.device).map_err(wrap)?
+            }
+            WeightRef::Uniform { shape, seed } => recipes::uniform(shape, *seed)
+                .and_then(|t| t.to_dtype(self.dtype))
+                .and_then(|t| t.to_device(&self.device))
+                .map_err(wrap)?,
+            WeightRef::Svd {
+                target,
+                base,
+                rank,
+                factor,
+            } => {
+                let (t, b) = (self.get(target)?, self.get(base)?);
+                let (a_factor, b_factor) = recipes::svd_factors(&t, &b, *rank).map_err(wrap)?;
+                let place = |x: Tensor| {
+                    x.to_dtype(self.dtype)
+                        .and_then(|x| x.to_device(&self.device))
+                };
+                let (a_factor, b_factor) = (
+                    place(a_factor).map_err(wrap)?,
+                    place(b_factor).map_err(wrap)?,
+                );
+                // Both factors come from one decomposition: keep the other for its recipe.
+                let other = match factor {
+                    SvdFactor::A => (SvdFactor::B, b_factor.clone()),
+                    SvdFactor::B => (SvdFactor::A, a_factor.clone()),
+                };
+                self.cache.insert(
+                    WeightRef::Svd {
+                        target: target.clone(),
+                        base: base.clone(),
+                        rank: *rank,
+                        factor: other.0,
+                    },
+                    other.1,
+                );
+                match factor {
+                    SvdFactor::A => a_factor,
+                    SvdFactor::B => b_factor,
+                }
+            }
         };
         self.cache.insert(w.clone(), t.clone());
         Ok(t)

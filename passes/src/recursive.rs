@@ -1,0 +1,395 @@
+//! Relaxed Recursive Transformers (Bae et al., 2024): `TieLayers` turns an L-layer model into
+//! one block of K = L/B layers looped B times, and `DepthLora` relaxes the tying with a
+//! low-rank adapter per loop iteration and layer position.
+//!
+//! `TieLayers` keeps every depth as a block of its own (its own KV slot, its own
+//! `hidden_states.{depth}`), so a looped model's outputs count layer applications as the
+//! unrolled model's do; the blocks at position `j` of every loop share the weight identity `j`
+//! and read the same weight recipes, which lowering materialises once (the program's weight
+//! bytes shrink by about B×). Each block records the weights its ops read before tying
+//! (`Block::untied`), which `DepthLora(init: Svd)` approximates.
+//!
+//! **Invariants** (property-tested): `TieLayers(loops: 1)` leaves the outputs unchanged;
+//! `TieLayers(norms: PerIteration)` + `DepthLora(rank: Full, init: Svd)` reproduces the
+//! original model; `DepthLora(init: Zero)` equals the tied model without adapters; `Lower`
+//! with B loops equals a checkpoint whose layer `i·K + j` holds layer `j`'s weights.
+
+use crate::{Pass, PassContext, PassError, PassReport};
+use exitgraph_ir::op::LowRank;
+use exitgraph_ir::{Graph, NodeIndex, Op, SvdFactor, WeightRef};
+use serde::{Deserialize, Serialize};
+
+/// How the shared block's weights are initialised from the original layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TieInit {
+    /// Position `j` takes layer `round(linspace(0, L − 1, K))[j]`, rounding half to even as
+    /// NumPy and PyTorch do (L = 6, K = 3: 0, 2.5 → 2, 5).
+    #[default]
+    Stepwise,
+    /// Position `j` takes the mean of the layers tied to it: `j, j + K, j + 2K, ...`.
+    Average,
+    /// Position `j` takes layer `j` (the first K layers).
+    Lower,
+}
+
+/// Whose norm weights each depth uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TieNorms {
+    /// Norms are tied like the other weights (by the same `init` rule).
+    #[default]
+    Shared,
+    /// Each depth keeps its original layer's norm weights and biases (vectors: a negligible
+    /// number of parameters; biases go with them so that Qwen2's and GPT-2's layers can be
+    /// relaxed back exactly, since a low-rank adapter changes only the matrices).
+    PerIteration,
+}
+
+/// `TieLayers(loops: B, init: ..., norms: ...)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TieLayers {
+    pub loops: usize,
+    pub init: TieInit,
+    pub norms: TieNorms,
+}
+
+/// NumPy's `round(linspace(0, n - 1, k))`, half to even.
+pub fn stepwise_layers(n: usize, k: usize) -> Vec<usize> {
+    if k == 1 {
+        return vec![0];
+    }
+    (0..k)
+        .map(|j| {
+            let x = j as f64 * (n - 1) as f64 / (k - 1) as f64;
+            x.round_ties_even() as usize
+        })
+        .collect()
+}
+
+/// The nodes of block `depth`, in graph order.
+fn block_nodes(g: &Graph, depth: usize) -> Vec<NodeIndex> {
+    g.graph
+        .node_indices()
+        .filter(|&n| g.graph[n].layer == Some(depth))
+        .collect()
+}
+
+/// Which of an op's stored weights (in `Op::weights_mut` order) are vectors that
+/// `norms: PerIteration` keeps per depth: norm weights and biases.
+fn vector_flags(op: &Op) -> Vec<bool> {
+    match op {
+        Op::Norm(n) => vec![true; 1 + usize::from(n.bias.is_some())],
+        Op::Embedding(_) => {
+            let mut o = op.clone();
+            vec![false; o.weights_mut().len()]
+        }
+        other => other
+            .linears()
+            .into_iter()
+            .flat_map(|l| {
+                let mut v = vec![false];
+                if l.bias.is_some() {
+                    v.push(true);
+                }
+                v
+            })
+            .collect(),
+    }
+}
+
+/// The stored weights of a block's ops, in node order, each flagged when it is a vector
+/// (norm weight or bias).
+fn block_weights(g: &Graph, depth: usize) -> Vec<(bool, WeightRef)> {
+    block_nodes(g, depth)
+        .into_iter()
+        .flat_map(|n| {
+            let mut op = g.graph[n].op.clone();
+            let flags = vector_flags(&op);
+            op.weights_mut()
+                .into_iter()
+                .zip(flags)
+                .map(|(w, vector)| (vector, w.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+impl Pass for TieLayers {
+    fn name(&self) -> &'static str {
+        "TieLayers"
+    }
+
+    fn run(&self, g: &mut Graph, _cx: &PassContext) -> Result<PassReport, PassError> {
+        let field = |field: &'static str, message: String| PassError::Field {
+            pass: "TieLayers",
+            field,
+            message,
+        };
+        let n = g.blocks.len();
+        let b = self.loops;
+        if b == 0 || n % b != 0 {
+            return Err(field(
+                "loops",
+                format!("{b} loops do not divide the model's {n} layers"),
+            ));
+        }
+        if g.blocks.iter().any(|bl| bl.weights != bl.depth) {
+            return Err(field(
+                "loops",
+                "the model's layers are already tied (one TieLayers per pipeline)".into(),
+            ));
+        }
+        let k = n / b;
+        let originals: Vec<Vec<(bool, WeightRef)>> = (0..n).map(|d| block_weights(g, d)).collect();
+        if originals.iter().any(|w| w.len() != originals[0].len()) {
+            return Err(field(
+                "loops",
+                "the layers do not all have the same ops, so they cannot be tied".into(),
+            ));
+        }
+        let sources = stepwise_layers(n, k);
+        // The shared recipe of each position's `i`-th weight.
+        let shared = |j: usize, i: usize| -> WeightRef {
+            match self.init {
+                TieInit::Stepwise => originals[sources[j]][i].1.clone(),
+                TieInit::Lower => originals[j][i].1.clone(),
+                TieInit::Average => {
+                    let of: Vec<WeightRef> =
+                        (0..b).map(|l| originals[j + l * k][i].1.clone()).collect();
+                    if of.len() == 1 {
+                        of[0].clone()
+                    } else {
+                        WeightRef::Mean(of)
+                    }
+                }
+            }
+        };
+        let mut changed = Vec::new();
+        for (d, original) in originals.iter().enumerate() {
+            let (loop_i, j) = (d / k, d % k);
+            let mut i = 0;
+            for node in block_nodes(g, d) {
+                let mut touched = false;
+                let flags = vector_flags(&g.graph[node].op);
+                for (w, vector) in g.graph[node].op.weights_mut().into_iter().zip(flags) {
+                    if !(vector && self.norms == TieNorms::PerIteration) {
+                        let s = shared(j, i);
+                        touched |= *w != s;
+                        *w = s;
+                    }
+                    i += 1;
+                }
+                if touched {
+                    changed.push(g.graph[node].name.clone());
+                }
+            }
+            let block = &mut g.blocks[d];
+            block.weights = j;
+            block.iteration = loop_i;
+            block.untied = original.iter().map(|(_, w)| w.clone()).collect();
+        }
+        Ok(PassReport {
+            summary: format!(
+                "tied {n} layers into one block of {k} looped {b} times ({:?} init, {:?} norms)",
+                self.init, self.norms
+            ),
+            added: Vec::new(),
+            removed: Vec::new(),
+            changed,
+        })
+    }
+}
+
+/// The rank of `DepthLora`'s adapters: `Rank(r)` or `Full` in RON. (A bare number beside
+/// an identifier would need RON's untyped parsing, which reads any identifier as a unit
+/// value: a typo such as `Fulll` would pass unnoticed.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoraRank {
+    /// This rank (at most the smaller side of each weight).
+    Rank(usize),
+    /// min(out, in) of each weight: the adapter can hold any residual.
+    Full,
+}
+
+/// How `DepthLora`'s adapters start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoraInit {
+    /// Truncated SVD of the residual between the original layer's weight and the shared one.
+    #[default]
+    Svd,
+    /// `B = 0` (the tied model), `A` seeded uniform in ±1/√in (LoRA's usual start).
+    Zero,
+}
+
+/// Which projections get adapters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[allow(non_camel_case_types)]
+pub enum LoraTarget {
+    q,
+    k,
+    v,
+    o,
+    gate,
+    up,
+    down,
+}
+
+/// `DepthLora(rank: r, targets: [...], init: Svd | Zero)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepthLora {
+    pub rank: LoraRank,
+    pub targets: Vec<LoraTarget>,
+    pub init: LoraInit,
+}
+
+/// The block's projections with their targets, in `Op::weights_mut` order of their weight.
+fn targeted(op: &mut Op) -> Vec<(LoraTarget, &mut exitgraph_ir::op::Linear)> {
+    match op {
+        Op::Attention(a) => vec![
+            (LoraTarget::q, &mut a.q),
+            (LoraTarget::k, &mut a.k),
+            (LoraTarget::v, &mut a.v),
+            (LoraTarget::o, &mut a.o),
+        ],
+        Op::Mlp(m) => {
+            let mut v = Vec::new();
+            if let Some(g) = m.gate.as_mut() {
+                v.push((LoraTarget::gate, g));
+            }
+            v.push((LoraTarget::up, &mut m.up));
+            v.push((LoraTarget::down, &mut m.down));
+            v
+        }
+        _ => Vec::new(),
+    }
+}
+
+impl Pass for DepthLora {
+    fn name(&self) -> &'static str {
+        "DepthLora"
+    }
+
+    fn run(&self, g: &mut Graph, _cx: &PassContext) -> Result<PassReport, PassError> {
+        let field = |field: &'static str, message: String| PassError::Field {
+            pass: "DepthLora",
+            field,
+            message,
+        };
+        if g.blocks.iter().all(|b| b.untied.is_empty()) {
+            return Err(field(
+                "rank",
+                "DepthLora relaxes tied layers: put a TieLayers pass before it".into(),
+            ));
+        }
+        if self.targets.is_empty() {
+            return Err(field("targets", "no projection named".into()));
+        }
+        if self.rank == LoraRank::Rank(0) {
+            return Err(field("rank", "rank 0 adds nothing".into()));
+        }
+        let mut changed = Vec::new();
+        let mut params = 0usize;
+        for d in 0..g.blocks.len() {
+            let untied = g.blocks[d].untied.clone();
+            let mut i = 0;
+            for node in block_nodes(g, d) {
+                let name = g.graph[node].name.clone();
+                let op = &mut g.graph[node].op;
+                // Position of each projection's weight among the block's stored weights.
+                let mut offsets = Vec::new();
+                {
+                    let mut probe = op.clone();
+                    let mut at = i;
+                    for l in probe.linears_mut() {
+                        offsets.push(at);
+                        at += 1 + usize::from(l.bias.is_some());
+                    }
+                    let total = probe.weights_mut().len();
+                    i += total;
+                }
+                let mut any = false;
+                for ((target, l), at) in targeted(op).into_iter().zip(offsets) {
+                    if !self.targets.contains(&target) {
+                        continue;
+                    }
+                    let side = l.out_features.min(l.in_features);
+                    let rank = match self.rank {
+                        LoraRank::Full => side,
+                        LoraRank::Rank(r) if r <= side => r,
+                        LoraRank::Rank(r) => {
+                            return Err(field(
+                                "rank",
+                                format!(
+                                "{r} exceeds {name}.{target:?}'s smaller side {side} ([{}, {}])",
+                                l.out_features, l.in_features
+                            ),
+                            ))
+                        }
+                    };
+                    let original = untied.get(at).cloned().ok_or_else(|| {
+                        field(
+                            "rank",
+                            format!("block {d} has no record of {name}'s weights"),
+                        )
+                    })?;
+                    let (a, b) = match self.init {
+                        LoraInit::Svd => {
+                            let svd = |factor| WeightRef::Svd {
+                                target: Box::new(original.clone()),
+                                base: Box::new(l.weight.clone()),
+                                rank,
+                                factor,
+                            };
+                            (svd(SvdFactor::A), svd(SvdFactor::B))
+                        }
+                        LoraInit::Zero => (
+                            WeightRef::Uniform {
+                                shape: vec![rank, l.in_features],
+                                seed: (d as u64) << 8 | target as u64,
+                            },
+                            WeightRef::Zeros {
+                                shape: vec![l.out_features, rank],
+                            },
+                        ),
+                    };
+                    params += rank * (l.in_features + l.out_features);
+                    l.adapter = Some(LowRank {
+                        a,
+                        b,
+                        rank,
+                        scale: 1.0,
+                    });
+                    any = true;
+                }
+                if any {
+                    changed.push(name);
+                }
+            }
+        }
+        Ok(PassReport {
+            summary: format!(
+                "added depth-wise LoRA ({:?}, {:?} init) to {} ops: {params} adapter parameters",
+                self.rank,
+                self.init,
+                changed.len()
+            ),
+            added: Vec::new(),
+            removed: Vec::new(),
+            changed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stepwise_rounds_half_to_even() {
+        assert_eq!(stepwise_layers(6, 3), vec![0, 2, 5]);
+        assert_eq!(stepwise_layers(6, 2), vec![0, 5]);
+        assert_eq!(stepwise_layers(6, 6), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(stepwise_layers(6, 1), vec![0]);
+        // linspace(0, 7, 3) = 0, 3.5, 7: 3.5 rounds to 4 (even).
+        assert_eq!(stepwise_layers(8, 3), vec![0, 4, 7]);
+    }
+}

@@ -1,0 +1,293 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Relaxed Recursive Transformers' passes on random Llama, Qwen2, Mistral and GPT-2
+//! checkpoints (proptest):
+//! - `TieLayers(loops: 1)` leaves the outputs unchanged;
+//! - `TieLayers(norms: PerIteration)` + `DepthLora(rank: Full, init: Svd)` reproduces the
+//!   original model's logits and hidden states (the adapters hold each layer's whole residual
+//!   from the shared weights), whatever the init;
+//! - `DepthLora(init: Zero)` equals the tied model without adapters;
+//! - `TieLayers(init: Lower)` with B loops equals an independent reference: a checkpoint
+//!   whose layer `i·K + j` holds layer `j`'s tensors;
+//! - the looped model's KV-cached decoding equals recomputation, batching never changes a
+//!   row, and its weights are lowered once per position (weight bytes shrink).
+
+use candle_core::{DType, Device, Tensor};
+use exitgraph::lower::{Inputs, Program};
+use exitgraph::synth::{write_random_gpt2, write_random_llama, BlockSpec, LlamaSpec};
+use exitgraph_ir::Graph;
+use exitgraph_passes::{
+    DepthLora, LoraInit, LoraRank, LoraTarget, PassManager, TieInit, TieLayers, TieNorms,
+};
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+
+fn all_targets() -> Vec<LoraTarget> {
+    use LoraTarget::*;
+    vec![q, k, v, o, gate, up, down]
+}
+
+/// A random checkpoint of `family` with `layers` layers in `dir`.
+fn checkpoint(dir: &Path, family: &str, layers: usize, seed: u64) -> Graph {
+    if family == "gpt2" {
+        let mut s = BlockSpec::tiny();
+        s.layers = layers;
+        write_random_gpt2(dir, &s, seed).unwrap();
+    } else {
+        let mut s = LlamaSpec::tiny();
+        s.model_type = family.into();
+        s.layers = layers;
+        write_random_llama(dir, &s, seed).unwrap();
+    }
+    exitgraph_ir::import(dir).unwrap().graph
+}
+
+fn tie(g: &Graph, loops: usize, init: TieInit, norms: TieNorms, lora: Option<DepthLora>) -> Graph {
+    let mut h = g.clone();
+    let mut passes: Vec<Box<dyn exitgraph_passes::Pass>> =
+        vec![Box::new(TieLayers { loops, init, norms })];
+    if let Some(l) = lora {
+        passes.push(Box::new(l));
+    }
+    PassManager::new(passes)
+        .run(&mut h)
+        .expect("the passes verify");
+    h
+}
+
+fn lower(g: &Graph, dir: &Path) -> Program {
+    Program::lower(g, dir, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((seed as usize + i * 31) % 97) as u32)
+        .collect()
+}
+
+fn outputs(p: &Program, rows: &[Vec<u32>], want: &[&str]) -> Vec<Tensor> {
+    let inputs = Inputs {
+        input_ids: Tensor::from_vec(rows.concat(), (rows.len(), rows[0].len()), &Device::Cpu)
+            .unwrap(),
+        attention_mask: None,
+        token_type_ids: None,
+    };
+    let mut out = p.forward(&inputs, &mut p.new_cache(), want, false).unwrap();
+    want.iter().map(|w| out.remove(*w).unwrap()).collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// (family, layers, loops) with loops dividing layers.
+fn shapes() -> impl Strategy<Value = (&'static str, usize, usize)> {
+    (
+        prop_oneof![Just("llama"), Just("qwen2"), Just("mistral"), Just("gpt2")],
+        prop_oneof![
+            Just((2usize, 2usize)),
+            Just((4, 2)),
+            Just((4, 4)),
+            Just((6, 3)),
+            Just((6, 2)),
+            Just((3, 3))
+        ],
+    )
+        .prop_map(|(f, (l, b))| (f, l, b))
+}
+
+fn inits() -> impl Strategy<Value = TieInit> {
+    prop_oneof![
+        Just(TieInit::Stepwise),
+        Just(TieInit::Average),
+        Just(TieInit::Lower)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(10))]
+
+    #[test]
+    fn one_loop_changes_nothing(family in prop_oneof![Just("llama"), Just("gpt2")], layers in 1usize..4, seed in any::<u64>(), init in inits()) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = checkpoint(dir.path(), family, layers, seed);
+        let h = tie(&g, 1, init, TieNorms::Shared, None);
+        let rows = vec![tokens(6, seed)];
+        let a = outputs(&lower(&g, dir.path()), &rows, &["logits"]).remove(0);
+        let b = outputs(&lower(&h, dir.path()), &rows, &["logits"]).remove(0);
+        prop_assert_eq!(max_diff(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn full_rank_svd_adapters_reproduce_the_original((family, layers, loops) in shapes(), seed in any::<u64>(), init in inits()) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = checkpoint(dir.path(), family, layers, seed);
+        let lora = DepthLora { rank: LoraRank::Full, targets: all_targets(), init: LoraInit::Svd };
+        let h = tie(&g, loops, init, TieNorms::PerIteration, Some(lora));
+        let rows = vec![tokens(7, seed)];
+        let mut want: Vec<String> = (0..=layers).map(|i| format!("hidden_states.{i}")).collect();
+        want.push("logits".into());
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        let a = outputs(&lower(&g, dir.path()), &rows, &want);
+        let b = outputs(&lower(&h, dir.path()), &rows, &want);
+        for ((x, y), name) in a.iter().zip(&b).zip(&want) {
+            prop_assert!(max_diff(x, y) < 1e-4, "{} differs by {}", name, max_diff(x, y));
+        }
+        // Without the adapters (tied only), layers that took another layer's weights differ.
+        if loops > 1 && init != TieInit::Average {
+            let tied = tie(&g, loops, init, TieNorms::PerIteration, None);
+            let c = outputs(&lower(&tied, dir.path()), &rows, &["logits"]).remove(0);
+            prop_assert!(max_diff(&a[layers + 1], &c) > 1e-3, "tying changed nothing");
+        }
+    }
+
+    #[test]
+    fn zero_adapters_equal_the_tied_model((family, layers, loops) in shapes(), seed in any::<u64>(), init in inits(), rank in 1usize..4) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = checkpoint(dir.path(), family, layers, seed);
+        let tied = tie(&g, loops, init, TieNorms::Shared, None);
+        let lora = DepthLora { rank: LoraRank::Rank(rank), targets: all_targets(), init: LoraInit::Zero };
+        let relaxed = tie(&g, loops, init, TieNorms::Shared, Some(lora));
+        let rows = vec![tokens(5, seed)];
+        let a = outputs(&lower(&tied, dir.path()), &rows, &["logits"]).remove(0);
+        let p = lower(&relaxed, dir.path());
+        let b = outputs(&p, &rows, &["logits"]).remove(0);
+        prop_assert!(max_diff(&a, &b) < 1e-5);
+        // The adapters exist (their A is not zero), shared weights are lowered once.
+        prop_assert!(p.weight_bytes() > lower(&tied, dir.path()).weight_bytes());
+    }
+
+    #[test]
+    fn lower_init_equals_a_checkpoint_of_repeated_layers((family, layers, loops) in shapes(), seed in any::<u64>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = checkpoint(dir.path(), family, layers, seed);
+        let h = tie(&g, loops, TieInit::Lower, TieNorms::Shared, None);
+        // The reference: layer i·K + j's tensors replaced by layer j's, as a checkpoint.
+        let k = layers / loops;
+        let reference = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("config.json"), reference.path().join("config.json")).unwrap();
+        let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let prefix = if family == "gpt2" { "transformer.h." } else { "model.layers." };
+        let mut out: HashMap<String, Tensor> = HashMap::new();
+        for (name, t) in &tensors {
+            let replaced = name.strip_prefix(prefix).and_then(|rest| {
+                let (layer, tail) = rest.split_once('.')?;
+                let j = layer.parse::<usize>().ok()? % k;
+                tensors.get(&format!("{prefix}{j}.{tail}")).cloned()
+            });
+            out.insert(name.clone(), replaced.unwrap_or_else(|| t.clone()));
+        }
+        candle_core::safetensors::save(&out, reference.path().join("model.safetensors")).unwrap();
+        let r = exitgraph_ir::import(reference.path()).unwrap().graph;
+        let rows = vec![tokens(6, seed)];
+        let a = outputs(&lower(&r, reference.path()), &rows, &["logits"]).remove(0);
+        let tied = lower(&h, dir.path());
+        let b = outputs(&tied, &rows, &["logits"]).remove(0);
+        prop_assert!(max_diff(&a, &b) < 1e-5, "differs by {}", max_diff(&a, &b));
+        // The tied program holds one copy of each position's weights.
+        if loops > 1 {
+            prop_assert!(tied.weight_bytes() < lower(&g, dir.path()).weight_bytes());
+        }
+    }
+
+    #[test]
+    fn looped_kv_decoding_and_batching_equal_recomputation((family, layers, loops) in shapes(), seed in any::<u64>(), init in inits(), split in 1usize..6) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = checkpoint(dir.path(), family, layers, seed);
+        let lora = DepthLora { rank: LoraRank::Rank(2), targets: all_targets(), init: LoraInit::Svd };
+        let h = tie(&g, loops, init, TieNorms::Shared, Some(lora));
+        let p = lower(&h, dir.path());
+        let seq = tokens(7, seed);
+        let full = outputs(&p, std::slice::from_ref(&seq), &["logits"]).remove(0);
+        let mut cache = p.new_cache();
+        let step = |ids: &[u32], cache: &mut exitgraph::lower::KvCache| {
+            let inputs = Inputs {
+                input_ids: Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap(),
+                attention_mask: None,
+                token_type_ids: None,
+            };
+            p.forward(&inputs, cache, &["logits"], false).unwrap().remove("logits").unwrap()
+        };
+        let mut parts = vec![step(&seq[..split], &mut cache)];
+        for &t in &seq[split..] {
+            parts.push(step(&[t], &mut cache));
+        }
+        let inc = Tensor::cat(&parts, 1).unwrap();
+        prop_assert!(max_diff(&full, &inc) < 1e-4, "decoding differs by {}", max_diff(&full, &inc));
+        let other = tokens(7, seed ^ 99);
+        let both = outputs(&p, &[seq.clone(), other], &["logits"]).remove(0);
+        prop_assert!(max_diff(&both.narrow(0, 0, 1).unwrap(), &full) < 1e-5);
+    }
+}
+
+#[test]
+fn tying_is_recorded_and_bad_loops_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = checkpoint(dir.path(), "llama", 6, 3);
+    let h = tie(&g, 2, TieInit::Stepwise, TieNorms::Shared, None);
+    let ids: Vec<(usize, usize)> = h.blocks.iter().map(|b| (b.weights, b.iteration)).collect();
+    assert_eq!(ids, vec![(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]);
+    let slots: std::collections::BTreeSet<_> = h.blocks.iter().map(|b| b.kv_slot).collect();
+    assert_eq!(slots.len(), 6, "each depth keeps its own KV slot");
+    // Stepwise takes layers round(linspace(0, 5, 3)) = 0, 2 (2.5 rounds to even), 5.
+    let q_of = |g: &Graph, depth: usize| -> String {
+        g.graph
+            .node_indices()
+            .find_map(|n| match (&g.graph[n].op, g.graph[n].layer) {
+                (exitgraph_ir::Op::Attention(a), Some(d)) if d == depth => {
+                    Some(a.q.weight.to_string())
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(q_of(&h, 1), "model.layers.2.self_attn.q_proj.weight");
+    assert_eq!(q_of(&h, 4), "model.layers.2.self_attn.q_proj.weight");
+    assert_eq!(q_of(&h, 5), "model.layers.5.self_attn.q_proj.weight");
+    let mut bad = g.clone();
+    let err = PassManager::new(vec![Box::new(TieLayers {
+        loops: 4,
+        init: TieInit::Lower,
+        norms: TieNorms::Shared,
+    })])
+    .run(&mut bad)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("loops") && err.contains("6 layers"), "{err}");
+    let mut untied = g.clone();
+    let err = PassManager::new(vec![Box::new(DepthLora {
+        rank: LoraRank::Rank(2),
+        targets: all_targets(),
+        init: LoraInit::Svd,
+    })])
+    .run(&mut untied)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("TieLayers"), "{err}");
+    let mut wide = g.clone();
+    let err = PassManager::new(vec![
+        Box::new(TieLayers {
+            loops: 2,
+            init: TieInit::Lower,
+            norms: TieNorms::Shared,
+        }),
+        Box::new(DepthLora {
+            rank: LoraRank::Rank(999),
+            targets: all_targets(),
+            init: LoraInit::Svd,
+        }),
+    ])
+    .run(&mut wide)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rank") && err.contains("999"), "{err}");
+}
