@@ -16,7 +16,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let path = a
         .model_dir
         .unwrap_or_else(exitgraph::pipeline::demo_model_dir);
-    if path.is_dir() {
+    // A file is a pipeline; anything else is a model folder (a missing one is reported as
+    // such by the importer).
+    if !path.is_file() {
         let ckpt = exitgraph_ir::import(&path)?;
         outln!("model            {}", path.display());
         out!("{}", summarize(&ckpt.graph).to_table(a.context));
