@@ -166,9 +166,16 @@ fn call(
 /// the sequence (true of SkipDecode's decaying schedule and of exits, which write every
 /// layer). Independent of the runtime's batching, cache reuse and scheduling.
 fn reference_logits(p: &Program, ids: &[u32], ran: &[Ran]) -> Vec<f32> {
+    reference(p, ids, ran).1
+}
+
+/// [`reference_logits`], with the last position's residual stream after every depth
+/// (0 = the embeddings).
+fn reference(p: &Program, ids: &[u32], ran: &[Ran]) -> (Vec<Vec<f32>>, Vec<f32>) {
     let layers = p.graph().info.num_layers;
     let n = ids.len();
     let mut state = call(p, ids, 0, None, Want::all(p.stream_node(0).unwrap()));
+    let mut last_states = vec![state[n - 1].clone()];
     for l in 0..layers {
         let runs = |r: &Ran| match r {
             Ran::Full => true,
@@ -185,6 +192,7 @@ fn reference_logits(p: &Program, ids: &[u32], ran: &[Ran]) -> Vec<f32> {
             "layer {l}: the positions present must be a prefix"
         );
         if q == 0 {
+            last_states.push(state[n - 1].clone());
             continue;
         }
         let out = call(
@@ -199,20 +207,29 @@ fn reference_logits(p: &Program, ids: &[u32], ran: &[Ran]) -> Vec<f32> {
                 state[i] = row;
             }
         }
+        last_states.push(state[n - 1].clone());
     }
     let last = n - 1;
     let (from, node) = match ran[last] {
         Ran::Exit(k) => (k, p.graph().exit_at(k).and_then(|e| e.logits).unwrap()),
         _ => (layers, p.logits_node().unwrap()),
     };
-    call(
+    let logits = call(
         p,
         &ids[last..],
         from,
         Some(vec![state[last].clone()]),
         Want::last(node),
     )
-    .remove(0)
+    .remove(0);
+    (last_states, logits)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -511,6 +528,81 @@ fn tokens_after_an_exit_read_the_copied_keys_and_values() {
         mixed_cases >= 2,
         "only {mixed_cases} seeds mixed exits and full-depth tokens"
     );
+}
+
+/// Saturation compares consecutive layers: with an exit after every layer, a token stops at
+/// the first exit `k` where cos(h_k, h_{k−1}) reaches the threshold, the states computed by
+/// the layer-major reference. Checked under static batching and under depth-wise batching
+/// with one layer per stage (each stage starts one layer below its exit).
+#[test]
+fn saturation_compares_each_exit_with_the_layer_below() {
+    let mut exits_seen = 0;
+    for seed in 0..4u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let layers = 4;
+        let g = graph(dir.path(), layers, seed);
+        let pts: Vec<usize> = (1..layers).collect();
+        let p = lower(&with_exits(&g, &pts), dir.path());
+        let prs = prompts(seed, 2);
+        // A threshold at the median cosine between consecutive layers at the prompts' last
+        // positions, so that some tokens exit and some do not.
+        let mut cosines = Vec::new();
+        for pr in &prs {
+            let (st, _) = reference(&p, pr, &vec![Ran::Full; pr.len()]);
+            cosines.extend((1..layers).map(|k| cosine(&st[k], &st[k - 1])));
+        }
+        cosines.sort_by(f64::total_cmp);
+        let t = cosines[cosines.len() / 2];
+        let rule = ExitRule::Saturation(t);
+        for batching in [
+            Batching::Static { max_batch: 2 },
+            Batching::DepthWise {
+                max_batch: 2,
+                stages: layers,
+            },
+        ] {
+            let got = serve(
+                &p,
+                &prs,
+                5,
+                batching.clone(),
+                &Depth::EarlyExit { rule: rule.clone() },
+            );
+            for (pr, (tokens, exits)) in prs.iter().zip(&got) {
+                let mut seq = pr.clone();
+                let mut plan: Vec<Ran> = vec![Ran::Full; pr.len()];
+                for (i, &tok) in tokens.iter().enumerate() {
+                    if i > 0 {
+                        let (st, _) = reference(&p, &seq, &plan);
+                        let want = pts
+                            .iter()
+                            .copied()
+                            .find(|&k| cosine(&st[k], &st[k - 1]) >= t)
+                            .unwrap_or(layers);
+                        assert_eq!(
+                            exits[i] as usize, want,
+                            "seed {seed}, token {i}, {batching:?}"
+                        );
+                        exits_seen += usize::from(want < layers);
+                        let last = plan.len() - 1;
+                        plan[last] = if want < layers {
+                            Ran::Exit(want)
+                        } else {
+                            Ran::Full
+                        };
+                    }
+                    assert_eq!(
+                        argmax(&reference_logits(&p, &seq, &plan)),
+                        tok,
+                        "seed {seed}, token {i}"
+                    );
+                    seq.push(tok);
+                    plan.push(Ran::Full);
+                }
+            }
+        }
+    }
+    assert!(exits_seen > 0, "some token exited on saturation");
 }
 
 /// MiniLM (weights fetched by scripts/fetch-minilm.sh) with exits after layers 2..=5.

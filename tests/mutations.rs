@@ -2,8 +2,8 @@
 //! Random mutations of valid inputs never panic (proptest): a pipeline RON file, a
 //! checkpoint's `config.json` and its safetensors header are mutated byte-wise (deleted,
 //! inserted, replaced or duplicated bytes, truncation; the header's length prefix kept or
-//! broken) and run through reading, compiling, lowering and a two-token forward pass. Each
-//! attempt must end in an error or in a model that runs: never a panic. The mutations that
+//! broken). Pipelines are read and compiled; checkpoints are imported, lowered and run for
+//! two tokens. Each attempt must end in an error or a result: never a panic. The mutations that
 //! still parse must give a result that verifies; the test asserts that most mutations are
 //! rejected, so a parser that accepts anything fails it.
 
@@ -14,12 +14,9 @@ use exitgraph::synth::SplitMix64;
 use proptest::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Mutations tried per input kind (also quoted in the README's reliability section).
 const CASES: u32 = 300;
-
-static TRIED: AtomicUsize = AtomicUsize::new(0);
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama")
@@ -53,7 +50,6 @@ fn mutate(text: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
 
 /// Runs `f`, turning a panic into a test failure naming `what`.
 fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    TRIED.fetch_add(1, Ordering::Relaxed);
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(_) => panic!("{what}: panicked instead of returning an error"),
@@ -196,5 +192,4 @@ fn most_mutations_are_rejected_and_the_originals_work() {
         rejected * 2 > tries as usize,
         "only {rejected} of {tries} mutated headers were rejected"
     );
-    assert!(TRIED.load(Ordering::Relaxed) >= 2 * tries as usize);
 }

@@ -99,7 +99,9 @@ pub struct ServeReport {
     #[serde(default)]
     pub mean_layers_run: f64,
     /// Busy seconds of decode-only steps (no prompt in the step), exit decisions and state
-    /// copying included: the time of the tokens after each request's first.
+    /// copying included. Under static batching this is the time of the tokens after each
+    /// request's first; under continuous batching, decode tokens that share a step with a
+    /// prompt are not in it.
     #[serde(default)]
     pub decode_busy_s: f64,
     /// (clock time, sequences in the step) for every step.

@@ -631,6 +631,18 @@ impl ExitEval {
     }
 }
 
+/// Orders thresholds of one rule from the most conservative (exits least) to the least:
+/// descending for every thresholded rule but `Entropy`, ascending for it. Learn-then-Test
+/// tests them in this order.
+pub fn stricter_first(a: &ExitRule, b: &ExitRule) -> std::cmp::Ordering {
+    let (ta, tb) = (a.threshold().unwrap_or(0.0), b.threshold().unwrap_or(0.0));
+    if a.larger_is_stricter() {
+        tb.total_cmp(&ta)
+    } else {
+        ta.total_cmp(&tb)
+    }
+}
+
 /// The calibration split (even-numbered cases) and the held-out split (odd-numbered cases)
 /// of `n` cases.
 pub fn split(n: usize) -> (Vec<usize>, Vec<usize>) {
@@ -712,17 +724,7 @@ pub fn sweep(
                     _ => None,
                 })
                 .collect();
-            group.sort_by(|a, b| {
-                let (ta, tb) = (
-                    a.1.threshold().unwrap_or(0.0),
-                    b.1.threshold().unwrap_or(0.0),
-                );
-                if a.1.larger_is_stricter() {
-                    tb.total_cmp(&ta)
-                } else {
-                    ta.total_cmp(&tb)
-                }
-            });
+            group.sort_by(|a, b| stricter_first(a.1, b.1));
             let mut best: Option<(usize, SweepRow)> = None;
             let mut p_values = Vec::new();
             let mut cal_rows = Vec::new();
@@ -1070,6 +1072,41 @@ mod tests {
         );
         assert_eq!(eval.path_cost(&eval.costed(&ran, true)), 27.0);
         assert_eq!(eval.costed(&ran, false), ran);
+    }
+
+    #[test]
+    fn learn_then_test_orders_thresholds_strictest_first() {
+        let mut c = vec![
+            ExitRule::Confidence(0.8),
+            ExitRule::Confidence(0.98),
+            ExitRule::Confidence(0.9),
+        ];
+        c.sort_by(stricter_first);
+        assert_eq!(
+            c,
+            vec![
+                ExitRule::Confidence(0.98),
+                ExitRule::Confidence(0.9),
+                ExitRule::Confidence(0.8)
+            ]
+        );
+        let mut e = vec![
+            ExitRule::Entropy(0.45),
+            ExitRule::Entropy(0.05),
+            ExitRule::Entropy(0.25),
+        ];
+        e.sort_by(stricter_first);
+        assert_eq!(
+            e,
+            vec![
+                ExitRule::Entropy(0.05),
+                ExitRule::Entropy(0.25),
+                ExitRule::Entropy(0.45)
+            ]
+        );
+        // Tested strictest first, the chosen threshold is the last of the valid prefix:
+        // p-values 0.01, 0.05, 0.3, 0.01 at ε = 0.1 keep the first two; the second is chosen.
+        assert_eq!(ltt::fixed_sequence(&[0.01, 0.05, 0.3, 0.01], 0.1), 2);
     }
 
     #[test]
