@@ -329,3 +329,69 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+/// The simulated executor charges SkipDecode's layer work by the share of layers each token
+/// runs and the rest in full: one request, hand-computed step by step.
+#[test]
+fn simulated_skipdecode_scales_only_the_layer_terms() {
+    use exitgraph::exits::{Depth, SkipDecode};
+    use exitgraph::runtime::cost::CostModel;
+    use exitgraph::runtime::workload::RequestSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(model(dir.path(), "llama", 2, 4));
+    let layers = p.graph().info.num_layers; // 3
+    let (c0, c1, c2, c3) = (2e-3, 1e-4, 3e-7, 5e-5);
+    let cost = CostModel {
+        version: 1,
+        coefficients: [c0, c1, c2, c3],
+        samples: Vec::new(),
+    };
+    // 3 layers, n(p) = round(3 - p/7) over 8 positions (min 2, warm-up 1).
+    let skip = SkipDecode {
+        max_layers: 3,
+        min_layers: 2,
+        warmup: 1,
+        max_length: Some(8),
+    };
+    let prompt = vec![1u32, 2, 3, 4, 5];
+    let request = RequestSpec {
+        id: 0,
+        arrival_s: 0.0,
+        prompt: prompt.clone(),
+        max_new_tokens: 3,
+        forced: Vec::new(),
+        depth: Some(Depth::SkipDecode(skip)),
+    };
+    let (report, outcomes) = Runtime::new(
+        p.clone(),
+        Batching::Static { max_batch: 1 },
+        Executor::Sim(cost),
+        Decoding::greedy(),
+        vec![request],
+        None,
+    )
+    .run()
+    .unwrap();
+    assert_eq!(outcomes[0].produced, 3);
+    // Prefill: 5 tokens at full depth, attention 5 * 5, one final head.
+    let mut want = c0 + c1 * 5.0 + c2 * 25.0 + c3;
+    // Decode: the token at position 5 runs round(3 - 5/7) = 2 of 3 layers with 5 cached;
+    // position 6 runs round(3 - 6/7) = 2 with 6 cached. Each reaches the last layer (head).
+    for (n, cached) in [(2.0, 5.0), (2.0, 6.0)] {
+        let share = n / layers as f64;
+        want += c0 + c1 * share + c2 * share * (cached + 1.0) + c3;
+    }
+    let busy = report.busy_share * report.makespan_s;
+    assert!(
+        (busy - want).abs() < 1e-12,
+        "busy {busy} vs hand-computed {want}"
+    );
+    assert_eq!(
+        outcomes[0]
+            .stats
+            .iter()
+            .map(|s| s.layers_run)
+            .collect::<Vec<_>>(),
+        vec![3, 2, 2]
+    );
+}
