@@ -4,8 +4,10 @@
 //!
 //! Each setting decodes one sequence through the runtime; its decode time is the runtime's
 //! clock from the first to the last token (measured execution, the host-side exit decisions
-//! and state copying included). Repetitions alternate the settings' order; the table gives
-//! the median and the range of the per-repetition speedups. The
+//! and state copying included). Repetitions alternate the settings' order; each timed decode
+//! runs on a freshly lowered program after an untimed warm-up, with no other setting's
+//! program in memory. The table gives the ratio of median decode times and the range of the
+//! per-repetition speedups. The
 //! ideal speedup is the full path's FLOPs over the mean adaptive path's (layers run, exit
 //! heads evaluated, keys and values filled from exit states; see [`crate::exits::cost`]).
 
@@ -151,14 +153,13 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
     struct Setting {
         name: String,
         cost: DepthCost,
-        program: Arc<Program>,
+        graph: exitgraph_ir::Graph,
         depth: Depth,
         times: Vec<f64>,
         stats: Vec<TokenStat>,
     }
     let mut runs = Vec::with_capacity(settings.len());
     for (name, points, depth) in settings {
-        progress(&format!("compiling {name}"));
         let mut g = graph.clone();
         if !points.is_empty() {
             InsertExits {
@@ -170,20 +171,19 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
             }
             .run(&mut g, &PassContext::detached())?;
         }
-        let program = Arc::new(Program::lower(&g, dir.path(), &Device::Cpu, DType::F32)?);
-        // A warm-up decode so no timed run pays first-touch costs.
-        decode_once(&program, &prompt, new.min(4), &depth)?;
         runs.push(Setting {
             name,
             cost: DepthCost::of(&g),
-            program,
+            graph: g,
             depth,
             times: Vec::new(),
             stats: Vec::new(),
         });
     }
     // Repetitions alternate the settings' order (forward, then backward) so slow drifts of
-    // the machine's load fall on every setting alike.
+    // the machine's load fall on every setting alike. Each timed decode gets a freshly
+    // lowered program and an untimed warm-up decode, with no other setting's program held in
+    // memory (holding all of them at once changed the settings' relative speeds).
     let reps = opts.reps.max(1);
     for rep in 0..reps {
         progress(&format!("run {} of {reps}", rep + 1));
@@ -194,7 +194,14 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
         };
         for i in order {
             let r = &mut runs[i];
-            let (t, s) = decode_once(&r.program, &prompt, new, &r.depth)?;
+            let program = Arc::new(Program::lower(
+                &r.graph,
+                dir.path(),
+                &Device::Cpu,
+                DType::F32,
+            )?);
+            decode_once(&program, &prompt, new.min(4), &r.depth)?;
+            let (t, s) = decode_once(&program, &prompt, new, &r.depth)?;
             r.times.push(t);
             r.stats = s;
         }
