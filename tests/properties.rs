@@ -8,8 +8,9 @@
 //! - the IR round-trips through RON, and compiling `TruncateLayers(keep: all)` gives the
 //!   imported graph back;
 //! - on random GPT-2 and BERT checkpoints of varied widths and heads: right-padded batches
-//!   with attention masks give each row its own single-sequence result (logits for GPT-2,
-//!   the pooled sentence embedding for BERT), KV-cached decoding equals recomputation
+//!   with attention masks give each row its own single-sequence result (the pooled sentence
+//!   embedding for BERT, where the mask is what keeps padding out; logits for GPT-2, where
+//!   causal attention already does, so that half checks only that padding is inert), KV-cached decoding equals recomputation
 //!   (GPT-2), and per-sample encoder exits (`InsertExits(every: 1)`) give each sample what
 //!   it gets alone.
 

@@ -51,7 +51,26 @@ pub struct ExitBenchReport {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A setting's speed against the full model's from per-repetition decode times (seconds per
+/// token, repetition `i` of both timed back to back): the full model's median time over the
+/// setting's median time, and the lowest and highest per-repetition ratio.
+pub fn speedup(full: &[f64], setting: &[f64]) -> (f64, (f64, f64)) {
+    let ratios: Vec<f64> = full
+        .iter()
+        .zip(setting)
+        .map(|(b, x)| b / x.max(1e-12))
+        .collect();
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let med = median(full.to_vec()) / median(setting.to_vec()).max(1e-12);
+    (med, (lo, hi))
 }
 
 /// Decodes once; returns decode seconds per token and the decode tokens' stats.
@@ -207,18 +226,10 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
         }
     }
     let base_times = runs.first().map(|r| r.times.clone()).unwrap_or_default();
-    let base = median(base_times.clone());
     let mut rows = Vec::with_capacity(runs.len());
     for r in runs {
         let t = median(r.times.clone());
-        // Per repetition: the full model's time over this setting's, in the same repetition.
-        let ratios: Vec<f64> = base_times
-            .iter()
-            .zip(&r.times)
-            .map(|(b, x)| b / x.max(1e-12))
-            .collect();
-        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (measured, range) = speedup(&base_times, &r.times);
         let stats = &r.stats;
         let cost = &r.cost;
         let n = stats.len().max(1) as f64;
@@ -239,8 +250,8 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Resul
             layers_run: stats.iter().map(|s| s.layers_run as f64).sum::<f64>() / n,
             heads_per_token: stats.iter().map(|s| s.heads as f64).sum::<f64>() / n,
             decode_tokens_per_s: 1.0 / t.max(1e-12),
-            measured_speedup: base / t.max(1e-12),
-            speedup_range: (lo, hi),
+            measured_speedup: measured,
+            speedup_range: range,
             ideal_speedup: cost.full() / mean_cost.max(1e-9),
         });
     }
@@ -285,5 +296,24 @@ impl ExitBenchReport {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speedups_are_ratios_of_median_times_with_the_per_run_range() {
+        // Full model 40, 50, 44 ms per token; the setting 20, 20, 25 ms: medians 44 and 20,
+        // so 2.2x; per repetition 2.0, 2.5, 1.76.
+        let (s, (lo, hi)) = speedup(&[0.040, 0.050, 0.044], &[0.020, 0.020, 0.025]);
+        assert!((s - 2.2).abs() < 1e-12, "{s}");
+        assert!(
+            (lo - 1.76).abs() < 1e-12 && (hi - 2.5).abs() < 1e-12,
+            "{lo} {hi}"
+        );
+        // An even count takes the mean of the middle two.
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 }
