@@ -44,8 +44,12 @@ fn checkpoint(dir: &Path, family: &str, layers: usize, seed: u64) -> Graph {
 
 fn tie(g: &Graph, loops: usize, init: TieInit, norms: TieNorms, lora: Option<DepthLora>) -> Graph {
     let mut h = g.clone();
-    let mut passes: Vec<Box<dyn exitgraph_passes::Pass>> =
-        vec![Box::new(TieLayers { loops, init, norms })];
+    let mut passes: Vec<Box<dyn exitgraph_passes::Pass>> = vec![Box::new(TieLayers {
+        loops,
+        init,
+        norms,
+        weights: None,
+    })];
     if let Some(l) = lora {
         passes.push(Box::new(l));
     }
@@ -131,7 +135,7 @@ proptest! {
     fn full_rank_svd_adapters_reproduce_the_original((family, layers, loops) in shapes(), seed in any::<u64>(), init in inits()) {
         let dir = tempfile::tempdir().unwrap();
         let g = checkpoint(dir.path(), family, layers, seed);
-        let lora = DepthLora { rank: LoraRank::Full, targets: all_targets(), init: LoraInit::Svd };
+        let lora = DepthLora { rank: LoraRank::Full, targets: all_targets(), init: LoraInit::Svd, weights: None };
         let h = tie(&g, loops, init, TieNorms::PerIteration, Some(lora));
         let rows = vec![tokens(7, seed)];
         let mut want: Vec<String> = (0..=layers).map(|i| format!("hidden_states.{i}")).collect();
@@ -155,7 +159,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let g = checkpoint(dir.path(), family, layers, seed);
         let tied = tie(&g, loops, init, TieNorms::Shared, None);
-        let lora = DepthLora { rank: LoraRank::Rank(rank), targets: all_targets(), init: LoraInit::Zero };
+        let lora = DepthLora { rank: LoraRank::Rank(rank), targets: all_targets(), init: LoraInit::Zero, weights: None };
         let relaxed = tie(&g, loops, init, TieNorms::Shared, Some(lora));
         let rows = vec![tokens(5, seed)];
         let a = outputs(&lower(&tied, dir.path()), &rows, &["logits"]).remove(0);
@@ -203,7 +207,7 @@ proptest! {
     fn looped_kv_decoding_and_batching_equal_recomputation((family, layers, loops) in shapes(), seed in any::<u64>(), init in inits(), split in 1usize..6) {
         let dir = tempfile::tempdir().unwrap();
         let g = checkpoint(dir.path(), family, layers, seed);
-        let lora = DepthLora { rank: LoraRank::Rank(2), targets: all_targets(), init: LoraInit::Svd };
+        let lora = DepthLora { rank: LoraRank::Rank(2), targets: all_targets(), init: LoraInit::Svd, weights: None };
         let h = tie(&g, loops, init, TieNorms::Shared, Some(lora));
         let p = lower(&h, dir.path());
         let seq = tokens(7, seed);
@@ -258,6 +262,7 @@ fn tying_is_recorded_and_bad_loops_name_the_field() {
         loops: 4,
         init: TieInit::Lower,
         norms: TieNorms::Shared,
+        weights: None,
     })])
     .run(&mut bad)
     .unwrap_err()
@@ -268,6 +273,7 @@ fn tying_is_recorded_and_bad_loops_name_the_field() {
         rank: LoraRank::Rank(2),
         targets: all_targets(),
         init: LoraInit::Svd,
+        weights: None,
     })])
     .run(&mut untied)
     .unwrap_err()
@@ -279,15 +285,308 @@ fn tying_is_recorded_and_bad_loops_name_the_field() {
             loops: 2,
             init: TieInit::Lower,
             norms: TieNorms::Shared,
+            weights: None,
         }),
         Box::new(DepthLora {
             rank: LoraRank::Rank(999),
             targets: all_targets(),
             init: LoraInit::Svd,
+            weights: None,
         }),
     ])
     .run(&mut wide)
     .unwrap_err()
     .to_string();
     assert!(err.contains("rank") && err.contains("999"), "{err}");
+}
+
+/// A pipeline file over the demo model with `passes`.
+fn demo_pipeline(dir: &Path, passes: &str) -> std::path::PathBuf {
+    let path = dir.join("p.ron");
+    let demo = exitgraph::pipeline::demo_model_dir();
+    std::fs::write(
+        &path,
+        format!(
+            "Pipeline(model: {:?}, passes: [{passes}])",
+            demo.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn uptraining(
+    steps: usize,
+    distill: f64,
+    train_shared: bool,
+) -> exitgraph::train::recursive::RecursiveTrainSpec {
+    exitgraph::train::recursive::RecursiveTrainSpec {
+        tasks: Vec::new(),
+        examples: 200,
+        seed: 5,
+        seq_len: 32,
+        batch_size: 4,
+        distill,
+        train_shared,
+        training: exitgraph::train::TrainConfig {
+            steps,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-3,
+            warmup_steps: 0,
+            adamw: None,
+            clip_norm: Some(1.0),
+            eval_every: steps.max(1),
+            checkpoint_every: 0,
+        },
+    }
+}
+
+/// Logits of a pipeline file's compiled program on `rows`.
+fn pipeline_logits(path: &Path, rows: &[Vec<u32>]) -> Tensor {
+    use exitgraph::pipeline::{compile, Pipeline};
+    let p = Pipeline::read(path).unwrap();
+    let program = compile(&p, path).unwrap().lower().unwrap();
+    outputs(&program, rows, &["logits"]).remove(0)
+}
+
+/// `train recursive` on the demo model: the held-out loss falls, the adapters are saved
+/// under their documented names, and the written pipeline computes what an independent
+/// reference computes: a plain checkpoint whose layer `d` holds the mean of the layers tied
+/// to its position plus layer `d`'s trained `B·A`, merged by hand.
+#[test]
+fn uptrained_adapters_equal_a_merged_unrolled_checkpoint() {
+    use exitgraph::train::recursive::train_recursive;
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = demo_pipeline(
+        dir.path(),
+        "TieLayers(loops: 2, init: Average), DepthLora(rank: Rank(4), init: Svd)",
+    );
+    let out = dir.path().join("out");
+    let report = train_recursive(&pipeline, &out, &uptraining(12, 0.5, false), false).unwrap();
+    assert!(
+        report.eval_after < report.eval_before,
+        "held-out loss {} -> {}",
+        report.eval_before,
+        report.eval_after
+    );
+    assert!(report.shared.is_none());
+    let lora =
+        candle_core::safetensors::load(report.adapters.as_ref().unwrap(), &Device::Cpu).unwrap();
+    // 6 depths × 7 projections × 2 factors, nothing else.
+    assert_eq!(lora.len(), 84, "{:?}", lora.keys().collect::<Vec<_>>());
+    assert_eq!(lora["lora.layers.4.attn.q.a"].dims(), &[4, 192]);
+    assert_eq!(lora["lora.layers.4.mlp.down.b"].dims(), &[192, 4]);
+
+    // The reference: merge W_shared + B·A per layer into an ordinary checkpoint.
+    let demo = exitgraph::pipeline::demo_model_dir();
+    let original =
+        candle_core::safetensors::load(demo.join("model.safetensors"), &Device::Cpu).unwrap();
+    let reference_dir = dir.path().join("merged");
+    std::fs::create_dir_all(&reference_dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(demo.join(f), reference_dir.join(f)).unwrap();
+    }
+    let (layers, k) = (6usize, 3usize);
+    let projections = [
+        ("self_attn.q_proj", "attn.q"),
+        ("self_attn.k_proj", "attn.k"),
+        ("self_attn.v_proj", "attn.v"),
+        ("self_attn.o_proj", "attn.o"),
+        ("mlp.gate_proj", "mlp.gate"),
+        ("mlp.up_proj", "mlp.up"),
+        ("mlp.down_proj", "mlp.down"),
+    ];
+    let mut merged: HashMap<String, Tensor> = original.clone();
+    for d in 0..layers {
+        let j = d % k;
+        let mean = |suffix: &str| {
+            let a = &original[&format!("model.layers.{j}.{suffix}")];
+            let b = &original[&format!("model.layers.{}.{suffix}", j + k)];
+            ((a + b).unwrap() / 2.0).unwrap()
+        };
+        for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            merged.insert(format!("model.layers.{d}.{norm}"), mean(norm));
+        }
+        for (hf, ours) in projections {
+            let a = &lora[&format!("lora.layers.{d}.{ours}.a")];
+            let b = &lora[&format!("lora.layers.{d}.{ours}.b")];
+            let w = (mean(&format!("{hf}.weight")) + b.matmul(a).unwrap()).unwrap();
+            merged.insert(format!("model.layers.{d}.{hf}.weight"), w);
+        }
+    }
+    candle_core::safetensors::save(&merged, reference_dir.join("model.safetensors")).unwrap();
+    let reference = exitgraph_ir::import(&reference_dir).unwrap().graph;
+    let reference = lower(&reference, &reference_dir);
+    let rows = vec![tokens(12, 1), tokens(12, 2)];
+    let want = outputs(&reference, &rows, &["logits"]).remove(0);
+    let got = pipeline_logits(&report.pipeline, &rows);
+    let d = max_diff(&want, &got);
+    assert!(d < 1e-3, "trained pipeline vs merged reference: {d}");
+    // And training changed something: the untrained recipes give other logits.
+    let before = pipeline_logits(&pipeline, &rows);
+    assert!(max_diff(&before, &got) > 1e-3);
+}
+
+/// With no steps, the written pipeline (adapters and shared block as files) computes exactly
+/// what the recipes compute; `--train-shared` saves one tensor per position, not per depth,
+/// and the block stays tied after training (one copy of its weights in the program).
+#[test]
+fn materialised_weights_equal_their_recipes_and_shared_training_keeps_the_tie() {
+    use exitgraph::train::recursive::train_recursive;
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = demo_pipeline(
+        dir.path(),
+        "TieLayers(loops: 2, init: Stepwise, norms: PerIteration), DepthLora(rank: Rank(2), targets: [q, v, down], init: Zero)",
+    );
+    let rows = vec![tokens(10, 3)];
+    let out = dir.path().join("zero");
+    let report = train_recursive(&pipeline, &out, &uptraining(0, 0.0, true), false).unwrap();
+    assert_eq!(report.log.train_loss.len(), 0);
+    let want = pipeline_logits(&pipeline, &rows);
+    let got = pipeline_logits(&report.pipeline, &rows);
+    assert_eq!(max_diff(&want, &got), 0.0);
+    let tied =
+        candle_core::safetensors::load(report.shared.as_ref().unwrap(), &Device::Cpu).unwrap();
+    // 3 positions × 7 projections, plus 6 depths × 2 norms of their own.
+    assert_eq!(
+        tied.len(),
+        3 * 7 + 6 * 2,
+        "{:?}",
+        tied.keys().collect::<Vec<_>>()
+    );
+    assert!(tied.contains_key("tied.layers.2.attn.q.weight"));
+    assert!(tied.contains_key("tied.layers.5.attn_norm.weight"));
+    assert!(!tied.contains_key("tied.layers.5.attn.q.weight"));
+    // Stepwise: position 1 starts as layer 2.
+    let demo = exitgraph::pipeline::demo_model_dir();
+    let original =
+        candle_core::safetensors::load(demo.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        max_diff(
+            &tied["tied.layers.1.mlp.up.weight"],
+            &original["model.layers.2.mlp.up_proj.weight"]
+        ),
+        0.0
+    );
+
+    let out = dir.path().join("trained");
+    let mut spec = uptraining(6, 0.0, true);
+    // Whole-block updates on a trained model need a gentler step than adapters alone.
+    spec.training.lr = 3e-4;
+    spec.training.min_lr = 3e-4;
+    let report = train_recursive(&pipeline, &out, &spec, false).unwrap();
+    assert!(
+        report.eval_after < report.eval_before,
+        "held-out loss {} -> {}",
+        report.eval_before,
+        report.eval_after
+    );
+    let trained =
+        candle_core::safetensors::load(report.shared.as_ref().unwrap(), &Device::Cpu).unwrap();
+    assert!(
+        max_diff(
+            &trained["tied.layers.1.mlp.up.weight"],
+            &tied["tied.layers.1.mlp.up.weight"]
+        ) > 0.0
+    );
+    let p = exitgraph::pipeline::Pipeline::read(&report.pipeline).unwrap();
+    let compiled = exitgraph::pipeline::compile(&p, &report.pipeline).unwrap();
+    let untied = compiled.original.clone();
+    let (looped, plain) = (
+        compiled.lower().unwrap(),
+        Program::lower(&untied, &compiled.model_dir, &Device::Cpu, DType::F32).unwrap(),
+    );
+    assert!(
+        (looped.weight_bytes() as f64) < 0.7 * plain.weight_bytes() as f64,
+        "{} vs {}",
+        looped.weight_bytes(),
+        plain.weight_bytes()
+    );
+}
+
+/// Trained-weight files that do not fit the pipeline are refused, naming the pass, the field
+/// and the tensor; `train recursive` needs a TieLayers pass.
+#[test]
+fn mismatched_trained_weights_are_refused() {
+    use exitgraph::train::recursive::train_recursive;
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = demo_pipeline(
+        dir.path(),
+        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q], init: Svd)",
+    );
+    let out = dir.path().join("out");
+    let report = train_recursive(&pipeline, &out, &uptraining(0, 0.0, false), false).unwrap();
+    let lora_file = report.adapters.unwrap();
+    let compile_err = |passes: &str| {
+        let p = demo_pipeline(dir.path(), passes);
+        let pipeline = exitgraph::pipeline::Pipeline::read(&p).unwrap();
+        exitgraph::pipeline::compile(&pipeline, &p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let file = lora_file.display().to_string();
+    // Another rank: shapes differ.
+    let e = compile_err(&format!(
+        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(3), targets: [q], weights: {file:?})"
+    ));
+    assert!(
+        e.contains("DepthLora")
+            && e.contains("weights")
+            && e.contains("lora.layers.0.attn.q.a")
+            && e.contains("[2, 192]"),
+        "{e}"
+    );
+    // More targets than the file has.
+    let e = compile_err(&format!(
+        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q, k], weights: {file:?})"
+    ));
+    assert!(e.contains("has no tensor lora.layers.0.attn.k.a"), "{e}");
+    // A target the file lacks.
+    let e = compile_err(&format!(
+        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [v], weights: {file:?})"
+    ));
+    assert!(e.contains("has no tensor lora.layers.0.attn.v.a"), "{e}");
+    // Fewer targets than the file has: its other tensors would be silently ignored.
+    let wider = demo_pipeline(
+        dir.path(),
+        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q, k], init: Svd)",
+    );
+    let both = train_recursive(
+        &wider,
+        &dir.path().join("both"),
+        &uptraining(0, 0.0, false),
+        false,
+    )
+    .unwrap()
+    .adapters
+    .unwrap()
+    .display()
+    .to_string();
+    let e = compile_err(&format!(
+        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q], weights: {both:?})"
+    ));
+    assert!(
+        e.contains("lora.layers.0.attn.k.a") && e.contains("12 of 24 tensors unused"),
+        "{e}"
+    );
+    // A file without any tensors of the pass.
+    let e = compile_err(&format!("TieLayers(loops: 3, weights: {file:?})"));
+    assert!(
+        e.contains("TieLayers") && e.contains("has no tensor tied.layers.0.attn_norm.weight"),
+        "{e}"
+    );
+    let e = compile_err("TieLayers(loops: 3, weights: \"missing.safetensors\")");
+    assert!(
+        e.contains("weights") && e.contains("missing.safetensors"),
+        "{e}"
+    );
+
+    let p = demo_pipeline(dir.path(), "DepthLora(rank: Rank(2))");
+    let e = train_recursive(&p, &out, &uptraining(0, 0.0, false), false).unwrap_err();
+    assert!(format!("{e:#}").contains("TieLayers"), "{e:#}");
+    let p = demo_pipeline(dir.path(), "TieLayers(loops: 2)");
+    let e = train_recursive(&p, &out, &uptraining(0, 0.0, false), false).unwrap_err();
+    assert!(format!("{e:#}").contains("--train-shared"), "{e:#}");
 }

@@ -9,6 +9,13 @@
 //! bytes shrink by about B×). Each block records the weights its ops read before tying
 //! (`Block::untied`), which `DepthLora(init: Svd)` approximates.
 //!
+//! Trained weights (`exitgraph train recursive`) come from each pass's `weights:` file: the
+//! shared block as `tied.{node}.{role}` (the node of the position's first-loop layer, or of
+//! the depth itself for `norms: PerIteration` vectors), the adapters as
+//! `lora.{node}.{target}.a` / `.b` (the node of the depth), e.g. `tied.layers.1.attn.q.weight`
+//! and `lora.layers.4.attn.q.a`. Every tensor the pass needs must be in the file with the shape
+//! the recipe would have had, and every `tied.*` / `lora.*` tensor in it must be used.
+//!
 //! **Invariants** (property-tested): `TieLayers(loops: 1)` leaves the outputs unchanged;
 //! `TieLayers(norms: PerIteration)` + `DepthLora(rank: Full, init: Svd)` reproduces the
 //! original model; `DepthLora(init: Zero)` equals the tied model without adapters; `Lower`
@@ -18,6 +25,119 @@ use crate::{Pass, PassContext, PassError, PassReport};
 use exitgraph_ir::op::LowRank;
 use exitgraph_ir::{Graph, NodeIndex, Op, SvdFactor, WeightRef};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Prefix of the shared block's trained tensors in a `TieLayers(weights: ...)` file.
+pub const TIED_PREFIX: &str = "tied.";
+/// Prefix of the adapters' tensors in a `DepthLora(weights: ...)` file.
+pub const LORA_PREFIX: &str = "lora.";
+
+/// Name of a trained block weight: `tied.{node}.{role}`.
+pub fn tied_name(node: &str, role: &str) -> String {
+    format!("{TIED_PREFIX}{node}.{role}")
+}
+
+/// Name of an adapter factor: `lora.{node}.{target}.a` or `.b`.
+pub fn lora_name(node: &str, target: LoraTarget, factor: SvdFactor) -> String {
+    let f = match factor {
+        SvdFactor::A => "a",
+        SvdFactor::B => "b",
+    };
+    format!("{LORA_PREFIX}{node}.{target:?}.{f}")
+}
+
+/// Names of an op's stored weights, in `Op::weights_mut` order: `weight`/`bias` of a norm,
+/// `{projection}.weight`/`.bias` of attention and MLP projections.
+pub fn weight_roles(op: &Op) -> Vec<String> {
+    match op {
+        Op::Norm(n) => {
+            let mut v = vec!["weight".to_string()];
+            if n.bias.is_some() {
+                v.push("bias".into());
+            }
+            v
+        }
+        Op::Attention(_) | Op::Mlp(_) => {
+            let mut probe = op.clone();
+            targeted(&mut probe)
+                .into_iter()
+                .flat_map(|(t, l)| {
+                    let mut v = vec![format!("{t:?}.weight")];
+                    if l.bias.is_some() {
+                        v.push(format!("{t:?}.bias"));
+                    }
+                    v
+                })
+                .collect()
+        }
+        other => {
+            let mut probe = other.clone();
+            (0..probe.weights_mut().len())
+                .map(|i| format!("w{i}"))
+                .collect()
+        }
+    }
+}
+
+/// Checks that the catalog holds `name` (from `file`) with the shape `expected` of the
+/// recipe it replaces.
+fn file_weight(g: &Graph, file: &str, name: &str, expected: &[usize]) -> Result<WeightRef, String> {
+    let info = g
+        .weights
+        .tensors
+        .get(name)
+        .ok_or_else(|| format!("\"{file}\" has no tensor {name}"))?;
+    if info.shape != expected {
+        return Err(format!(
+            "\"{file}\": tensor {name} has shape {:?}, the model needs {expected:?}",
+            info.shape
+        ));
+    }
+    Ok(WeightRef::file(name))
+}
+
+/// Adds `file`'s tensors with `prefix` to the catalog, returning their names.
+fn add_prefixed(
+    g: &mut Graph,
+    cx: &PassContext,
+    file: &str,
+    prefix: &'static str,
+    pass: &'static str,
+) -> Result<BTreeSet<String>, PassError> {
+    let names = cx
+        .add_weights(g, file, |n| n.starts_with(prefix))
+        .map_err(|p| PassError::Field {
+            pass,
+            field: "weights",
+            message: p.0,
+        })?;
+    Ok(names
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .collect())
+}
+
+/// Refuses tensors of a pass's file that no weight used (a file made for another pipeline).
+fn all_used(
+    pass: &'static str,
+    file: &str,
+    offered: &BTreeSet<String>,
+    used: &BTreeSet<String>,
+) -> Result<(), PassError> {
+    if let Some(extra) = offered.difference(used).next() {
+        return Err(PassError::Field {
+            pass,
+            field: "weights",
+            message: format!(
+                "\"{file}\" has tensor {extra}, which is no weight of this pipeline's {} ({} of {} tensors unused: was the file made for another pipeline?)",
+                if pass == "TieLayers" { "tied block" } else { "adapters" },
+                offered.difference(used).count(),
+                offered.len()
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// How the shared block's weights are initialised from the original layers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,12 +164,15 @@ pub enum TieNorms {
     PerIteration,
 }
 
-/// `TieLayers(loops: B, init: ..., norms: ...)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `TieLayers(loops: B, init: ..., norms: ..., weights: ...)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TieLayers {
     pub loops: usize,
     pub init: TieInit,
     pub norms: TieNorms,
+    /// Safetensors file of trained block weights (`tied.*`), relative to the pipeline; the
+    /// `init` rule's recipes when `None`.
+    pub weights: Option<String>,
 }
 
 /// NumPy's `round(linspace(0, n - 1, k))`, half to even.
@@ -118,7 +241,7 @@ impl Pass for TieLayers {
         "TieLayers"
     }
 
-    fn run(&self, g: &mut Graph, _cx: &PassContext) -> Result<PassReport, PassError> {
+    fn run(&self, g: &mut Graph, cx: &PassContext) -> Result<PassReport, PassError> {
         let field = |field: &'static str, message: String| PassError::Field {
             pass: "TieLayers",
             field,
@@ -163,20 +286,48 @@ impl Pass for TieLayers {
                 }
             }
         };
+        let offered = match &self.weights {
+            Some(file) => add_prefixed(g, cx, file, TIED_PREFIX, "TieLayers")?,
+            None => BTreeSet::new(),
+        };
+        let mut used = BTreeSet::new();
         let mut changed = Vec::new();
         for (d, original) in originals.iter().enumerate() {
             let (loop_i, j) = (d / k, d % k);
             let mut i = 0;
-            for node in block_nodes(g, d) {
+            let first_loop = block_nodes(g, j);
+            for (at, node) in block_nodes(g, d).into_iter().enumerate() {
                 let mut touched = false;
-                let flags = vector_flags(&g.graph[node].op);
-                for (w, vector) in g.graph[node].op.weights_mut().into_iter().zip(flags) {
-                    if !(vector && self.norms == TieNorms::PerIteration) {
-                        let s = shared(j, i);
-                        touched |= *w != s;
-                        *w = s;
-                    }
+                let op = g.graph[node].op.clone();
+                let flags = vector_flags(&op);
+                let roles = weight_roles(&op);
+                let mut new = Vec::new();
+                for (vector, role) in flags.iter().zip(&roles) {
+                    let per_depth = *vector && self.norms == TieNorms::PerIteration;
+                    let recipe = if per_depth {
+                        original[i].1.clone()
+                    } else {
+                        shared(j, i)
+                    };
+                    let recipe = match &self.weights {
+                        None => recipe,
+                        Some(file) => {
+                            let owner = if per_depth { node } else { first_loop[at] };
+                            let name = tied_name(&g.graph[owner].name, role);
+                            let expected = recipe
+                                .shape(&g.weights)
+                                .map_err(|e| field("weights", e.to_string()))?;
+                            used.insert(name.clone());
+                            file_weight(g, file, &name, &expected)
+                                .map_err(|m| field("weights", m))?
+                        }
+                    };
+                    new.push(recipe);
                     i += 1;
+                }
+                for (w, s) in g.graph[node].op.weights_mut().into_iter().zip(new) {
+                    touched |= *w != s;
+                    *w = s;
                 }
                 if touched {
                     changed.push(g.graph[node].name.clone());
@@ -187,10 +338,17 @@ impl Pass for TieLayers {
             block.iteration = loop_i;
             block.untied = original.iter().map(|(_, w)| w.clone()).collect();
         }
+        if let Some(file) = &self.weights {
+            all_used("TieLayers", file, &offered, &used)?;
+        }
         Ok(PassReport {
             summary: format!(
-                "tied {n} layers into one block of {k} looped {b} times ({:?} init, {:?} norms)",
-                self.init, self.norms
+                "tied {n} layers into one block of {k} looped {b} times ({}, {:?} norms)",
+                match &self.weights {
+                    Some(f) => format!("trained weights from \"{f}\""),
+                    None => format!("{:?} init", self.init),
+                },
+                self.norms
             ),
             added: Vec::new(),
             removed: Vec::new(),
@@ -233,12 +391,67 @@ pub enum LoraTarget {
     down,
 }
 
-/// `DepthLora(rank: r, targets: [...], init: Svd | Zero)`.
+/// The shared block's weights of a tied graph by the names a `TieLayers(weights: ...)` file
+/// gives them, with their current recipes: one entry per position's shared weight and, with
+/// `norms: PerIteration`, per depth's own norm weights and biases. What `train recursive
+/// --train-shared` trains.
+pub fn tied_tensors(g: &Graph, norms: TieNorms) -> Vec<(String, WeightRef)> {
+    let k = g
+        .blocks
+        .iter()
+        .map(|b| b.weights)
+        .max()
+        .map_or(0, |m| m + 1);
+    let mut out: Vec<(String, WeightRef)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for d in 0..g.blocks.len() {
+        let j = g.blocks[d].weights;
+        let first_loop = block_nodes(g, j.min(k.saturating_sub(1)));
+        for (at, node) in block_nodes(g, d).into_iter().enumerate() {
+            let mut op = g.graph[node].op.clone();
+            let flags = vector_flags(&op);
+            let roles = weight_roles(&op);
+            for ((w, vector), role) in op.weights_mut().into_iter().zip(flags).zip(roles) {
+                let per_depth = vector && norms == TieNorms::PerIteration;
+                let owner = if per_depth { node } else { first_loop[at] };
+                let name = tied_name(&g.graph[owner].name, &role);
+                if seen.insert(name.clone()) {
+                    out.push((name, w.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every adapter factor of a graph by the names a `DepthLora(weights: ...)` file gives them,
+/// with their current recipes. What `train recursive` trains.
+pub fn lora_tensors(g: &Graph) -> Vec<(String, WeightRef)> {
+    let mut out = Vec::new();
+    for d in 0..g.blocks.len() {
+        for node in block_nodes(g, d) {
+            let name = &g.graph[node].name;
+            let mut op = g.graph[node].op.clone();
+            for (target, l) in targeted(&mut op) {
+                if let Some(ad) = &l.adapter {
+                    out.push((lora_name(name, target, SvdFactor::A), ad.a.clone()));
+                    out.push((lora_name(name, target, SvdFactor::B), ad.b.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `DepthLora(rank: r, targets: [...], init: Svd | Zero, weights: ...)`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DepthLora {
     pub rank: LoraRank,
     pub targets: Vec<LoraTarget>,
     pub init: LoraInit,
+    /// Safetensors file of trained adapters (`lora.*`), relative to the pipeline; the `init`
+    /// rule's recipes when `None`.
+    pub weights: Option<String>,
 }
 
 /// The block's projections with their targets, in `Op::weights_mut` order of their weight.
@@ -268,7 +481,7 @@ impl Pass for DepthLora {
         "DepthLora"
     }
 
-    fn run(&self, g: &mut Graph, _cx: &PassContext) -> Result<PassReport, PassError> {
+    fn run(&self, g: &mut Graph, cx: &PassContext) -> Result<PassReport, PassError> {
         let field = |field: &'static str, message: String| PassError::Field {
             pass: "DepthLora",
             field,
@@ -286,6 +499,11 @@ impl Pass for DepthLora {
         if self.rank == LoraRank::Rank(0) {
             return Err(field("rank", "rank 0 adds nothing".into()));
         }
+        let offered = match &self.weights {
+            Some(file) => add_prefixed(g, cx, file, LORA_PREFIX, "DepthLora")?,
+            None => BTreeSet::new(),
+        };
+        let mut used = BTreeSet::new();
         let mut changed = Vec::new();
         let mut params = 0usize;
         for d in 0..g.blocks.len() {
@@ -293,7 +511,7 @@ impl Pass for DepthLora {
             let mut i = 0;
             for node in block_nodes(g, d) {
                 let name = g.graph[node].name.clone();
-                let op = &mut g.graph[node].op;
+                let mut op = g.graph[node].op.clone();
                 // Position of each projection's weight among the block's stored weights.
                 let mut offsets = Vec::new();
                 {
@@ -307,7 +525,7 @@ impl Pass for DepthLora {
                     i += total;
                 }
                 let mut any = false;
-                for ((target, l), at) in targeted(op).into_iter().zip(offsets) {
+                for ((target, l), at) in targeted(&mut op).into_iter().zip(offsets) {
                     if !self.targets.contains(&target) {
                         continue;
                     }
@@ -331,8 +549,19 @@ impl Pass for DepthLora {
                             format!("block {d} has no record of {name}'s weights"),
                         )
                     })?;
-                    let (a, b) = match self.init {
-                        LoraInit::Svd => {
+                    let (a, b) = match (&self.weights, self.init) {
+                        (Some(file), _) => {
+                            let mut get = |factor, shape: [usize; 2]| {
+                                let n = lora_name(&name, target, factor);
+                                used.insert(n.clone());
+                                file_weight(g, file, &n, &shape).map_err(|m| field("weights", m))
+                            };
+                            (
+                                get(SvdFactor::A, [rank, l.in_features])?,
+                                get(SvdFactor::B, [l.out_features, rank])?,
+                            )
+                        }
+                        (None, LoraInit::Svd) => {
                             let svd = |factor| WeightRef::Svd {
                                 target: Box::new(original.clone()),
                                 base: Box::new(l.weight.clone()),
@@ -341,7 +570,7 @@ impl Pass for DepthLora {
                             };
                             (svd(SvdFactor::A), svd(SvdFactor::B))
                         }
-                        LoraInit::Zero => (
+                        (None, LoraInit::Zero) => (
                             WeightRef::Uniform {
                                 shape: vec![rank, l.in_features],
                                 seed: (d as u64) << 8 | target as u64,
@@ -360,16 +589,23 @@ impl Pass for DepthLora {
                     });
                     any = true;
                 }
+                g.graph[node].op = op;
                 if any {
                     changed.push(name);
                 }
             }
         }
+        if let Some(file) = &self.weights {
+            all_used("DepthLora", file, &offered, &used)?;
+        }
         Ok(PassReport {
             summary: format!(
-                "added depth-wise LoRA ({:?}, {:?} init) to {} ops: {params} adapter parameters",
+                "added depth-wise LoRA ({:?}, {}) to {} ops: {params} adapter parameters",
                 self.rank,
-                self.init,
+                match &self.weights {
+                    Some(f) => format!("trained from \"{f}\""),
+                    None => format!("{:?} init", self.init),
+                },
                 changed.len()
             ),
             added: Vec::new(),

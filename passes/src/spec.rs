@@ -32,22 +32,29 @@ pub enum PassSpec {
     /// Relaxed Recursive Transformers: tie the L layers into one block of L / `loops` layers
     /// run `loops` times (`init`: Stepwise, Average or Lower; `norms`: Shared or
     /// PerIteration).
+    /// `weights` names a safetensors file of trained block weights (`exitgraph train
+    /// recursive --train-shared` writes it).
     TieLayers {
         loops: usize,
         #[serde(default)]
         init: TieInit,
         #[serde(default)]
         norms: TieNorms,
+        #[serde(default)]
+        weights: Option<String>,
     },
     /// A low-rank adapter per loop iteration and layer position on the tied block's
     /// projections (`targets`, all by default), initialised by truncated SVD of each original
-    /// layer's residual from the shared weights (`Svd`) or as zero (`Zero`).
+    /// layer's residual from the shared weights (`Svd`) or as zero (`Zero`); `weights` names
+    /// a safetensors file of trained adapters (`exitgraph train recursive` writes it).
     DepthLora {
         rank: LoraRank,
         #[serde(default = "all_targets")]
         targets: Vec<LoraTarget>,
         #[serde(default)]
         init: LoraInit,
+        #[serde(default)]
+        weights: Option<String>,
     },
 }
 
@@ -74,19 +81,27 @@ impl PassSpec {
                 gate: *gate,
                 weights: weights.clone(),
             }),
-            PassSpec::TieLayers { loops, init, norms } => Box::new(TieLayers {
+            PassSpec::TieLayers {
+                loops,
+                init,
+                norms,
+                weights,
+            } => Box::new(TieLayers {
                 loops: *loops,
                 init: *init,
                 norms: *norms,
+                weights: weights.clone(),
             }),
             PassSpec::DepthLora {
                 rank,
                 targets,
                 init,
+                weights,
             } => Box::new(DepthLora {
                 rank: *rank,
                 targets: targets.clone(),
                 init: *init,
+                weights: weights.clone(),
             }),
         }
     }
@@ -108,7 +123,8 @@ mod tests {
             PassSpec::TieLayers {
                 loops: 2,
                 init: TieInit::Average,
-                norms: TieNorms::PerIteration
+                norms: TieNorms::PerIteration,
+                weights: None
             }
         );
         assert_eq!(
@@ -116,7 +132,8 @@ mod tests {
             PassSpec::DepthLora {
                 rank: LoraRank::Rank(8),
                 targets: all_targets(),
-                init: LoraInit::Svd
+                init: LoraInit::Svd,
+                weights: None
             }
         );
         assert_eq!(
@@ -124,7 +141,8 @@ mod tests {
             PassSpec::DepthLora {
                 rank: LoraRank::Full,
                 targets: vec![LoraTarget::q, LoraTarget::v],
-                init: LoraInit::Zero
+                init: LoraInit::Zero,
+                weights: None
             }
         );
         assert!(ron::from_str::<PassSpec>("TieLayers(loops: 2, init: Middle)").is_err());

@@ -9,6 +9,7 @@ pub mod exits;
 pub mod lm;
 pub mod optim;
 pub mod params;
+pub mod recursive;
 pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, Schedule};

@@ -57,6 +57,11 @@ pub struct LmTrainSpec {
     pub eval_corpus: CorpusSpec,
     /// Upper bound of the tokenizer's vocabulary.
     pub vocab_size: usize,
+    /// An existing `tokenizer.json` (relative to the config) to use instead of training one,
+    /// so that the model shares its vocabulary with another model and their losses compare;
+    /// `vocab_size` is then ignored.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
     pub model: ModelShape,
     /// Tokens per training row.
     pub seq_len: usize,
@@ -153,6 +158,18 @@ pub fn train_lm(
     show_progress: bool,
 ) -> anyhow::Result<LmReport> {
     let spec = LmTrainSpec::read(config_path)?;
+    train_lm_spec(&spec, config_path, resume, force, show_progress)
+}
+
+/// Trains the model `spec` describes; relative paths in it resolve against the folder of
+/// `config_path`, which errors name.
+pub fn train_lm_spec(
+    spec: &LmTrainSpec,
+    config_path: &Path,
+    resume: bool,
+    force: bool,
+    show_progress: bool,
+) -> anyhow::Result<LmReport> {
     // A training row is seq_len + 1 tokens (inputs and the shifted targets).
     if spec.seq_len >= spec.model.max_positions {
         bail!(
@@ -187,7 +204,19 @@ pub fn train_lm(
 
     let train_examples = corpus::generate(&spec.corpus);
     let eval_examples = corpus::generate(&spec.eval_corpus);
-    let tokenizer = corpus::train_tokenizer(&train_examples, spec.vocab_size)?;
+    let tokenizer = match &spec.tokenizer {
+        Some(file) => {
+            let path = base.join(file);
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: tokenizer: {}: {e}",
+                    config_path.display(),
+                    path.display()
+                )
+            })?
+        }
+        None => corpus::train_tokenizer(&train_examples, spec.vocab_size)?,
+    };
     let (bos, eos) = corpus::try_special_ids(&tokenizer)?;
     let vocab = tokenizer.get_vocab_size(true);
     let train_rows = corpus::pack(&tokenizer, &train_examples, spec.seq_len)?;

@@ -7,6 +7,42 @@ pub enum TrainCommand {
     Lm(LmArgs),
     /// Train a pipeline's exit heads and gates (backbone frozen) by self-distillation.
     Exits(ExitsArgs),
+    /// Uptrain a Relaxed Recursive Transformer (TieLayers + DepthLora pipeline): the
+    /// depth-wise LoRA adapters, and the shared block with --train-shared.
+    Recursive(RecursiveArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RecursiveArgs {
+    /// Pipeline (RON) with a TieLayers pass and (usually) a DepthLora pass, on a model with
+    /// tokenizer.json.
+    pipeline: PathBuf,
+    /// Output folder: lora.safetensors, tied.safetensors (with --train-shared), pipeline.ron
+    /// (referencing them), training.json.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Train the shared block's weights too (otherwise only the adapters train).
+    #[arg(long)]
+    train_shared: bool,
+    /// Weight of the distillation term KL(original model ‖ recursive model), added to the
+    /// next-token cross-entropy; 0 turns it off.
+    #[arg(long, default_value_t = 0.0)]
+    distill: f64,
+    /// Corpus tasks to train on, comma-separated; all when omitted.
+    #[arg(long, value_delimiter = ',')]
+    data: Vec<String>,
+    #[arg(long, default_value_t = 4000)]
+    examples: usize,
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -48,33 +84,65 @@ pub struct LmArgs {
     force: bool,
 }
 
+/// The optimisation settings `train exits` and `train recursive` share: a short warm-up,
+/// cosine decay to a tenth of the peak, clipping at 1, four evaluations.
+fn short_run(steps: usize, lr: f64) -> exitgraph::train::TrainConfig {
+    exitgraph::train::TrainConfig {
+        steps,
+        grad_accum: 1,
+        lr,
+        min_lr: lr * 0.1,
+        warmup_steps: (steps / 20).min(50),
+        adamw: None,
+        clip_norm: Some(1.0),
+        eval_every: (steps / 4).max(1),
+        checkpoint_every: 0,
+    }
+}
+
+fn tasks(names: &[String]) -> anyhow::Result<Vec<exitgraph::corpus::Task>> {
+    names.iter().map(|t| t.parse()).collect()
+}
+
 pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
     match cmd {
-        TrainCommand::Exits(a) => {
-            use exitgraph::exits::train::{train_exits, ExitTrainSpec};
-            let tasks = a
-                .data
-                .iter()
-                .map(|t| t.parse())
-                .collect::<anyhow::Result<Vec<exitgraph::corpus::Task>>>()?;
-            let spec = ExitTrainSpec {
-                tasks,
+        TrainCommand::Recursive(a) => {
+            use exitgraph::train::recursive::{train_recursive, RecursiveTrainSpec};
+            let spec = RecursiveTrainSpec {
+                tasks: tasks(&a.data)?,
                 examples: a.examples,
                 seed: a.seed,
                 seq_len: a.seq_len,
                 batch_size: a.batch_size,
                 distill: a.distill,
-                training: exitgraph::train::TrainConfig {
-                    steps: a.steps,
-                    grad_accum: 1,
-                    lr: a.lr,
-                    min_lr: a.lr * 0.1,
-                    warmup_steps: (a.steps / 20).min(50),
-                    adamw: None,
-                    clip_norm: Some(1.0),
-                    eval_every: (a.steps / 4).max(1),
-                    checkpoint_every: 0,
-                },
+                train_shared: a.train_shared,
+                training: short_run(a.steps, a.lr),
+            };
+            let report = train_recursive(&a.pipeline, &a.out, &spec, true)?;
+            outln!(
+                "trained {} parameters for {} steps in {:.0} s; held-out loss {:.4} -> {:.4}",
+                report.trainable,
+                report.log.train_loss.len(),
+                report.log.seconds,
+                report.eval_before,
+                report.eval_after
+            );
+            for f in report.adapters.iter().chain(&report.shared) {
+                outln!("wrote {}", f.display());
+            }
+            outln!("wrote {}", report.pipeline.display());
+            Ok(())
+        }
+        TrainCommand::Exits(a) => {
+            use exitgraph::exits::train::{train_exits, ExitTrainSpec};
+            let spec = ExitTrainSpec {
+                tasks: tasks(&a.data)?,
+                examples: a.examples,
+                seed: a.seed,
+                seq_len: a.seq_len,
+                batch_size: a.batch_size,
+                distill: a.distill,
+                training: short_run(a.steps, a.lr),
             };
             let report = train_exits(&a.pipeline, &a.out, &spec, true)?;
             let last_eval = report.log.eval_loss.last().map_or(f64::NAN, |e| e.1);

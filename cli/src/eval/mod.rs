@@ -3,3 +3,5 @@
 pub mod exits;
 pub mod layers;
 pub mod plot;
+pub mod quality;
+pub mod recursive;
