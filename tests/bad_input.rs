@@ -495,6 +495,47 @@ fn pipeline_pass_parameter_out_of_range() {
     assert_pipeline_fails(&path, &["pipeline.ron", "TruncateLayers", "99", "1..=6"]);
 }
 
+/// Recursive passes' bad fields are named with the line and column of the field.
+#[test]
+fn recursive_pass_fields_have_line_and_column() {
+    let (_dir, path) = llama_pipeline("    passes: [\n        TieLayers(loops: 4),\n    ],\n");
+    assert_pipeline_fails(
+        &path,
+        &[
+            "pipeline.ron:4:19:",
+            "TieLayers",
+            "\"loops\"",
+            "4 loops",
+            "6 layers",
+        ],
+    );
+    let (_dir, path) = llama_pipeline(
+        "    passes: [\n        TieLayers(loops: 2),\n        DepthLora(rank: Rank(65)),\n    ],\n",
+    );
+    assert_pipeline_fails(
+        &path,
+        &["pipeline.ron:5:19:", "DepthLora", "\"rank\"", "65", "64"],
+    );
+    let (_dir, path) = llama_pipeline("    passes: [DepthLora(rank: Rank(2))],\n");
+    assert_pipeline_fails(&path, &["pipeline.ron:3:", "DepthLora", "TieLayers"]);
+    let (_dir, path) = llama_pipeline(
+        "    passes: [TieLayers(loops: 2), DepthLora(rank: Rank(2), targets: [q, qq])],\n",
+    );
+    assert_pipeline_fails(&path, &["pipeline.ron:3:", "qq", "LoraTarget"]);
+    let (_dir, path) = llama_pipeline(
+        "    passes: [TieLayers(loops: 2), DepthLora(rank: Rank(2), weights: \"none.safetensors\")],\n",
+    );
+    assert_pipeline_fails(
+        &path,
+        &[
+            "pipeline.ron:3:",
+            "\"weights\"",
+            "none.safetensors",
+            "not a file",
+        ],
+    );
+}
+
 #[test]
 fn pipeline_unsupported_version() {
     let (_dir, path) = llama_pipeline("    version: 7,\n");

@@ -154,8 +154,14 @@ pub enum PipelineError {
     /// The import error names the model's files.
     #[error("{cause}")]
     Import { model: PathBuf, cause: ImportError },
-    #[error("{path}: {cause}", path = path.display())]
-    Pass { path: PathBuf, cause: PassError },
+    /// `at`: the line and column of the failing field (or pass) in the pipeline file, when
+    /// the file on disk is the pipeline compiled and names that pass once.
+    #[error("{path}{at}: {cause}", path = path.display(), at = at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+    Pass {
+        path: PathBuf,
+        at: Option<(usize, usize)>,
+        cause: PassError,
+    },
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
     #[error("lowering {model}: {cause}", model = model.display())]
@@ -273,6 +279,7 @@ pub fn compile(pipeline: &Pipeline, pipeline_path: &Path) -> Result<Compiled, Pi
         .run_in(&mut graph, &PassContext::for_pipeline(pipeline_path))
         .map_err(|cause| PipelineError::Pass {
             path: pipeline_path.to_path_buf(),
+            at: locate_in_file(pipeline, pipeline_path, &cause),
             cause,
         })?;
     Ok(Compiled {
@@ -283,6 +290,21 @@ pub fn compile(pipeline: &Pipeline, pipeline_path: &Path) -> Result<Compiled, Pi
         graph,
         outcomes,
     })
+}
+
+/// Where a pass error points in the pipeline file: only when the file parses to `pipeline`
+/// itself (a file on disk that differs would give a misleading position) and names the pass
+/// once.
+fn locate_in_file(pipeline: &Pipeline, path: &Path, e: &PassError) -> Option<(usize, usize)> {
+    let (pass, field) = match e {
+        PassError::Field { pass, field, .. } => (*pass, Some(*field)),
+        PassError::Config { pass, .. } | PassError::Broken { pass, .. } => (*pass, None),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    if Pipeline::parse(&text, path).ok().as_ref() != Some(pipeline) {
+        return None;
+    }
+    crate::ron_file::locate_field(&text, pass, field)
 }
 
 impl Compiled {

@@ -285,14 +285,15 @@ impl Graph {
             .sum()
     }
 
-    /// Parameters of the whole graph; a tensor shared by several ops (tied embeddings)
-    /// counts once.
+    /// Parameters of the whole graph; a tensor shared by several ops (tied embeddings, a
+    /// looped block's weights) counts once. Adapters count once per projection: each is its
+    /// own parameter even when two start from equal recipes (`Zeros` of one shape).
     pub fn params(&self) -> usize {
         let mut seen = std::collections::BTreeSet::new();
         let mut total = 0;
         for n in self.graph.node_indices() {
-            for (_, w) in self.graph[n].op.weights() {
-                if seen.insert(w.clone()) {
+            for (role, w) in self.graph[n].op.weights() {
+                if role.starts_with("adapter") || seen.insert(w.clone()) {
                     total += w
                         .shape(&self.weights)
                         .map(|s| s.iter().product::<usize>())

@@ -28,7 +28,8 @@ pub struct RecursiveArgs {
     /// Uptraining steps of every row (the same budget everywhere).
     #[arg(long, default_value_t = 60)]
     steps: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate (warm-up over a tenth of the steps, cosine decay to a tenth).
+    #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,

@@ -83,7 +83,8 @@ pub struct GridReport {
     pub rows: Vec<GridRow>,
 }
 
-/// Parameters of the graph's layers (nodes in a block), each distinct weight once.
+/// Parameters of the graph's layers (nodes in a block), each shared weight once and each
+/// adapter once per projection (as [`Graph::params`] counts).
 pub fn layer_params(g: &Graph) -> usize {
     let mut seen = std::collections::BTreeSet::new();
     let mut total = 0;
@@ -91,8 +92,8 @@ pub fn layer_params(g: &Graph) -> usize {
         if g.graph[n].layer.is_none() {
             continue;
         }
-        for (_, w) in g.graph[n].op.weights() {
-            if seen.insert(w.clone()) {
+        for (role, w) in g.graph[n].op.weights() {
+            if role.starts_with("adapter") || seen.insert(w.clone()) {
                 total += w
                     .shape(&g.weights)
                     .map(|s| s.iter().product::<usize>())
@@ -408,5 +409,69 @@ impl GridReport {
             }
         }
         series
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::passes::{DepthLora, LoraInit, LoraTarget, PassManager, TieLayers, TieNorms};
+    use crate::synth::{write_random_llama, LlamaSpec};
+
+    /// Hand-computed for hidden 32, 4 heads of 8 (2 KV heads: k and v are 16 wide),
+    /// intermediate 64: per layer q 1024 + k 512 + v 512 + o 1024 + gate, up, down 3 × 2048
+    /// + two norms 64 = 9280.
+    #[test]
+    fn layer_params_count_shared_weights_once_and_adapters_per_depth() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = LlamaSpec::tiny();
+        spec.layers = 4;
+        write_random_llama(dir.path(), &spec, 1).unwrap();
+        let g = exitgraph_ir::import(dir.path()).unwrap().graph;
+        assert_eq!(layer_params(&g), 4 * 9280);
+        let tied = |norms, rank: Option<usize>| {
+            let mut h = g.clone();
+            let mut passes: Vec<Box<dyn crate::passes::Pass>> = vec![Box::new(TieLayers {
+                loops: 2,
+                init: TieInit::Lower,
+                norms,
+                weights: None,
+            })];
+            if let Some(r) = rank {
+                use LoraTarget::*;
+                passes.push(Box::new(DepthLora {
+                    rank: LoraRank::Rank(r),
+                    targets: vec![q, k, v, o, gate, up, down],
+                    init: LoraInit::Zero,
+                    weights: None,
+                }));
+            }
+            PassManager::new(passes).run(&mut h).unwrap();
+            // The whole graph's count agrees: embeddings, final norm and head unchanged.
+            assert_eq!(h.params(), layer_params(&h) + g.params() - layer_params(&g));
+            layer_params(&h)
+        };
+        // Two positions' weights, once each.
+        assert_eq!(tied(TieNorms::Shared, None), 2 * 9280);
+        // Each depth keeps its two norms: 4 × 64 instead of 2 × 64.
+        assert_eq!(tied(TieNorms::PerIteration, None), 2 * 9216 + 4 * 64);
+        // Rank 2 per depth: q, o 2·(32 + 32); k, v 2·(32 + 16); gate, up, down 2·(32 + 64).
+        assert_eq!(
+            tied(TieNorms::Shared, Some(2)),
+            2 * 9280 + 4 * (2 * 128 + 2 * 96 + 3 * 192)
+        );
+    }
+
+    #[test]
+    fn rank_names_and_pipelines() {
+        assert_eq!(rank_name(None), "0");
+        assert_eq!(rank_name(Some(LoraRank::Rank(16))), "16");
+        assert_eq!(rank_name(Some(LoraRank::Full)), "full");
+        let p = pipeline_text(Path::new("/m"), 3, TieInit::Stepwise, Some(LoraRank::Full));
+        assert_eq!(
+            p,
+            "Pipeline(model: \"/m\", passes: [TieLayers(loops: 3, init: Stepwise), DepthLora(rank: Full, init: Svd)])\n"
+        );
     }
 }
