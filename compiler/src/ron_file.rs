@@ -102,10 +102,11 @@ pub fn locate_field(text: &str, name: &str, field: Option<&str>) -> Option<(usiz
                     break;
                 }
             }
-            _ if depth == 1 && word_at(i, field) => {
-                if text[i + field.len()..].trim_start().starts_with(':') {
-                    return Some(line_col(text, i));
-                }
+            _ if depth == 1
+                && word_at(i, field)
+                && text[i + field.len()..].trim_start().starts_with(':') =>
+            {
+                return Some(line_col(text, i));
             }
             _ => {}
         }

@@ -1,6 +1,6 @@
 //! The explorer: a tab per view over one compiled pipeline.
 
-use crate::compute_path::path;
+use crate::compute_path::{iterations, path};
 use crate::loaded::Loaded;
 use crate::pipeline_check::check;
 use crate::views::exits::ExitsView;
@@ -114,6 +114,7 @@ impl ExplorerApp {
                 t.pos
             ),
             nodes: path(&l.after, &t.layers, t.exit_layer),
+            iterations: iterations(&l.after, &t.layers),
         });
     }
 

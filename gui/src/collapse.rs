@@ -1,8 +1,10 @@
 //! Groups a graph's nodes into columns for drawing: the nodes before the first layer, one
 //! column per transformer layer, the nodes after the last; runs of identical layers fold into
-//! one block so a model of 100+ layers stays readable.
+//! one block so a model of 100+ layers stays readable, and a tied model's looped block (every
+//! iteration of it) folds into one box.
 
 use crate::diff::NodeStatus;
+use crate::looping::Looping;
 use exitgraph_ir::{Graph, NodeIndex};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -14,6 +16,13 @@ pub enum Item {
     Block {
         first: usize,
         last: usize,
+        nodes: Vec<NodeIndex>,
+        /// The op kinds of one layer, in order.
+        kinds: Vec<&'static str>,
+    },
+    /// A tied model's looped block folded: every iteration's layers in one box.
+    Loop {
+        looping: Looping,
         nodes: Vec<NodeIndex>,
         /// The op kinds of one layer, in order.
         kinds: Vec<&'static str>,
@@ -41,6 +50,8 @@ pub struct Column {
 pub struct CollapseOptions {
     /// Fold runs of identical layers.
     pub collapse: bool,
+    /// Fold a tied model's looped block into one box (unless one of its layers is expanded).
+    pub loops: bool,
     /// Layers never folded.
     pub expanded: BTreeSet<usize>,
 }
@@ -100,12 +111,44 @@ pub fn group(g: &Graph, status: impl Fn(&str) -> NodeStatus, opts: &CollapseOpti
             .collect()
     };
 
+    let looping =
+        Looping::of(g).filter(|l| opts.loops && !l.depths().any(|d| opts.expanded.contains(&d)));
+    let in_loop = |k: Key| match (k, &looping) {
+        (Key::Layer(l), Some(lp)) => lp.depths().contains(&l),
+        _ => false,
+    };
+
     let mut out = Grouping::default();
     let keys: Vec<Key> = by_key.keys().copied().collect();
     let mut i = 0;
     while i < keys.len() {
         let key = keys[i];
         let nodes = &by_key[&key];
+        if let (true, Some(lp)) = (in_loop(key), &looping) {
+            let mut end = i;
+            while keys.get(end + 1).is_some_and(|&k| in_loop(k)) {
+                end += 1;
+            }
+            let members: Vec<NodeIndex> = keys[i..=end]
+                .iter()
+                .flat_map(|k| by_key[k].iter().copied())
+                .collect();
+            let item = out.items.len();
+            for &n in &members {
+                out.item_of.insert(n, item);
+            }
+            out.items.push(Item::Loop {
+                looping: lp.clone(),
+                nodes: members,
+                kinds: nodes.iter().map(|&n| g.graph[n].op.kind()).collect(),
+            });
+            out.columns.push(Column {
+                title: "looped block".to_string(),
+                items: vec![item],
+            });
+            i = end + 1;
+            continue;
+        }
         // The run of identical, consecutive, folded layers starting here.
         let mut end = i;
         if let (true, Key::Layer(l)) = (opts.collapse, key) {
@@ -187,7 +230,7 @@ pub fn group(g: &Graph, status: impl Fn(&str) -> NodeStatus, opts: &CollapseOpti
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::test_graphs::chain;
+    use crate::test_graphs::{chain, tied_demo};
 
     fn same(_: &str) -> NodeStatus {
         NodeStatus::Same
@@ -208,7 +251,7 @@ mod tests {
             .iter()
             .map(|&i| match &gr.items[i] {
                 Item::Node(n) => g.graph[*n].name.as_str(),
-                Item::Block { .. } => "",
+                Item::Block { .. } | Item::Loop { .. } => "",
             })
             .collect();
         assert_eq!(names[0], "layers.0.input_norm");
@@ -248,6 +291,7 @@ mod tests {
         let opts = CollapseOptions {
             collapse: true,
             expanded: BTreeSet::from([5]),
+            ..Default::default()
         };
         let gr = group(&g, same, &opts);
         let titles: Vec<&str> = gr.columns.iter().map(|c| c.title.as_str()).collect();
@@ -276,6 +320,94 @@ mod tests {
         assert_eq!(
             titles,
             ["inputs", "layers 0–2", "layer 3", "layers 4–9", "outputs"]
+        );
+    }
+
+    fn titles(gr: &Grouping) -> Vec<&str> {
+        gr.columns.iter().map(|c| c.title.as_str()).collect()
+    }
+
+    const LOOPS: CollapseOptions = CollapseOptions {
+        collapse: false,
+        loops: true,
+        expanded: BTreeSet::new(),
+    };
+
+    #[test]
+    fn a_tied_six_layer_model_folds_into_one_looped_block() {
+        let g = tied_demo(2, Some(16));
+        let gr = group(&g, same, &LOOPS);
+        assert_eq!(titles(&gr), ["inputs", "looped block", "outputs"]);
+        match &gr.items[gr.columns[1].items[0]] {
+            Item::Loop {
+                looping,
+                nodes,
+                kinds,
+            } => {
+                assert_eq!((looping.loops, looping.block_len), (2, 3));
+                assert_eq!(
+                    looping.adapters().as_deref(),
+                    Some("LoRA r16 per iteration")
+                );
+                // Every iteration's nodes are in the box: 6 depths of 6 ops.
+                assert_eq!(nodes.len(), 36);
+                assert_eq!(kinds.len(), 6);
+            }
+            other => panic!("expected a looped block, got {other:?}"),
+        }
+        // input → embed → loop → final norm → head.
+        assert_eq!(gr.edges.len(), 4);
+        // Folding runs of identical layers as well changes nothing: the loop takes them all.
+        let both = CollapseOptions {
+            collapse: true,
+            ..LOOPS
+        };
+        assert_eq!(titles(&group(&g, same, &both)), titles(&gr));
+    }
+
+    #[test]
+    fn an_unfolded_loop_shows_every_iterations_layers() {
+        let g = tied_demo(2, None);
+        let layer_columns = |gr: &Grouping| {
+            titles(gr)
+                .iter()
+                .filter(|t| t.starts_with("layer "))
+                .count()
+        };
+        // Not folding loops, or expanding any layer of the loop: six layer columns.
+        let off = group(&g, same, &CollapseOptions::default());
+        assert_eq!(layer_columns(&off), 6);
+        let expanded = CollapseOptions {
+            expanded: BTreeSet::from([4]),
+            ..LOOPS
+        };
+        let gr = group(&g, same, &expanded);
+        assert_eq!(layer_columns(&gr), 6);
+        assert!(gr.items.iter().all(|i| !matches!(i, Item::Loop { .. })));
+    }
+
+    #[test]
+    fn folding_loops_leaves_an_untied_graph_unchanged() {
+        let g = chain(6);
+        let plain = group(&g, same, &CollapseOptions::default());
+        let loops = group(&g, same, &LOOPS);
+        assert_eq!(loops.items, plain.items);
+        assert_eq!(loops.columns, plain.columns);
+        assert_eq!(loops.edges, plain.edges);
+        let runs = CollapseOptions {
+            collapse: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            titles(&group(
+                &g,
+                same,
+                &CollapseOptions {
+                    loops: true,
+                    ..runs.clone()
+                }
+            )),
+            ["inputs", "layers 0–5", "outputs"]
         );
     }
 }

@@ -1,5 +1,7 @@
-//! A token's compute path: the graph nodes that ran to produce it.
+//! A token's compute path: the graph nodes that ran to produce it, and over a tied model
+//! the loop iterations it ran.
 
+use crate::looping::{IterationsRun, Looping};
 use exitgraph_ir::{Graph, NodeIndex};
 use std::collections::BTreeSet;
 
@@ -35,11 +37,17 @@ pub fn path(g: &Graph, layers: &[usize], exit_layer: usize) -> BTreeSet<NodeInde
     on_path
 }
 
+/// The loop iterations a token that ran `layers` (0-based depths) took part in, when `g`'s
+/// layers are tied into a looped block; `None` for an untied graph.
+pub fn iterations(g: &Graph, layers: &[usize]) -> Option<IterationsRun> {
+    Looping::of(g).map(|l| l.iterations_run(layers))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::test_graphs::chain;
+    use crate::test_graphs::{chain, tied_demo};
 
     #[test]
     fn a_full_depth_token_uses_every_node() {
@@ -96,5 +104,28 @@ mod tests {
         let names: BTreeSet<&str> = p.iter().map(|&n| g.graph[n].name.as_str()).collect();
         assert!(names.contains("layers.0.attn") && names.contains("embed"));
         assert!(!names.contains("layers.3.attn") && !names.contains("lm_head"));
+    }
+
+    #[test]
+    fn over_a_looped_block_the_path_follows_each_iteration() {
+        let g = tied_demo(2, Some(16));
+        // A token that ran every depth: both iterations, every node.
+        let all = [0, 1, 2, 3, 4, 5];
+        assert_eq!(
+            iterations(&g, &all).unwrap().to_string(),
+            "2 of 2 iterations"
+        );
+        assert_eq!(path(&g, &all, 6).len(), g.graph.node_count());
+        // A token that ran the first iteration only: one of two, and only depths 0–2 on its
+        // path (the shared block's nodes of the second iteration did not run).
+        let first = iterations(&g, &[0, 1, 2]).unwrap();
+        assert_eq!((first.ran, first.of), (1, 2));
+        let layers: BTreeSet<usize> = path(&g, &[0, 1, 2], 3)
+            .iter()
+            .filter_map(|&n| g.graph[n].layer)
+            .collect();
+        assert_eq!(layers, BTreeSet::from([0, 1, 2]));
+        // An untied graph has no iterations to count.
+        assert_eq!(iterations(&chain(6), &all), None);
     }
 }

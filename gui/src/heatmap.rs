@@ -1,6 +1,8 @@
 //! The token × layer heatmap of a run: for each generated token, which layers ran, the exit
 //! signal at each exit point (when the program has exit heads) and where the token exited.
+//! Over a tied model the columns read as (loop iteration, layer of the shared block).
 
+use crate::looping::Looping;
 use exitgraph::runtime::trace::TraceRecord;
 
 /// One cell: a token at one layer.
@@ -38,11 +40,54 @@ pub struct Heatmap {
     pub rows: Vec<TokenRow>,
     /// Smallest and largest signal, when any token has signals.
     pub signal_range: Option<(f64, f64)>,
+    /// The model's loop, when its layers are tied.
+    pub looping: Option<Looping>,
+}
+
+/// The header of one heatmap column (one depth).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnHeader {
+    /// `L3`, or `i1·L0` (iteration 1, layer 0 of the shared block) over a tied model.
+    pub text: String,
+    /// What the column is, in words.
+    pub hover: String,
+    /// The column starts a loop iteration after the first (a separator goes before it).
+    pub loop_start: bool,
 }
 
 impl Heatmap {
     pub fn has_signals(&self) -> bool {
         self.signal_range.is_some()
+    }
+
+    /// The heatmap of a model whose layers loop as `looping` says.
+    pub fn with_looping(mut self, looping: Option<Looping>) -> Self {
+        self.looping = looping;
+        self
+    }
+
+    /// One header per column (depth).
+    pub fn headers(&self) -> Vec<ColumnHeader> {
+        (0..self.depth)
+            .map(|d| match &self.looping {
+                Some(l) if l.depths().contains(&d) => {
+                    let (i, j) = (l.iteration(d), l.position(d));
+                    ColumnHeader {
+                        text: format!("i{i}·L{j}"),
+                        hover: format!(
+                            "depth {d}: loop iteration {i} of {}, layer {j} of the shared block",
+                            l.loops
+                        ),
+                        loop_start: d > 0 && j == 0,
+                    }
+                }
+                _ => ColumnHeader {
+                    text: format!("L{d}"),
+                    hover: format!("layer {d}"),
+                    loop_start: false,
+                },
+            })
+            .collect()
     }
 
     /// Tokens whose output came from each depth: index `k` counts exits after `k` layers.
@@ -105,6 +150,7 @@ pub fn build(records: &[TraceRecord], depth: usize, decode: impl Fn(u32) -> Stri
         depth,
         rows,
         signal_range,
+        looping: None,
     }
 }
 
@@ -190,6 +236,41 @@ mod tests {
             .iter()
             .all(|c| !c.exit && c.signal.is_none()));
         assert_eq!(h.exit_histogram()[0], 1);
+    }
+
+    #[test]
+    fn an_untied_model_has_a_header_per_layer() {
+        let h = build(&[record(0, 0, 6, vec![])], 6, |t| t.to_string());
+        let headers = h.headers();
+        let texts: Vec<&str> = headers.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, ["L0", "L1", "L2", "L3", "L4", "L5"]);
+        assert!(headers.iter().all(|c| !c.loop_start));
+    }
+
+    #[test]
+    fn a_looped_model_labels_columns_by_loop_and_layer() {
+        let looping = Looping {
+            block_len: 3,
+            loops: 2,
+            ..Default::default()
+        };
+        let h = build(&[record(0, 0, 6, vec![])], 6, |t| t.to_string()).with_looping(Some(looping));
+        let headers = h.headers();
+        let texts: Vec<&str> = headers.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["i0·L0", "i0·L1", "i0·L2", "i1·L0", "i1·L1", "i1·L2"]
+        );
+        // One separator, before the second iteration.
+        let starts: Vec<usize> = (0..6).filter(|&d| headers[d].loop_start).collect();
+        assert_eq!(starts, [3]);
+        assert_eq!(
+            headers[4].hover,
+            "depth 4: loop iteration 1 of 2, layer 1 of the shared block"
+        );
+        // The cells stay per depth.
+        assert_eq!(h.rows[0].cells.len(), 6);
+        assert!(h.rows[0].cells[5].exit);
     }
 
     #[test]

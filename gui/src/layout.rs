@@ -7,6 +7,9 @@ use eframe::egui::{pos2, vec2, Pos2, Rect};
 pub const NODE_W: f32 = 128.0;
 pub const NODE_H: f32 = 34.0;
 pub const BLOCK_H: f32 = 84.0;
+/// A looped block's box; its loop-back arrow takes [`LOOP_ARROW_H`] below it.
+pub const LOOP_H: f32 = 96.0;
+pub const LOOP_ARROW_H: f32 = 24.0;
 const GAP_X: f32 = 44.0;
 const GAP_Y: f32 = 12.0;
 /// Space between two rows of columns.
@@ -27,15 +30,22 @@ pub struct Layout {
     pub bounds: Rect,
 }
 
+/// Height of an item's box, and the space it takes in its column (box, anything drawn
+/// below it, gap).
+fn heights(item: Option<&Item>) -> (f32, f32) {
+    match item {
+        Some(Item::Block { .. }) => (BLOCK_H, BLOCK_H + GAP_Y),
+        Some(Item::Loop { .. }) => (LOOP_H, LOOP_H + LOOP_ARROW_H + GAP_Y),
+        _ => (NODE_H, NODE_H + GAP_Y),
+    }
+}
+
 fn column_height(g: &Grouping, c: usize) -> f32 {
     TITLE_H
         + g.columns[c]
             .items
             .iter()
-            .map(|&i| match g.items.get(i) {
-                Some(Item::Block { .. }) => BLOCK_H + GAP_Y,
-                _ => NODE_H + GAP_Y,
-            })
+            .map(|&i| heights(g.items.get(i)).1)
             .sum::<f32>()
 }
 
@@ -77,16 +87,13 @@ pub fn layout(g: &Grouping, per_row: usize) -> Layout {
         titles.push(pos2(x, row_top));
         let mut y = row_top + TITLE_H;
         for &i in &col.items {
-            let h = match g.items.get(i) {
-                Some(Item::Block { .. }) => BLOCK_H,
-                _ => NODE_H,
-            };
+            let (h, taken) = heights(g.items.get(i));
             let r = Rect::from_min_size(pos2(x, y), vec2(NODE_W, h));
             if let Some(slot) = rects.get_mut(i) {
                 *slot = r;
             }
-            bounds = bounds.union(r);
-            y += h + GAP_Y;
+            bounds = bounds.union(Rect::from_min_size(r.min, vec2(NODE_W, taken - GAP_Y)));
+            y += taken;
         }
         bounds = bounds.union(Rect::from_min_size(pos2(x, row_top), vec2(NODE_W, TITLE_H)));
     }
@@ -121,6 +128,12 @@ pub fn layout(g: &Grouping, per_row: usize) -> Layout {
                 let (p, q) = (ra.right_center(), rb.left_center());
                 let dx = ((q.x - p.x) * 0.5).max(20.0);
                 [p, p + vec2(dx, 0.0), q - vec2(dx, 0.0), q]
+            } else if matches!(g.items.get(a), Some(Item::Loop { .. })) {
+                // Into the next row from a looped block: out of its right side and down past
+                // the loop-back arrow under it.
+                let (p, q) = (ra.right_center(), rb.center_top());
+                let x = p.x + GAP_X * 0.9;
+                [p, pos2(x, p.y), pos2(x, q.y - 40.0), q]
             } else {
                 // Into the next row of columns: down from the bottom, into the top.
                 let (p, q) = (ra.center_bottom(), rb.center_top());
@@ -196,5 +209,27 @@ mod tests {
         };
         let l = layout(&group(&g, |_| NodeStatus::Same, &opts), usize::MAX);
         assert!(l.bounds.width() < 800.0 && l.bounds.height() < 400.0);
+    }
+
+    #[test]
+    fn a_looped_block_has_room_below_for_its_loop_arrow() {
+        let g = crate::test_graphs::tied_demo(2, Some(16));
+        let opts = CollapseOptions {
+            loops: true,
+            ..Default::default()
+        };
+        let gr = group(&g, |_| NodeStatus::Same, &opts);
+        let i = gr
+            .items
+            .iter()
+            .position(|it| matches!(it, Item::Loop { .. }))
+            .unwrap();
+        // One column per row: the outputs' title sits below the looped block's arrow.
+        let l = layout(&gr, 1);
+        let looped = l.rects[i];
+        assert_eq!(looped.height(), LOOP_H);
+        assert!(l.titles[2].y >= looped.bottom() + LOOP_ARROW_H, "{l:?}");
+        let wide = layout(&gr, usize::MAX);
+        assert!(wide.bounds.bottom() >= wide.rects[i].bottom() + LOOP_ARROW_H);
     }
 }

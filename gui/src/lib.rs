@@ -10,6 +10,7 @@ pub mod heatmap;
 pub mod jobs;
 pub mod layout;
 pub mod loaded;
+pub mod looping;
 pub mod node_info;
 pub mod paths;
 pub mod pipeline_check;

@@ -1,7 +1,10 @@
-//! What the graph view shows for a clicked node: op, shape, parameters, FLOPs and where its
-//! weights come from.
+//! What the graph view shows for a clicked node: op, shape, parameters, FLOPs, where its
+//! weights come from and, in a tied model, which shared weights and loop iteration it runs
+//! and the rank of its projections' adapters.
 
+use crate::looping::projections;
 use exitgraph_ir::{Graph, NodeIndex, WeightRef};
+use std::collections::BTreeSet;
 
 /// One weight of a node.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +26,28 @@ pub struct TensorSource {
     pub stored: Option<(String, String, Vec<usize>)>,
 }
 
+/// Where a node of a tied model sits in the loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TiedBlock {
+    /// The weight identity of its block (the shared layer it runs).
+    pub weights: usize,
+    /// Its block's loop iteration, 0-based.
+    pub iteration: usize,
+    /// Depths whose blocks run the same weights, this one included, ascending.
+    pub shared_by: Vec<usize>,
+}
+
+/// A low-rank adapter on one of a node's projections.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterInfo {
+    /// `q`, `k`, `v`, `o`, `gate`, `up`, `down` or `lm_head`.
+    pub projection: &'static str,
+    pub rank: usize,
+    pub scale: f64,
+    /// Parameters of its two factors.
+    pub params: usize,
+}
+
 /// Everything the details panel shows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeDetails {
@@ -35,6 +60,10 @@ pub struct NodeDetails {
     pub flops_per_token: u64,
     pub flops_per_context_token: u64,
     pub weights: Vec<WeightSource>,
+    /// Its place in the loop, when its block shares weights with other depths.
+    pub tied: Option<TiedBlock>,
+    /// Adapters on its projections, in projection order.
+    pub adapters: Vec<AdapterInfo>,
     /// The op's fields, pretty-printed.
     pub attributes: String,
 }
@@ -89,6 +118,33 @@ pub fn details(g: &Graph, n: NodeIndex) -> Option<NodeDetails> {
         .filter_map(|i| g.node(i))
         .map(|i| (i.name.clone(), i.shape.to_string()))
         .collect();
+    let tied = node
+        .layer
+        .and_then(|d| g.blocks.iter().find(|b| b.depth == d))
+        .and_then(|block| {
+            let shared_by: Vec<usize> = g
+                .blocks
+                .iter()
+                .filter(|b| b.weights == block.weights)
+                .map(|b| b.depth)
+                .collect();
+            (shared_by.len() > 1).then_some(TiedBlock {
+                weights: block.weights,
+                iteration: block.iteration,
+                shared_by,
+            })
+        });
+    let adapters = projections(&node.op)
+        .into_iter()
+        .filter_map(|(projection, l)| {
+            l.adapter.as_ref().map(|a| AdapterInfo {
+                projection,
+                rank: a.rank,
+                scale: a.scale,
+                params: a.rank * (l.in_features + l.out_features),
+            })
+        })
+        .collect();
     Some(NodeDetails {
         name: node.name.clone(),
         kind: node.op.kind(),
@@ -99,8 +155,24 @@ pub fn details(g: &Graph, n: NodeIndex) -> Option<NodeDetails> {
         flops_per_token: node.op.flops_per_token(),
         flops_per_context_token: node.op.attention_flops_per_context_token(),
         weights,
+        tied,
+        adapters,
         attributes: format!("{:#?}", node.op),
     })
+}
+
+/// Parameters of a set of nodes with each weight counted once, however many nodes read it
+/// (a looped block's shared weights).
+pub fn distinct_params(g: &Graph, nodes: &[NodeIndex]) -> usize {
+    let mut seen = BTreeSet::new();
+    nodes
+        .iter()
+        .filter_map(|&n| g.node(n))
+        .flat_map(|node| node.op.weights())
+        .filter(|(_, w)| seen.insert((*w).clone()))
+        .filter_map(|(_, w)| w.shape(&g.weights).ok())
+        .map(|s| s.iter().product::<usize>())
+        .sum()
 }
 
 /// Total parameters and FLOPs per token over a set of nodes (a folded block).
@@ -153,5 +225,39 @@ mod tests {
         assert_eq!(dtype, "F32");
         assert_eq!(shape, vec![192, 192]);
         assert_eq!(d.inputs.len(), 1);
+    }
+
+    #[test]
+    fn a_tied_projection_shows_its_shared_weights_iteration_and_adapter_rank() {
+        let g = crate::test_graphs::tied_demo(2, Some(16));
+        let attn = g.find("layers.4.attn").unwrap();
+        let d = details(&g, attn).unwrap();
+        let tied = d.tied.unwrap();
+        // Depth 4 is layer 1 of the shared block, in the second iteration.
+        assert_eq!((tied.weights, tied.iteration), (1, 1));
+        assert_eq!(tied.shared_by, vec![1, 4]);
+        let names: Vec<&str> = d.adapters.iter().map(|a| a.projection).collect();
+        assert_eq!(names, ["q", "k", "v", "o"]);
+        assert!(d.adapters.iter().all(|a| a.rank == 16));
+        // q: 192 in, 192 out.
+        assert_eq!(d.adapters[0].params, 16 * (192 + 192));
+        // A norm of the block is tied too, but has no adapter.
+        let norm = details(&g, g.find("layers.4.attn_norm").unwrap()).unwrap();
+        assert!(norm.tied.is_some() && norm.adapters.is_empty());
+        // The imported model: nothing tied.
+        let untied = exitgraph_ir::import(&exitgraph::pipeline::demo_model_dir()).unwrap();
+        let d = details(&untied.graph, untied.graph.find("layers.4.attn").unwrap()).unwrap();
+        assert_eq!((d.tied, d.adapters.len()), (None, 0));
+    }
+
+    #[test]
+    fn shared_weights_count_once() {
+        let g = crate::test_graphs::tied_demo(2, None);
+        let (a, b) = (
+            g.find("layers.1.attn").unwrap(),
+            g.find("layers.4.attn").unwrap(),
+        );
+        assert_eq!(distinct_params(&g, &[a, b]), distinct_params(&g, &[a]));
+        assert_eq!(totals(&g, &[a, b]).0, 2 * distinct_params(&g, &[a]));
     }
 }

@@ -1,4 +1,5 @@
-//! Small hand-made graphs for unit tests: a Llama-shaped chain of `layers` blocks.
+//! Small graphs for unit tests: a hand-made Llama-shaped chain of `layers` blocks, and graphs
+//! tied into a loop by the real `TieLayers` / `DepthLora` passes.
 
 use exitgraph_ir::op::{Embedding, Norm, NormKind};
 use exitgraph_ir::{Family, Graph, ModelInfo, Node, Op, Shape, WeightCatalog, WeightRef};
@@ -81,4 +82,41 @@ pub fn chain(layers: usize) -> Graph {
     g.head.norm = Some(n);
     g.head.logits = Some(head);
     g
+}
+
+/// Imported graph `g` after the real `TieLayers(loops, init: Average)` pass and, with a
+/// `rank`, the real `DepthLora(rank: Rank(rank), init: Svd)` on every projection. The passes
+/// only write recipes (no tensor is read), so this is quick; the pass manager verifies the
+/// result against the checkpoint's catalog, which [`chain`] does not have.
+fn tie(mut g: Graph, loops: usize, rank: Option<usize>) -> Graph {
+    use exitgraph::passes::{
+        DepthLora, LoraInit, LoraRank, LoraTarget, Pass, PassManager, TieInit, TieLayers, TieNorms,
+    };
+    let mut passes: Vec<Box<dyn Pass>> = vec![Box::new(TieLayers {
+        loops,
+        init: TieInit::Average,
+        norms: TieNorms::Shared,
+        weights: None,
+    })];
+    if let Some(r) = rank {
+        use LoraTarget::*;
+        passes.push(Box::new(DepthLora {
+            rank: LoraRank::Rank(r),
+            targets: vec![q, k, v, o, gate, up, down],
+            init: LoraInit::Svd,
+            weights: None,
+        }));
+    }
+    PassManager::new(passes)
+        .run(&mut g)
+        .expect("the passes apply");
+    g
+}
+
+/// The demo model (6 layers) tied into a block looped `loops` times, with rank-`rank`
+/// adapters per iteration when given.
+pub fn tied_demo(loops: usize, rank: Option<usize>) -> Graph {
+    let ckpt =
+        exitgraph_ir::import(&exitgraph::pipeline::demo_model_dir()).expect("the demo model");
+    tie(ckpt.graph, loops, rank)
 }

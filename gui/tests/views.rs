@@ -7,7 +7,7 @@ mod common;
 use common::{harness, snapshot_options, step_until};
 use egui_kittest::kittest::Queryable;
 use exitgraph_gui::app::Tab;
-use exitgraph_gui::views::graph::Selection;
+use exitgraph_gui::views::graph::{Selection, Side};
 use exitgraph_gui::ExplorerApp;
 use std::time::Duration;
 
@@ -332,4 +332,100 @@ fn run_view_shows_real_exits_of_the_demo_exits_pipeline() {
     h.state_mut().tab = Tab::Graph;
     h.run_steps(3);
     h.snapshot_options("graph_exit_head", &snapshot_options());
+}
+
+#[test]
+fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
+    use exitgraph::runtime::trace::TraceRecord;
+    use exitgraph_gui::serving::PromptResult;
+    use exitgraph_gui::views::run::RunData;
+    // The demo's 6 layers tied into a block of 3 looped twice, a rank-16 LoRA per iteration.
+    let path = exitgraph_gui::views::sim::examples_dir().join("demo-recursive.ron");
+    let mut h = harness(ExplorerApp::open(&path));
+    h.run_steps(3);
+    assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
+    // The imported model keeps its 6 layer columns; the compiled one draws the block once.
+    assert_eq!(h.get_all_by_label("layer 5").count(), 1);
+    assert_eq!(h.get_all_by_label("looped block").count(), 1);
+    h.get_by_label("×2 loops\nlayers 0–2 shared\nLoRA r16\nper iteration\ndepths 0–5")
+        .click();
+    h.run_steps(2);
+    assert_eq!(h.state().graph.selected, Some(Selection::Loop(Side::After)));
+    h.get_by_label("iteration i1: depths 3–5");
+    h.get_by_label("each layer: RmsNorm · Attention · Add · RmsNorm · Mlp · Add");
+    // Out of the way of the box's text.
+    h.get_by_label("Details").hover();
+    h.run_steps(1);
+    h.snapshot_options("graph_looped", &snapshot_options());
+
+    // A node of the second iteration: its shared weights, iteration and adapter ranks.
+    h.get_by_label("Unfold loop").hover();
+    h.run_steps(1);
+    h.get_by_label("Unfold loop").click();
+    h.run_steps(2);
+    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
+    assert!(h.query_by_label("looped block").is_none());
+    let g = &h.state().loaded.as_ref().unwrap().after;
+    let attn4 = g.find("layers.4.attn").unwrap();
+    h.state_mut().graph.selected = Some(Selection::Node(Side::After, attn4));
+    h.run_steps(2);
+    h.get_by_label("shared layer 1 (depths 1, 4)");
+    h.get_by_label("i1 (number 2 of 2)");
+    assert_eq!(
+        h.get_all_by_label_contains(": rank 16, scale 1,").count(),
+        4,
+        "q, k, v and o each have an adapter"
+    );
+
+    // A token that ran every depth: the folded block is its path, both iterations counted;
+    // the heatmap's columns read as (loop, layer).
+    let records: Vec<TraceRecord> = [6, 3]
+        .into_iter()
+        .enumerate()
+        .map(|(i, exit)| TraceRecord {
+            seq: 0,
+            pos: 10 + i,
+            token: Some(40 + i as u32),
+            step: i as u64,
+            t_s: 0.0,
+            batch: 1,
+            stages: vec!["all".into()],
+            layers: (0..exit).collect(),
+            exit_layer: exit,
+            signals: Vec::new(),
+        })
+        .collect();
+    let data = RunData::new(
+        &PromptResult {
+            records,
+            outputs: vec![vec![40, 41]],
+        },
+        &["copy: K7F2Q | K".to_string()],
+        h.state().loaded.as_ref().unwrap(),
+    );
+    h.state_mut().run.result = Some(data);
+    h.state_mut().tab = Tab::Run;
+    h.run_steps(2);
+    h.get_by_label("Tokens × (loop, layer)");
+    h.get_by_label("i1·L2");
+    assert!(h.query_by_label("L5").is_none());
+    h.get_all_by_label_contains("pos 11")
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    h.get_by_label_contains("3 layers run (1 of 2 iterations)");
+    h.get_all_by_label_contains("pos 10")
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    let run = h.state().graph.path.as_ref().unwrap().iterations.unwrap();
+    assert_eq!((run.ran, run.of), (2, 2));
+    h.state_mut().tab = Tab::Graph;
+    h.run_steps(2);
+    h.get_by_label("Fold loop (×2)").click();
+    h.run_steps(2);
+    h.get_by_label_contains("path: 2 of 2 iterations");
+    h.get_by_label_contains("· 2 of 2 iterations");
 }

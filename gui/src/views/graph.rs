@@ -1,12 +1,14 @@
 //! Graph view: the imported graph and the compiled graph side by side, nodes added or
 //! changed by passes highlighted, a token's compute path outlined, details of the clicked
-//! node beside them. Zoom with ctrl + scroll (or pinch), pan by dragging.
+//! node beside them. A tied model's looped block is drawn once, with its loop count and
+//! adapters, until it is unfolded. Zoom with ctrl + scroll (or pinch), pan by dragging.
 
 use crate::collapse::{group, CollapseOptions, Grouping, Item};
 use crate::diff::NodeStatus;
 use crate::layout::{columns_per_row, layout, Layout};
 use crate::loaded::Loaded;
-use crate::node_info::{details, totals};
+use crate::looping::{IterationsRun, Looping};
+use crate::node_info::{details, distinct_params, totals};
 use crate::viewport::Viewport;
 use eframe::egui::{self, epaint::CubicBezierShape, Color32, Rect, RichText, Stroke, Ui};
 use exitgraph::inspect::human;
@@ -25,6 +27,8 @@ pub enum Side {
 pub enum Selection {
     Node(Side, NodeIndex),
     Block(Side, usize, usize),
+    /// The folded looped block of one side.
+    Loop(Side),
 }
 
 /// A token's compute path, shown on the compiled graph.
@@ -32,6 +36,8 @@ pub enum Selection {
 pub struct PathHighlight {
     pub label: String,
     pub nodes: BTreeSet<NodeIndex>,
+    /// The loop iterations the token ran, over a tied model.
+    pub iterations: Option<IterationsRun>,
 }
 
 /// One side, laid out.
@@ -83,6 +89,16 @@ impl Drawn {
                             .unwrap_or(NodeStatus::Same),
                     );
                 }
+                Item::Loop { looping, nodes, .. } => {
+                    labels.push(loop_label(looping));
+                    statuses.push(
+                        nodes
+                            .iter()
+                            .map(|&n| status(&g.graph[n].name))
+                            .max()
+                            .unwrap_or(NodeStatus::Same),
+                    );
+                }
             }
         }
         Drawn {
@@ -95,9 +111,26 @@ impl Drawn {
     }
 }
 
+/// The text of a folded looped block's box, a line per fact (the box is narrow): loop count,
+/// shared layers, adapters, depths run.
+fn loop_label(looping: &Looping) -> String {
+    let mut lines = vec![format!("×{} loops", looping.loops), looping.shared()];
+    if let Some(rank) = looping.adapter_rank() {
+        lines.push(format!("LoRA {rank}"));
+        lines.push("per iteration".to_string());
+    }
+    let depths = looping.depths();
+    lines.push(format!("depths {}–{}", depths.start, depths.end - 1));
+    lines.join("\n")
+}
+
 #[derive(Default)]
 pub struct GraphView {
     pub collapse: bool,
+    /// Fold a tied model's looped block into one box.
+    pub loops: bool,
+    /// The compiled model's loop, when its layers are tied.
+    pub looping: Option<Looping>,
     pub expanded: BTreeSet<usize>,
     pub selected: Option<Selection>,
     pub path: Option<PathHighlight>,
@@ -149,8 +182,10 @@ impl GraphView {
         self.path = None;
         self.view_before = None;
         self.view_after = None;
-        // Fold by default when the model is deep.
+        // Fold by default when the model is deep; a looped block is always shown once first.
         self.collapse = loaded.is_some_and(|l| l.before.info.num_layers > 12);
+        self.loops = true;
+        self.looping = loaded.and_then(|l| Looping::of(&l.after));
         self.expanded.clear();
     }
 
@@ -164,6 +199,7 @@ impl GraphView {
     fn ensure(&mut self, loaded: &Loaded) {
         let opts = CollapseOptions {
             collapse: self.collapse,
+            loops: self.loops,
             expanded: self.expanded.clone(),
         };
         if self.before.is_none() {
@@ -199,6 +235,19 @@ impl GraphView {
                 self.expanded.clear();
                 self.relayout();
             }
+            if let Some(looping) = self.looping.clone() {
+                let mut folded =
+                    self.loops && !looping.depths().any(|d| self.expanded.contains(&d));
+                if ui
+                    .checkbox(&mut folded, format!("Fold loop (×{})", looping.loops))
+                    .changed()
+                {
+                    self.loops = folded;
+                    self.expanded.retain(|d| !looping.depths().contains(d));
+                    self.selected = None;
+                    self.relayout();
+                }
+            }
             if ui.button("Fit").clicked() {
                 self.view_before = None;
                 self.view_after = None;
@@ -208,7 +257,12 @@ impl GraphView {
             legend(ui, CHANGED, &format!("changed {changed}"));
             legend(ui, REMOVED, &format!("removed {removed}"));
             if let Some(p) = &self.path {
-                legend(ui, PATH, &format!("compute path of {}", p.label));
+                let iterations = p.iterations.map(|i| format!(" · {i}")).unwrap_or_default();
+                legend(
+                    ui,
+                    PATH,
+                    &format!("compute path of {}{iterations}", p.label),
+                );
                 if ui.button("Clear path").clicked() {
                     self.path = None;
                 }
@@ -365,6 +419,25 @@ impl GraphView {
                     ui.label("layer");
                     ui.label(d.layer.map_or("-".to_string(), |l| l.to_string()));
                     ui.end_row();
+                    if let Some(t) = &d.tied {
+                        let depths: Vec<String> =
+                            t.shared_by.iter().map(|d| d.to_string()).collect();
+                        ui.label("weights");
+                        ui.label(format!(
+                            "shared layer {} (depths {})",
+                            t.weights,
+                            depths.join(", ")
+                        ));
+                        ui.end_row();
+                        ui.label("loop iteration");
+                        ui.label(format!(
+                            "i{} (number {} of {})",
+                            t.iteration,
+                            t.iteration + 1,
+                            t.shared_by.len()
+                        ));
+                        ui.end_row();
+                    }
                     ui.label("output shape");
                     ui.label(RichText::new(&d.shape).monospace());
                     ui.end_row();
@@ -384,6 +457,18 @@ impl GraphView {
                     ui.label(RichText::new("Inputs").strong());
                     for (name, shape) in &d.inputs {
                         ui.label(RichText::new(format!("{name} {shape}")).monospace());
+                    }
+                }
+                if !d.adapters.is_empty() {
+                    ui.label(RichText::new("Adapters (this iteration's own)").strong());
+                    for a in &d.adapters {
+                        ui.label(format!(
+                            "LoRA on {}: rank {}, scale {}, {} parameters",
+                            a.projection,
+                            a.rank,
+                            a.scale,
+                            human(a.params as f64)
+                        ));
                     }
                 }
                 if !d.weights.is_empty() {
@@ -455,6 +540,62 @@ impl GraphView {
                     }
                 });
             }
+            Selection::Loop(side) => {
+                let g = match side {
+                    Side::Before => &loaded.before,
+                    Side::After => &loaded.after,
+                };
+                let Some(looping) = Looping::of(g) else {
+                    ui.label("The graph has no looped block.");
+                    return;
+                };
+                let depths = looping.depths();
+                let nodes: Vec<NodeIndex> = g
+                    .graph
+                    .node_indices()
+                    .filter(|&n| g.graph[n].layer.is_some_and(|l| depths.contains(&l)))
+                    .collect();
+                let (_, flops) = totals(g, &nodes);
+                ui.label(RichText::new("looped block").strong());
+                ui.label(looping.summary());
+                if let Some(a) = looping.adapters() {
+                    ui.label(a);
+                }
+                let drawn = match side {
+                    Side::Before => self.before.as_ref(),
+                    Side::After => self.after.as_ref(),
+                };
+                let kinds = drawn.and_then(|d| {
+                    d.grouping.items.iter().find_map(|item| match item {
+                        Item::Loop { kinds, .. } => Some(kinds.join(" · ")),
+                        _ => None,
+                    })
+                });
+                if let Some(kinds) = kinds {
+                    ui.label(format!("each layer: {kinds}"));
+                }
+                let k = looping.block_len;
+                for i in 0..looping.loops {
+                    ui.label(format!(
+                        "iteration i{i}: depths {}–{}",
+                        i * k,
+                        i * k + k - 1
+                    ));
+                }
+                ui.label(format!(
+                    "parameters {} (shared and adapter weights, each counted once)",
+                    human(distinct_params(g, &nodes) as f64)
+                ));
+                ui.label(format!(
+                    "FLOPs/token {} (all iterations)",
+                    human(flops as f64)
+                ));
+                if ui.button("Unfold loop").clicked() {
+                    self.expanded.extend(depths);
+                    self.selected = None;
+                    self.relayout();
+                }
+            }
         }
     }
 }
@@ -506,7 +647,9 @@ fn draw_graph(
         let p = path?;
         Some(match &drawn.grouping.items[i] {
             Item::Node(n) => p.nodes.contains(n),
-            Item::Block { nodes, .. } => nodes.iter().any(|n| p.nodes.contains(n)),
+            Item::Block { nodes, .. } | Item::Loop { nodes, .. } => {
+                nodes.iter().any(|n| p.nodes.contains(n))
+            }
         })
     };
     for (&(a, b), pts) in drawn.grouping.edges.iter().zip(&drawn.layout.curves) {
@@ -539,6 +682,7 @@ fn draw_graph(
             (Item::Block { first, .. }, Some(Selection::Block(s, f, _))) => {
                 *s == side && first == f
             }
+            (Item::Loop { .. }, Some(Selection::Loop(s))) => *s == side,
             _ => false,
         };
         let mut fill = status_fill(drawn.status[i], dark)
@@ -557,7 +701,13 @@ fn draw_graph(
         let item = || match &drawn.grouping.items[i] {
             Item::Node(n) => Selection::Node(side, *n),
             Item::Block { first, last, .. } => Selection::Block(side, *first, *last),
+            Item::Loop { .. } => Selection::Loop(side),
         };
+        if let Item::Loop { looping, .. } = &drawn.grouping.items[i] {
+            let hot = on_path(i) == Some(true);
+            let color = if hot { PATH } else { edge_color };
+            loop_arrow(&painter, rect, looping.loops, zoom, color, text_color);
+        }
         if zoom <= 0.35 {
             // Zoomed far out: plain boxes (no text to read), clicked through the canvas.
             painter.rect(rect, 2.0, fill, stroke, egui::StrokeKind::Inside);
@@ -566,7 +716,13 @@ fn draw_graph(
             }
             continue;
         }
-        let mut text = RichText::new(&drawn.labels[i]).size(11.0 * zoom);
+        let label = match (&drawn.grouping.items[i], path.and_then(|p| p.iterations)) {
+            (Item::Loop { .. }, Some(run)) if on_path(i) == Some(true) => {
+                format!("{}\npath: {run}", drawn.labels[i])
+            }
+            _ => drawn.labels[i].clone(),
+        };
+        let mut text = RichText::new(label).size(11.0 * zoom);
         if dim {
             text = text.weak();
         }
@@ -580,4 +736,43 @@ fn draw_graph(
         }
     }
     clicked
+}
+
+/// The loop-back arrow under a looped block's box (screen `rect`): from its bottom right back
+/// to its bottom left, marked with the loop count.
+fn loop_arrow(
+    painter: &egui::Painter,
+    rect: Rect,
+    loops: usize,
+    zoom: f32,
+    color: Color32,
+    text: Color32,
+) {
+    let dy = (crate::layout::LOOP_ARROW_H - 4.0) * zoom;
+    let inset = rect.width() * 0.2;
+    let from = egui::pos2(rect.right() - inset, rect.bottom());
+    let to = egui::pos2(rect.left() + inset, rect.bottom());
+    let stroke = Stroke::new(2.0, color);
+    painter.add(CubicBezierShape::from_points_stroke(
+        [
+            from,
+            from + egui::vec2(0.0, dy),
+            to + egui::vec2(0.0, dy),
+            to,
+        ],
+        false,
+        Color32::TRANSPARENT,
+        stroke,
+    ));
+    // The arrowhead points up, back into the block.
+    let head = 5.0 * zoom;
+    painter.line_segment([to, to + egui::vec2(-head, head * 1.4)], stroke);
+    painter.line_segment([to, to + egui::vec2(head, head * 1.4)], stroke);
+    painter.text(
+        from + egui::vec2(6.0 * zoom, dy * 0.5),
+        egui::Align2::LEFT_CENTER,
+        format!("×{loops}"),
+        egui::FontId::proportional(12.0 * zoom),
+        text,
+    );
 }

@@ -1,10 +1,12 @@
 //! Run view: prompts in, generation on a background thread with a progress bar, then the
-//! token × layer heatmap (layers run, exit signals, exit cells), each token's compute path
-//! on the graph, and the exit-layer histogram.
+//! token × layer heatmap (layers run, exit signals, exit cells; over a tied model its columns
+//! are (loop, layer), loop iterations set apart), each token's compute path on the graph, and
+//! the exit-layer histogram.
 
 use crate::heatmap::{build, normalize, Heatmap};
 use crate::jobs::Job;
 use crate::loaded::Loaded;
+use crate::looping::Looping;
 use crate::serving::{run_prompts, PromptResult, PromptRun};
 use crate::tokens::prompts_from_text;
 use eframe::egui::{self, Color32, RichText, Sense, Stroke, Ui};
@@ -21,7 +23,8 @@ pub struct RunData {
 impl RunData {
     pub fn new(result: &PromptResult, prompts: &[String], loaded: &Loaded) -> Self {
         let tokens = loaded.tokens.clone();
-        let heatmap = build(&result.records, loaded.depth(), |id| tokens.token(id));
+        let heatmap = build(&result.records, loaded.depth(), |id| tokens.token(id))
+            .with_looping(Looping::of(&loaded.after));
         let histogram = heatmap.exit_histogram();
         let outputs = prompts
             .iter()
@@ -274,14 +277,34 @@ fn histogram(ui: &mut Ui, h: &[u64]) {
         });
 }
 
+/// A vertical rule between two loop iterations' columns.
+fn loop_separator(ui: &mut Ui, height: f32) {
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(3.0, height), Sense::hover());
+    // Over the gap to the next row too, so that the rule reads as one line.
+    let gap = ui.spacing().item_spacing.y;
+    ui.painter().vline(
+        rect.center().x,
+        rect.expand2(egui::vec2(0.0, gap / 2.0 + 1.0)).y_range(),
+        Stroke::new(2.0, ui.visuals().strong_text_color()),
+    );
+}
+
 /// Draws the heatmap; returns an action when a token's path is asked for.
 fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<RunAction> {
     let mut action = None;
     ui.horizontal(|ui| {
-        ui.heading("Tokens × layers");
+        ui.heading(match &h.looping {
+            Some(_) => "Tokens × (loop, layer)",
+            None => "Tokens × layers",
+        });
         if let Some(row) = selected.and_then(|i| h.rows.get(i)) {
+            let iterations = h
+                .looping
+                .as_ref()
+                .map(|l| format!(" ({})", l.iterations_run(&row.layers)))
+                .unwrap_or_default();
             ui.label(format!(
-                "{:?}: {} layers run; its path is outlined on the graph",
+                "{:?}: {} layers run{iterations}; its path is outlined on the graph",
                 row.text, row.exit_layer
             ));
             if ui.button("Open Graph").clicked() {
@@ -303,8 +326,16 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
             ui.label("layer ran (this program has no exit heads, so there are no exit signals);");
         }
         ui.label("outlined: the exit the token came from. Click a token to see its path.");
+        if let Some(l) = &h.looping {
+            ui.label(format!(
+                "Columns: loop iteration i, layer L of the shared block ({}).",
+                l.summary()
+            ));
+        }
     });
-    let cell = egui::vec2(34.0, 20.0);
+    let headers = h.headers();
+    // `i0·L0` needs a wider column than `L0`.
+    let cell = egui::vec2(if h.looping.is_some() { 44.0 } else { 34.0 }, 20.0);
     let label_w = 190.0;
     // Column headers.
     ui.horizontal(|ui| {
@@ -312,11 +343,12 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
             [label_w, cell.y],
             egui::Label::new(RichText::new("token").strong()),
         );
-        for l in 0..h.depth {
-            ui.add_sized(
-                cell,
-                egui::Label::new(RichText::new(format!("L{l}")).monospace()),
-            );
+        for c in &headers {
+            if c.loop_start {
+                loop_separator(ui, cell.y);
+            }
+            ui.add_sized(cell, egui::Label::new(RichText::new(&c.text).monospace()))
+                .on_hover_text(&c.hover);
         }
         ui.label("layers run");
     });
@@ -340,7 +372,10 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
                         *selected = Some(i);
                         action = Some(RunAction::ShowPath(i));
                     }
-                    for c in &row.cells {
+                    for (c, header) in row.cells.iter().zip(&headers) {
+                        if header.loop_start {
+                            loop_separator(ui, cell.y);
+                        }
                         let (rect, resp) = ui.allocate_exact_size(cell, Sense::hover());
                         let fill = match (c.signal, h.signal_range) {
                             (Some(v), Some(range)) => signal_color(normalize(v, range)),
