@@ -583,10 +583,132 @@ fn mismatched_trained_weights_are_refused() {
         "{e}"
     );
 
+    // Adapters trained against another tied block (another init here; names and shapes
+    // fit) are refused by their fingerprint.
+    let e = compile_err(&format!(
+        "TieLayers(loops: 3, init: Stepwise), DepthLora(rank: Rank(2), targets: [q], weights: {file:?})"
+    ));
+    assert!(
+        e.contains("another tied block") && e.contains("retrain"),
+        "{e}"
+    );
+    // A hand-made file (no fingerprint) is taken as it is, and the report says so.
+    let tensors = candle_core::safetensors::load(&lora_file, &Device::Cpu).unwrap();
+    let hand = dir.path().join("hand.safetensors");
+    candle_core::safetensors::save(&tensors, &hand).unwrap();
+    let p = demo_pipeline(
+        dir.path(),
+        &format!("TieLayers(loops: 3, init: Stepwise), DepthLora(rank: Rank(2), targets: [q], weights: {:?})", hand.display().to_string()),
+    );
+    let pipeline = exitgraph::pipeline::Pipeline::read(&p).unwrap();
+    let compiled = exitgraph::pipeline::compile(&pipeline, &p).unwrap();
+    assert!(
+        compiled
+            .outcomes
+            .iter()
+            .any(|o| o.report.summary.contains("not checked")),
+        "{:?}",
+        compiled
+            .outcomes
+            .iter()
+            .map(|o| &o.report.summary)
+            .collect::<Vec<_>>()
+    );
+
     let p = demo_pipeline(dir.path(), "DepthLora(rank: Rank(2))");
     let e = train_recursive(&p, &out, &uptraining(0, 0.0, false), false).unwrap_err();
     assert!(format!("{e:#}").contains("TieLayers"), "{e:#}");
     let p = demo_pipeline(dir.path(), "TieLayers(loops: 2)");
     let e = train_recursive(&p, &out, &uptraining(0, 0.0, false), false).unwrap_err();
     assert!(format!("{e:#}").contains("--train-shared"), "{e:#}");
+}
+
+/// The uptraining loss is `CE + W · KL(original ‖ recursive)`: with a zero learning rate the
+/// first step's loss equals that sum computed here by hand from the original checkpoint's and
+/// the recursive pipeline's logits on the same batch; without distillation it is the CE alone.
+#[test]
+fn the_uptraining_loss_is_cross_entropy_plus_distillation_from_the_untied_model() {
+    use exitgraph::train::data::Batcher;
+    use exitgraph::train::recursive::train_recursive;
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = demo_pipeline(
+        dir.path(),
+        "TieLayers(loops: 2, init: Lower), DepthLora(rank: Rank(2), init: Svd)",
+    );
+    let first_loss = |distill: f64, name: &str| {
+        let mut spec = uptraining(1, distill, false);
+        spec.training.lr = 0.0;
+        spec.training.min_lr = 0.0;
+        let r = train_recursive(&pipeline, &dir.path().join(name), &spec, false).unwrap();
+        r.log.train_loss[0].1
+    };
+    let (with, without) = (first_loss(2.0, "kd"), first_loss(0.0, "ce"));
+    // The same first batch, by hand.
+    let demo = exitgraph::pipeline::demo_model_dir();
+    let tokenizer = tokenizers::Tokenizer::from_file(demo.join("tokenizer.json")).unwrap();
+    let spec = uptraining(1, 0.0, false);
+    let examples = exitgraph::corpus::generate(&exitgraph::corpus::CorpusSpec {
+        seed: spec.seed,
+        examples: spec.examples,
+        tasks: Vec::new(),
+    });
+    let rows = exitgraph::corpus::pack(&tokenizer, &examples, spec.seq_len).unwrap();
+    let (x, y) = Batcher::new(rows, spec.batch_size, spec.seed)
+        .batch(0, &Device::Cpu)
+        .unwrap();
+    let logits_of = |p: &Program| {
+        let inputs = Inputs {
+            input_ids: x.clone(),
+            attention_mask: None,
+            token_type_ids: None,
+        };
+        p.forward(&inputs, &mut p.new_cache(), &["logits"], false)
+            .unwrap()
+            .remove("logits")
+            .unwrap()
+    };
+    let original = lower(&exitgraph_ir::import(&demo).unwrap().graph, &demo);
+    let p = exitgraph::pipeline::Pipeline::read(&pipeline).unwrap();
+    let student = exitgraph::pipeline::compile(&p, &pipeline)
+        .unwrap()
+        .lower()
+        .unwrap();
+    let (t, s) = (logits_of(&original), logits_of(&student));
+    let v = s.dim(2).unwrap();
+    let lp = |l: &Tensor| candle_nn::ops::log_softmax(&l.reshape(((), v)).unwrap(), 1).unwrap();
+    let (ls, lt) = (lp(&s), lp(&t));
+    let targets: Vec<u32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let ls_rows: Vec<Vec<f32>> = ls.to_vec2().unwrap();
+    let lt_rows: Vec<Vec<f32>> = lt.to_vec2().unwrap();
+    let n = targets.len() as f64;
+    let ce: f64 = targets
+        .iter()
+        .zip(&ls_rows)
+        .map(|(&t, r)| -f64::from(r[t as usize]))
+        .sum::<f64>()
+        / n;
+    let kl: f64 = lt_rows
+        .iter()
+        .zip(&ls_rows)
+        .map(|(p, q)| {
+            p.iter()
+                .zip(q)
+                .map(|(&a, &b)| f64::from(a).exp() * f64::from(a - b))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / n;
+    assert!(
+        kl > 1e-3,
+        "the tied model differs from the original: KL {kl}"
+    );
+    assert!(
+        (without - ce).abs() < 1e-4,
+        "CE: trainer {without}, by hand {ce}"
+    );
+    assert!(
+        (with - (ce + 2.0 * kl)).abs() < 1e-4,
+        "CE + 2 KL: trainer {with}, by hand {}",
+        ce + 2.0 * kl
+    );
 }

@@ -105,6 +105,15 @@ pub fn read_forward_inputs(path: &Path) -> Result<ForwardInputs, TensorIoError> 
 
 /// Writes `tensors` to `path` through a temporary file in the same folder, then renames.
 pub fn write_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TensorIoError> {
+    write_atomic_with(path, tensors, &std::collections::BTreeMap::new())
+}
+
+/// [`write_atomic`] with `metadata` in the file's `__metadata__` (none when empty).
+pub fn write_atomic_with(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<(), TensorIoError> {
     let err = |message: String| TensorIoError::Write {
         path: path.to_path_buf(),
         message,
@@ -115,14 +124,20 @@ pub fn write_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
         .to_string_lossy()
         .to_string();
     let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|e| e.to_string())
-        });
+    let saved = if metadata.is_empty() {
+        candle_core::safetensors::save(tensors, &tmp).map_err(|e| e.to_string())
+    } else {
+        let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+        let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        safetensors::serialize_to_file(sorted, Some(meta), &tmp).map_err(|e| e.to_string())
+    };
+    let result = saved.and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| e.to_string())
+    });
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(e));

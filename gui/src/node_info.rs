@@ -162,14 +162,15 @@ pub fn details(g: &Graph, n: NodeIndex) -> Option<NodeDetails> {
 }
 
 /// Parameters of a set of nodes with each weight counted once, however many nodes read it
-/// (a looped block's shared weights).
+/// (a looped block's shared weights); adapters count once per projection, as
+/// `Graph::params` counts them (zero-initialised ones share a recipe, not a tensor).
 pub fn distinct_params(g: &Graph, nodes: &[NodeIndex]) -> usize {
     let mut seen = BTreeSet::new();
     nodes
         .iter()
         .filter_map(|&n| g.node(n))
         .flat_map(|node| node.op.weights())
-        .filter(|(_, w)| seen.insert((*w).clone()))
+        .filter(|(role, w)| role.starts_with("adapter") || seen.insert((*w).clone()))
         .filter_map(|(_, w)| w.shape(&g.weights).ok())
         .map(|s| s.iter().product::<usize>())
         .sum()

@@ -32,6 +32,96 @@ pub const TIED_PREFIX: &str = "tied.";
 /// Prefix of the adapters' tensors in a `DepthLora(weights: ...)` file.
 pub const LORA_PREFIX: &str = "lora.";
 
+/// Metadata of a `TieLayers` weights file: the [`model_fingerprint`] of the checkpoint it was
+/// trained on.
+pub const MODEL_KEY: &str = "exitgraph.model";
+/// Metadata of a `TieLayers` weights file: a digest of its tensors' values.
+pub const CONTENT_KEY: &str = "exitgraph.content";
+/// Metadata of a `DepthLora` weights file: the [`base_fingerprint`] of the tied block its
+/// adapters were trained against.
+pub const BASE_KEY: &str = "exitgraph.base";
+
+/// FNV-1a (64 bits) of `bytes`, as 16 hex digits: a fingerprint, not a security hash.
+pub fn digest(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The checkpoint's structure: its model description and its own tensors' names, shapes and
+/// dtypes (not their values: two checkpoints of one architecture and layout share it).
+pub fn model_fingerprint(g: &Graph) -> String {
+    use std::fmt::Write;
+    let mut text = format!("{:?}\n", g.info);
+    for (name, t) in &g.weights.tensors {
+        if [TIED_PREFIX, LORA_PREFIX, "exits."]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let _ = writeln!(text, "{name} {:?} {:?}", t.shape, t.dtype);
+    }
+    digest(text.as_bytes())
+}
+
+/// What a graph's adapters are relative to: the checkpoint's structure and every block's
+/// weights after tying (their recipes, which name the loop count, the init and the norms;
+/// trained block weights by their file's content digest). A `DepthLora(weights: ...)` file
+/// made against another base is refused.
+pub fn base_fingerprint(g: &Graph) -> String {
+    use std::fmt::Write;
+    let mut text = model_fingerprint(g);
+    let mut files = BTreeSet::new();
+    for d in 0..g.blocks.len() {
+        let _ = write!(text, "\n{d}:{}", g.blocks[d].weights);
+        for node in block_nodes(g, d) {
+            let mut op = g.graph[node].op.clone();
+            for w in op.weights_mut() {
+                let _ = write!(text, " {w}");
+                for src in w.sources() {
+                    if src.starts_with(TIED_PREFIX) {
+                        if let Some(info) = g.weights.tensors.get(src) {
+                            files.insert(info.file.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for f in files {
+        let content = exitgraph_ir::import::read_metadata(std::path::Path::new(&f))
+            .ok()
+            .and_then(|m| m.get(CONTENT_KEY).cloned())
+            .unwrap_or_default();
+        let _ = write!(text, "\ntied file content {content}");
+    }
+    digest(text.as_bytes())
+}
+
+/// Checks a weights file's fingerprint `key` against `expected`; files without one (made by
+/// hand) are taken as they are. Returns whether it was checked.
+fn check_fingerprint(
+    cx: &PassContext,
+    file: &str,
+    key: &str,
+    expected: &str,
+    what: &str,
+) -> Result<bool, String> {
+    let path = cx.resolve(file);
+    let meta = exitgraph_ir::import::read_metadata(&path).map_err(|e| e.to_string())?;
+    match meta.get(key) {
+        None => Ok(false),
+        Some(found) if found == expected => Ok(true),
+        Some(found) => Err(format!(
+            "\"{file}\" was trained against {what} than this pipeline's ({key} {found}, here {expected}): retrain it for this pipeline"
+        )),
+    }
+}
+
 /// Name of a trained block weight: `tied.{node}.{role}`.
 pub fn tied_name(node: &str, role: &str) -> String {
     format!("{TIED_PREFIX}{node}.{role}")
@@ -287,7 +377,17 @@ impl Pass for TieLayers {
             }
         };
         let offered = match &self.weights {
-            Some(file) => add_prefixed(g, cx, file, TIED_PREFIX, "TieLayers")?,
+            Some(file) => {
+                check_fingerprint(
+                    cx,
+                    file,
+                    MODEL_KEY,
+                    &model_fingerprint(g),
+                    "another checkpoint",
+                )
+                .map_err(|m| field("weights", m))?;
+                add_prefixed(g, cx, file, TIED_PREFIX, "TieLayers")?
+            }
             None => BTreeSet::new(),
         };
         let mut used = BTreeSet::new();
@@ -499,8 +599,19 @@ impl Pass for DepthLora {
         if self.rank == LoraRank::Rank(0) {
             return Err(field("rank", "rank 0 adds nothing".into()));
         }
+        let mut checked = false;
         let offered = match &self.weights {
-            Some(file) => add_prefixed(g, cx, file, LORA_PREFIX, "DepthLora")?,
+            Some(file) => {
+                checked = check_fingerprint(
+                    cx,
+                    file,
+                    BASE_KEY,
+                    &base_fingerprint(g),
+                    "another tied block (model, loops, init, norms or shared weights)",
+                )
+                .map_err(|m| field("weights", m))?;
+                add_prefixed(g, cx, file, LORA_PREFIX, "DepthLora")?
+            }
             None => BTreeSet::new(),
         };
         let mut used = BTreeSet::new();
@@ -603,7 +714,10 @@ impl Pass for DepthLora {
                 "added depth-wise LoRA ({:?}, {}) to {} ops: {params} adapter parameters",
                 self.rank,
                 match &self.weights {
-                    Some(f) => format!("trained from \"{f}\""),
+                    Some(f) if checked => format!("trained from \"{f}\""),
+                    Some(f) => format!(
+                        "trained from \"{f}\", which has no {BASE_KEY} fingerprint: not checked against this tied block"
+                    ),
                     None => format!("{:?} init", self.init),
                 },
                 changed.len()

@@ -27,7 +27,10 @@ use candle_core::{DType, Device, Tensor, D};
 use exitgraph_compiler::lower::{Inputs, LowerOptions, Program, WeightSource, WeightStore};
 use exitgraph_compiler::pipeline::{compile, resolve_model, Pipeline};
 use exitgraph_ir::{Graph, WeightRef};
-use exitgraph_passes::recursive::{lora_tensors, tied_tensors, LORA_PREFIX, TIED_PREFIX};
+use exitgraph_passes::recursive::{
+    base_fingerprint, digest, lora_tensors, model_fingerprint, tied_tensors, BASE_KEY, CONTENT_KEY,
+    LORA_PREFIX, MODEL_KEY, TIED_PREFIX,
+};
 use exitgraph_passes::{PassSpec, TieNorms};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -134,6 +137,62 @@ fn held_out_loss(program: &Program, batches: &[(Tensor, Tensor)]) -> anyhow::Res
     Ok(total / count.max(1) as f64)
 }
 
+/// Writes the trained tensors and the pipeline into `out`, with their fingerprints: the
+/// shared block's file records the checkpoint's structure and a digest of its values, the
+/// adapters' file the tied block they were trained against (as the pipeline's passes will
+/// compute it from the written shared weights), so neither is used with another pipeline.
+fn publish(
+    pipeline: &Pipeline,
+    out: &Path,
+    lora: Option<usize>,
+    train_shared: bool,
+    trained: &HashMap<String, Tensor>,
+) -> anyhow::Result<()> {
+    let saved = out.join("pipeline.ron");
+    let part = |prefix: &str| -> HashMap<String, Tensor> {
+        trained
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect()
+    };
+    if train_shared {
+        let tied = part(TIED_PREFIX);
+        let mut names: Vec<&String> = tied.keys().collect();
+        names.sort();
+        let mut bytes = Vec::new();
+        for n in names {
+            bytes.extend(n.as_bytes());
+            let values: Vec<f32> = tied[n].flatten_all()?.to_vec1()?;
+            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        let model = exitgraph_ir::import(&resolve_model(pipeline, &saved))?.graph;
+        let meta = [
+            (MODEL_KEY.to_string(), model_fingerprint(&model)),
+            (CONTENT_KEY.to_string(), digest(&bytes)),
+        ]
+        .into_iter()
+        .collect();
+        exitgraph_compiler::tensor_io::write_atomic_with(&out.join(TIED_FILE), &tied, &meta)?;
+    }
+    if let Some(index) = lora {
+        // The tied block the adapters sit on: the pipeline's passes up to DepthLora.
+        let mut upto = pipeline.clone();
+        upto.passes.truncate(index);
+        let base = base_fingerprint(&compile(&upto, &saved)?.graph);
+        let meta = [(BASE_KEY.to_string(), base)].into_iter().collect();
+        exitgraph_compiler::tensor_io::write_atomic_with(
+            &out.join(LORA_FILE),
+            &part(LORA_PREFIX),
+            &meta,
+        )?;
+    }
+    exitgraph_compiler::atomic::write_text(&saved, &pipeline.to_ron())?;
+    // The written pipeline compiles with its fingerprints checked.
+    compile(pipeline, &saved)?;
+    Ok(())
+}
+
 /// Uptrains the recursive model of the pipeline at `pipeline_path`, writing into `out`.
 pub fn train_recursive(
     pipeline_path: &Path,
@@ -195,18 +254,27 @@ pub fn train_recursive(
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect()
     };
-    let lora_path = lora.map(|_| out.join(LORA_FILE));
-    let tied_path = spec.train_shared.then(|| out.join(TIED_FILE));
-    let write = |values: &HashMap<String, Tensor>| -> anyhow::Result<()> {
-        if let Some(p) = &lora_path {
-            exitgraph_compiler::tensor_io::write_atomic(p, &split(LORA_PREFIX, values))?;
+    // Training runs on files in a staging folder; the output's files are replaced only once
+    // training has finished, so a failed run never leaves a pipeline naming untrained tensors.
+    let staging = out.join(".staging");
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("{}: cannot create", staging.display()))?;
+    let write_in = |folder: &Path, values: &HashMap<String, Tensor>| -> anyhow::Result<()> {
+        if lora.is_some() {
+            exitgraph_compiler::tensor_io::write_atomic(
+                &folder.join(LORA_FILE),
+                &split(LORA_PREFIX, values),
+            )?;
         }
-        if let Some(p) = &tied_path {
-            exitgraph_compiler::tensor_io::write_atomic(p, &split(TIED_PREFIX, values))?;
+        if spec.train_shared {
+            exitgraph_compiler::tensor_io::write_atomic(
+                &folder.join(TIED_FILE),
+                &split(TIED_PREFIX, values),
+            )?;
         }
         Ok(())
     };
-    write(&initial)?;
+    write_in(&staging, &initial)?;
 
     // The pipeline as it will be saved: the model and other files resolved, the trained
     // tensors next to it.
@@ -224,14 +292,18 @@ pub fn train_recursive(
             PassSpec::DepthLora { weights, .. } if Some(i) == lora => {
                 *weights = Some(LORA_FILE.into());
             }
-            PassSpec::InsertExits {
+            PassSpec::DepthLora {
+                weights: Some(w), ..
+            }
+            | PassSpec::InsertExits {
                 weights: Some(w), ..
             } => *w = absolute_from(pipeline_path, w),
             _ => {}
         }
     }
     let saved_pipeline = out.join("pipeline.ron");
-    let compiled = compile(&pipeline, &saved_pipeline)?;
+    let staged_pipeline = staging.join("pipeline.ron");
+    let compiled = compile(&pipeline, &staged_pipeline)?;
 
     let tok_path = compiled.checkpoint.tokenizer.clone().with_context(|| {
         format!(
@@ -333,8 +405,10 @@ pub fn train_recursive(
         .into_iter()
         .filter(|(n, _)| n.starts_with(LORA_PREFIX) || n.starts_with(TIED_PREFIX))
         .collect();
-    write(&trained)?;
-    exitgraph_compiler::atomic::write_text(&saved_pipeline, &pipeline.to_ron())?;
+    publish(&pipeline, out, lora, spec.train_shared, &trained)?;
+    let _ = std::fs::remove_dir_all(&staging);
+    let lora_path = lora.map(|_| out.join(LORA_FILE));
+    let tied_path = spec.train_shared.then(|| out.join(TIED_FILE));
     let report = RecursiveTrainReport {
         pipeline: saved_pipeline,
         adapters: lora_path,

@@ -196,13 +196,16 @@ pub fn eval_recursive(
     }
     std::fs::create_dir_all(&spec.work)
         .with_context(|| format!("{}: cannot create", spec.work.display()))?;
+    // Absolute, so that paths written in generated configs resolve the same from anywhere.
+    let work = std::fs::canonicalize(&spec.work)
+        .with_context(|| format!("{}: cannot resolve", spec.work.display()))?;
     let mut rows = Vec::new();
     let mut push = |row: GridRow, rows: &mut Vec<GridRow>| {
         progress(&row);
         rows.push(row);
     };
 
-    let original = spec.work.join("original.ron");
+    let original = work.join("original.ron");
     exitgraph_compiler::atomic::write_text(
         &original,
         &format!("Pipeline(model: {:?})\n", model.display().to_string()),
@@ -229,7 +232,7 @@ pub fn eval_recursive(
         for &init in &spec.inits {
             for &rank in &spec.ranks {
                 let name = format!("{k}x{b}-{init:?}-r{}", rank_name(rank)).to_lowercase();
-                let path = spec.work.join(format!("{name}.ron"));
+                let path = work.join(format!("{name}.ron"));
                 exitgraph_compiler::atomic::write_text(
                     &path,
                     &pipeline_text(&model, b, init, rank),
@@ -247,7 +250,7 @@ pub fn eval_recursive(
                     train_seconds,
                 };
                 push(row(Stage::Before, params, q, 0.0), &mut rows);
-                let report = train_recursive(&path, &spec.work.join(&name), &uptrain, false)?;
+                let report = train_recursive(&path, &work.join(&name), &uptrain, false)?;
                 let (params, q) = evaluate(&report.pipeline, &data)?;
                 push(row(Stage::After, params, q, report.log.seconds), &mut rows);
             }
@@ -259,7 +262,7 @@ pub fn eval_recursive(
         sizes.sort_unstable();
         sizes.dedup();
         for k in sizes {
-            let out = spec.work.join(format!("scratch-{k}"));
+            let out = work.join(format!("scratch-{k}"));
             let lm = LmTrainSpec {
                 output: out.display().to_string(),
                 corpus: CorpusSpec {
@@ -280,8 +283,8 @@ pub fn eval_recursive(
                 seed: uptrain.seed,
                 training: uptrain.training.clone(),
             };
-            let report = train_lm_spec(&lm, &spec.work.join("scratch.ron"), false, true, false)?;
-            let path = spec.work.join(format!("scratch-{k}.ron"));
+            let report = train_lm_spec(&lm, &work.join("scratch.ron"), false, true, false)?;
+            let path = work.join(format!("scratch-{k}.ron"));
             exitgraph_compiler::atomic::write_text(
                 &path,
                 &format!("Pipeline(model: {:?})\n", out.display().to_string()),
@@ -473,5 +476,89 @@ mod tests {
             p,
             "Pipeline(model: \"/m\", passes: [TieLayers(loops: 3, init: Stepwise), DepthLora(rank: Full, init: Svd)])\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+    use crate::eval::quality::TaskAccuracy;
+
+    fn row(
+        model: &str,
+        rank: &str,
+        stage: Stage,
+        params: usize,
+        loss: f64,
+        correct: usize,
+    ) -> GridRow {
+        GridRow {
+            model: model.into(),
+            loops: (stage != Stage::Original).then_some(2),
+            init: (stage != Stage::Original).then_some(TieInit::Average),
+            rank: rank.into(),
+            stage,
+            layer_params: params,
+            quality: Quality {
+                loss,
+                positions: 10,
+                tasks: vec![TaskAccuracy {
+                    task: Task::Copy,
+                    answers: 8,
+                    correct,
+                }],
+            },
+            train_seconds: 1.25,
+        }
+    }
+
+    #[test]
+    fn the_table_csv_and_plot_series_carry_each_row() {
+        let report = GridReport {
+            model: "m".into(),
+            steps: 2,
+            batch_size: 3,
+            seq_len: 4,
+            lr: 1e-3,
+            tokens_per_run: 24,
+            eval_examples: 5,
+            eval_seed: 6,
+            rows: vec![
+                row("6 layers", "", Stage::Original, 600, 1.5, 8),
+                row("3x2 Average", "4", Stage::Before, 300, 3.0, 2),
+                row("3x2 Average", "4", Stage::After, 300, 2.0, 6),
+                row("3x2 Average", "full", Stage::After, 900, 1.75, 7),
+            ],
+        };
+        let md = report.to_markdown();
+        assert!(
+            md.contains("| 6 layers |  | original | 600 | 1.500 | 100.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 3x2 Average | 4 | tied, not trained | 300 | 3.000 | 25.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 3x2 Average | full | uptrained | 900 | 1.750 | 87.5 |"),
+            "{md}"
+        );
+        let csv = report.to_csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "model,loops,init,rank,stage,layer_params,loss,train_seconds,copy"
+        );
+        assert_eq!(lines[1], "6 layers,,,,Original,600,1.50000,1.2,1.0000");
+        assert_eq!(
+            lines[3],
+            "3x2 Average,2,Average,4,After,300,2.00000,1.2,0.7500"
+        );
+        assert_eq!(lines.len(), 5);
+        // Untrained rows stay out of the plot; the uptrained ranks form one series.
+        let series = report.plot_series();
+        let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["6 layers", "3x2 Average uptrained"]);
+        assert_eq!(series[1].points, vec![(0.0003, 2.0), (0.0009, 1.75)]);
     }
 }

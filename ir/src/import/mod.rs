@@ -11,7 +11,7 @@ mod gpt2;
 mod llama;
 mod rope;
 
-pub use checkpoint::{read_catalog, read_header};
+pub use checkpoint::{read_catalog, read_header, read_metadata};
 pub use config::JsonConfig;
 pub use error::ImportError;
 
