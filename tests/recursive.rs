@@ -233,6 +233,48 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// The trained-weight files' naming round-trips on every family (biases of Qwen2 and
+    /// GPT-2, both norm modes): the tensors `tied_tensors` / `lora_tensors` name, written to
+    /// files and read back by the passes' `weights:`, compute exactly what the recipes do.
+    #[test]
+    fn weights_files_reproduce_their_recipes((family, layers, loops) in shapes(), seed in any::<u64>(), init in inits(), per_iteration in any::<bool>()) {
+        use exitgraph::lower::{WeightSource, WeightStore};
+        use exitgraph_passes::recursive::{lora_tensors, tied_tensors};
+        let dir = tempfile::tempdir().unwrap();
+        let g = checkpoint(dir.path(), family, layers, seed);
+        let norms = if per_iteration { TieNorms::PerIteration } else { TieNorms::Shared };
+        let lora = DepthLora { rank: LoraRank::Rank(2), targets: all_targets(), init: LoraInit::Svd, weights: None };
+        let h = tie(&g, loops, init, norms, Some(lora.clone()));
+        let mut store = WeightStore::open(&h.weights, dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let mut save = |named: Vec<(String, exitgraph_ir::WeightRef)>, file: &str| {
+            let values: HashMap<String, Tensor> = named
+                .into_iter()
+                .map(|(n, w)| (n, store.get(&w).unwrap().copy().unwrap()))
+                .collect();
+            let path = dir.path().join(file);
+            candle_core::safetensors::save(&values, &path).unwrap();
+            (values.len(), path.display().to_string())
+        };
+        let (n_tied, tied_file) = save(tied_tensors(&h, norms), "tied.safetensors");
+        let (n_lora, lora_file) = save(lora_tensors(&h), "lora.safetensors");
+        prop_assert!(n_tied > 0 && n_lora > 0);
+        let mut from_files = g.clone();
+        PassManager::new(vec![
+            Box::new(TieLayers { loops, init, norms, weights: Some(tied_file) }),
+            Box::new(DepthLora { weights: Some(lora_file), ..lora }),
+        ])
+        .run(&mut from_files)
+        .unwrap();
+        let rows = vec![tokens(7, seed)];
+        let a = outputs(&lower(&h, dir.path()), &rows, &["logits"]).remove(0);
+        let b = outputs(&lower(&from_files, dir.path()), &rows, &["logits"]).remove(0);
+        prop_assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
+    }
+}
+
 #[test]
 fn tying_is_recorded_and_bad_loops_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
