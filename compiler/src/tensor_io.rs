@@ -130,7 +130,9 @@ pub fn write_atomic_with(
         let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
         let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(b.0));
-        safetensors::serialize_to_file(sorted, Some(meta), &tmp).map_err(|e| e.to_string())
+        safetensors::serialize(sorted, Some(meta))
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| std::fs::write(&tmp, bytes).map_err(|e| e.to_string()))
     };
     let result = saved.and_then(|()| {
         std::fs::File::open(&tmp)

@@ -63,6 +63,10 @@ pub struct RecursiveArgs {
     /// Plot held-out loss against layer parameters (PNG).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Evaluate nothing: print (and write as CSV/plot) a report an earlier run wrote with
+    /// --json.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 fn parse_init(s: &str) -> anyhow::Result<exitgraph::passes::TieInit> {
@@ -88,13 +92,21 @@ fn parse_rank(s: &str) -> anyhow::Result<Option<exitgraph::passes::LoraRank>> {
 }
 
 fn recursive(a: RecursiveArgs) -> anyhow::Result<()> {
-    use exitgraph::eval::recursive::{eval_recursive, GridSpec};
+    use exitgraph::eval::recursive::{eval_recursive, GridReport, GridSpec};
     use exitgraph::train::recursive::RecursiveTrainSpec;
+    if let Some(path) = &a.report {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let report: GridReport = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+        return write_recursive_report(&a, &report);
+    }
     let spec = GridSpec {
         model: a
             .model_dir
+            .clone()
             .unwrap_or_else(exitgraph::pipeline::demo_model_dir),
-        loops: a.loops,
+        loops: a.loops.clone(),
         inits: a
             .inits
             .iter()
@@ -128,7 +140,7 @@ fn recursive(a: RecursiveArgs) -> anyhow::Result<()> {
         scratch: !a.no_scratch,
         eval_seed: a.eval_seed,
         eval_examples: a.eval_examples,
-        work: a.work,
+        work: a.work.clone(),
     };
     let report = eval_recursive(&spec, |row| {
         eprintln!(
@@ -136,6 +148,13 @@ fn recursive(a: RecursiveArgs) -> anyhow::Result<()> {
             row.model, row.rank, row.stage, row.quality.loss, row.train_seconds
         );
     })?;
+    write_recursive_report(&a, &report)
+}
+
+fn write_recursive_report(
+    a: &RecursiveArgs,
+    report: &exitgraph::eval::recursive::GridReport,
+) -> anyhow::Result<()> {
     out!("{}", report.to_markdown());
     outln!(
         "uptraining: {} steps x {} rows x {} tokens = {} tokens per trained row; {} held-out examples (seed {})",
@@ -151,7 +170,7 @@ fn recursive(a: RecursiveArgs) -> anyhow::Result<()> {
         outln!("wrote {}", path.display());
     }
     if let Some(path) = &a.json {
-        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(report)?)?;
         outln!("wrote {}", path.display());
     }
     if let Some(path) = &a.plot {

@@ -391,17 +391,15 @@ impl GridReport {
     }
 
     /// Held-out loss against layer parameters after uptraining, one series per tying and
-    /// init (the points are the ranks), plus the original and scratch models as single
-    /// points. (The untrained rows are in the table only: ten colours are distinct.)
+    /// init (its points are the ranks), and the original model as a horizontal line across
+    /// them. The untrained and from-scratch rows are in the table only: their losses (up to
+    /// several nats) would flatten the curves, and ten colours are distinct.
     pub fn plot_series(&self) -> Vec<super::plot::Series> {
         let mut series: Vec<super::plot::Series> = Vec::new();
-        for r in &self.rows {
-            let name = match r.stage {
-                Stage::Before => continue,
-                Stage::After => format!("{} uptrained", r.model),
-                _ => r.model.clone(),
-            };
-            let point = (r.layer_params as f64 / 1e6, r.quality.loss);
+        let x = |r: &GridRow| r.layer_params as f64 / 1e6;
+        for r in self.rows.iter().filter(|r| r.stage == Stage::After) {
+            let name = format!("{} uptrained", r.model);
+            let point = (x(r), r.quality.loss);
             match series.iter_mut().find(|s| s.name == name) {
                 Some(s) => s.points.push(point),
                 None => series.push(super::plot::Series {
@@ -410,6 +408,19 @@ impl GridReport {
                     line: true,
                 }),
             }
+        }
+        let xs = || series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+        let (lo, hi) = (xs().fold(f64::INFINITY, f64::min), xs().fold(0.0, f64::max));
+        if let Some(o) = self.rows.iter().find(|r| r.stage == Stage::Original) {
+            let (lo, hi) = (lo.min(x(o)), hi.max(x(o)));
+            series.insert(
+                0,
+                super::plot::Series {
+                    name: format!("{} (original)", o.model),
+                    points: vec![(lo, o.quality.loss), (hi, o.quality.loss)],
+                    line: true,
+                },
+            );
         }
         series
     }
@@ -555,10 +566,12 @@ mod report_tests {
             "3x2 Average,2,Average,4,After,300,2.00000,1.2,0.7500"
         );
         assert_eq!(lines.len(), 5);
-        // Untrained rows stay out of the plot; the uptrained ranks form one series.
+        // Untrained rows stay out of the plot; the uptrained ranks form one series, the
+        // original a line across them.
         let series = report.plot_series();
         let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["6 layers", "3x2 Average uptrained"]);
+        assert_eq!(names, ["6 layers (original)", "3x2 Average uptrained"]);
+        assert_eq!(series[0].points, vec![(0.0003, 1.5), (0.0009, 1.5)]);
         assert_eq!(series[1].points, vec![(0.0003, 2.0), (0.0009, 1.75)]);
     }
 }
