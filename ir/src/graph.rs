@@ -289,9 +289,17 @@ impl Graph {
     /// looped block's weights) counts once. Adapters count once per projection: each is its
     /// own parameter even when two start from equal recipes (`Zeros` of one shape).
     pub fn params(&self) -> usize {
+        self.params_of(|_| true)
+    }
+
+    /// [`Graph::params`] over the nodes `keep` selects (e.g. the layers': `n.layer.is_some()`).
+    pub fn params_of(&self, keep: impl Fn(&Node) -> bool) -> usize {
         let mut seen = std::collections::BTreeSet::new();
         let mut total = 0;
         for n in self.graph.node_indices() {
+            if !keep(&self.graph[n]) {
+                continue;
+            }
             for (role, w) in self.graph[n].op.weights() {
                 if role.starts_with("adapter") || seen.insert(w.clone()) {
                     total += w

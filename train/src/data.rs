@@ -70,6 +70,55 @@ impl Batcher {
     }
 }
 
+/// Rows of token ids, each `seq_len + 1` long.
+pub type Rows = Vec<Vec<u32>>;
+
+/// Training and validation rows for tuning a trained model (`train exits`, `train
+/// recursive`): `examples` examples of `tasks` (all when empty) drawn with `seed`, and a tenth
+/// as many (at least 16) drawn with `seed + 7919` for validation, packed into rows of
+/// `seq_len + 1` tokens with the model's tokenizer.
+pub fn tuning_rows(
+    tokenizer: &tokenizers::Tokenizer,
+    tasks: &[crate::corpus::Task],
+    examples: usize,
+    seed: u64,
+    seq_len: usize,
+) -> anyhow::Result<(Rows, Rows)> {
+    use crate::corpus::{generate, pack, CorpusSpec};
+    let draw = |seed: u64, examples: usize| {
+        generate(&CorpusSpec {
+            seed,
+            examples,
+            tasks: tasks.to_vec(),
+        })
+    };
+    let train = pack(tokenizer, &draw(seed, examples), seq_len)?;
+    let eval = pack(
+        tokenizer,
+        &draw(seed.wrapping_add(7919), (examples / 10).max(16)),
+        seq_len,
+    )?;
+    if train.is_empty() || eval.is_empty() {
+        anyhow::bail!("the corpus is too small for a sequence length of {seq_len}");
+    }
+    Ok((train, eval))
+}
+
+/// The tokenizer of a compiled pipeline's model; `what` names the command that needs it.
+pub fn model_tokenizer(
+    compiled: &exitgraph_compiler::pipeline::Compiled,
+    what: &str,
+) -> anyhow::Result<tokenizers::Tokenizer> {
+    use anyhow::Context;
+    let path = compiled.checkpoint.tokenizer.clone().with_context(|| {
+        format!(
+            "{}: {what} needs tokenizer.json",
+            compiled.model_dir.display()
+        )
+    })?;
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

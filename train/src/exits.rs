@@ -11,7 +11,7 @@
 //! `OUT/pipeline.ron` (the pipeline with `weights: "heads.safetensors"` and the model path
 //! resolved) and `OUT/training.json` (loss curves).
 
-use crate::corpus::{self, CorpusSpec, Task};
+use crate::corpus::Task;
 use crate::data::Batcher;
 use crate::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use anyhow::{bail, Context};
@@ -169,27 +169,14 @@ pub fn train_exits(
     let saved_pipeline = out.join("pipeline.ron");
     let compiled = compile(&pipeline, &saved_pipeline)?;
 
-    let tok_path =
-        compiled.checkpoint.tokenizer.clone().with_context(|| {
-            format!("{}: train exits needs tokenizer.json", model_dir.display())
-        })?;
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let train_examples = corpus::generate(&CorpusSpec {
-        seed: spec.seed,
-        examples: spec.examples,
-        tasks: spec.tasks.clone(),
-    });
-    let eval_examples = corpus::generate(&CorpusSpec {
-        seed: spec.seed.wrapping_add(7919),
-        examples: (spec.examples / 10).max(16),
-        tasks: spec.tasks.clone(),
-    });
-    let train_rows = corpus::pack(&tokenizer, &train_examples, spec.seq_len)?;
-    let eval_rows = corpus::pack(&tokenizer, &eval_examples, spec.seq_len)?;
-    if train_rows.is_empty() || eval_rows.is_empty() {
-        bail!("the corpus is too small for seq_len {}", spec.seq_len);
-    }
+    let tokenizer = crate::data::model_tokenizer(&compiled, "train exits")?;
+    let (train_rows, eval_rows) = crate::data::tuning_rows(
+        &tokenizer,
+        &spec.tasks,
+        spec.examples,
+        spec.seed,
+        spec.seq_len,
+    )?;
     if spec.seq_len + 1 > compiled.graph.info.max_positions {
         bail!(
             "seq_len {} exceeds the model's {} positions",

@@ -17,7 +17,7 @@ use super::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use crate::corpus::{self, CorpusSpec};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use exitgraph_compiler::lower::{Inputs, LowerOptions, Program};
+use exitgraph_compiler::lower::{LowerOptions, Program};
 use exitgraph_compiler::synth::{write_random_llama, LlamaSpec};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -277,16 +277,7 @@ pub fn train_lm_spec(
     let accum = spec.training.grad_accum.max(1);
     let forward_loss =
         |x: candle_core::Tensor, y: &candle_core::Tensor| -> anyhow::Result<candle_core::Tensor> {
-            let inputs = Inputs {
-                input_ids: x,
-                attention_mask: None,
-                token_type_ids: None,
-            };
-            let logits = program
-                .forward(&inputs, &mut program.new_cache(), &["logits"], false)?
-                .remove("logits")
-                .context("no logits")?;
-            Ok(lm_loss(&logits, y)?)
+            Ok(lm_loss(&program.logits(&x)?, y)?)
         };
     let mut loss = |step: usize, micro: usize| -> anyhow::Result<(candle_core::Tensor, usize)> {
         let (x, y) = train.batch(step * accum + micro, &device)?;

@@ -19,12 +19,12 @@
 //! atomically, `OUT/pipeline.ron` (the pipeline with `weights:` naming them and the model path
 //! resolved) and `OUT/training.json` (loss curves, held-out loss before and after).
 
-use crate::corpus::{self, CorpusSpec, Task};
+use crate::corpus::Task;
 use crate::data::Batcher;
 use crate::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, D};
-use exitgraph_compiler::lower::{Inputs, LowerOptions, Program, WeightSource, WeightStore};
+use exitgraph_compiler::lower::{LowerOptions, Program, WeightSource, WeightStore};
 use exitgraph_compiler::pipeline::{compile, resolve_model, Pipeline};
 use exitgraph_ir::{Graph, WeightRef};
 use exitgraph_passes::recursive::{
@@ -118,15 +118,7 @@ fn held_out_loss(program: &Program, batches: &[(Tensor, Tensor)]) -> anyhow::Res
     let mut total = 0.0;
     let mut count = 0usize;
     for (x, y) in batches {
-        let inputs = Inputs {
-            input_ids: x.clone(),
-            attention_mask: None,
-            token_type_ids: None,
-        };
-        let logits = program
-            .forward(&inputs, &mut program.new_cache(), &["logits"], false)?
-            .remove("logits")
-            .context("no logits")?;
+        let logits = program.logits(x)?;
         let n = y.elem_count();
         total += lm_loss(&logits, y)?
             .to_dtype(DType::F64)?
@@ -305,29 +297,14 @@ pub fn train_recursive(
     let staged_pipeline = staging.join("pipeline.ron");
     let compiled = compile(&pipeline, &staged_pipeline)?;
 
-    let tok_path = compiled.checkpoint.tokenizer.clone().with_context(|| {
-        format!(
-            "{}: train recursive needs tokenizer.json",
-            model_dir.display()
-        )
-    })?;
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let train_examples = corpus::generate(&CorpusSpec {
-        seed: spec.seed,
-        examples: spec.examples,
-        tasks: spec.tasks.clone(),
-    });
-    let eval_examples = corpus::generate(&CorpusSpec {
-        seed: spec.seed.wrapping_add(7919),
-        examples: (spec.examples / 10).max(16),
-        tasks: spec.tasks.clone(),
-    });
-    let train_rows = corpus::pack(&tokenizer, &train_examples, spec.seq_len)?;
-    let eval_rows = corpus::pack(&tokenizer, &eval_examples, spec.seq_len)?;
-    if train_rows.is_empty() || eval_rows.is_empty() {
-        bail!("the corpus is too small for --seq-len {}", spec.seq_len);
-    }
+    let tokenizer = crate::data::model_tokenizer(&compiled, "train recursive")?;
+    let (train_rows, eval_rows) = crate::data::tuning_rows(
+        &tokenizer,
+        &spec.tasks,
+        spec.examples,
+        spec.seed,
+        spec.seq_len,
+    )?;
     let device = Device::Cpu;
     let teacher = if spec.distill > 0.0 {
         Some(Program::lower(
@@ -358,24 +335,12 @@ pub fn train_recursive(
     )?;
     let distill = spec.distill;
     let forward_loss = |x: Tensor, y: &Tensor| -> anyhow::Result<Tensor> {
-        let inputs = Inputs {
-            input_ids: x,
-            attention_mask: None,
-            token_type_ids: None,
-        };
-        let logits = program
-            .forward(&inputs, &mut program.new_cache(), &["logits"], false)?
-            .remove("logits")
-            .context("no logits")?;
+        let logits = program.logits(&x)?;
         let ce = lm_loss(&logits, y)?;
         let Some(teacher) = &teacher else {
             return Ok(ce);
         };
-        let t = teacher
-            .forward(&inputs, &mut teacher.new_cache(), &["logits"], false)?
-            .remove("logits")
-            .context("no teacher logits")?
-            .detach();
+        let t = teacher.logits(&x)?.detach();
         let (b, s, v) = logits.dims3()?;
         let lp = candle_nn::ops::log_softmax(&logits.reshape((b * s, v))?, D::Minus1)?;
         let tp = candle_nn::ops::log_softmax(&t.reshape((b * s, v))?, D::Minus1)?;

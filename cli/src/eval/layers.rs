@@ -5,7 +5,7 @@
 //! applied to the residual stream after `k` layers); `k = layers` is the full model.
 
 use crate::corpus::{self, CorpusSpec, Encoded, Task};
-use crate::lower::{Inputs, Program};
+use crate::lower::Program;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use exitgraph_passes::{Pass, PassContext, TruncateLayers};
@@ -124,15 +124,7 @@ fn score_batch(
         flat.extend(std::iter::repeat_n(pad, len - e.ids.len()));
     }
     let ids = Tensor::from_vec(flat, (batch.len(), len), device)?;
-    let inputs = Inputs {
-        input_ids: ids,
-        attention_mask: None,
-        token_type_ids: None,
-    };
-    let logits = program
-        .forward(&inputs, &mut program.new_cache(), &["logits"], false)?
-        .remove("logits")
-        .context("no logits")?;
+    let logits = program.logits(&ids)?;
     let predicted: Vec<Vec<u32>> = logits.argmax(2)?.to_vec2()?;
     let (mut hits, mut total) = (0, 0);
     for (e, pred) in batch.iter().zip(&predicted) {

@@ -4,8 +4,7 @@
 //! the previous position's logits, as `eval layers` scores them).
 
 use crate::corpus::{self, CorpusSpec, Encoded, Task};
-use crate::lower::{Inputs, Program};
-use anyhow::Context;
+use crate::lower::Program;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -118,15 +117,7 @@ pub fn quality(program: &Program, data: &[(Task, Encoded)]) -> anyhow::Result<Qu
             let pad = e.ids.last().copied().unwrap_or(0);
             flat.extend(std::iter::repeat_n(pad, len - e.ids.len()));
         }
-        let inputs = Inputs {
-            input_ids: Tensor::from_vec(flat, (chunk.len(), len), &device)?,
-            attention_mask: None,
-            token_type_ids: None,
-        };
-        let logits = program
-            .forward(&inputs, &mut program.new_cache(), &["logits"], false)?
-            .remove("logits")
-            .context("no logits")?;
+        let logits = program.logits(&Tensor::from_vec(flat, (chunk.len(), len), &device)?)?;
         let log_probs: Vec<Vec<Vec<f32>>> = candle_nn::ops::log_softmax(&logits, D::Minus1)?
             .to_dtype(candle_core::DType::F32)?
             .to_vec3()?;

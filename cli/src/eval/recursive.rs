@@ -86,22 +86,7 @@ pub struct GridReport {
 /// Parameters of the graph's layers (nodes in a block), each shared weight once and each
 /// adapter once per projection (as [`Graph::params`] counts).
 pub fn layer_params(g: &Graph) -> usize {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut total = 0;
-    for n in g.graph.node_indices() {
-        if g.graph[n].layer.is_none() {
-            continue;
-        }
-        for (role, w) in g.graph[n].op.weights() {
-            if role.starts_with("adapter") || seen.insert(w.clone()) {
-                total += w
-                    .shape(&g.weights)
-                    .map(|s| s.iter().product::<usize>())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    total
+    g.params_of(|n| n.layer.is_some())
 }
 
 fn rank_name(rank: Option<LoraRank>) -> String {

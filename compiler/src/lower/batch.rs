@@ -37,6 +37,19 @@ impl Program {
         Ok(want.iter().map(|w| w.to_string()).zip(values).collect())
     }
 
+    /// Every position's logits for `[batch, seq]` token ids, from an empty cache, no mask
+    /// (training and evaluation on packed or right-padded rows).
+    pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor, RunError> {
+        let inputs = Inputs {
+            input_ids: input_ids.clone(),
+            attention_mask: None,
+            token_type_ids: None,
+        };
+        self.forward(&inputs, &mut self.new_cache(), &["logits"], false)?
+            .remove("logits")
+            .ok_or_else(|| RunError::Input("the program has no logits".into()))
+    }
+
     /// Runs the steps the graph nodes `want` need and returns their values in order. When
     /// `entry` is `(node, h)`, the value of `node` (a residual stream,
     /// `h: [batch, seq, hidden]`) is given and what only feeds it does not run: staged

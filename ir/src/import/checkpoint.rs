@@ -85,26 +85,7 @@ pub fn read_catalog(dir: &Path) -> Result<WeightCatalog, ImportError> {
 
 /// The `__metadata__` strings of the safetensors file at `path` (empty when it has none).
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, ImportError> {
-    let bad = |problem: String| ImportError::Safetensors {
-        path: path.to_path_buf(),
-        problem,
-    };
-    let mut f = std::fs::File::open(path).map_err(|e| ImportError::io(path, e))?;
-    let file_len = f.metadata().map_err(|e| ImportError::io(path, e))?.len();
-    let mut len_bytes = [0u8; 8];
-    f.read_exact(&mut len_bytes)
-        .map_err(|_| bad(format!("truncated: {file_len} bytes")))?;
-    let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
-        return Err(bad(format!(
-            "truncated or not safetensors: header claims {header_len} bytes, file has {file_len}"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| bad(format!("cannot read header: {e}")))?;
-    let value: Value = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let (value, _) = header_json(path)?;
     Ok(value
         .get("__metadata__")
         .and_then(Value::as_object)
@@ -116,11 +97,9 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, ImportErro
         .unwrap_or_default())
 }
 
-/// Parses one safetensors file's header and checks it against the file's length.
-pub fn read_header(
-    path: &Path,
-    file_name: &str,
-) -> Result<BTreeMap<String, TensorInfo>, ImportError> {
+/// The header of the safetensors file at `path` as JSON, with the file's length and the
+/// header's.
+fn header_json(path: &Path) -> Result<(Value, (u64, u64)), ImportError> {
     let bad = |problem: String| ImportError::Safetensors {
         path: path.to_path_buf(),
         problem,
@@ -144,6 +123,19 @@ pub fn read_header(
         .map_err(|e| bad(format!("cannot read header: {e}")))?;
     let value: Value = serde_json::from_slice(&header)
         .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    Ok((value, (file_len, header_len)))
+}
+
+/// Parses one safetensors file's header and checks it against the file's length.
+pub fn read_header(
+    path: &Path,
+    file_name: &str,
+) -> Result<BTreeMap<String, TensorInfo>, ImportError> {
+    let bad = |problem: String| ImportError::Safetensors {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let (value, (file_len, header_len)) = header_json(path)?;
     let Value::Object(entries) = value else {
         return Err(bad("header is not a JSON object".into()));
     };
