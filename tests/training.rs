@@ -259,3 +259,133 @@ fn trainable_lowering_computes_what_inference_does() {
         .unwrap();
     assert!(d < 1e-4, "{d}");
 }
+
+/// Layer dropout in the padded-batch walker: a row whose last block is dropped computes what
+/// the model truncated before that block computes (an independent path: `TruncateLayers`),
+/// a row that keeps every block what the model computes; gradients flow through the kept
+/// rows (the trainable lowering).
+#[test]
+fn layer_dropout_rows_equal_the_truncated_and_the_full_model() {
+    use exitgraph_passes::{Pass, PassContext, TruncateLayers};
+    let dir = tempfile::tempdir().unwrap();
+    let g = tiny(dir.path());
+    let layers = g.blocks.len();
+    let p = Program::lower(&g, dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let mut short = g.clone();
+    TruncateLayers { keep: layers - 1 }
+        .run(&mut short, &PassContext::detached())
+        .unwrap();
+    let q = Program::lower(&short, dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let (x, _) = batch(0, 0);
+    let x = x.narrow(0, 0, 2).unwrap();
+    let inputs = Inputs {
+        input_ids: x.clone(),
+        attention_mask: None,
+        token_type_ids: None,
+    };
+    let mut keep: Vec<Tensor> = (0..layers)
+        .map(|_| Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap())
+        .collect();
+    keep[layers - 1] = Tensor::new(&[1f32, 0.0], &Device::Cpu).unwrap();
+    let node = p.logits_node().unwrap();
+    let got = p
+        .forward_nodes_dropping(
+            &inputs,
+            &mut p.new_cache(),
+            None,
+            &[node],
+            false,
+            Some(&keep),
+        )
+        .unwrap()
+        .remove(0);
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let full = p.logits(&x).unwrap();
+    let truncated = q.logits(&x).unwrap();
+    let row = |t: &Tensor, r: usize| t.narrow(0, r, 1).unwrap();
+    assert!(diff(&row(&got, 0), &row(&full, 0)) < 1e-5);
+    assert!(diff(&row(&got, 1), &row(&truncated, 1)) < 1e-5);
+    assert!(
+        diff(&row(&full, 1), &row(&truncated, 1)) > 1e-3,
+        "the last block matters"
+    );
+    // A mask per block is required.
+    assert!(p
+        .forward_nodes_dropping(
+            &inputs,
+            &mut p.new_cache(),
+            None,
+            &[node],
+            false,
+            Some(&keep[1..])
+        )
+        .is_err());
+}
+
+/// `train lm` with `layerskip:` at zero dropout and zero exit-loss scale trains exactly what
+/// it trains without the field (byte-identical weights); with dropout and the early-exit loss
+/// on it trains something else, and the early exits' logit-lens loss is what it lowers.
+#[test]
+fn layerskip_off_equals_plain_training_and_on_changes_it() {
+    use exitgraph::train::lm::train_lm;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, layerskip: &str| {
+        let config = dir.path().join(format!("{name}.ron"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"(
+                output: "{name}",
+                corpus: (seed: 5, examples: 200),
+                eval_corpus: (seed: 6, examples: 30),
+                vocab_size: 300,
+                model: (hidden: 32, layers: 3, heads: 4, kv_heads: 2, intermediate: 64, max_positions: 64),
+                seq_len: 32,
+                batch_size: 4,
+                seed: 3,
+                training: (steps: 3, lr: 1e-2, warmup_steps: 1, clip_norm: Some(1.0)),
+                {layerskip}
+            )"#
+            ),
+        )
+        .unwrap();
+        let report = train_lm(&config, false, false, false).unwrap();
+        assert_eq!(report.log.train_loss.len(), 3);
+        std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap()
+    };
+    let plain = run("plain", "");
+    let off = run("off", "layerskip: (p_max: 0.0, exit_scale: 0.0),");
+    assert!(
+        plain == off,
+        "zero LayerSkip must train exactly as plain training"
+    );
+    let on = run(
+        "on",
+        "layerskip: (p_max: 0.5, exit_scale: 1.0, dropout_curriculum: Exponential, exit_curriculum: Rotational(every: 2)),",
+    );
+    assert!(plain != on);
+    let dropout_only = run("dropout", "layerskip: (p_max: 0.5),");
+    assert!(plain != dropout_only && on != dropout_only);
+    let bad = dir.path().join("bad.ron");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(dir.path().join("on.ron"))
+            .unwrap()
+            .replace("p_max: 0.5", "p_max: 1.5")
+            .replace("output: \"on\"", "output: \"bad\""),
+    )
+    .unwrap();
+    let e = train_lm(&bad, false, false, false).unwrap_err().to_string();
+    assert!(e.contains("bad.ron") && e.contains("p_max"), "{e}");
+}

@@ -8,15 +8,19 @@ use std::path::Path;
 pub fn read<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    ron::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{}:{}:{}: {}",
-            path.display(),
-            e.span.start.line,
-            e.span.start.col,
-            e.code
-        )
-    })
+    // Optional fields take a bare value (`layerskip: (...)`) or `Some(..)`, as in pipelines.
+    ron::Options::default()
+        .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+        .from_str(&text)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}:{}: {}",
+                path.display(),
+                e.span.start.line,
+                e.span.start.col,
+                e.code
+            )
+        })
 }
 
 /// 1-based line and column of byte offset `at` in `text` (columns count characters).

@@ -6,6 +6,7 @@
 pub mod corpus;
 pub mod data;
 pub mod exits;
+pub mod layerskip;
 pub mod lm;
 pub mod optim;
 pub mod params;

@@ -15,6 +15,7 @@
 use super::data::Batcher;
 use super::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use crate::corpus::{self, CorpusSpec};
+use crate::layerskip::LayerSkipSpec;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use exitgraph_compiler::lower::{LowerOptions, Program};
@@ -69,6 +70,10 @@ pub struct LmTrainSpec {
     /// Seed of the initialisation and the data order.
     pub seed: u64,
     pub training: TrainConfig,
+    /// LayerSkip's recipe: layer dropout rising with depth and an early-exit loss through
+    /// the shared final norm and LM head ([`crate::layerskip`]); off when omitted.
+    #[serde(default)]
+    pub layerskip: Option<LayerSkipSpec>,
 }
 
 impl LmTrainSpec {
@@ -262,7 +267,25 @@ pub fn train_lm_spec(
         corpus::save_tokenizer(&tokenizer, &run.join("tokenizer.json"))?;
     }
 
-    let graph = exitgraph_ir::import(&run)?.graph;
+    let layerskip = spec.layerskip.clone().unwrap_or_default();
+    layerskip
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    let mut graph = exitgraph_ir::import(&run)?.graph;
+    let layers = graph.info.num_layers;
+    if layerskip.exits() && layers > 1 {
+        // Every layer's output through the model's own final norm and LM head.
+        use exitgraph_passes::{HeadKind, InsertExits, Pass, PassContext};
+        InsertExits {
+            after: Vec::new(),
+            every: Some(1),
+            head: HeadKind::SharedLmHead { norm: true },
+            gate: false,
+            weights: None,
+        }
+        .run(&mut graph, &PassContext::detached())
+        .map_err(|e| anyhow::anyhow!("early-exit loss: {e}"))?;
+    }
     let mut params = ParamStore::load(&graph.weights, &run, &device)?;
     let program = Program::lower_with(
         &graph,
@@ -279,10 +302,80 @@ pub fn train_lm_spec(
         |x: candle_core::Tensor, y: &candle_core::Tensor| -> anyhow::Result<candle_core::Tensor> {
             Ok(lm_loss(&program.logits(&x)?, y)?)
         };
+    // (exit depth, logits node) of every early exit, shallowest first.
+    let exit_nodes: Vec<(usize, exitgraph_ir::NodeIndex)> = graph
+        .exits
+        .iter()
+        .filter_map(|e| e.logits.map(|n| (e.after, n)))
+        .collect();
+    let steps = spec.training.steps;
+    let layerskip_loss = |x: candle_core::Tensor,
+                          y: &candle_core::Tensor,
+                          step: usize,
+                          micro: usize|
+     -> anyhow::Result<candle_core::Tensor> {
+        let rows = x.dim(0)?;
+        let keep = if layerskip.p_max > 0.0 {
+            let mut rng = crate::data::SplitMix64::new(
+                spec.seed ^ (step as u64).wrapping_mul(0x9E37_79B9) ^ (micro as u64) << 48,
+            );
+            let masks = (0..layers)
+                .map(|l| {
+                    let p = layerskip.dropout_rate(l, layers, step, steps);
+                    let keep: Vec<f32> = (0..rows)
+                        .map(|_| {
+                            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                            f32::from(u8::from(u >= p))
+                        })
+                        .collect();
+                    candle_core::Tensor::from_vec(keep, rows, &device)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(masks)
+        } else {
+            None
+        };
+        let weights = layerskip.exit_weights(layers, step);
+        let mut want = vec![(weights[layers - 1], program.logits_node()?)];
+        for &(after, node) in &exit_nodes {
+            if let Some(&w) = weights.get(after - 1).filter(|&&w| w > 0.0) {
+                want.push((w, node));
+            }
+        }
+        let nodes: Vec<_> = want.iter().map(|w| w.1).collect();
+        let inputs = exitgraph_compiler::lower::Inputs {
+            input_ids: x,
+            attention_mask: None,
+            token_type_ids: None,
+        };
+        let outs = program.forward_nodes_dropping(
+            &inputs,
+            &mut program.new_cache(),
+            None,
+            &nodes,
+            false,
+            keep.as_deref(),
+        )?;
+        let mut total: Option<candle_core::Tensor> = None;
+        for ((w, _), logits) in want.iter().zip(outs) {
+            let term = (lm_loss(&logits, y)? * *w)?;
+            total = Some(match total {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+        }
+        total.context("no loss term")
+    };
+    let plain = layerskip.p_max == 0.0 && !layerskip.exits();
     let mut loss = |step: usize, micro: usize| -> anyhow::Result<(candle_core::Tensor, usize)> {
         let (x, y) = train.batch(step * accum + micro, &device)?;
         let tokens = y.elem_count();
-        Ok((forward_loss(x, &y)?, tokens))
+        let l = if plain {
+            forward_loss(x, &y)?
+        } else {
+            layerskip_loss(x, &y, step, micro)?
+        };
+        Ok((l, tokens))
     };
     let mut evaluate = || -> anyhow::Result<f64> {
         let mut total = 0.0;

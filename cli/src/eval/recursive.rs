@@ -267,6 +267,7 @@ pub fn eval_recursive(
                 batch_size: uptrain.batch_size,
                 seed: uptrain.seed,
                 training: uptrain.training.clone(),
+                layerskip: None,
             };
             let report = train_lm_spec(&lm, &work.join("scratch.ron"), false, true, false)?;
             let path = work.join(format!("scratch-{k}.ron"));

@@ -62,6 +62,23 @@ impl Program {
         want: &[NodeIndex],
         last_logits_only: bool,
     ) -> Result<Vec<Tensor>, RunError> {
+        self.forward_nodes_dropping(inputs, cache, entry, want, last_logits_only, None)
+    }
+
+    /// [`Program::forward_nodes`] with layer dropout (stochastic depth, as LayerSkip trains):
+    /// `keep[d]` is a `[batch]` tensor of 1 (block `d` runs for that row) or 0 (the row's
+    /// residual stream passes block `d` unchanged), so block `d`'s output becomes
+    /// `x + keep[d] · (block(x) − x)`. The skipped rows' compute still happens; only the
+    /// result is dropped.
+    pub fn forward_nodes_dropping(
+        &self,
+        inputs: &Inputs,
+        cache: &mut KvCache,
+        entry: Option<(NodeIndex, &Tensor)>,
+        want: &[NodeIndex],
+        last_logits_only: bool,
+        keep: Option<&[Tensor]>,
+    ) -> Result<Vec<Tensor>, RunError> {
         let (batch, seq) = inputs
             .input_ids
             .dims2()
@@ -120,6 +137,27 @@ impl Program {
             None => None,
         };
         let mut ctx = AttnCtx::new(start, seq, key_mask);
+        // Layer dropout: each block's input and output steps, and the inputs kept for it.
+        let mut drop_at: BTreeMap<usize, (usize, Tensor)> = BTreeMap::new();
+        let mut input_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        if let Some(keep) = keep {
+            if keep.len() != self.graph.blocks.len() {
+                return Err(RunError::Input(format!(
+                    "layer dropout has {} masks for {} blocks",
+                    keep.len(),
+                    self.graph.blocks.len()
+                )));
+            }
+            for (d, b) in self.graph.blocks.iter().enumerate() {
+                let mask = keep[d]
+                    .reshape((batch, 1, 1))
+                    .and_then(|m| m.to_dtype(DType::F32))
+                    .map_err(|e| RunError::Input(format!("layer dropout mask {d}: {e}")))?;
+                drop_at.insert(self.step_of(b.output)?, (d, mask));
+                input_of.entry(self.step_of(b.input)?).or_default().push(d);
+            }
+        }
+        let mut block_inputs: BTreeMap<usize, Tensor> = BTreeMap::new();
         for &i in &plan.needed {
             let step = &self.steps[i];
             let wrap = |cause| RunError::Step {
@@ -150,6 +188,21 @@ impl Program {
                 Kernel::Pool(p) => p.forward(arg(0), query_mask.as_ref()),
             }
             .map_err(wrap)?;
+            let out = match (drop_at.get(&i), keep) {
+                (Some((d, mask)), Some(_)) => {
+                    let x = block_inputs.remove(d).ok_or_else(|| {
+                        RunError::Input(format!("block {d}'s input was not computed"))
+                    })?;
+                    let delta = (&out - &x).map_err(wrap)?;
+                    (x + delta.broadcast_mul(mask).map_err(wrap)?).map_err(wrap)?
+                }
+                _ => out,
+            };
+            if let Some(blocks) = input_of.get(&i) {
+                for &d in blocks {
+                    block_inputs.insert(d, out.clone());
+                }
+            }
             values[i] = Some(out);
             for &j in &step.inputs {
                 if plan.frees(j, i) {
