@@ -21,6 +21,12 @@ impl TaskAccuracy {
     pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.answers.max(1) as f64
     }
+
+    /// The binomial standard error of [`TaskAccuracy::accuracy`]: `√(p·(1 − p) / n)`.
+    pub fn standard_error(&self) -> f64 {
+        let p = self.accuracy();
+        (p * (1.0 - p) / self.answers.max(1) as f64).sqrt()
+    }
 }
 
 /// What [`quality`] measured.
@@ -157,6 +163,14 @@ mod tests {
         };
         t.add(Task::Count, &f, &[vec![ln(0.3), ln(0.6), ln(0.1)]]);
         let q = t.finish();
+        // p = 0.29 of 100 answers: √(0.29 · 0.71 / 100) = 0.045376...
+        let se = TaskAccuracy {
+            task: Task::Count,
+            answers: 100,
+            correct: 29,
+        }
+        .standard_error();
+        assert!((se - 0.045376).abs() < 1e-6, "{se}");
         assert_eq!(q.positions, 3);
         let want = -(0.5f64.ln() + 0.2f64.ln() + 0.6f64.ln()) / 3.0;
         assert!((q.loss - want).abs() < 1e-6, "{} vs {want}", q.loss);

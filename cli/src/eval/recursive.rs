@@ -89,6 +89,11 @@ pub fn layer_params(g: &Graph) -> usize {
     g.params_of(|n| n.layer.is_some())
 }
 
+/// Tokens one trained row sees: steps × micro-batches per step × rows × tokens per row.
+pub fn tokens_per_run(t: &exitgraph_train::TrainConfig, batch_size: usize, seq_len: usize) -> u64 {
+    (t.steps * t.grad_accum.max(1) * batch_size * seq_len) as u64
+}
+
 fn rank_name(rank: Option<LoraRank>) -> String {
     match rank {
         None => "0".into(),
@@ -298,8 +303,7 @@ pub fn eval_recursive(
         batch_size: uptrain.batch_size,
         seq_len: uptrain.seq_len,
         lr: t.lr,
-        tokens_per_run: (t.steps * t.grad_accum.max(1) * uptrain.batch_size * uptrain.seq_len)
-            as u64,
+        tokens_per_run: tokens_per_run(t, uptrain.batch_size, uptrain.seq_len),
         eval_examples: spec.eval_examples,
         eval_seed: spec.eval_seed,
         rows,
@@ -340,7 +344,12 @@ impl GridReport {
                 r.model, r.rank, r.layer_params, r.quality.loss
             );
             for t in &r.quality.tasks {
-                let _ = write!(s, " {:.1} |", 100.0 * t.accuracy());
+                let _ = write!(
+                    s,
+                    " {:.1} ±{:.1} |",
+                    100.0 * t.accuracy(),
+                    100.0 * t.standard_error()
+                );
             }
             s.push('\n');
         }
@@ -479,6 +488,20 @@ mod tests {
 #[cfg(test)]
 mod report_tests {
     use super::*;
+
+    fn uptraining_config() -> exitgraph_train::TrainConfig {
+        exitgraph_train::TrainConfig {
+            steps: 1,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 0,
+            adamw: None,
+            clip_norm: None,
+            eval_every: 0,
+            checkpoint_every: 0,
+        }
+    }
     use crate::eval::quality::TaskAccuracy;
 
     fn row(
@@ -528,18 +551,19 @@ mod report_tests {
             ],
         };
         let md = report.to_markdown();
-        assert!(
-            md.contains("| 6 layers |  | original | 600 | 1.500 | 100.0 |"),
-            "{md}"
-        );
-        assert!(
-            md.contains("| 3x2 Average | 4 | tied, not trained | 300 | 3.000 | 25.0 |"),
-            "{md}"
-        );
-        assert!(
-            md.contains("| 3x2 Average | full | uptrained | 900 | 1.750 | 87.5 |"),
-            "{md}"
-        );
+        // Accuracy with its binomial standard error: 2 of 8 → 25.0 ± √(.25·.75/8) = 15.3.
+        for row in [
+            "| 6 layers |  | original | 600 | 1.500 | 100.0 ±0.0 |",
+            "| 3x2 Average | 4 | tied, not trained | 300 | 3.000 | 25.0 ±15.3 |",
+            "| 3x2 Average | full | uptrained | 900 | 1.750 | 87.5 ±11.7 |",
+        ] {
+            assert!(md.contains(row), "{row} not in\n{md}");
+        }
+        // 60 steps × 2 micro-batches × 8 rows × 128 tokens.
+        let mut t = uptraining_config();
+        t.steps = 60;
+        t.grad_accum = 2;
+        assert_eq!(tokens_per_run(&t, 8, 128), 122_880);
         let csv = report.to_csv();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(
