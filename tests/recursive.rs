@@ -689,11 +689,11 @@ fn the_uptraining_loss_is_cross_entropy_plus_distillation_from_the_untied_model(
     let demo = exitgraph::pipeline::demo_model_dir();
     let tokenizer = tokenizers::Tokenizer::from_file(demo.join("tokenizer.json")).unwrap();
     let spec = uptraining(1, 0.0, false);
-    let examples = exitgraph::corpus::generate(&exitgraph::corpus::CorpusSpec {
-        seed: spec.seed,
-        examples: spec.examples,
-        tasks: Vec::new(),
-    });
+    let examples = exitgraph::corpus::generate(&exitgraph::corpus::CorpusSpec::new(
+        spec.seed,
+        spec.examples,
+        Vec::new(),
+    ));
     let rows = exitgraph::corpus::pack(&tokenizer, &examples, spec.seq_len).unwrap();
     let (x, y) = Batcher::new(rows, spec.batch_size, spec.seed)
         .batch(0, &Device::Cpu)

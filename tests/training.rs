@@ -389,3 +389,72 @@ fn layerskip_off_equals_plain_training_and_on_changes_it() {
     let e = train_lm(&bad, false, false, false).unwrap_err().to_string();
     assert!(e.contains("bad.ron") && e.contains("p_max"), "{e}");
 }
+
+/// `length_curriculum` switches the rows' length and the batch size at each stage's step
+/// (the tokens trained per step show it), trains something else than one length throughout,
+/// and a stage that does not fit the model or does not come after the previous one is named
+/// in the error.
+#[test]
+fn length_curriculum_switches_row_length_at_its_steps() {
+    use exitgraph::train::lm::train_lm;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, curriculum: &str| {
+        let config = dir.path().join(format!("{name}.ron"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"(
+                output: "{name}",
+                corpus: (seed: 5, examples: 300, tasks: [copy, recall, needle], haystack_sentences: 8),
+                eval_corpus: (seed: 6, examples: 30),
+                vocab_size: 300,
+                model: (hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64, max_positions: 64),
+                seq_len: 32,
+                batch_size: 4,
+                seed: 3,
+                training: (steps: 4, lr: 1e-2, warmup_steps: 1),
+                {curriculum}
+            )"#
+            ),
+        )
+        .unwrap();
+        config
+    };
+    let plain = train_lm(&write("plain", ""), false, false, false).unwrap();
+    assert_eq!(plain.log.tokens, 4 * 4 * 32);
+    let staged = train_lm(
+        &write(
+            "staged",
+            "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2)],",
+        ),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    // Steps 0-1: 4 rows of 32 targets; steps 2-3: 2 rows of 48.
+    assert_eq!(staged.log.tokens, 2 * 4 * 32 + 2 * 2 * 48);
+    let weights =
+        |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
+    assert!(weights("plain") != weights("staged"));
+
+    let too_long = write(
+        "long",
+        "length_curriculum: [(from_step: 2, seq_len: 64, batch_size: 2)],",
+    );
+    let e = train_lm(&too_long, false, false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("long.ron") && e.contains("length_curriculum[0].seq_len"),
+        "{e}"
+    );
+    let unordered = write(
+        "unordered",
+        "length_curriculum: [(from_step: 2, seq_len: 40, batch_size: 2), (from_step: 2, seq_len: 48, batch_size: 2)],",
+    );
+    let e = train_lm(&unordered, false, false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("length_curriculum[1].from_step"), "{e}");
+}

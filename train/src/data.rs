@@ -85,13 +85,8 @@ pub fn tuning_rows(
     seq_len: usize,
 ) -> anyhow::Result<(Rows, Rows)> {
     use crate::corpus::{generate, pack, CorpusSpec};
-    let draw = |seed: u64, examples: usize| {
-        generate(&CorpusSpec {
-            seed,
-            examples,
-            tasks: tasks.to_vec(),
-        })
-    };
+    let draw =
+        |seed: u64, examples: usize| generate(&CorpusSpec::new(seed, examples, tasks.to_vec()));
     let train = pack(tokenizer, &draw(seed, examples), seq_len)?;
     let eval = pack(
         tokenizer,

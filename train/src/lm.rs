@@ -74,6 +74,36 @@ pub struct LmTrainSpec {
     /// the shared final norm and LM head ([`crate::layerskip`]); off when omitted.
     #[serde(default)]
     pub layerskip: Option<LayerSkipSpec>,
+    /// A length curriculum: from each stage's `from_step` on, training rows are
+    /// `seq_len` tokens long in batches of `batch_size` (the same corpus, packed again);
+    /// before the first stage, the top-level `seq_len` and `batch_size`. A stage shorter
+    /// than the longest trains only on the examples that fit its rows. Evaluation always
+    /// uses the top-level `seq_len`. Empty: one length throughout.
+    #[serde(default)]
+    pub length_curriculum: Vec<LengthStage>,
+}
+
+/// One stage of [`LmTrainSpec::length_curriculum`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LengthStage {
+    /// The first step of the stage.
+    pub from_step: usize,
+    pub seq_len: usize,
+    pub batch_size: usize,
+}
+
+impl LmTrainSpec {
+    /// `(from_step, seq_len, batch_size)` of every stage, the top-level one first.
+    fn stages(&self) -> Vec<(usize, usize, usize)> {
+        let mut stages = vec![(0, self.seq_len, self.batch_size)];
+        stages.extend(
+            self.length_curriculum
+                .iter()
+                .map(|s| (s.from_step, s.seq_len, s.batch_size)),
+        );
+        stages
+    }
 }
 
 impl LmTrainSpec {
@@ -176,14 +206,39 @@ pub fn train_lm_spec(
     show_progress: bool,
 ) -> anyhow::Result<LmReport> {
     // A training row is seq_len + 1 tokens (inputs and the shifted targets).
-    if spec.seq_len >= spec.model.max_positions {
-        bail!(
-            "{}: seq_len {} does not fit the model's positions: model.max_positions is {}, \
-             it needs to be more than seq_len",
-            config_path.display(),
-            spec.seq_len,
-            spec.model.max_positions
-        );
+    for (i, &(from, seq_len, batch)) in spec.stages().iter().enumerate() {
+        let field = if i == 0 {
+            "seq_len".to_string()
+        } else {
+            format!("length_curriculum[{}].seq_len", i - 1)
+        };
+        if seq_len >= spec.model.max_positions {
+            bail!(
+                "{}: {field} {seq_len} does not fit the model's positions: \
+                 model.max_positions is {}, it needs to be more than {field}",
+                config_path.display(),
+                spec.model.max_positions
+            );
+        }
+        if seq_len == 0 || batch == 0 {
+            bail!(
+                "{}: {} needs a positive seq_len and batch_size",
+                config_path.display(),
+                if i == 0 {
+                    "training".to_string()
+                } else {
+                    format!("length_curriculum[{}]", i - 1)
+                }
+            );
+        }
+        if i > 0 && from <= spec.stages()[i - 1].0 {
+            bail!(
+                "{}: length_curriculum[{}].from_step {from} must be after the previous stage's \
+                 (steps start at 0)",
+                config_path.display(),
+                i - 1
+            );
+        }
     }
     let base = config_path.parent().unwrap_or_else(|| Path::new("."));
     let out = named_folder(&base.join(&spec.output)).with_context(|| {
@@ -224,9 +279,35 @@ pub fn train_lm_spec(
     };
     let (bos, eos) = corpus::try_special_ids(&tokenizer)?;
     let vocab = tokenizer.get_vocab_size(true);
-    let train_rows = corpus::pack(&tokenizer, &train_examples, spec.seq_len)?;
+    // Every stage but the longest packs only the examples that fit its rows, so a short
+    // stage does not train on haystacks cut off from their question; the longest stage
+    // packs them all (an example longer than its rows is cut, as `pack` does).
+    let encoded = train_examples
+        .iter()
+        .map(|e| corpus::encode(&tokenizer, e))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let longest = spec
+        .stages()
+        .iter()
+        .map(|s| s.1)
+        .max()
+        .unwrap_or(spec.seq_len);
+    let mut stage_rows = Vec::new();
+    for &(from, seq_len, batch) in &spec.stages() {
+        let fitting: Vec<corpus::Encoded> = encoded
+            .iter()
+            .filter(|e| seq_len == longest || e.ids.len() <= seq_len + 1)
+            .cloned()
+            .collect();
+        let rows: Vec<Vec<u32>> = corpus::pack_encoded(&fitting, seq_len, eos)?
+            .into_iter()
+            .map(|r| r.ids)
+            .collect();
+        stage_rows.push((from, rows, batch));
+    }
+    let train_rows = stage_rows[0].1.len();
     let eval_rows = corpus::pack(&tokenizer, &eval_examples, spec.seq_len)?;
-    if train_rows.is_empty() || eval_rows.is_empty() {
+    if train_rows == 0 || eval_rows.is_empty() {
         bail!(
             "{}: the corpus is too small for seq_len {}",
             config_path.display(),
@@ -294,7 +375,11 @@ pub fn train_lm_spec(
         DType::F32,
         LowerOptions::training(),
     )?;
-    let train = Batcher::new(train_rows, spec.batch_size, spec.seed);
+    // (first step, batches) of every stage of the length curriculum.
+    let stages: Vec<(usize, Batcher)> = stage_rows
+        .into_iter()
+        .map(|(from, rows, batch)| (from, Batcher::new(rows, batch, spec.seed)))
+        .collect();
     let eval = Batcher::new(eval_rows, spec.batch_size, spec.seed);
     let eval_batches = eval.in_order(&device)?;
     let accum = spec.training.grad_accum.max(1);
@@ -368,7 +453,12 @@ pub fn train_lm_spec(
     };
     let plain = layerskip.p_max == 0.0 && !layerskip.exits();
     let mut loss = |step: usize, micro: usize| -> anyhow::Result<(candle_core::Tensor, usize)> {
-        let (x, y) = train.batch(step * accum + micro, &device)?;
+        let (from, train) = stages
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= step)
+            .context("no stage for the step")?;
+        let (x, y) = train.batch((step - from) * accum + micro, &device)?;
         let tokens = y.elem_count();
         let l = if plain {
             forward_loss(x, &y)?
@@ -404,7 +494,7 @@ pub fn train_lm_spec(
         output: out.clone(),
         params: graph.params(),
         vocab,
-        train_rows: train.rows(),
+        train_rows,
         eval_rows: eval.rows(),
         log,
     };

@@ -260,6 +260,16 @@ pub struct LayersArgs {
     /// Also write the table as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also measure needle retrieval by depth with haystacks filling this many tokens (the
+    /// full model; see `eval::needle`).
+    #[arg(long, value_name = "TOKENS")]
+    needle: Option<usize>,
+    /// Haystacks per depth for --needle.
+    #[arg(long, default_value_t = 20)]
+    needle_cases: usize,
+    /// Also write the needle table as JSON.
+    #[arg(long, requires = "needle")]
+    needle_json: Option<PathBuf>,
 }
 
 fn write_exit_report(
@@ -378,9 +388,25 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
                 .unwrap_or_else(exitgraph::pipeline::demo_model_dir);
             let report = eval_layers(&dir, a.seed, a.examples)?;
             out!("{}", report.to_markdown());
+            if report.skipped > 0 {
+                outln!(
+                    "({} examples longer than the model's positions left out)",
+                    report.skipped
+                );
+            }
             if let Some(path) = &a.json {
                 exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
                 outln!("wrote {}", path.display());
+            }
+            if let Some(tokens) = a.needle {
+                let needle =
+                    exitgraph::eval::needle::eval_needle(&dir, tokens, a.needle_cases, a.seed)?;
+                outln!();
+                out!("{}", needle.to_markdown());
+                if let Some(path) = &a.needle_json {
+                    exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&needle)?)?;
+                    outln!("wrote {}", path.display());
+                }
             }
             Ok(())
         }

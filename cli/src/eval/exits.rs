@@ -48,11 +48,7 @@ pub fn corpus_cases(
     examples: usize,
     max_new: usize,
 ) -> anyhow::Result<Vec<Case>> {
-    let data = corpus::generate(&CorpusSpec {
-        seed,
-        examples,
-        tasks: tasks.to_vec(),
-    });
+    let data = corpus::generate(&CorpusSpec::new(seed, examples, tasks.to_vec()));
     let mut out = Vec::new();
     for ex in &data {
         let enc = corpus::encode(tokenizer, ex)?;

@@ -44,6 +44,9 @@ pub struct LayerReport {
     pub layers: usize,
     pub seed: u64,
     pub examples: usize,
+    /// Examples longer than the model's positions (long needle haystacks), left out.
+    #[serde(default)]
+    pub skipped: usize,
     pub rows: Vec<TaskRow>,
 }
 
@@ -56,17 +59,22 @@ pub fn eval_layers(dir: &Path, seed: u64, examples: usize) -> anyhow::Result<Lay
         .with_context(|| format!("{}: eval layers needs tokenizer.json", dir.display()))?;
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let data = corpus::generate(&CorpusSpec {
-        seed,
-        examples,
-        tasks: Vec::new(),
-    });
+    let data = corpus::generate(&CorpusSpec::new(seed, examples, Vec::new()));
+    let positions = ckpt.graph.info.max_positions;
     let mut by_task: BTreeMap<Task, Vec<Encoded>> = BTreeMap::new();
+    let mut skipped = 0;
     for ex in &data {
-        by_task
-            .entry(ex.task)
-            .or_default()
-            .push(corpus::encode(&tokenizer, ex)?);
+        let e = corpus::encode(&tokenizer, ex)?;
+        // A haystack longer than the model's positions cannot be scored.
+        if e.ids.len() > positions {
+            skipped += 1;
+            continue;
+        }
+        by_task.entry(ex.task).or_default().push(e);
+    }
+    // Similar lengths batch together (less padding).
+    for encoded in by_task.values_mut() {
+        encoded.sort_by_key(|e| e.ids.len());
     }
     let layers = ckpt.graph.info.num_layers;
     let device = Device::Cpu;
@@ -102,6 +110,7 @@ pub fn eval_layers(dir: &Path, seed: u64, examples: usize) -> anyhow::Result<Lay
         layers,
         seed,
         examples,
+        skipped,
         rows,
     })
 }

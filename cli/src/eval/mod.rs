@@ -2,6 +2,7 @@
 
 pub mod exits;
 pub mod layers;
+pub mod needle;
 pub mod plot;
 pub mod quality;
 pub mod recursive;

@@ -97,14 +97,10 @@ pub fn held_out(
     seed: u64,
     examples: usize,
 ) -> anyhow::Result<Vec<(Task, Encoded)>> {
-    corpus::generate(&CorpusSpec {
-        seed,
-        examples,
-        tasks: Vec::new(),
-    })
-    .iter()
-    .map(|ex| Ok((ex.task, corpus::encode(tokenizer, ex)?)))
-    .collect()
+    corpus::generate(&CorpusSpec::new(seed, examples, Vec::new()))
+        .iter()
+        .map(|ex| Ok((ex.task, corpus::encode(tokenizer, ex)?)))
+        .collect()
 }
 
 /// The quality of `program` on `data`, 32 examples per forward pass (right-padded: a

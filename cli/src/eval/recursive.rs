@@ -255,16 +255,12 @@ pub fn eval_recursive(
             let out = work.join(format!("scratch-{k}"));
             let lm = LmTrainSpec {
                 output: out.display().to_string(),
-                corpus: CorpusSpec {
-                    seed: uptrain.seed,
-                    examples: uptrain.examples,
-                    tasks: uptrain.tasks.clone(),
-                },
-                eval_corpus: CorpusSpec {
-                    seed: uptrain.seed.wrapping_add(7919),
-                    examples: (uptrain.examples / 10).max(16),
-                    tasks: uptrain.tasks.clone(),
-                },
+                corpus: CorpusSpec::new(uptrain.seed, uptrain.examples, uptrain.tasks.clone()),
+                eval_corpus: CorpusSpec::new(
+                    uptrain.seed.wrapping_add(7919),
+                    (uptrain.examples / 10).max(16),
+                    uptrain.tasks.clone(),
+                ),
                 vocab_size: ckpt.graph.info.vocab,
                 tokenizer: Some(tok_path.display().to_string()),
                 model: llama_shape(&model, k)?,
@@ -273,6 +269,7 @@ pub fn eval_recursive(
                 seed: uptrain.seed,
                 training: uptrain.training.clone(),
                 layerskip: None,
+                length_curriculum: Vec::new(),
             };
             let report = train_lm_spec(&lm, &work.join("scratch.ron"), false, true, false)?;
             let path = work.join(format!("scratch-{k}.ron"));

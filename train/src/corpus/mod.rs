@@ -1,10 +1,10 @@
 //! Graded synthetic corpus for training a small Llama from scratch, plus its tokenizer.
 //!
-//! The corpus mixes five tasks whose *answer tokens* need different amounts of computation,
+//! The corpus mixes six tasks whose *answer tokens* need different amounts of computation,
 //! so that a logit lens over a trained model should show the easy answers resolved by the
-//! middle layers and the hard ones only near the top. Every example is one short line
-//! (10 to 60 ASCII characters) that starts with its task keyword, and records the byte
-//! ranges of its answers: the tokens whose prediction (from the previous position) is
+//! middle layers and the hard ones only near the top. Every example is one line that starts
+//! with its task keyword (10 to 60 ASCII characters, except [`Task::Needle`]'s long
+//! haystacks), and records the byte ranges of its answers: the tokens whose prediction (from the previous position) is
 //! fully determined by the text before them, and which evaluation scores.
 //!
 //! # Conventions
@@ -24,7 +24,8 @@
 //! |---|---|---|
 //! | [`Task::Grammar`] | `the big cats are very red .` | the verb `are`, the final `.` |
 //! | [`Task::Copy`] | `copy: K7F2Q \| K7F2Q` | every symbol after `\|` |
-//! | [`Task::Recall`] | `recall: A=3, Q=8, Z=1; Q?8` | the value after `?` |
+//! | [`Task::Recall`] | `recall: A3, Q8, Z1; Q8` | the value after the query key |
+//! | [`Task::Needle`] | `needle: a dog is sad . K47 . two cats are red . ; K47` | the two digits after the query key |
 //! | [`Task::Count`] | `count A in ABAACA = 4` | the count after `=` |
 //! | [`Task::Addition`] | `add: 347+285=2360` | every digit after `=` (sum written least-significant digit first) |
 //!
@@ -35,10 +36,14 @@
 //! * **Copy** (easy-medium): 2 to 8 random symbols, `|`, then the same symbols again.
 //!   Each copied symbol is found by an induction head (previous-token head + match), a
 //!   two-layer circuit that does not get harder with length.
-//! * **Recall** (medium): 2 to 6 `key=value` pairs (distinct letter keys, digit values),
-//!   then a query key and `?`; the answer is that key's value. The `?` position must first
-//!   learn its query key from the previous token, and each value must know its key from two
-//!   tokens back, before one attention lookup can fetch it.
+//! * **Recall** (medium): 2 to 6 key-value pairs written `A3` (distinct letter keys, digit
+//!   values), then `; ` and a query key; the answer is that key's value, the token that
+//!   followed the key's earlier occurrence, which an induction head fetches. The first
+//!   version of this task wrote `A=3` and asked `Q?`, which one induction step cannot answer
+//!   (see `recall.rs`); the first demo model, trained on it, stayed at chance (10%).
+//! * **Needle** (medium, long context): a haystack of grammar sentences holding one to three
+//!   facts (`K47 .`), the question `; K` at the end, the fact's two digits as answers. The
+//!   lookup is recall's, over up to the trained context (`haystack_sentences`).
 //! * **Count** (medium-hard): how many times a letter occurs in a string of 3 to 9 letters
 //!   drawn from 2 to 4 distinct letters (the answer is one digit, possibly `0`). Counting
 //!   needs aggregating every match and turning that into a digit, which small transformers
@@ -58,6 +63,7 @@ mod addition;
 mod copy;
 mod count;
 mod grammar;
+pub mod needle;
 mod recall;
 mod tokenizer;
 
@@ -93,16 +99,30 @@ pub enum Task {
     /// `the big cats are very red .`: the agreeing verb (`is`/`are`) and the final `.` are
     /// the answers (easy, local context).
     Grammar,
+    /// `needle: a dog is sad . K47 . two cats are red . ; K47`: the value's two digits after
+    /// the query key are the answers (a recall lookup over a long haystack).
+    Needle,
 }
 
 impl Task {
-    /// Every task, in declaration order.
-    pub const ALL: [Task; 5] = [
+    /// The short-line tasks, in declaration order: the mix when a spec lists no tasks.
+    /// [`Task::Needle`] is long-context and opt-in.
+    pub const SHORT: [Task; 5] = [
         Task::Copy,
         Task::Count,
         Task::Recall,
         Task::Addition,
         Task::Grammar,
+    ];
+
+    /// Every task, in declaration order.
+    pub const ALL: [Task; 6] = [
+        Task::Copy,
+        Task::Count,
+        Task::Recall,
+        Task::Addition,
+        Task::Grammar,
+        Task::Needle,
     ];
 
     /// Lower-case name, as used in JSON specs and on the command line.
@@ -113,6 +133,7 @@ impl Task {
             Task::Recall => "recall",
             Task::Addition => "addition",
             Task::Grammar => "grammar",
+            Task::Needle => "needle",
         }
     }
 
@@ -121,14 +142,15 @@ impl Task {
         match self {
             Task::Grammar => "easy",
             Task::Copy => "easy-medium",
-            Task::Recall => "medium",
+            Task::Recall | Task::Needle => "medium",
             Task::Count => "medium-hard",
             Task::Addition => "hard",
         }
     }
 
-    fn sample(self, rng: &mut Rng) -> Example {
+    fn sample(self, rng: &mut Rng, haystack_sentences: usize) -> Example {
         match self {
+            Task::Needle => needle::sample(rng, haystack_sentences),
             Task::Copy => copy::sample(rng),
             Task::Count => count::sample(rng),
             Task::Recall => recall::sample(rng),
@@ -176,24 +198,49 @@ pub struct CorpusSpec {
     pub seed: u64,
     /// Number of examples.
     pub examples: usize,
-    /// Tasks to mix; empty means all of them. Each entry gets an equal share (shares differ
+    /// Tasks to mix; empty means the short ones ([`Task::SHORT`], every task but
+    /// [`Task::Needle`]). Each entry gets an equal share (shares differ
     /// by at most one example), so listing a task twice doubles its share.
     #[serde(default)]
     pub tasks: Vec<Task>,
+    /// Longest [`Task::Needle`] haystack, in grammar sentences (about seven tokens each);
+    /// lengths are drawn log-uniformly between 2 and this.
+    #[serde(default = "default_haystack_sentences")]
+    pub haystack_sentences: usize,
+}
+
+fn default_haystack_sentences() -> usize {
+    32
+}
+
+impl CorpusSpec {
+    /// `examples` examples of `tasks` (all when empty) drawn with `seed`, needle haystacks of
+    /// the default length.
+    pub fn new(seed: u64, examples: usize, tasks: Vec<Task>) -> Self {
+        CorpusSpec {
+            seed,
+            examples,
+            tasks,
+            haystack_sentences: default_haystack_sentences(),
+        }
+    }
 }
 
 /// Generates `spec.examples` examples, tasks shuffled with equal shares. Deterministic for a
 /// given spec; another seed gives other data.
 pub fn generate(spec: &CorpusSpec) -> Vec<Example> {
     let tasks: &[Task] = if spec.tasks.is_empty() {
-        &Task::ALL
+        &Task::SHORT
     } else {
         &spec.tasks
     };
     let mut rng = Rng::new(spec.seed);
     let mut order: Vec<Task> = (0..spec.examples).map(|i| tasks[i % tasks.len()]).collect();
     rng.shuffle(&mut order);
-    order.into_iter().map(|t| t.sample(&mut rng)).collect()
+    order
+        .into_iter()
+        .map(|t| t.sample(&mut rng, spec.haystack_sentences))
+        .collect()
 }
 
 /// SplitMix64: tiny, seedable, good enough for synthetic data.

@@ -3,11 +3,7 @@ use std::collections::BTreeMap;
 use tokenizers::Tokenizer;
 
 fn spec(seed: u64, examples: usize) -> CorpusSpec {
-    CorpusSpec {
-        seed,
-        examples,
-        tasks: Vec::new(),
-    }
+    CorpusSpec::new(seed, examples, Vec::new())
 }
 
 fn small_tokenizer() -> (Vec<Example>, Tokenizer) {
@@ -40,10 +36,15 @@ fn generation_is_deterministic_and_seed_dependent() {
 
 #[test]
 fn answers_are_well_formed() {
-    for ex in generate(&spec(3, 2000)) {
+    for ex in generate(&CorpusSpec::new(3, 2000, Task::ALL.to_vec())) {
         assert!(ex.text.is_ascii());
+        let length = if ex.task == Task::Needle {
+            10..=1200
+        } else {
+            10..=60
+        };
         assert!(
-            (10..=60).contains(&ex.text.len()),
+            length.contains(&ex.text.len()),
             "{:?} has {} chars",
             ex.text,
             ex.text.len()
@@ -68,7 +69,7 @@ fn answers_are_well_formed() {
 
 #[test]
 fn answers_are_correct() {
-    for ex in generate(&spec(4, 1000)) {
+    for ex in generate(&CorpusSpec::new(4, 1000, Task::ALL.to_vec())) {
         let t = &ex.text;
         let ans = answer_strings(&ex).concat();
         match ex.task {
@@ -87,13 +88,31 @@ fn answers_are_correct() {
             }
             Task::Recall => {
                 let (pairs, query) = t["recall: ".len()..].split_once("; ").unwrap();
-                let (key, value) = query.split_once('?').unwrap();
-                let map: BTreeMap<&str, &str> = pairs
-                    .split(", ")
-                    .map(|p| p.split_once('=').unwrap())
-                    .collect();
+                let (key, value) = query.split_at(1);
+                let map: BTreeMap<&str, &str> = pairs.split(", ").map(|p| p.split_at(1)).collect();
+                assert_eq!(map.len(), pairs.split(", ").count(), "distinct keys: {t}");
                 assert_eq!(map[key], value);
+                assert_eq!(value.len(), 1);
                 assert_eq!(ans, value);
+            }
+            Task::Needle => {
+                let (hay, query) = t["needle: ".len()..].rsplit_once(" ; ").unwrap();
+                let (key, value) = query.split_at(1);
+                assert_eq!(value.len(), 2);
+                assert!(value.bytes().all(|b| b.is_ascii_digit()));
+                let facts: Vec<&str> = hay
+                    .split(' ')
+                    .filter(|w| w.starts_with(|c: char| c.is_ascii_uppercase()))
+                    .collect();
+                assert!((1..=3).contains(&facts.len()), "{t}");
+                assert!(facts.iter().all(|f| f.len() == 3));
+                let matching: Vec<&&str> = facts.iter().filter(|f| f.starts_with(key)).collect();
+                assert_eq!(matching, [&format!("{key}{value}").as_str()], "{t}");
+                assert!(!hay
+                    .bytes()
+                    .any(|b| b.is_ascii_digit() && !facts.iter().any(|f| f.contains(b as char))));
+                assert_eq!(ans, value);
+                assert_eq!(ex.answers.len(), 2);
             }
             Task::Addition => {
                 let (a, rest) = t["add: ".len()..].split_once('+').unwrap();
@@ -127,15 +146,12 @@ fn answers_are_correct() {
 #[test]
 fn tasks_are_mixed_evenly() {
     let all = generate(&spec(5, 503));
-    for task in Task::ALL {
+    assert!(all.iter().all(|e| e.task != Task::Needle));
+    for task in Task::SHORT {
         let n = all.iter().filter(|e| e.task == task).count();
         assert!(n == 100 || n == 101, "{task}: {n}");
     }
-    let some = generate(&CorpusSpec {
-        seed: 5,
-        examples: 50,
-        tasks: vec![Task::Addition, Task::Grammar],
-    });
+    let some = generate(&CorpusSpec::new(5, 50, vec![Task::Addition, Task::Grammar]));
     assert_eq!(some.iter().filter(|e| e.task == Task::Addition).count(), 25);
     assert!(some
         .iter()
@@ -260,26 +276,110 @@ fn tokenizer_training_is_deterministic() {
 #[test]
 fn pack_rows() {
     let (examples, tok) = small_tokenizer();
-    let examples = &examples[..50];
-    let seq_len = 32;
-    let rows = pack(&tok, examples, seq_len).unwrap();
-    let stream: Vec<u32> = examples
-        .iter()
-        .flat_map(|e| encode(&tok, e).unwrap().ids)
+    // Short examples only (needle haystacks are longer than these rows).
+    let examples: Vec<Example> = examples
+        .into_iter()
+        .filter(|e| e.task != Task::Needle)
         .collect();
-    assert_eq!(rows.len(), (stream.len() - 1) / seq_len);
-    assert!(rows.len() > 5);
-    for (r, row) in rows.iter().enumerate() {
-        assert_eq!(row.len(), seq_len + 1);
-        assert_eq!(row[..], stream[r * seq_len..(r + 1) * seq_len + 1]);
-    }
+    let examples = &examples[..];
+    let seq_len = 96;
     let encoded: Vec<Encoded> = examples.iter().map(|e| encode(&tok, e).unwrap()).collect();
-    let masked = pack_encoded(&encoded, seq_len).unwrap();
-    assert_eq!(masked.len(), rows.len());
-    assert!(masked.iter().all(|m| m.answer.len() == seq_len + 1));
-    assert!(masked.iter().any(|m| m.answer.iter().any(|&a| a)));
+    const PAD: u32 = u32::MAX;
+    let rows = pack_encoded(&encoded, seq_len, PAD).unwrap();
+    assert!(rows.len() > 5);
+    // Every row is full width and starts at an example; cutting the rows at bos and
+    // dropping the padding gives back every example exactly once, none of them cut.
+    let mut pieces = Vec::new();
+    for row in &rows {
+        assert_eq!(row.ids.len(), seq_len + 1);
+        assert_eq!(row.answer.len(), seq_len + 1);
+        assert_eq!(row.ids[0], 0, "rows start with bos");
+        let content: Vec<(u32, bool)> = row
+            .ids
+            .iter()
+            .zip(&row.answer)
+            .map(|(&i, &a)| (i, a))
+            .take_while(|&(i, _)| i != PAD)
+            .collect();
+        assert!(row.ids[content.len()..].iter().all(|&i| i == PAD));
+        assert!(!row.answer[content.len()..].iter().any(|&a| a));
+        for piece in content.split_inclusive(|&(i, _)| i == 1) {
+            pieces.push(piece.to_vec());
+        }
+    }
+    let mut expected: Vec<Vec<(u32, bool)>> = encoded
+        .iter()
+        .filter(|e| e.ids.len() <= seq_len + 1)
+        .map(|e| {
+            e.ids
+                .iter()
+                .copied()
+                .zip(e.answer.iter().copied())
+                .collect()
+        })
+        .collect();
+    assert_eq!(expected.len(), encoded.len(), "all examples fit a row here");
+    expected.sort();
+    pieces.sort();
+    assert_eq!(pieces, expected);
+    // Gaps are filled from later examples: little padding.
+    let padding: usize = rows
+        .iter()
+        .map(|r| r.ids.iter().filter(|&&i| i == PAD).count())
+        .sum();
+    assert!(
+        padding * 20 < rows.len() * (seq_len + 1),
+        "{padding} padding tokens in {} rows",
+        rows.len()
+    );
+    // pack is pack_encoded's ids with eos padding.
+    let plain = pack(&tok, examples, seq_len).unwrap();
+    let with_eos = pack_encoded(&encoded, seq_len, 1).unwrap();
+    assert_eq!(
+        plain,
+        with_eos.into_iter().map(|r| r.ids).collect::<Vec<_>>()
+    );
     assert!(pack(&tok, examples, 0).is_err());
-    assert!(pack(&tok, &examples[..1], 1000).unwrap().is_empty());
+    // One short example: one padded row.
+    let one = pack(&tok, &examples[..1], 1000).unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0][..encoded[0].ids.len()], encoded[0].ids[..]);
+}
+
+#[test]
+fn pack_cuts_examples_longer_than_a_row() {
+    let long = Encoded {
+        ids: (0..25).collect(),
+        answer: (0..25).map(|i| i % 3 == 0).collect(),
+    };
+    let short = Encoded {
+        ids: vec![0, 7, 1],
+        answer: vec![false, true, false],
+    };
+    let rows = pack_encoded(&[long.clone(), short.clone()], 9, 99).unwrap();
+    // Two full rows of the long example, then its 5-token tail with the short one after it.
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].ids, (0..10).collect::<Vec<u32>>());
+    assert_eq!(rows[1].ids, (10..20).collect::<Vec<u32>>());
+    assert_eq!(rows[2].ids, vec![20, 21, 22, 23, 24, 0, 7, 1, 99, 99]);
+    assert_eq!(rows[1].answer, long.answer[10..20]);
+    assert!(rows[2].answer[6]);
+    assert!(!rows[2].answer[8]);
+}
+
+#[test]
+fn pack_fills_a_gap_from_later_examples() {
+    let ex = |n: u32| Encoded {
+        ids: (0..n).collect(),
+        answer: vec![false; n as usize],
+    };
+    // Row width 8: [6] leaves 2; [5] does not fit, so [2] (later) fills the gap first.
+    let rows = pack_encoded(&[ex(6), ex(5), ex(2), ex(3)], 7, 99).unwrap();
+    let ids: Vec<Vec<u32>> = rows.into_iter().map(|r| r.ids).collect();
+    assert_eq!(
+        ids,
+        vec![vec![0, 1, 2, 3, 4, 5, 0, 1], vec![0, 1, 2, 3, 4, 0, 1, 2],]
+    );
 }
 
 #[test]

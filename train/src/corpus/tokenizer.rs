@@ -141,10 +141,8 @@ pub fn encode(tok: &Tokenizer, ex: &Example) -> anyhow::Result<Encoded> {
     Ok(Encoded { ids, answer })
 }
 
-/// Concatenates the encoded examples and cuts rows of `seq_len + 1` tokens for language
-/// modelling (inputs `row[..seq_len]`, targets `row[1..]`). Consecutive rows overlap by one
-/// token (row `r` starts at token `r * seq_len`), so every token but the very first is a
-/// target exactly once. The incomplete tail is dropped.
+/// Packs the encoded examples into rows of `seq_len + 1` tokens for language modelling
+/// (inputs `row[..seq_len]`, targets `row[1..]`); see [`pack_encoded`] for the layout.
 pub fn pack(
     tok: &Tokenizer,
     examples: &[Example],
@@ -154,30 +152,92 @@ pub fn pack(
         .iter()
         .map(|e| encode(tok, e))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(pack_encoded(&encoded, seq_len)?
+    let (_, eos) = try_special_ids(tok)?;
+    Ok(pack_encoded(&encoded, seq_len, eos)?
         .into_iter()
         .map(|r| r.ids)
         .collect())
 }
 
-/// [`pack`] for already encoded examples, keeping the answer flags (to score answers only).
-pub fn pack_encoded(encoded: &[Encoded], seq_len: usize) -> anyhow::Result<Vec<Encoded>> {
+/// How many later pieces [`pack_encoded`] tries when the next one does not fit a row.
+const FILL_LOOKAHEAD: usize = 256;
+
+/// Packs encoded examples (answer flags kept, to score answers only) into rows of
+/// `seq_len + 1` tokens, each row starting at an example's first token, so that an example
+/// that fits a row is never cut (a long-context example keeps its question with its facts):
+///
+/// * examples are placed in order; when the next one does not fit the room left in the
+///   current row, the row is first filled with later examples that fit (first fit among the
+///   next 256), then closed, the gap that is left padded with `pad` (not an answer);
+/// * an example longer than a row is cut into full rows, its tail placed like an example;
+/// * the last row is padded as well; nothing is dropped.
+///
+/// Padding is scored by the training loss like any token; with short examples to fill gaps
+/// it stays a small share of the tokens (a test bounds it for the corpus).
+pub fn pack_encoded(encoded: &[Encoded], seq_len: usize, pad: u32) -> anyhow::Result<Vec<Encoded>> {
     if seq_len == 0 {
         bail!("seq_len must be positive");
     }
-    let ids: Vec<u32> = encoded.iter().flat_map(|e| e.ids.iter().copied()).collect();
-    let answer: Vec<bool> = encoded
-        .iter()
-        .flat_map(|e| e.answer.iter().copied())
-        .collect();
-    let rows = ids.len().saturating_sub(1) / seq_len;
-    Ok((0..rows)
-        .map(|r| {
-            let span = r * seq_len..(r + 1) * seq_len + 1;
+    let width = seq_len + 1;
+    // Pieces no longer than a row: full rows of over-long examples go straight out.
+    let mut rows: Vec<Encoded> = Vec::new();
+    let mut pieces: Vec<(&[u32], &[bool])> = Vec::new();
+    for e in encoded {
+        let mut start = 0;
+        while e.ids.len() - start > width {
+            rows.push(Encoded {
+                ids: e.ids[start..start + width].to_vec(),
+                answer: e.answer[start..start + width].to_vec(),
+            });
+            start += width;
+        }
+        if start < e.ids.len() {
+            pieces.push((&e.ids[start..], &e.answer[start..]));
+        }
+    }
+    let mut placed = vec![false; pieces.len()];
+    let mut row = Encoded {
+        ids: Vec::with_capacity(width),
+        answer: Vec::with_capacity(width),
+    };
+    let close = |row: &mut Encoded, rows: &mut Vec<Encoded>| {
+        if row.ids.is_empty() {
+            return;
+        }
+        row.answer.resize(width, false);
+        row.ids.resize(width, pad);
+        rows.push(std::mem::replace(
+            row,
             Encoded {
-                ids: ids[span.clone()].to_vec(),
-                answer: answer[span].to_vec(),
+                ids: Vec::with_capacity(width),
+                answer: Vec::with_capacity(width),
+            },
+        ));
+    };
+    for i in 0..pieces.len() {
+        if placed[i] {
+            continue;
+        }
+        let (ids, answer) = pieces[i];
+        if row.ids.len() + ids.len() > width {
+            let ahead = (i + 1..pieces.len())
+                .filter(|&j| !placed[j])
+                .take(FILL_LOOKAHEAD)
+                .collect::<Vec<_>>();
+            for j in ahead {
+                let (ids, answer) = pieces[j];
+                if row.ids.len() + ids.len() <= width {
+                    row.ids.extend_from_slice(ids);
+                    row.answer.extend_from_slice(answer);
+                    placed[j] = true;
+                }
             }
-        })
-        .collect())
+            close(&mut row, &mut rows);
+        }
+        row.ids.extend_from_slice(ids);
+        row.answer.extend_from_slice(answer);
+        placed[i] = true;
+    }
+    close(&mut row, &mut rows);
+    Ok(rows)
 }
