@@ -451,3 +451,44 @@ fn run_accepts_a_model_folder() {
     ]));
     assert!(!out.trim().is_empty(), "{out}");
 }
+
+/// `eval layers --needle` prints a row per depth with its cases and refuses a context longer
+/// than the model's positions, naming both.
+#[test]
+fn eval_layers_needle_table_and_context_bound() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+            .args(args)
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "eval",
+        "layers",
+        "--examples",
+        "10",
+        "--needle",
+        "64",
+        "--needle-cases",
+        "2",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("needle retrieval at 64 tokens"), "{text}");
+    for depth in ["| 0% | 2 |", "| 50% | 2 |", "| 100% | 2 |"] {
+        assert!(text.contains(depth), "{depth} missing: {text}");
+    }
+    assert!(text.contains("| all | 22 |"), "{text}");
+    let out = run(&["eval", "layers", "--examples", "10", "--needle", "5000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--needle 5000") && err.contains("256 positions"),
+        "{err}"
+    );
+}

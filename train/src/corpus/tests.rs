@@ -397,3 +397,53 @@ fn save_and_load_tokenizer() {
     let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
     assert_eq!(leftovers, 1);
 }
+
+proptest::proptest! {
+    /// Packing loses, repeats and reorders nothing within an example: every token (all
+    /// distinct here) lands exactly once; an example that fits a row sits whole and in
+    /// order in one row; a longer one fills whole rows in order before its tail.
+    #[test]
+    fn packing_keeps_every_example_whole(
+        lengths in proptest::collection::vec(1usize..40, 1..30),
+        seq_len in 1usize..30,
+    ) {
+        const PAD: u32 = 0;
+        let encoded: Vec<Encoded> = lengths
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| Encoded {
+                ids: (0..n as u32).map(|j| k as u32 * 1000 + j + 1).collect(),
+                answer: (0..n).map(|j| j % 2 == 1).collect(),
+            })
+            .collect();
+        let rows = pack_encoded(&encoded, seq_len, PAD).unwrap();
+        let width = seq_len + 1;
+        let mut seen = std::collections::HashMap::new();
+        for (r, row) in rows.iter().enumerate() {
+            proptest::prop_assert_eq!(row.ids.len(), width);
+            proptest::prop_assert_eq!(row.answer.len(), width);
+            for (i, (&id, &a)) in row.ids.iter().zip(&row.answer).enumerate() {
+                if id == PAD {
+                    proptest::prop_assert!(!a);
+                } else {
+                    proptest::prop_assert!(seen.insert(id, (r, i)).is_none(), "token {} twice", id);
+                    proptest::prop_assert_eq!(a, (id - 1) % 1000 % 2 == 1);
+                }
+            }
+        }
+        let total: usize = lengths.iter().sum();
+        proptest::prop_assert_eq!(seen.len(), total);
+        for (k, e) in encoded.iter().enumerate() {
+            let at: Vec<(usize, usize)> = e.ids.iter().map(|id| seen[id]).collect();
+            let cut = if e.ids.len() > width { e.ids.len() / width * width } else { 0 };
+            // Whole rows of an over-long example, then its tail (or the whole example) in
+            // one row, consecutive positions.
+            for (j, w) in at.windows(2).enumerate().skip(cut) {
+                proptest::prop_assert!(w[1] == (w[0].0, w[0].1 + 1), "example {} split at {}", k, j);
+            }
+            for j in 0..cut {
+                proptest::prop_assert_eq!(at[j].1, j % width);
+            }
+        }
+    }
+}
