@@ -441,8 +441,8 @@ proptest::proptest! {
             for (j, w) in at.windows(2).enumerate().skip(cut) {
                 proptest::prop_assert!(w[1] == (w[0].0, w[0].1 + 1), "example {} split at {}", k, j);
             }
-            for j in 0..cut {
-                proptest::prop_assert_eq!(at[j].1, j % width);
+            for (j, &(_, column)) in at.iter().enumerate().take(cut) {
+                proptest::prop_assert_eq!(column, j % width);
             }
         }
     }
