@@ -1185,3 +1185,24 @@ fn safetensors_data_offsets_not_a_pair_of_numbers() {
         &["\"model.norm.weight\"", "data_offsets must be two integers"],
     );
 }
+
+#[test]
+fn bench_shapes_and_save_folder_are_checked() {
+    let e = exitgraph_fails(&["bench", "--hidden", "64", "--heads", "5"]);
+    assert_mentions(&e, &["--heads 5", "--hidden 64"]);
+    let e = exitgraph_fails(&["bench", "--hidden", "64", "--heads", "4", "--kv-heads", "3"]);
+    assert_mentions(&e, &["--kv-heads 3", "--heads 4"]);
+    let dir = tempfile::tempdir().unwrap();
+    let e = exitgraph_fails(&[
+        "bench",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--save-model",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_mentions(&e, &["--save-model", "already exists"]);
+    let e = exitgraph_fails(&["bench", "--exits", "--torch"]);
+    assert_mentions(&e, &["--torch", "--exits"]);
+}

@@ -492,3 +492,67 @@ fn eval_layers_needle_table_and_context_bound() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_times_a_saved_random_model_and_names_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let tiny = [
+        "bench",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--intermediate",
+        "96",
+        "--vocab",
+        "300",
+        "--prompt-len",
+        "9",
+        "--decode-tokens",
+        "3",
+        "--reps",
+        "1",
+    ];
+    let mut args = tiny.to_vec();
+    args.extend(["--save-model", model.to_str().unwrap()]);
+    let out = stdout(&exitgraph(&args));
+    assert!(out.contains("| prefill | 9 |"), "{out}");
+    assert!(out.contains("| decode | 3 |"), "{out}");
+    assert!(out.contains("candle matmuls by"), "{out}");
+    // Without --torch there is no PyTorch column.
+    assert!(!out.contains("PyTorch"), "{out}");
+    // The kept checkpoint has the asked shape (grouped-query heads included) and benchmarks
+    // again through --model.
+    let ckpt = exitgraph_ir::import(&model).unwrap();
+    assert_eq!(ckpt.graph.info.vocab, 300);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_key_value_heads"], 2);
+    assert_eq!(config["intermediate_size"], 96);
+    let out = stdout(&exitgraph(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-len",
+        "5",
+        "--decode-tokens",
+        "2",
+        "--reps",
+        "1",
+    ]));
+    assert!(out.contains("| prefill | 5 |"), "{out}");
+    // The two implementations agree on the same weights.
+    let diff: f64 = out
+        .split("max |logit difference| vs candle-transformers ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(diff < 1e-4, "{out}");
+}

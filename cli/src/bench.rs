@@ -19,6 +19,12 @@ pub struct BenchOptions {
     pub decode_tokens: usize,
     pub reps: usize,
     pub seed: u64,
+    /// Weight and activation type: F32 or BF16.
+    pub dtype: DType,
+    /// Also time PyTorch (transformers' LlamaForCausalLM, SDPA) on the same checkpoint.
+    pub torch: bool,
+    /// Keep the random checkpoint in this folder (for profiling the same weights elsewhere).
+    pub save_model: Option<PathBuf>,
 }
 
 /// Median times of one phase.
@@ -28,6 +34,8 @@ pub struct BenchRow {
     pub tokens: usize,
     pub ours_ms: f64,
     pub theirs_ms: f64,
+    /// PyTorch's median, when it was measured.
+    pub torch_ms: Option<f64>,
 }
 
 impl BenchRow {
@@ -41,16 +49,39 @@ impl BenchRow {
     pub fn ratio(&self) -> f64 {
         self.ours_ms / self.theirs_ms
     }
+    /// Our time over PyTorch's: below 1 means we are faster.
+    pub fn torch_ratio(&self) -> Option<f64> {
+        self.torch_ms.map(|t| self.ours_ms / t)
+    }
+}
+
+/// What the PyTorch side reported besides its times.
+#[derive(Clone, Debug)]
+pub struct TorchCheck {
+    pub version: String,
+    pub threads: usize,
+    /// Largest difference between PyTorch's and our last-position logits after prefill.
+    pub max_logit_diff: f32,
+    /// Whether PyTorch's greedy tokens equal ours over the whole decode.
+    pub tokens_equal: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub params: usize,
+    /// Threads of the matmuls (MKL's in an `mkl` build) and of candle's other ops.
     pub threads: usize,
+    pub op_threads: usize,
     pub reps: usize,
     pub prompt_len: usize,
+    pub dtype: DType,
+    /// The library behind candle's f32 matmuls in this build.
+    pub matmul: &'static str,
+    /// The CPU's vector and matrix extensions (AVX2, AVX-512 and its parts, AMX).
+    pub cpu_features: Vec<&'static str>,
     /// Largest difference between the two models' last-position logits after prefill.
     pub max_logit_diff: f32,
+    pub torch: Option<TorchCheck>,
     pub rows: Vec<BenchRow>,
 }
 
@@ -75,11 +106,13 @@ fn argmax_last(logits: &Tensor) -> anyhow::Result<u32> {
 }
 
 struct Ours<'a>(&'a Program);
-struct Theirs<'a>(&'a cl::Llama, &'a cl::Config);
+struct Theirs<'a>(&'a cl::Llama, &'a cl::Config, DType);
+
+/// One timed prefill + decode: (prefill ms, decode ms, prefill logits, greedy tokens).
+type RunTimes = (f64, f64, Tensor, Vec<u32>);
 
 impl Ours<'_> {
-    /// Prefill then decode; returns (prefill ms, decode ms, prefill logits).
-    fn run(&self, prompt: &Tensor, decode: usize) -> anyhow::Result<(f64, f64, Tensor)> {
+    fn run(&self, prompt: &Tensor, decode: usize) -> anyhow::Result<RunTimes> {
         let mut cache = self.0.new_cache();
         let inputs = |ids: Tensor| Inputs {
             input_ids: ids,
@@ -93,6 +126,7 @@ impl Ours<'_> {
         let logits = out.remove("logits").context("no logits")?;
         let mut next = argmax_last(&logits)?;
         let prefill = t0.elapsed().as_secs_f64() * 1e3;
+        let mut tokens = vec![next];
         let t1 = Instant::now();
         for _ in 0..decode {
             let ids = Tensor::new(&[[next]], prompt.device())?;
@@ -100,46 +134,79 @@ impl Ours<'_> {
                 .0
                 .forward(&inputs(ids), &mut cache, &["logits"], true)?;
             next = argmax_last(&out.remove("logits").context("no logits")?)?;
+            tokens.push(next);
         }
-        Ok((prefill, t1.elapsed().as_secs_f64() * 1e3, logits))
+        Ok((prefill, t1.elapsed().as_secs_f64() * 1e3, logits, tokens))
     }
 }
 
 impl Theirs<'_> {
-    fn run(&self, prompt: &Tensor, decode: usize) -> anyhow::Result<(f64, f64, Tensor)> {
-        let mut cache = cl::Cache::new(true, DType::F32, self.1, prompt.device())?;
+    fn run(&self, prompt: &Tensor, decode: usize) -> anyhow::Result<RunTimes> {
+        let mut cache = cl::Cache::new(true, self.2, self.1, prompt.device())?;
         let t0 = Instant::now();
         let logits = self.0.forward(prompt, 0, &mut cache)?;
         let mut next = argmax_last(&logits)?;
         let prefill = t0.elapsed().as_secs_f64() * 1e3;
+        let mut tokens = vec![next];
         let start = prompt.dim(1)?;
         let t1 = Instant::now();
         for pos in start..start + decode {
             let ids = Tensor::new(&[[next]], prompt.device())?;
             let logits = self.0.forward(&ids, pos, &mut cache)?;
             next = argmax_last(&logits)?;
+            tokens.push(next);
         }
-        Ok((prefill, t1.elapsed().as_secs_f64() * 1e3, logits))
+        Ok((prefill, t1.elapsed().as_secs_f64() * 1e3, logits, tokens))
     }
+}
+
+/// The last `n` values of a logits tensor as f32 (the last position's row).
+fn last_row(logits: &Tensor, n: usize) -> anyhow::Result<Vec<f32>> {
+    let flat = logits.to_dtype(DType::F32)?.flatten_all()?;
+    Ok(flat.narrow(0, flat.dim(0)? - n, n)?.to_vec1::<f32>()?)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Runs the benchmark; `progress` is called after each repetition.
 pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Result<BenchReport> {
+    if !matches!(opts.dtype, DType::F32 | DType::BF16) {
+        anyhow::bail!("bench --dtype: f32 or bf16, not {:?}", opts.dtype);
+    }
     let tmp;
     let dir = match &opts.model_dir {
         Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir()?;
-            write_random_llama(tmp.path(), &opts.spec, opts.seed)?;
-            tmp.path().to_path_buf()
-        }
+        None => match &opts.save_model {
+            Some(keep) => {
+                if keep.exists() {
+                    anyhow::bail!(
+                        "bench --save-model {}: already exists; choose a new folder",
+                        keep.display()
+                    );
+                }
+                std::fs::create_dir_all(keep)
+                    .with_context(|| format!("bench --save-model {}", keep.display()))?;
+                write_random_llama(keep, &opts.spec, opts.seed)?;
+                keep.clone()
+            }
+            None => {
+                tmp = tempfile::tempdir()?;
+                write_random_llama(tmp.path(), &opts.spec, opts.seed)?;
+                tmp.path().to_path_buf()
+            }
+        },
     };
     let device = Device::Cpu;
     let ckpt = exitgraph_ir::import(&dir)?;
     if ckpt.graph.info.family != exitgraph_ir::Family::Llama {
         anyhow::bail!("{}: bench compares Llama checkpoints only", dir.display());
     }
-    let program = Program::lower(&ckpt.graph, &dir, &device, DType::F32)?;
+    let program = Program::lower(&ckpt.graph, &dir, &device, opts.dtype)?;
     let config_text = std::fs::read_to_string(dir.join("config.json"))?;
     let their_cfg: cl::LlamaConfig = serde_json::from_str(&config_text).with_context(|| {
         format!(
@@ -149,8 +216,20 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
     })?;
     let their_cfg = their_cfg.into_config(false);
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &device)?;
-    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &device);
+    let vb = candle_nn::VarBuilder::from_tensors(weights, opts.dtype, &device);
     let theirs = cl::Llama::load(vb, &their_cfg)?;
+    let threads = crate::cpu::matmul_threads();
+    let mut torch = if opts.torch {
+        Some(TorchSide::start(
+            &dir,
+            opts.prompt_len,
+            opts.decode_tokens,
+            threads,
+            opts.dtype,
+        )?)
+    } else {
+        None
+    };
 
     let vocab = ckpt.graph.info.vocab as u32;
     let ids: Vec<u32> = (0..opts.prompt_len as u32)
@@ -158,72 +237,269 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
         .collect();
     let prompt = Tensor::from_vec(ids, (1, opts.prompt_len), &device)?;
     let ours = Ours(&program);
-    let theirs = Theirs(&theirs, &their_cfg);
+    let theirs = Theirs(&theirs, &their_cfg, opts.dtype);
     // Warm-up, and the logits check.
-    let (_, _, a) = ours.run(&prompt, 1)?;
-    let (_, _, b) = theirs.run(&prompt, 1)?;
-    let a = a.flatten_all()?;
-    let b = b.flatten_all()?;
-    let n = b.dim(0)?;
-    let a = a.narrow(0, a.dim(0)? - n, n)?;
-    let max_logit_diff = (a - b)?.abs()?.max(0)?.to_scalar::<f32>()?;
-    let mut times: [Vec<f64>; 4] = Default::default();
+    let (_, _, a, _) = ours.run(&prompt, 1)?;
+    let (_, _, b, _) = theirs.run(&prompt, 1)?;
+    let n = *b.dims().last().context("logits have no dims")?;
+    let a = last_row(&a, n)?;
+    let max_logit_diff = max_abs_diff(&a, &last_row(&b, n)?);
+    let mut torch_check = match &mut torch {
+        Some(t) => {
+            let logits = t.check()?;
+            if logits.len() != n {
+                anyhow::bail!("PyTorch's logits have {} entries, ours {n}", logits.len());
+            }
+            Some(TorchCheck {
+                version: t.version.clone(),
+                threads: t.threads,
+                max_logit_diff: max_abs_diff(&a, &logits),
+                tokens_equal: true,
+            })
+        }
+        None => None,
+    };
+    let mut times: [Vec<f64>; 6] = Default::default();
     for rep in 0..opts.reps {
-        // Alternate who goes first, so neither always runs on a warmer cache.
-        let (o, t) = if rep % 2 == 0 {
-            let o = ours.run(&prompt, opts.decode_tokens)?;
-            (o, theirs.run(&prompt, opts.decode_tokens)?)
-        } else {
-            let t = theirs.run(&prompt, opts.decode_tokens)?;
-            (ours.run(&prompt, opts.decode_tokens)?, t)
-        };
+        // Rotate who goes first, so no one always runs on a warmer cache.
+        let mut o = None;
+        let mut t = None;
+        let mut p = None;
+        for turn in 0..3 {
+            match (rep + turn) % 3 {
+                0 => o = Some(ours.run(&prompt, opts.decode_tokens)?),
+                1 => t = Some(theirs.run(&prompt, opts.decode_tokens)?),
+                _ => {
+                    if let Some(side) = &mut torch {
+                        p = Some(side.run()?);
+                    }
+                }
+            }
+        }
+        let (o, t) = (
+            o.context("ours did not run")?,
+            t.context("theirs did not run")?,
+        );
         times[0].push(o.0);
         times[1].push(t.0);
         times[2].push(o.1);
         times[3].push(t.1);
+        if let Some((prefill, decode, tokens)) = p {
+            times[4].push(prefill);
+            times[5].push(decode);
+            if let Some(c) = &mut torch_check {
+                c.tokens_equal &= tokens == o.3;
+            }
+        }
         progress(rep + 1);
     }
-    let [po, pt, dec_o, dec_t] = times;
+    if let Some(side) = torch {
+        side.quit();
+    }
+    let [po, pt, dec_o, dec_t, pp, dec_p] = times;
+    let torch_median = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
     Ok(BenchReport {
         params: ckpt.graph.params(),
-        threads: candle_core::utils::get_num_threads(),
+        threads,
+        op_threads: crate::cpu::op_threads(),
         reps: opts.reps,
         prompt_len: opts.prompt_len,
+        dtype: opts.dtype,
+        matmul: MATMUL_LIBRARY,
+        cpu_features: crate::cpu::features(),
         max_logit_diff,
+        torch: torch_check,
         rows: vec![
             BenchRow {
                 phase: "prefill",
                 tokens: opts.prompt_len,
                 ours_ms: median(po),
                 theirs_ms: median(pt),
+                torch_ms: torch_median(pp),
             },
             BenchRow {
                 phase: "decode",
                 tokens: opts.decode_tokens,
                 ours_ms: median(dec_o),
                 theirs_ms: median(dec_t),
+                torch_ms: torch_median(dec_p),
             },
         ],
     })
 }
 
+/// The library behind candle's CPU matmuls in this build.
+pub const MATMUL_LIBRARY: &str = if cfg!(feature = "mkl") {
+    "oneMKL"
+} else {
+    "gemm (candle's default)"
+};
+
+/// PyTorch in a child process (`bench_torch.py`), driven one command per line.
+struct TorchSide {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    stderr: tempfile::NamedTempFile,
+    _script: tempfile::TempPath,
+    version: String,
+    threads: usize,
+}
+
+impl TorchSide {
+    fn start(
+        dir: &std::path::Path,
+        prompt_len: usize,
+        decode: usize,
+        threads: usize,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut script = tempfile::Builder::new().suffix(".py").tempfile()?;
+        script.write_all(include_str!("bench_torch.py").as_bytes())?;
+        let script = script.into_temp_path();
+        let stderr = tempfile::NamedTempFile::new()?;
+        let dtype = if dtype == DType::BF16 {
+            "bfloat16"
+        } else {
+            "float32"
+        };
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(dir)
+            .args([
+                prompt_len.to_string(),
+                decode.to_string(),
+                threads.to_string(),
+                dtype.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen()?)
+            .spawn()
+            .context("bench --torch: cannot start python3")?;
+        let stdin = child.stdin.take().context("no stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut side = TorchSide {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            _script: script,
+            version: String::new(),
+            threads: 0,
+        };
+        let ready = side.reply()?;
+        side.version = ready["torch"].as_str().unwrap_or("?").to_string();
+        side.threads = ready["threads"].as_u64().unwrap_or(0) as usize;
+        Ok(side)
+    }
+
+    /// The next JSON line, or an error carrying the tail of PyTorch's stderr.
+    fn reply(&mut self) -> anyhow::Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line)?;
+        if n == 0 {
+            let err = std::fs::read_to_string(self.stderr.path()).unwrap_or_default();
+            let tail: Vec<&str> = err.lines().rev().take(8).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!(
+                "bench --torch: the PyTorch side stopped (it needs python3 with torch and \
+                 transformers: pip install torch transformers)\n{}",
+                tail.join("\n")
+            );
+        }
+        serde_json::from_str(&line).with_context(|| format!("bench --torch: bad reply {line:?}"))
+    }
+
+    fn send(&mut self, cmd: &str) -> anyhow::Result<serde_json::Value> {
+        use std::io::Write;
+        writeln!(self.stdin, "{{\"cmd\": \"{cmd}\"}}")?;
+        self.stdin.flush()?;
+        self.reply()
+    }
+
+    fn check(&mut self) -> anyhow::Result<Vec<f32>> {
+        let r = self.send("check")?;
+        let logits = r["logits"]
+            .as_array()
+            .context("bench --torch: no logits in the reply")?;
+        Ok(logits
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+            .collect())
+    }
+
+    /// One timed repetition: (prefill ms, decode ms, greedy tokens).
+    fn run(&mut self) -> anyhow::Result<(f64, f64, Vec<u32>)> {
+        let r = self.send("run")?;
+        let ms = |k: &str| {
+            r[k].as_f64()
+                .with_context(|| format!("bench --torch: no {k} in the reply"))
+        };
+        let tokens = r["tokens"]
+            .as_array()
+            .context("bench --torch: no tokens in the reply")?
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
+            .collect();
+        Ok((ms("prefill_ms")?, ms("decode_ms")?, tokens))
+    }
+
+    fn quit(mut self) {
+        let _ = self.send("quit");
+        let _ = self.child.wait();
+    }
+}
+
 impl BenchReport {
     /// The report as a Markdown table.
     pub fn to_markdown(&self) -> String {
+        let dtype = if self.dtype == DType::BF16 {
+            "bf16"
+        } else {
+            "f32"
+        };
         let mut s = format!(
-            "Llama, {:.1}M parameters, f32, CPU ({} threads), prompt {} tokens, median of {} runs; \
-             max |logit difference| {:.2e}\n\n",
+            "Llama, {:.1}M parameters, {dtype}, CPU ({} matmul threads, candle ops on {}; {}), candle matmuls by {}, \
+             prompt {} tokens, median of {} runs; max |logit difference| vs candle-transformers {:.2e}\n",
             self.params as f64 / 1e6,
             self.threads,
+            self.op_threads,
+            if self.cpu_features.is_empty() {
+                "no AVX2".to_string()
+            } else {
+                self.cpu_features.join(", ")
+            },
+            self.matmul,
             self.prompt_len,
             self.reps,
             self.max_logit_diff
         );
-        s.push_str("| phase | tokens | exitgraph ms | exitgraph tok/s | candle-transformers ms | candle-transformers tok/s | ours / theirs (time) |\n");
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+        if let Some(t) = &self.torch {
+            s.push_str(&format!(
+                "PyTorch {} ({} threads, transformers LlamaForCausalLM, SDPA): max |logit difference| vs ours {:.2e}, greedy tokens {}\n",
+                t.version,
+                t.threads,
+                t.max_logit_diff,
+                if t.tokens_equal { "equal" } else { "DIFFER" }
+            ));
+        }
+        s.push('\n');
+        s.push_str("| phase | tokens | exitgraph ms | exitgraph tok/s | candle-transformers ms | candle-transformers tok/s | ours / theirs (time) |");
+        if self.torch.is_some() {
+            s.push_str(" PyTorch ms | PyTorch tok/s | ours / PyTorch (time) |");
+        }
+        s.push_str("\n|---|---:|---:|---:|---:|---:|---:|");
+        if self.torch.is_some() {
+            s.push_str("---:|---:|---:|");
+        }
+        s.push('\n');
         for r in &self.rows {
             s.push_str(&format!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} |\n",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} |",
                 r.phase,
                 r.tokens,
                 r.ours_ms,
@@ -232,7 +508,78 @@ impl BenchReport {
                 r.theirs_tokens_per_s(),
                 r.ratio()
             ));
+            if let (Some(t), Some(ratio)) = (r.torch_ms, r.torch_ratio()) {
+                s.push_str(&format!(
+                    " {:.1} | {:.1} | {:.3} |",
+                    t,
+                    r.tokens as f64 / (t / 1e3),
+                    ratio
+                ));
+            }
+            s.push('\n');
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(torch: bool) -> BenchReport {
+        BenchReport {
+            params: 124_700_000,
+            threads: 2,
+            op_threads: 1,
+            reps: 5,
+            prompt_len: 128,
+            dtype: DType::F32,
+            matmul: "oneMKL",
+            cpu_features: vec!["AVX2", "AVX-512F"],
+            max_logit_diff: 0.0,
+            torch: torch.then(|| TorchCheck {
+                version: "2.15.0".into(),
+                threads: 2,
+                max_logit_diff: 3e-6,
+                tokens_equal: true,
+            }),
+            rows: vec![BenchRow {
+                phase: "prefill",
+                tokens: 128,
+                ours_ms: 100.0,
+                theirs_ms: 125.0,
+                torch_ms: torch.then_some(160.0),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_table_has_rates_and_ratios_computed_by_hand() {
+        // 128 tokens in 100 ms = 1280 tok/s; 125 ms = 1024 tok/s; 100 / 125 = 0.8;
+        // PyTorch: 160 ms = 800 tok/s, 100 / 160 = 0.625.
+        let md = report(true).to_markdown();
+        assert!(
+            md.contains("| prefill | 128 | 100.0 | 1280.0 | 125.0 | 1024.0 | 0.800 | 160.0 | 800.0 | 0.625 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("AVX2, AVX-512F") && md.contains("oneMKL"),
+            "{md}"
+        );
+        assert!(md.contains("greedy tokens equal"), "{md}");
+        let md = report(false).to_markdown();
+        assert!(
+            md.contains("| prefill | 128 | 100.0 | 1280.0 | 125.0 | 1024.0 | 0.800 |\n"),
+            "{md}"
+        );
+        assert!(!md.contains("PyTorch"), "{md}");
+    }
+
+    #[test]
+    fn medians_and_differences() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+        assert_eq!(max_abs_diff(&[1.0, -2.0, 3.0], &[1.5, -2.0, 0.0]), 3.0);
     }
 }

@@ -31,4 +31,5 @@ pub mod generate {
 
 pub mod bench;
 pub mod bench_exits;
+pub mod cpu;
 pub mod eval;

@@ -23,8 +23,30 @@ pub struct Args {
     /// Hidden size of the random model.
     #[arg(long, default_value_t = 768)]
     hidden: usize,
+    /// Attention heads of the random model [default: hidden / 64].
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Key-value heads of the random model [default: as many as heads].
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// MLP intermediate size of the random model [default: hidden * 8 / 3].
+    #[arg(long)]
+    intermediate: Option<usize>,
+    /// Vocabulary of the random model.
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Weights and activations: f32 or bf16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+    /// Also time PyTorch (transformers' LlamaForCausalLM with SDPA) on the same checkpoint,
+    /// same threads, interleaved with ours; needs python3 with torch and transformers.
+    #[arg(long)]
+    torch: bool,
+    /// Keep the random checkpoint in this new folder (e.g. for scripts/profile_torch.py).
+    #[arg(long, conflicts_with = "model")]
+    save_model: Option<PathBuf>,
     /// Benchmark adaptive depth instead: decode speed of early exits and SkipDecode on the
     /// random model, measured against the ideal speedup their paths imply.
     #[arg(long)]
@@ -35,9 +57,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut spec = LlamaSpec::bench_100m();
     spec.layers = a.layers;
     spec.hidden = a.hidden;
-    spec.heads = (a.hidden / 64).max(1);
-    spec.kv_heads = spec.heads;
-    spec.intermediate = a.hidden * 8 / 3;
+    spec.heads = a.heads.unwrap_or((a.hidden / 64).max(1));
+    spec.kv_heads = a.kv_heads.unwrap_or(spec.heads);
+    spec.intermediate = a.intermediate.unwrap_or(a.hidden * 8 / 3);
+    spec.vocab = a.vocab;
+    if spec.heads == 0 || a.hidden % spec.heads != 0 {
+        anyhow::bail!(
+            "bench --heads {}: must divide --hidden {}",
+            spec.heads,
+            a.hidden
+        );
+    }
+    if spec.kv_heads == 0 || spec.heads % spec.kv_heads != 0 {
+        anyhow::bail!(
+            "bench --kv-heads {}: must divide --heads {}",
+            spec.kv_heads,
+            spec.heads
+        );
+    }
+    if a.exits && a.torch {
+        anyhow::bail!(
+            "bench --torch compares full-depth prefill and decode; it does not apply to --exits"
+        );
+    }
     let opts = BenchOptions {
         spec,
         model_dir: a.model,
@@ -45,6 +87,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         decode_tokens: a.decode_tokens,
         reps: a.reps.max(1),
         seed: a.seed,
+        dtype: if a.dtype == "bf16" {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        },
+        torch: a.torch,
+        save_model: a.save_model,
     };
     if a.exits {
         let bar = ProgressBar::new_spinner();

@@ -94,6 +94,9 @@ pub struct AttentionKernel {
     pub differentiable: bool,
 }
 
+/// Queries per block of a long causal call in [`AttentionKernel::attend_grouped`].
+pub const QUERY_BLOCK: usize = 128;
+
 fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
         return Ok(x);
@@ -270,6 +273,21 @@ impl AttentionKernel {
     ) -> Result<Tensor> {
         let (q, k, v) = self.heads_with_rope(q, k, v, ctx)?;
         let (k, v) = Self::append(k, v, ctx, cache)?;
+        if self.differentiable {
+            return self.attend_repeated(&q, k, v, ctx);
+        }
+        self.attend_grouped(&q, &k, &v, ctx)
+    }
+
+    /// Attention with every key-value head copied to its query heads, scaled after the
+    /// product: the training path (its ops carry gradients).
+    fn attend_repeated(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        ctx: &mut AttnCtx,
+    ) -> Result<Tensor> {
         let n_rep = self.heads / self.kv_heads;
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
@@ -282,14 +300,217 @@ impl AttentionKernel {
         if let Some(mask) = ctx.mask(self.causal, self.window, q.device())? {
             att = att.broadcast_add(&mask)?;
         }
-        let att = if self.differentiable {
-            candle_nn::ops::softmax(&att, candle_core::D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&att)?
-        }
-        .to_dtype(dtype)?;
+        let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?.to_dtype(dtype)?;
         att.matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, s, self.heads * d))
+    }
+
+    /// Inference attention over `q: [batch, heads, seq, d]` and every cached position's
+    /// `k, v: [batch, kv_heads, keys, d]`, without copying keys and values:
+    /// - the query heads that share a key-value head are stacked along the query axis, so
+    ///   one product per key-value head serves the whole group;
+    /// - the scale multiplies q (seq × d values) rather than the scores (seq × keys);
+    /// - a causal call of more than [`QUERY_BLOCK`] queries without padding runs in blocks
+    ///   of queries, each against the keys up to its last query only: the scores of keys
+    ///   every query of the block masks are never computed, and a block's scores stay small.
+    ///
+    /// Equal to [`Self::attend_repeated`] up to float rounding: the skipped keys' weights
+    /// are exactly 0 there (masked with `f32::MIN` before the softmax).
+    fn attend_grouped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &mut AttnCtx,
+    ) -> Result<Tensor> {
+        let (b, h, s, d) = q.dims4()?;
+        let kv = self.kv_heads;
+        let n_rep = h / kv;
+        let keys_total = k.dim(2)?;
+        let dtype = q.dtype();
+        let q = (q * self.scale)?;
+        let mask = ctx.mask(self.causal, self.window, q.device())?;
+        let block = if self.causal && ctx.key_mask.is_none() && s > QUERY_BLOCK {
+            QUERY_BLOCK
+        } else {
+            s
+        };
+        let mut outs = Vec::with_capacity(s.div_ceil(block));
+        let mut first = 0;
+        while first < s {
+            let rows = block.min(s - first);
+            let keys = if rows < s {
+                (ctx.start + first + rows).min(keys_total)
+            } else {
+                keys_total
+            };
+            let qb = if rows < s {
+                q.narrow(2, first, rows)?.contiguous()?
+            } else {
+                q.clone()
+            };
+            let qb = qb.reshape((b, kv, n_rep * rows, d))?;
+            let (kb, vb) = if keys < keys_total {
+                (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?)
+            } else {
+                (k.clone(), v.clone())
+            };
+            let mut att = qb.matmul(&kb.t()?)?;
+            if dtype != DType::F32 {
+                att = att.to_dtype(DType::F32)?;
+            }
+            if let Some(m) = &mask {
+                // A padding-only mask has one row for every query.
+                let m = if m.dim(2)? == 1 {
+                    m.narrow(3, 0, keys)?
+                } else {
+                    m.narrow(2, first, rows)?.narrow(3, 0, keys)?
+                };
+                let m = m.reshape((m.dim(0)?, 1, 1, m.dim(2)?, keys))?;
+                att = att
+                    .reshape((b, kv, n_rep, rows, keys))?
+                    .broadcast_add(&m)?
+                    .reshape((b, kv, n_rep * rows, keys))?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
+            outs.push(att.matmul(&vb)?.reshape((b, h, rows, d))?);
+            first += rows;
+        }
+        let y = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 2)?
+        };
+        y.transpose(1, 2)?.reshape((b, s, h * d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use proptest::prelude::*;
+
+    fn kernel(
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        causal: bool,
+        window: Option<usize>,
+    ) -> AttentionKernel {
+        let dev = Device::Cpu;
+        let w = |o: usize, i: usize| Tensor::zeros((o, i), DType::F32, &dev);
+        let hidden = heads * d;
+        AttentionKernel {
+            qkv: FusedLinear::separate(vec![(
+                w(hidden, hidden).unwrap_or_else(|e| panic!("{e}")),
+                None,
+            )]),
+            o: Linear::new(w(hidden, hidden).unwrap_or_else(|e| panic!("{e}")), None),
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale: 1.0 / (d as f64).sqrt(),
+            causal,
+            window,
+            rope: None,
+            differentiable: false,
+        }
+    }
+
+    /// Random `[b, h, s, d]` values in [-2, 2) from a small linear congruential stream.
+    fn values(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Both attention paths on the same q, k, v; returns the largest difference.
+    #[allow(clippy::too_many_arguments)]
+    fn max_diff(
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        batch: usize,
+        start: usize,
+        seq: usize,
+        causal: bool,
+        window: Option<usize>,
+        pad: usize,
+        seed: u64,
+    ) -> Result<f32> {
+        let k = kernel(heads, kv_heads, d, causal, window);
+        let keys = start + seq;
+        let q = values((batch, heads, seq, d), seed);
+        let kk = values((batch, kv_heads, keys, d), seed + 1);
+        let v = values((batch, kv_heads, keys, d), seed + 2);
+        // Left padding of the last sequence in the batch.
+        let key_mask = (pad > 0).then(|| {
+            let mut m = vec![1f32; batch * keys];
+            for slot in m
+                .iter_mut()
+                .skip((batch - 1) * keys)
+                .take(pad.min(keys - 1))
+            {
+                *slot = 0.0;
+            }
+            Tensor::from_vec(m, (batch, keys), &Device::Cpu)
+        });
+        let key_mask = key_mask.transpose()?;
+        let mut ctx = AttnCtx::new(start, seq, key_mask.clone());
+        let a = k.attend_repeated(&q, kk.clone(), v.clone(), &mut ctx)?;
+        let mut ctx = AttnCtx::new(start, seq, key_mask);
+        let b = k.attend_grouped(&q, &kk, &v, &mut ctx)?;
+        assert_eq!(a.dims(), b.dims());
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn grouped_blocks_equal_repeated_heads_on_a_long_causal_prefill() -> Result<()> {
+        // 300 queries after 5 cached positions: three query blocks (128, 128, 44), each
+        // against only the keys up to its last query; 6 query heads share 2 key-value heads.
+        const _: () = assert!(300 > 2 * QUERY_BLOCK);
+        let diff = max_diff(6, 2, 8, 2, 5, 300, true, None, 0, 7)?;
+        assert!(diff < 1e-5, "{diff}");
+        // A sliding window and a single decode step.
+        let diff = max_diff(4, 1, 8, 1, 40, 200, true, Some(33), 0, 8)?;
+        assert!(diff < 1e-5, "{diff}");
+        let diff = max_diff(4, 2, 8, 2, 250, 1, true, None, 0, 9)?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Invariant: inference attention (grouped heads without copies, the scale on q,
+        /// causal query blocks) equals attention with repeated key-value heads, for any
+        /// head grouping, cached prefix, call length, mask kind and padding.
+        #[test]
+        fn grouped_attention_equals_repeated(
+            (heads, kv_heads) in prop_oneof![Just((1, 1)), Just((2, 1)), Just((4, 2)), Just((6, 3)), Just((6, 1))],
+            d in prop_oneof![Just(4usize), Just(8)],
+            batch in 1usize..3,
+            start in 0usize..24,
+            seq in prop_oneof![1usize..8, 120usize..300],
+            causal in any::<bool>(),
+            window in prop_oneof![Just(None), (1usize..64).prop_map(Some)],
+            pad in prop_oneof![Just(0usize), 1usize..6],
+            seed in 0u64..1000,
+        ) {
+            let diff = max_diff(heads, kv_heads, d, batch, start, seq, causal, window, pad, seed)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(diff < 1e-5, "max difference {}", diff);
+        }
     }
 }

@@ -1,0 +1,73 @@
+"""PyTorch side of `exitgraph bench --torch`.
+
+Loads a Llama checkpoint with transformers' LlamaForCausalLM (eager PyTorch, SDPA attention)
+and times the same work as the Rust side: one prefill call over the prompt, then greedy
+single-token decode steps with the KV cache, feeding back the argmax. The Rust side drives
+it over stdin/stdout, one JSON object per line, so that repetitions of the three
+implementations interleave in one run:
+
+  -> {"cmd": "check"}                 <- {"logits": [...last position after prefill...]}
+  -> {"cmd": "run"}                   <- {"prefill_ms": .., "decode_ms": .., "tokens": [...]}
+  -> {"cmd": "quit"}
+
+Arguments: MODEL_DIR PROMPT_LEN DECODE_TOKENS THREADS DTYPE (float32 or bfloat16).
+"""
+
+import json
+import sys
+import time
+
+
+def main():
+    model_dir, prompt_len, decode, threads, dtype = sys.argv[1:6]
+    prompt_len, decode, threads = int(prompt_len), int(decode), int(threads)
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = LlamaForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype, attn_implementation="sdpa"
+    )
+    model.eval()
+    vocab = model.config.vocab_size
+    # The same prompt as the Rust side: token i is (i * 7919 + 13) mod vocab.
+    ids = torch.tensor([[(i * 7919 + 13) % vocab for i in range(prompt_len)]])
+
+    def run(steps):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            logits = out.logits[0, -1]
+            nxt = int(logits.argmax())
+            prefill = (time.perf_counter() - t0) * 1e3
+            past = out.past_key_values
+            tokens = [nxt]
+            t1 = time.perf_counter()
+            for _ in range(steps):
+                out = model(
+                    input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True
+                )
+                past = out.past_key_values
+                nxt = int(out.logits[0, -1].argmax())
+                tokens.append(nxt)
+            decode_ms = (time.perf_counter() - t1) * 1e3
+        return prefill, decode_ms, logits, tokens
+
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads(),
+                      "torch": torch.__version__}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)["cmd"]
+        if cmd == "check":
+            _, _, logits, _ = run(1)
+            reply = {"logits": logits.float().tolist()}
+        elif cmd == "run":
+            p, d, _, tokens = run(decode)
+            reply = {"prefill_ms": p, "decode_ms": d, "tokens": tokens}
+        else:
+            break
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
