@@ -16,10 +16,34 @@ cd "$(dirname "$0")/.."
 version=2026.2.0
 prefix="${EXITGRAPH_MKL_PREFIX:-${XDG_CACHE_HOME:-$HOME/.cache}/exitgraph/mkl-$version}"
 pc="$prefix/lib/pkgconfig"
-if [ ! -f "$pc/mkl-static-lp64-iomp.pc" ] || [ ! -f "$prefix/lib/libiomp5.so" ]; then
+# Written last: a prefix without it is incomplete and is filled again.
+stamp="$prefix/.installed-$version"
+if [ ! -f "$stamp" ]; then
   echo "installing oneMKL $version into $prefix" >&2
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --ignore-installed \
-    --require-hashes --prefix "$prefix" -r scripts/mkl-requirements.txt
+  # pip checks the hashes; the wheels' data files (lib/, include/) are unpacked into the
+  # prefix directly, so the layout does not depend on the Python's install scheme
+  # (Debian's system Python would put `pip install --prefix` data under local/).
+  wheels="$(mktemp -d)"
+  trap 'rm -rf "$wheels"' EXIT
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --require-hashes -r scripts/mkl-requirements.txt -d "$wheels"
+  mkdir -p "$prefix"
+  python3 - "$wheels" "$prefix" <<'PY'
+import pathlib, sys, zipfile
+wheels, prefix = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for wheel in sorted(wheels.glob("*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            # <name>.data/data/<path> holds the files a wheel installs under its prefix.
+            if len(parts) > 2 and parts[0].endswith(".data") and parts[1] == "data" and not info.is_dir():
+                target = prefix.joinpath(*parts[2:])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(z.read(info))
+PY
+  rm -rf "$wheels"
+  trap - EXIT
+  touch "$stamp"
 fi
 if ! command -v pkg-config >/dev/null; then
   echo "pkg-config is required to find oneMKL (apt-get install pkg-config)" >&2

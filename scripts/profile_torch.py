@@ -36,7 +36,7 @@ def main():
     ids = torch.tensor([[(i * 7919 + 13) % vocab for i in range(a.prompt_len)]])
 
     def prefill():
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         return out.past_key_values, int(out.logits[0, -1].argmax())
 
     def decode(past, nxt):

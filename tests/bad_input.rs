@@ -1205,4 +1205,6 @@ fn bench_shapes_and_save_folder_are_checked() {
     assert_mentions(&e, &["--save-model", "already exists"]);
     let e = exitgraph_fails(&["bench", "--exits", "--torch"]);
     assert_mentions(&e, &["--torch", "--exits"]);
+    let e = exitgraph_fails(&["bench", "--exits", "--dtype", "bf16"]);
+    assert_mentions(&e, &["--dtype", "--exits"]);
 }

@@ -544,8 +544,22 @@ fn bench_times_a_saved_random_model_and_names_the_cpu() {
         "2",
         "--reps",
         "1",
+        "--profile",
     ]));
     assert!(out.contains("| prefill | 5 |"), "{out}");
+    // The op profile names the projections, attention's parts and the LM head of each phase,
+    // with the LM head once per call (prefill: 1, decode: 2 steps).
+    for needle in [
+        "exitgraph prefill",
+        "exitgraph decode",
+        "| gate/up projection [1, 5, 64] | 2 |",
+        "| q/k/v projection [1, 1, 64] | 4 |",
+        "| softmax |",
+        "| LM head [1, 1, 64] | 1 |",
+        "| LM head [1, 1, 64] | 2 |",
+    ] {
+        assert!(out.contains(needle), "expected {needle:?} in {out}");
+    }
     // The two implementations agree on the same weights.
     let diff: f64 = out
         .split("max |logit difference| vs candle-transformers ")

@@ -25,6 +25,128 @@ pub struct BenchOptions {
     pub torch: bool,
     /// Keep the random checkpoint in this folder (for profiling the same weights elsewhere).
     pub save_model: Option<PathBuf>,
+    /// Also time our program op by op (after the timed repetitions, in separate runs).
+    pub profile: bool,
+}
+
+/// Our time per op in one phase, averaged over the profiled runs.
+#[derive(Clone, Debug)]
+pub struct PhaseProfile {
+    pub phase: &'static str,
+    /// Wall time of the phase per run, ms.
+    pub wall_ms: f64,
+    /// (op and shape, calls per run, ms per run), largest first.
+    pub ops: Vec<(String, f64, f64)>,
+}
+
+impl PhaseProfile {
+    fn from_table(
+        phase: &'static str,
+        wall_ms: f64,
+        table: std::collections::BTreeMap<String, exitgraph_compiler::op_profile::OpTime>,
+        runs: usize,
+    ) -> Self {
+        let runs = runs.max(1) as f64;
+        let mut ops: Vec<(String, f64, f64)> = table
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    name,
+                    t.calls as f64 / runs,
+                    t.total.as_secs_f64() * 1e3 / runs,
+                )
+            })
+            .collect();
+        ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+        PhaseProfile {
+            phase,
+            wall_ms: wall_ms / runs,
+            ops,
+        }
+    }
+
+    /// The phase's time no instrumented op accounts for (dispatch between ops, argmax,
+    /// building inputs, masks and RoPE tables).
+    pub fn unattributed_ms(&self) -> f64 {
+        self.wall_ms - self.ops.iter().map(|o| o.2).sum::<f64>()
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut s = format!(
+            "exitgraph {}, {:.1} ms per run\n\n| op | calls | ms | % of the phase |\n|---|---:|---:|---:|\n",
+            self.phase, self.wall_ms
+        );
+        let pct = |ms: f64| 100.0 * ms / self.wall_ms;
+        for (name, calls, ms) in &self.ops {
+            s.push_str(&format!(
+                "| {name} | {calls:.0} | {ms:.2} | {:.1} |\n",
+                pct(*ms)
+            ));
+        }
+        let rest = self.unattributed_ms();
+        s.push_str(&format!(
+            "| (between ops: dispatch, argmax, masks, tables) | | {rest:.2} | {:.1} |\n",
+            pct(rest)
+        ));
+        s
+    }
+}
+
+/// Runs prefill and decode `runs` times with op timing on: (prefill, decode) profiles.
+fn profile_ours(
+    program: &Program,
+    prompt: &Tensor,
+    decode: usize,
+    runs: usize,
+) -> anyhow::Result<(PhaseProfile, PhaseProfile)> {
+    use exitgraph_compiler::op_profile;
+    let inputs = |ids: Tensor| Inputs {
+        input_ids: ids,
+        attention_mask: None,
+        token_type_ids: None,
+    };
+    op_profile::take();
+    op_profile::enable(true);
+    let mut prefill_table = std::collections::BTreeMap::new();
+    let mut decode_table = std::collections::BTreeMap::new();
+    let (mut prefill_ms, mut decode_ms) = (0.0, 0.0);
+    let result = (|| -> anyhow::Result<()> {
+        for _ in 0..runs {
+            let mut cache = program.new_cache();
+            let t0 = Instant::now();
+            let mut out =
+                program.forward(&inputs(prompt.clone()), &mut cache, &["logits"], true)?;
+            let mut next = argmax_last(&out.remove("logits").context("no logits")?)?;
+            prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
+            merge(&mut prefill_table, op_profile::take());
+            let t1 = Instant::now();
+            for _ in 0..decode {
+                let ids = Tensor::new(&[[next]], prompt.device())?;
+                let mut out = program.forward(&inputs(ids), &mut cache, &["logits"], true)?;
+                next = argmax_last(&out.remove("logits").context("no logits")?)?;
+            }
+            decode_ms += t1.elapsed().as_secs_f64() * 1e3;
+            merge(&mut decode_table, op_profile::take());
+        }
+        Ok(())
+    })();
+    op_profile::enable(false);
+    result?;
+    Ok((
+        PhaseProfile::from_table("prefill", prefill_ms, prefill_table, runs),
+        PhaseProfile::from_table("decode", decode_ms, decode_table, runs),
+    ))
+}
+
+fn merge(
+    into: &mut std::collections::BTreeMap<String, exitgraph_compiler::op_profile::OpTime>,
+    from: std::collections::BTreeMap<String, exitgraph_compiler::op_profile::OpTime>,
+) {
+    for (k, v) in from {
+        let e = into.entry(k).or_default();
+        e.total += v.total;
+        e.calls += v.calls;
+    }
 }
 
 /// Median times of one phase.
@@ -69,7 +191,7 @@ pub struct TorchCheck {
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub params: usize,
-    /// Threads of the matmuls (MKL's in an `mkl` build) and of candle's other ops.
+    /// Threads of the matmuls (MKL's in an `mkl` build) and of candle's elementwise ops.
     pub threads: usize,
     pub op_threads: usize,
     pub reps: usize,
@@ -83,6 +205,8 @@ pub struct BenchReport {
     pub max_logit_diff: f32,
     pub torch: Option<TorchCheck>,
     pub rows: Vec<BenchRow>,
+    /// Our op-by-op profile (prefill, decode) when asked for.
+    pub profile: Option<(PhaseProfile, PhaseProfile)>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -166,11 +290,12 @@ fn last_row(logits: &Tensor, n: usize) -> anyhow::Result<Vec<f32>> {
     Ok(flat.narrow(0, flat.dim(0)? - n, n)?.to_vec1::<f32>()?)
 }
 
+/// Largest |a - b|; NaN when any difference is NaN (a NaN logit must not pass a check).
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, |acc, d| if d.is_nan() || d > acc { d } else { acc })
 }
 
 /// Runs the benchmark; `progress` is called after each repetition.
@@ -296,6 +421,16 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
     if let Some(side) = torch {
         side.quit();
     }
+    let profile = if opts.profile {
+        Some(profile_ours(
+            &program,
+            &prompt,
+            opts.decode_tokens,
+            opts.reps,
+        )?)
+    } else {
+        None
+    };
     let [po, pt, dec_o, dec_t, pp, dec_p] = times;
     let torch_median = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
     Ok(BenchReport {
@@ -309,6 +444,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
         cpu_features: crate::cpu::features(),
         max_logit_diff,
         torch: torch_check,
+        profile,
         rows: vec![
             BenchRow {
                 phase: "prefill",
@@ -463,7 +599,7 @@ impl BenchReport {
             "f32"
         };
         let mut s = format!(
-            "Llama, {:.1}M parameters, {dtype}, CPU ({} matmul threads, candle ops on {}; {}), candle matmuls by {}, \
+            "Llama, {:.1}M parameters, {dtype}, CPU ({} matmul threads, candle elementwise ops on {}; {}), candle matmuls by {}, \
              prompt {} tokens, median of {} runs; max |logit difference| vs candle-transformers {:.2e}\n",
             self.params as f64 / 1e6,
             self.threads,
@@ -518,6 +654,13 @@ impl BenchReport {
             }
             s.push('\n');
         }
+        if let Some((prefill, decode)) = &self.profile {
+            s.push_str(&format!(
+                "\n{}\n{}",
+                prefill.to_markdown(),
+                decode.to_markdown()
+            ));
+        }
         s
     }
 }
@@ -543,6 +686,7 @@ mod tests {
                 max_logit_diff: 3e-6,
                 tokens_equal: true,
             }),
+            profile: None,
             rows: vec![BenchRow {
                 phase: "prefill",
                 tokens: 128,
@@ -581,5 +725,7 @@ mod tests {
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(vec![]).is_nan());
         assert_eq!(max_abs_diff(&[1.0, -2.0, 3.0], &[1.5, -2.0, 0.0]), 3.0);
+        assert!(max_abs_diff(&[1.0, f32::NAN, 3.0], &[1.0, 2.0, 3.0]).is_nan());
+        assert!(max_abs_diff(&[f32::NAN, 5.0], &[1.0, 2.0]).is_nan());
     }
 }

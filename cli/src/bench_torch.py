@@ -1,8 +1,9 @@
 """PyTorch side of `exitgraph bench --torch`.
 
 Loads a Llama checkpoint with transformers' LlamaForCausalLM (eager PyTorch, SDPA attention)
-and times the same work as the Rust side: one prefill call over the prompt, then greedy
-single-token decode steps with the KV cache, feeding back the argmax. The Rust side drives
+and times the same work as the Rust side: one prefill call over the prompt (logits for the
+last position only, `logits_to_keep=1`, as `generate` asks and as our prefill computes),
+then greedy single-token decode steps with the KV cache, feeding back the argmax. The Rust side drives
 it over stdin/stdout, one JSON object per line, so that repetitions of the three
 implementations interleave in one run:
 
@@ -37,7 +38,7 @@ def main():
     def run(steps):
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1]
             nxt = int(logits.argmax())
             prefill = (time.perf_counter() - t0) * 1e3

@@ -54,11 +54,14 @@ fn detected() -> Vec<&'static str> {
 }
 
 /// Sets the thread split of an `mkl` build before any candle op runs: MKL's OpenMP threads
-/// do the matmuls and candle's own pool (elementwise ops, softmax, norms) runs on the
-/// calling thread, unless `CANDLE_NUM_THREADS` says otherwise. With both pools at one
-/// thread per core, OpenMP's workers spin after every matmul on the cores candle's workers
-/// need: on 2 cores this cost 10-25% of prefill and 3-7% of decode (docs/benchmarks.md).
-/// Without the `mkl` feature it does nothing.
+/// do the matmuls and candle's elementwise maps (unary and binary ops, its barrier pool,
+/// sized by `CANDLE_NUM_THREADS`) run on the calling thread, unless `CANDLE_NUM_THREADS`
+/// says otherwise. candle-nn's fused norms, softmax and RoPE keep rayon's pool
+/// (`RAYON_NUM_THREADS`): limiting that one too made prefill's softmax twice as slow. With
+/// both pools at one thread per core, OpenMP's workers spin after every matmul on the cores
+/// candle's workers need: on 2 cores this cost 10-20% of prefill and 2-7% of decode
+/// (docs/benchmarks.md). It applies to every command of an `mkl` build (training was not
+/// measured with it). Without the `mkl` feature it does nothing.
 pub fn configure_threads() {
     if cfg!(feature = "mkl") && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
@@ -66,7 +69,7 @@ pub fn configure_threads() {
 }
 
 /// Threads of the CPU matmuls: MKL's OpenMP threads in an `mkl` build (`MKL_NUM_THREADS`,
-/// then `OMP_NUM_THREADS`, else one per core), candle's thread count otherwise.
+/// then `OMP_NUM_THREADS`, else one per available CPU), candle's thread count otherwise.
 pub fn matmul_threads() -> usize {
     let env = |k: &str| {
         std::env::var(k)
@@ -77,14 +80,14 @@ pub fn matmul_threads() -> usize {
     if cfg!(feature = "mkl") {
         env("MKL_NUM_THREADS")
             .or_else(|| env("OMP_NUM_THREADS"))
-            .unwrap_or_else(candle_core::utils::get_num_threads)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     } else {
         candle_core::utils::get_num_threads()
     }
 }
 
-/// Threads of candle's own pool (elementwise ops, softmax, norms): `CANDLE_NUM_THREADS`,
-/// else `RAYON_NUM_THREADS`, else one per core, as candle reads them.
+/// Threads of candle's elementwise maps (its barrier pool): `CANDLE_NUM_THREADS`, else
+/// `RAYON_NUM_THREADS`, else one per core, as candle reads them.
 pub fn op_threads() -> usize {
     ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"]
         .iter()

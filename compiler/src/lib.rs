@@ -11,6 +11,7 @@ pub mod exits;
 pub mod generate;
 pub mod inspect;
 pub mod lower;
+pub mod op_profile;
 pub mod pipeline;
 pub mod ron_file;
 pub mod synth;

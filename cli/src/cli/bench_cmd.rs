@@ -47,6 +47,10 @@ pub struct Args {
     /// Keep the random checkpoint in this new folder (e.g. for scripts/profile_torch.py).
     #[arg(long, conflicts_with = "model")]
     save_model: Option<PathBuf>,
+    /// Also print our time op by op (projections, attention's parts, norms, activations,
+    /// adds, LM head) for prefill and decode, from separate runs after the timed ones.
+    #[arg(long)]
+    profile: bool,
     /// Benchmark adaptive depth instead: decode speed of early exits and SkipDecode on the
     /// random model, measured against the ideal speedup their paths imply.
     #[arg(long)]
@@ -75,10 +79,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             spec.heads
         );
     }
-    if a.exits && a.torch {
-        anyhow::bail!(
-            "bench --torch compares full-depth prefill and decode; it does not apply to --exits"
-        );
+    if a.exits {
+        for (given, flag) in [
+            (a.torch, "--torch"),
+            (a.profile, "--profile"),
+            (a.save_model.is_some(), "--save-model"),
+            (a.dtype != "f32", "--dtype"),
+        ] {
+            if given {
+                anyhow::bail!(
+                    "bench {flag} applies to the full-depth prefill and decode benchmark, not to --exits (f32, random model)"
+                );
+            }
+        }
     }
     let opts = BenchOptions {
         spec,
@@ -94,6 +107,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         torch: a.torch,
         save_model: a.save_model,
+        profile: a.profile,
     };
     if a.exits {
         let bar = ProgressBar::new_spinner();

@@ -5,6 +5,7 @@
 use super::attention::AttnCtx;
 use super::{Kernel, KvCache, Program, RunError};
 use crate::lower::adapter::project;
+use crate::op_profile::{shape, time as timed};
 use candle_core::{DType, Tensor};
 use exitgraph_ir::NodeIndex;
 use std::collections::BTreeMap;
@@ -169,20 +170,33 @@ impl Program {
             let lora = |k: usize| step.adapters.get(k).and_then(Option::as_ref);
             let out = match &step.kernel {
                 Kernel::Input => Ok(inputs.input_ids.clone()),
-                Kernel::Embedding(e) => e.forward(arg(0), start, inputs.token_type_ids.as_ref()),
+                Kernel::Embedding(e) => timed(
+                    || "embedding".to_string(),
+                    || e.forward(arg(0), start, inputs.token_type_ids.as_ref()),
+                ),
                 Kernel::Norm(n) => n.forward(arg(0)),
                 Kernel::Attention(a) => step.slot().and_then(|slot| {
                     a.forward(arg(0), &mut ctx, cache.slot_mut(slot)?, &step.adapters)
                 }),
                 Kernel::Mlp(m) => m.forward(arg(0), &step.adapters),
-                Kernel::Add => arg(0) + arg(1),
+                Kernel::Add => timed(
+                    || format!("residual add {}", shape(arg(0))),
+                    || arg(0) + arg(1),
+                ),
                 Kernel::LmHead(l) => {
                     let x = arg(0);
                     if last_logits_only && seq > 1 {
-                        x.narrow(1, seq - 1, 1)
-                            .and_then(|x| project(l, lora(0), &x))
+                        x.narrow(1, seq - 1, 1).and_then(|x| {
+                            timed(
+                                || format!("LM head {}", shape(&x)),
+                                || project(l, lora(0), &x),
+                            )
+                        })
                     } else {
-                        project(l, lora(0), x)
+                        timed(
+                            || format!("LM head {}", shape(x)),
+                            || project(l, lora(0), x),
+                        )
                     }
                 }
                 Kernel::Pool(p) => p.forward(arg(0), query_mask.as_ref()),

@@ -2,6 +2,7 @@
 
 use super::adapter::{adapt, project, Lora};
 use super::fused::FusedLinear;
+use crate::op_profile::{shape, time as timed};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::Linear;
 use exitgraph_ir::op::{Activation, NormKind, PoolMode};
@@ -107,12 +108,15 @@ impl NormKernel {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         use candle_nn::ops;
         let (w, b, eps) = (&self.weight, &self.bias, self.eps);
-        match (self.kind, self.differentiable) {
-            (NormKind::Rms, false) => ops::rms_norm(x, w, eps),
-            (NormKind::Rms, true) => ops::rms_norm_slow(x, w, eps),
-            (NormKind::Layer, false) => ops::layer_norm(x, w, b, eps),
-            (NormKind::Layer, true) => ops::layer_norm_slow(x, w, b, eps),
-        }
+        timed(
+            || format!("{:?} norm {}", self.kind, shape(x)),
+            || match (self.kind, self.differentiable) {
+                (NormKind::Rms, false) => ops::rms_norm(x, w, eps),
+                (NormKind::Rms, true) => ops::rms_norm_slow(x, w, eps),
+                (NormKind::Layer, false) => ops::layer_norm(x, w, b, eps),
+                (NormKind::Layer, true) => ops::layer_norm_slow(x, w, b, eps),
+            },
+        )
     }
 }
 
@@ -145,17 +149,38 @@ impl MlpKernel {
         let lora = |i: usize| adapters.get(i).and_then(Option::as_ref);
         let (h, down) = match &self.input {
             MlpIn::Gated(gate_up) => {
-                let mut parts = gate_up.forward(x)?.into_iter();
-                let (Some(gate), Some(up)) = (parts.next(), parts.next()) else {
-                    candle_core::bail!("the fused gate/up projection has no two parts");
-                };
-                let gate = adapt(lora(0), x, gate)?;
-                let up = adapt(lora(1), x, up)?;
-                ((activate(self.act, &gate)? * up)?, lora(2))
+                let (gate, up) = timed(
+                    || format!("gate/up projection {}", shape(x)),
+                    || {
+                        let mut parts = gate_up.forward(x)?.into_iter();
+                        let (Some(gate), Some(up)) = (parts.next(), parts.next()) else {
+                            candle_core::bail!("the fused gate/up projection has no two parts");
+                        };
+                        Ok((adapt(lora(0), x, gate)?, adapt(lora(1), x, up)?))
+                    },
+                )?;
+                let h = timed(
+                    || format!("{:?}(gate) × up {}", self.act, shape(&gate)),
+                    || activate(self.act, &gate)? * up,
+                )?;
+                (h, lora(2))
             }
-            MlpIn::Plain(up) => (activate(self.act, &project(up, lora(0), x)?)?, lora(1)),
+            MlpIn::Plain(up) => {
+                let h = timed(
+                    || format!("up projection {}", shape(x)),
+                    || project(up, lora(0), x),
+                )?;
+                let h = timed(
+                    || format!("{:?} {}", self.act, shape(&h)),
+                    || activate(self.act, &h),
+                )?;
+                (h, lora(1))
+            }
         };
-        project(&self.down, down, &h)
+        timed(
+            || format!("down projection {}", shape(&h)),
+            || project(&self.down, down, &h),
+        )
     }
 
     /// Every stored tensor the kernel holds.
