@@ -186,12 +186,16 @@ impl Program {
                 Kernel::LmHead(l) => {
                     let x = arg(0);
                     if last_logits_only && seq > 1 {
-                        x.narrow(1, seq - 1, 1).and_then(|x| {
-                            timed(
-                                || format!("LM head {}", shape(&x)),
-                                || project(l, lora(0), &x),
-                            )
-                        })
+                        // Contiguous: candle's `Linear` multiplies a strided input by a
+                        // broadcast copy of the weight (the `gemm` crate took 2.4× as long).
+                        x.narrow(1, seq - 1, 1)
+                            .and_then(|x| x.contiguous())
+                            .and_then(|x| {
+                                timed(
+                                    || format!("LM head {}", shape(&x)),
+                                    || project(l, lora(0), &x),
+                                )
+                            })
                     } else {
                         timed(
                             || format!("LM head {}", shape(x)),
