@@ -52,7 +52,6 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    exitgraph::cpu::configure_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -61,6 +60,11 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Inference commands only: training's backward pass is elementwise-heavy and was 1.7×
+    // slower with candle's pool on one thread (docs/benchmarks.md).
+    if !matches!(cli.command, Command::Train(_)) {
+        exitgraph::cpu::configure_threads();
+    }
     let result = match cli.command {
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Forward(a) => forward_cmd::run(a),
