@@ -60,7 +60,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    // Inference commands only: training's backward pass is elementwise-heavy and was 1.7×
+    // Inference commands only: training's backward pass is elementwise-heavy and was 1.2-1.35×
     // slower with candle's pool on one thread (docs/benchmarks.md).
     if !matches!(cli.command, Command::Train(_)) {
         exitgraph::cpu::configure_threads();
