@@ -570,3 +570,66 @@ fn bench_times_a_saved_random_model_and_names_the_cpu() {
         .unwrap();
     assert!(diff < 1e-4, "{out}");
 }
+
+/// `bench --torch` on a tiny model: with PyTorch and transformers importable it adds the
+/// PyTorch column and the logits agree; without them it fails saying what to install.
+#[test]
+fn bench_torch_compares_with_pytorch_or_says_what_is_missing() {
+    let have_torch = Command::new("python3")
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let args = [
+        "bench",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--intermediate",
+        "96",
+        "--vocab",
+        "300",
+        "--prompt-len",
+        "6",
+        "--decode-tokens",
+        "2",
+        "--reps",
+        "1",
+        "--torch",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    if have_torch {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = stdout(&out);
+        assert!(text.contains("ours / PyTorch (time)"), "{text}");
+        assert!(text.contains("greedy tokens"), "{text}");
+        let diff: f64 = text
+            .split("max |logit difference| vs ours ")
+            .nth(1)
+            .and_then(|t| t.split(',').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(diff < 1e-4, "{text}");
+    } else {
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("bench --torch") && err.contains("pip install torch transformers"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

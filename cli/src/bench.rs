@@ -514,7 +514,10 @@ impl TorchSide {
             .stdout(Stdio::piped())
             .stderr(stderr.reopen()?)
             .spawn()
-            .context("bench --torch: cannot start python3")?;
+            .context(
+                "bench --torch: cannot start python3 (it needs python3 with torch and \
+                 transformers: pip install torch transformers)",
+            )?;
         let stdin = child.stdin.take().context("no stdin")?;
         let stdout = std::io::BufReader::new(child.stdout.take().context("no stdout")?);
         let mut side = TorchSide {
