@@ -723,6 +723,39 @@ mod tests {
     }
 
     #[test]
+    fn phase_profile_averages_per_run_and_keeps_the_rest() {
+        use exitgraph_compiler::op_profile::OpTime;
+        use std::time::Duration;
+        // Two runs: "mlp" 30 ms in 24 calls, "norm" 10 ms in 50 calls; the phase took 50 ms
+        // in all. Per run: mlp 15 ms / 12 calls, norm 5 ms / 25 calls, wall 25 ms, so
+        // 25 - 15 - 5 = 5 ms between ops; mlp is 60% of the phase.
+        let mut t = std::collections::BTreeMap::new();
+        t.insert(
+            "norm".to_string(),
+            OpTime {
+                total: Duration::from_millis(10),
+                calls: 50,
+            },
+        );
+        t.insert(
+            "mlp".to_string(),
+            OpTime {
+                total: Duration::from_millis(30),
+                calls: 24,
+            },
+        );
+        let p = PhaseProfile::from_table("prefill", 50.0, t, 2);
+        assert_eq!(p.wall_ms, 25.0);
+        assert_eq!(p.ops[0].0, "mlp", "largest first");
+        assert!((p.ops[0].1 - 12.0).abs() < 1e-9 && (p.ops[0].2 - 15.0).abs() < 1e-9);
+        assert!((p.ops[1].1 - 25.0).abs() < 1e-9 && (p.ops[1].2 - 5.0).abs() < 1e-9);
+        assert!((p.unattributed_ms() - 5.0).abs() < 1e-9);
+        let md = p.to_markdown();
+        assert!(md.contains("| mlp | 12 | 15.00 | 60.0 |"), "{md}");
+        assert!(md.contains("| 5.00 | 20.0 |"), "{md}");
+    }
+
+    #[test]
     fn medians_and_differences() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
