@@ -1208,3 +1208,66 @@ fn bench_shapes_and_save_folder_are_checked() {
     let e = exitgraph_fails(&["bench", "--exits", "--dtype", "bf16"]);
     assert_mentions(&e, &["--dtype", "--exits"]);
 }
+
+/// `--cuda N` on a build without the `cuda` feature says which feature and how to build it,
+/// from every command that takes it and from a pipeline's `device: Cuda(N)`.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_says_how_to_build_it() {
+    let dir = tiny_llama();
+    let input = dir.join("reference.safetensors");
+    let out = tempfile::tempdir().unwrap();
+    let output = out.path().join("out.safetensors");
+    let e = exitgraph_fails(&[
+        "forward",
+        dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--cuda",
+        "0",
+    ]);
+    assert_mentions(&e, &["Cuda(0)", "`cuda` feature", "scripts/build-cuda.sh"]);
+    assert!(!output.exists(), "no output is written");
+    let e = exitgraph_fails(&["bench", "--layers", "1", "--hidden", "64", "--cuda", "1"]);
+    assert_mentions(&e, &["Cuda(1)", "`cuda` feature", "scripts/build-cuda.sh"]);
+    let pipeline = out.path().join("gpu.ron");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "Pipeline(model: {:?}, device: Cuda(0))",
+            dir.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let e = exitgraph_fails(&["run", pipeline.to_str().unwrap(), "--prompt", "a"]);
+    assert_mentions(&e, &["Cuda(0)", "`cuda` feature"]);
+}
+
+/// In a `cuda` build run against the link stubs instead of a driver (CI has no GPU):
+/// `--cuda 0` names the device, the driver it needs and how to list GPUs.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_driver_names_what_is_missing() {
+    if std::env::var_os("EXITGRAPH_CUDA_STUB_DRIVER").is_none() {
+        eprintln!("skipped: set EXITGRAPH_CUDA_STUB_DRIVER=1 with the link stubs as the driver");
+        return;
+    }
+    let dir = tiny_llama();
+    let input = dir.join("reference.safetensors");
+    let out = tempfile::tempdir().unwrap();
+    let output = out.path().join("out.safetensors");
+    let e = exitgraph_fails(&[
+        "forward",
+        dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--cuda",
+        "0",
+    ]);
+    assert_mentions(&e, &["Cuda(0)", "not available", "R580", "nvidia-smi"]);
+    assert!(!output.exists(), "no output is written");
+}

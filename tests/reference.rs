@@ -7,13 +7,13 @@ use candle_core::{DType, Device, Tensor};
 use exitgraph::generate::{generate, GenerateOptions};
 use exitgraph::lower::{Inputs, Program};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+#[path = "common/device.rs"]
+mod device;
+use device::{fixtures, test_device};
 
 const TOLERANCE: f32 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn load_reference(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
@@ -22,6 +22,7 @@ fn load_reference(dir: &Path) -> HashMap<String, Tensor> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_device(&Device::Cpu).unwrap();
     (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
         .unwrap()
         .abs()
@@ -41,7 +42,8 @@ fn ids(t: &Tensor) -> Tensor {
 /// Checks every reference tensor the program can produce; returns how many were compared.
 fn check_forward(model_dir: &Path, reference_dir: &Path) -> usize {
     let ckpt = exitgraph_ir::import(model_dir).expect("import");
-    let program = Program::lower(&ckpt.graph, model_dir, &Device::Cpu, DType::F32).expect("lower");
+    let program =
+        Program::lower(&ckpt.graph, model_dir, &test_device(), DType::F32).expect("lower");
     let r = load_reference(reference_dir);
     let inputs = Inputs {
         input_ids: ids(&r["input_ids"]),
@@ -71,7 +73,8 @@ fn check_forward(model_dir: &Path, reference_dir: &Path) -> usize {
 
 fn check_greedy(model_dir: &Path) {
     let ckpt = exitgraph_ir::import(model_dir).expect("import");
-    let program = Program::lower(&ckpt.graph, model_dir, &Device::Cpu, DType::F32).expect("lower");
+    let program =
+        Program::lower(&ckpt.graph, model_dir, &test_device(), DType::F32).expect("lower");
     let r = load_reference(model_dir);
     let prompt = ids(&r["input_ids"]).to_vec2::<u32>().unwrap();
     let expected = r["greedy"].to_vec2::<i64>().unwrap();

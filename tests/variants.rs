@@ -9,17 +9,19 @@
 use candle_core::{DType, Device, Tensor};
 use exitgraph::generate::{generate, GenerateOptions};
 use exitgraph::lower::{Inputs, Program};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+#[path = "common/device.rs"]
+mod device;
+use device::{fixtures, test_device};
 
 fn variant(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/variants")
-        .join(name)
+    fixtures().join("variants").join(name)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
+    (a.to_device(&Device::Cpu).unwrap() - b)
         .unwrap()
         .abs()
         .unwrap()
@@ -34,7 +36,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn check(name: &str) {
     let dir = variant(name);
     let ckpt = exitgraph_ir::import(&dir).expect("import");
-    let program = Program::lower(&ckpt.graph, &dir, &Device::Cpu, DType::F32).expect("lower");
+    let program = Program::lower(&ckpt.graph, &dir, &test_device(), DType::F32).expect("lower");
     let r =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();

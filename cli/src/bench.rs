@@ -1,10 +1,11 @@
 //! `exitgraph bench`: prefill and decode speed of our lowered Llama against
 //! candle-transformers' hand-written Llama on the same weights, measured in one run.
 
+use crate::device::DeviceSpec;
 use crate::lower::{Inputs, Program};
 use crate::synth::{write_random_llama, LlamaSpec};
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_transformers::models::llama as cl;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,6 +28,8 @@ pub struct BenchOptions {
     pub save_model: Option<PathBuf>,
     /// Also time our program op by op (after the timed repetitions, in separate runs).
     pub profile: bool,
+    /// Where all three implementations run: the CPU or a CUDA GPU (a `cuda` build).
+    pub device: DeviceSpec,
 }
 
 /// Our time per op in one phase, averaged over the profiled runs.
@@ -191,6 +194,8 @@ pub struct TorchCheck {
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub params: usize,
+    /// Where the three implementations ran.
+    pub device: DeviceSpec,
     /// Threads of the matmuls (MKL's in an `mkl` build) and of candle's elementwise ops.
     pub threads: usize,
     pub op_threads: usize,
@@ -326,7 +331,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
             }
         },
     };
-    let device = Device::Cpu;
+    let device = opts.device.to_candle()?;
     let ckpt = exitgraph_ir::import(&dir)?;
     if ckpt.graph.info.family != exitgraph_ir::Family::Llama {
         anyhow::bail!("{}: bench compares Llama checkpoints only", dir.display());
@@ -351,6 +356,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
             opts.decode_tokens,
             threads,
             opts.dtype,
+            opts.device,
         )?)
     } else {
         None
@@ -435,6 +441,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
     let torch_median = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
     Ok(BenchReport {
         params: ckpt.graph.params(),
+        device: opts.device,
         threads,
         op_threads: crate::cpu::op_threads(),
         reps: opts.reps,
@@ -489,6 +496,7 @@ impl TorchSide {
         decode: usize,
         threads: usize,
         dtype: DType,
+        device: DeviceSpec,
     ) -> anyhow::Result<Self> {
         use std::io::Write;
         use std::process::{Command, Stdio};
@@ -509,6 +517,10 @@ impl TorchSide {
                 decode.to_string(),
                 threads.to_string(),
                 dtype.to_string(),
+                match device {
+                    DeviceSpec::Cuda(i) => format!("cuda:{i}"),
+                    _ => "cpu".to_string(),
+                },
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -601,10 +613,8 @@ impl BenchReport {
         } else {
             "f32"
         };
-        let mut s = format!(
-            "Llama, {:.1}M parameters, {dtype}, CPU ({} matmul threads, candle elementwise ops on {}; {}), candle matmuls by {}, \
-             prompt {} tokens, median of {} runs; max |logit difference| vs candle-transformers {:.2e}\n",
-            self.params as f64 / 1e6,
+        let cpu = format!(
+            "CPU ({} matmul threads, candle elementwise ops on {}; {}), candle matmuls by {}",
             self.threads,
             self.op_threads,
             if self.cpu_features.is_empty() {
@@ -613,6 +623,15 @@ impl BenchReport {
                 self.cpu_features.join(", ")
             },
             self.matmul,
+        );
+        let place = match self.device {
+            DeviceSpec::Cuda(i) => format!("CUDA GPU {i} (cuBLAS; host {cpu})"),
+            _ => cpu,
+        };
+        let mut s = format!(
+            "Llama, {:.1}M parameters, {dtype}, {place}, \
+             prompt {} tokens, median of {} runs; max |logit difference| vs candle-transformers {:.2e}\n",
+            self.params as f64 / 1e6,
             self.prompt_len,
             self.reps,
             self.max_logit_diff
@@ -675,6 +694,7 @@ mod tests {
     fn report(torch: bool) -> BenchReport {
         BenchReport {
             params: 124_700_000,
+            device: DeviceSpec::Cpu,
             threads: 2,
             op_threads: 1,
             reps: 5,

@@ -11,7 +11,9 @@ implementations interleave in one run:
   -> {"cmd": "run"}                   <- {"prefill_ms": .., "decode_ms": .., "tokens": [...]}
   -> {"cmd": "quit"}
 
-Arguments: MODEL_DIR PROMPT_LEN DECODE_TOKENS THREADS DTYPE (float32 or bfloat16).
+Arguments: MODEL_DIR PROMPT_LEN DECODE_TOKENS THREADS DTYPE (float32 or bfloat16) DEVICE
+(cpu or cuda:N). On a GPU every timed phase ends with reading the argmax on the host, which
+waits for the GPU's queue, as the Rust side's does.
 """
 
 import json
@@ -20,7 +22,7 @@ import time
 
 
 def main():
-    model_dir, prompt_len, decode, threads, dtype = sys.argv[1:6]
+    model_dir, prompt_len, decode, threads, dtype, device = sys.argv[1:7]
     prompt_len, decode, threads = int(prompt_len), int(decode), int(threads)
     import torch
     from transformers import LlamaForCausalLM
@@ -30,10 +32,11 @@ def main():
     model = LlamaForCausalLM.from_pretrained(
         model_dir, dtype=torch_dtype, attn_implementation="sdpa"
     )
+    model.to(device)
     model.eval()
     vocab = model.config.vocab_size
     # The same prompt as the Rust side: token i is (i * 7919 + 13) mod vocab.
-    ids = torch.tensor([[(i * 7919 + 13) % vocab for i in range(prompt_len)]])
+    ids = torch.tensor([[(i * 7919 + 13) % vocab for i in range(prompt_len)]], device=device)
 
     def run(steps):
         with torch.inference_mode():
@@ -47,7 +50,9 @@ def main():
             t1 = time.perf_counter()
             for _ in range(steps):
                 out = model(
-                    input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True
+                    input_ids=torch.tensor([[nxt]], device=device),
+                    past_key_values=past,
+                    use_cache=True,
                 )
                 past = out.past_key_values
                 nxt = int(out.logits[0, -1].argmax())

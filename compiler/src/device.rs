@@ -24,10 +24,29 @@ pub enum DtypeSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("device {0:?} needs exitgraph built with the `{1}` feature")]
+    #[error("device {0:?} needs exitgraph built with the `{1}` feature ({hint})", hint = build_hint(.1))]
     NotBuilt(DeviceSpec, &'static str),
-    #[error("device {0:?}: {1}")]
+    #[error("device {0:?} is not available: {1}{hint}", hint = unavailable_hint(*.0))]
     Unavailable(DeviceSpec, candle_core::Error),
+}
+
+/// How to get a build with `feature`.
+fn build_hint(feature: &str) -> String {
+    match feature {
+        "cuda" => "build it with scripts/build-cuda.sh; README, section \"GPU\"".into(),
+        _ => format!("cargo build --release -p exitgraph --features {feature}"),
+    }
+}
+
+/// What to check when a device the build supports cannot be opened.
+fn unavailable_hint(device: DeviceSpec) -> &'static str {
+    match device {
+        DeviceSpec::Cuda(_) => {
+            ". The GPU needs an NVIDIA driver for CUDA 13 (R580 or newer; `nvidia-smi` lists \
+             the GPUs and their ordinals, from 0)"
+        }
+        _ => "",
+    }
 }
 
 impl DeviceSpec {
@@ -38,15 +57,26 @@ impl DeviceSpec {
                 if !candle_core::utils::cuda_is_available() {
                     return Err(DeviceError::NotBuilt(self, "cuda"));
                 }
-                candle_core::Device::new_cuda(i).map_err(|e| DeviceError::Unavailable(self, e))
+                candle_core::Device::new_cuda(i)
+                    .map_err(|e| DeviceError::Unavailable(self, without_backtrace(e)))
             }
             DeviceSpec::Metal(i) => {
                 if !candle_core::utils::metal_is_available() {
                     return Err(DeviceError::NotBuilt(self, "metal"));
                 }
-                candle_core::Device::new_metal(i).map_err(|e| DeviceError::Unavailable(self, e))
+                candle_core::Device::new_metal(i)
+                    .map_err(|e| DeviceError::Unavailable(self, without_backtrace(e)))
             }
         }
+    }
+}
+
+/// candle attaches a backtrace to errors when `RUST_BACKTRACE` is set; a user's error
+/// message is the cause alone.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        e => e,
     }
 }
 

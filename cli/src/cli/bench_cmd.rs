@@ -55,6 +55,9 @@ pub struct Args {
     /// random model, measured against the ideal speedup their paths imply.
     #[arg(long)]
     exits: bool,
+    /// Run on CUDA GPU N instead of the CPU (a `cuda` build; PyTorch then uses the same GPU).
+    #[arg(long)]
+    cuda: Option<usize>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -79,12 +82,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             spec.heads
         );
     }
+    if a.cuda.is_some() && a.profile {
+        anyhow::bail!(
+            "bench --profile times ops on the CPU only: GPU kernels run asynchronously, so a \
+             host timer around an op measures its launch"
+        );
+    }
     if a.exits {
         for (given, flag) in [
             (a.torch, "--torch"),
             (a.profile, "--profile"),
             (a.save_model.is_some(), "--save-model"),
             (a.dtype != "f32", "--dtype"),
+            (a.cuda.is_some(), "--cuda"),
         ] {
             if given {
                 anyhow::bail!(
@@ -108,6 +118,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         torch: a.torch,
         save_model: a.save_model,
         profile: a.profile,
+        device: a.cuda.map_or(
+            exitgraph::device::DeviceSpec::Cpu,
+            exitgraph::device::DeviceSpec::Cuda,
+        ),
     };
     if a.exits {
         let bar = ProgressBar::new_spinner();

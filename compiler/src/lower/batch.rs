@@ -124,10 +124,24 @@ impl Program {
             given.push(i);
         }
         let plan = self.schedule(&targets, &given);
+        // Callers build inputs on the host; the program may run on a GPU.
+        let on_device = |t: &Tensor, what: &str| {
+            t.to_device(&self.device)
+                .map_err(|e| RunError::Input(format!("{what}: {e}")))
+        };
+        let input_ids = on_device(&inputs.input_ids, "input_ids")?;
+        let token_type_ids = inputs
+            .token_type_ids
+            .as_ref()
+            .map(|t| on_device(t, "token_type_ids"))
+            .transpose()?;
         let key_mask = inputs
             .attention_mask
             .as_ref()
-            .map(|m| m.to_dtype(DType::F32))
+            .map(|m| {
+                m.to_dtype(DType::F32)
+                    .and_then(|m| m.to_device(&self.device))
+            })
             .transpose()
             .map_err(|e| RunError::Input(format!("attention_mask: {e}")))?;
         let query_mask = match &key_mask {
@@ -153,6 +167,7 @@ impl Program {
                 let mask = keep[d]
                     .reshape((batch, 1, 1))
                     .and_then(|m| m.to_dtype(DType::F32))
+                    .and_then(|m| m.to_device(&self.device))
                     .map_err(|e| RunError::Input(format!("layer dropout mask {d}: {e}")))?;
                 drop_at.insert(self.step_of(b.output)?, (d, mask));
                 input_of.entry(self.step_of(b.input)?).or_default().push(d);
@@ -169,10 +184,10 @@ impl Program {
             let arg = |k: usize| args[k];
             let lora = |k: usize| step.adapters.get(k).and_then(Option::as_ref);
             let out = match &step.kernel {
-                Kernel::Input => Ok(inputs.input_ids.clone()),
+                Kernel::Input => Ok(input_ids.clone()),
                 Kernel::Embedding(e) => timed(
                     || "embedding".to_string(),
-                    || e.forward(arg(0), start, inputs.token_type_ids.as_ref()),
+                    || e.forward(arg(0), start, token_type_ids.as_ref()),
                 ),
                 Kernel::Norm(n) => n.forward(arg(0)),
                 Kernel::Attention(a) => step.slot().and_then(|slot| {
