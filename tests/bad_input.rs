@@ -1271,3 +1271,46 @@ fn cuda_without_a_driver_names_what_is_missing() {
     assert_mentions(&e, &["Cuda(0)", "not available", "R580", "nvidia-smi"]);
     assert!(!output.exists(), "no output is written");
 }
+
+/// Simulated exits: a distribution that does not sum to 1, a depth the model lacks, a
+/// syntax error, a trace of another workload, and the real executor each get a clear error
+/// naming the file.
+#[test]
+fn bad_simulated_exits_are_errors_naming_the_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let demo = root.join("examples/demo.ron");
+    let cost = root.join("examples/demo-cost.ron");
+    let workload = root.join("examples/workloads/burst.ron");
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |exits: &str, executor: &str| {
+        let path = dir.path().join("exits.ron");
+        std::fs::write(&path, exits).unwrap();
+        exitgraph_fails(&[
+            "serve",
+            demo.to_str().unwrap(),
+            "--workload",
+            workload.to_str().unwrap(),
+            "--executor",
+            executor,
+            "--cost",
+            cost.to_str().unwrap(),
+            "--sim-exits",
+            path.to_str().unwrap(),
+        ])
+    };
+    let e = serve("Distribution(exits: [(1, 0.5), (6, 0.3)], seed: 0)", "sim");
+    assert_mentions(&e, &["exits.ron", "sum to 0.8", "not 1"]);
+    let e = serve("Distribution(exits: [(1, 0.5), (9, 0.5)], seed: 0)", "sim");
+    assert_mentions(&e, &["exits.ron", "depth 9", "6 layers"]);
+    let e = serve("Distribution(exits: [(1, 0.5)]\n  seed: 0)", "sim");
+    assert_mentions(&e, &["exits.ron", "2:"]);
+    let e = serve("Distribution(exits: [(6, 1.0)], seed: 0)", "real");
+    assert_mentions(&e, &["--sim-exits", "--executor sim"]);
+    std::fs::write(
+        dir.path().join("other.jsonl"),
+        r#"{"seq":99,"pos":3,"token":null,"step":0,"t_s":0.0,"batch":1,"stages":[],"layers":[0],"exit_layer":1}"#,
+    )
+    .unwrap();
+    let e = serve(r#"Replay(trace: "other.jsonl")"#, "sim");
+    assert_mentions(&e, &["replayed trace has no token for request 0", "same workload"]);
+}

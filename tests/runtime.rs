@@ -206,6 +206,7 @@ fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
                 + 1e-4 * tokens as f64
                 + 1e-6 * attention as f64
                 + 5e-5 * sequences as f64,
+            spread: 0.0,
         })
         .collect();
     let cost = CostModel::fit(samples).unwrap();
@@ -394,4 +395,140 @@ fn simulated_skipdecode_scales_only_the_layer_terms() {
             .collect::<Vec<_>>(),
         vec![3, 2, 2]
     );
+}
+
+/// Simulated exits charge the layers a token runs, one head per exit point it passes, and the
+/// state copying of the layers it skipped as a separate call: one request, hand-computed.
+#[test]
+fn simulated_exits_charge_the_path_heads_and_state_copying() {
+    use exitgraph::exits::cost::DepthCost;
+    use exitgraph::runtime::cost::CostModel;
+    use exitgraph::runtime::sim_exits::{ExitSource, SimulatedExits};
+    use exitgraph::runtime::workload::RequestSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(model(dir.path(), "llama", 2, 4));
+    let layers = p.graph().info.num_layers;
+    assert_eq!(layers, 3);
+    let (c0, c1, c2, c3) = (2e-3, 1e-4, 3e-7, 5e-5);
+    let cost = CostModel {
+        version: 1,
+        coefficients: [c0, c1, c2, c3],
+        samples: Vec::new(),
+    };
+    let exits = SimulatedExits::Distribution {
+        exits: vec![(1, 1.0)],
+        seed: 0,
+    };
+    let source = ExitSource::new(&exits, Path::new("."), layers).unwrap();
+    let request = RequestSpec {
+        id: 0,
+        arrival_s: 0.0,
+        prompt: vec![1, 2, 3, 4, 5],
+        max_new_tokens: 2,
+        forced: Vec::new(),
+        depth: None,
+    };
+    let (report, outcomes) = Runtime::new(
+        p.clone(),
+        Batching::Static { max_batch: 1 },
+        Executor::Sim(cost),
+        Decoding::greedy(),
+        vec![request],
+        None,
+    )
+    .with_simulated_exits(source)
+    .unwrap()
+    .run()
+    .unwrap();
+    assert_eq!(outcomes[0].produced, 2);
+    // Filling layers 1 and 2 from the exit state costs their key and value projections.
+    let d = DepthCost::of(p.graph());
+    let fill: f64 = (1..3).map(|l| d.kv_fill[l] / d.layer[l]).sum::<f64>() / 3.0;
+    assert!(fill > 0.0 && fill < 2.0 / 3.0);
+    // Prefill: 5 tokens through layer 0 of 3 (attention 5 * 5), the exit head after layer 1,
+    // then the state copying of 5 tokens. Decode at position 5: 1 token, 6 keys.
+    let mut want = 0.0;
+    for (tokens, keys) in [(5.0, 5.0), (1.0, 6.0)] {
+        want += c0 + c1 * tokens / 3.0 + c2 * tokens * keys / 3.0 + c3;
+        want += c0 + c1 * fill * tokens;
+    }
+    let busy = report.busy_share * report.makespan_s;
+    assert!(
+        (busy - want).abs() < 1e-12,
+        "busy {busy} vs hand-computed {want}"
+    );
+    let stats = &outcomes[0].stats;
+    assert!(stats
+        .iter()
+        .all(|s| s.exit_layer == 1 && s.layers_run == 1 && s.filled == 2 && s.heads == 1));
+    assert!(report
+        .simulated_exits
+        .as_deref()
+        .is_some_and(|l| l.contains("drawn")));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// Under every policy, simulated exits give every request all its tokens, each token
+    /// the depth drawn for its (request, position) whatever the batching, and replaying the
+    /// run's trace reproduces it exactly; a distribution that always runs the full model
+    /// changes nothing.
+    #[test]
+    fn simulated_exits_follow_their_source_under_every_policy(seed in any::<u64>(), policy in policies()) {
+        use exitgraph::runtime::cost::CostModel;
+        use exitgraph::runtime::sim_exits::{ExitSource, SimulatedExits};
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(model(dir.path(), "llama", 2, seed));
+        let layers = p.graph().info.num_layers;
+        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], samples: Vec::new() };
+        let workload = Workload {
+            requests: 6,
+            arrivals: Arrivals::Poisson { rate_per_s: 500.0 },
+            prompt_len: Length::Uniform { min: 2, max: 9 },
+            output_len: Length::Uniform { min: 2, max: 6 },
+            seed,
+        };
+        let out = tempfile::tempdir().unwrap();
+        let run = |policy: &Batching, exits: Option<SimulatedExits>, name: &str| {
+            let path = out.path().join(name);
+            let requests = workload.requests(97, Path::new(".")).unwrap();
+            let mut rt = Runtime::new(p.clone(), policy.clone(), Executor::Sim(cost.clone()), Decoding::greedy(), requests, Some(TraceWriter::create(&path).unwrap()));
+            if let Some(e) = exits {
+                rt = rt.with_simulated_exits(ExitSource::new(&e, out.path(), layers).unwrap()).unwrap();
+            }
+            let (report, outcomes) = rt.run().unwrap();
+            let records: Vec<_> = read_trace(&path).unwrap().map(|r| r.unwrap()).collect();
+            (report, outcomes, records)
+        };
+        let drawn = SimulatedExits::Distribution { exits: vec![(1, 0.5), (layers, 0.5)], seed };
+        let (report, outcomes, trace) = run(&policy, Some(drawn.clone()), "drawn.jsonl");
+        prop_assert_eq!(report.completed, 6);
+        for o in &outcomes {
+            let want = workload.requests(97, Path::new(".")).unwrap()[o.id].max_new_tokens;
+            prop_assert_eq!(o.produced, want);
+        }
+        let depth = |t: &[exitgraph::runtime::trace::TraceRecord]| t.iter().map(|r| ((r.seq, r.pos), r.exit_layer)).collect::<std::collections::BTreeMap<_, _>>();
+        let exits = depth(&trace);
+        let source = ExitSource::new(&drawn, out.path(), layers).unwrap();
+        for (&(seq, pos), &d) in &exits {
+            prop_assert_eq!(d, source.depth(seq, pos).unwrap());
+        }
+        prop_assert!(exits.values().all(|&d| d == 1 || d == layers));
+        prop_assert!(trace.iter().all(|r| r.layers == (0..r.exit_layer).collect::<Vec<_>>()));
+        // Batching never changes a token's depth: one sequence at a time gives the same.
+        let (_, _, alone) = run(&Batching::Static { max_batch: 1 }, Some(drawn), "alone.jsonl");
+        prop_assert_eq!(&exits, &depth(&alone));
+        // Replaying the trace reproduces the run, step for step.
+        let replay = SimulatedExits::Replay { trace: "drawn.jsonl".into() };
+        let (replayed, _, again) = run(&policy, Some(replay), "replayed.jsonl");
+        prop_assert_eq!(&trace, &again);
+        prop_assert_eq!(replayed.makespan_s, report.makespan_s);
+        // Always the full depth: as without simulated exits.
+        let full = SimulatedExits::Distribution { exits: vec![(layers, 1.0)], seed };
+        let (a, _, ta) = run(&policy, Some(full), "full.jsonl");
+        let (b, _, tb) = run(&policy, None, "none.jsonl");
+        prop_assert_eq!(ta, tb);
+        prop_assert_eq!(a.makespan_s, b.makespan_s);
+    }
 }

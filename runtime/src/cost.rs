@@ -16,6 +16,9 @@ pub struct Sample {
     pub sequences: usize,
     /// Median seconds over the repetitions.
     pub seconds: f64,
+    /// The repetitions' range relative to their median, (max − min) / median.
+    #[serde(default)]
+    pub spread: f64,
 }
 
 /// The fitted model and the samples it came from.
@@ -205,12 +208,13 @@ pub fn profile(
             program.forward_ragged(&mut segs)?;
             times.push(start.elapsed().as_secs_f64());
         }
-        times.sort_by(f64::total_cmp);
+        let times = crate::metrics::Spread::of(&times);
         samples.push(Sample {
             tokens: shape.iter().map(|s| s.0).sum(),
             attention: attention_work(shape),
             sequences: shape.len(),
-            seconds: times[times.len() / 2],
+            seconds: times.median,
+            spread: times.relative(),
         });
         progress(i + 1, shapes.len());
     }
@@ -250,6 +254,7 @@ mod tests {
                     attention,
                     sequences: seqs,
                     seconds,
+                    spread: 0.0,
                 });
             }
         }

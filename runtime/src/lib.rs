@@ -20,6 +20,7 @@ pub mod cost;
 mod decide;
 pub mod encoder;
 pub mod metrics;
+pub mod sim_exits;
 mod step;
 pub mod strategy;
 pub mod trace;
@@ -63,6 +64,8 @@ pub struct Progress {
     pub nll: f64,
     /// The first forced token's (it comes from the prompt's pass).
     pub first_nll: f64,
+    /// The simulated executor's exit depth for the token on its way down.
+    pub sim_exit: Option<usize>,
 }
 
 /// One token's way through the layers.
@@ -213,6 +216,15 @@ pub struct Engine {
     /// Where stages start and end: `[0, .., layers]`. The policy's depth-wise cuts, plus
     /// the exit points under early exiting.
     pub boundaries: Vec<usize>,
+    /// The simulated executor's exit depths, when it simulates early exits.
+    pub sim_exits: Option<SimExits>,
+}
+
+/// Simulated early exits: where depths come from, and per layer the share of its work that
+/// filling its keys and values from an exit state costs (CALM's state copying).
+pub struct SimExits {
+    pub source: sim_exits::ExitSource,
+    pub fill_share: Vec<f64>,
 }
 
 impl Engine {
@@ -233,8 +245,14 @@ impl Engine {
             .validate(self.program.graph())
             .map_err(anyhow::Error::msg)?;
         match (depth, &self.executor, &self.batching) {
-            (Depth::EarlyExit { .. }, Executor::Sim(_), _) => anyhow::bail!(
-                "the simulated executor runs no model, so exit rules cannot be evaluated; use the real executor"
+            (Depth::SkipDecode(_), Executor::Sim(_), _) if self.sim_exits.is_some() => {
+                anyhow::bail!(
+                    "simulated exits and SkipDecode both set how deep tokens run; use one"
+                )
+            }
+            (Depth::EarlyExit { .. }, Executor::Sim(_), _) if self.sim_exits.is_none() => anyhow::bail!(
+                "the simulated executor runs no model, so exit rules cannot be evaluated; use the \
+                 real executor, or give the simulated one exit depths (serve --sim-exits)"
             ),
             (Depth::SkipDecode(_), _, Batching::DepthWise { .. }) => anyhow::bail!(
                 "SkipDecode runs each token's whole path in one step; use static or continuous batching"
@@ -250,7 +268,9 @@ impl Engine {
             .map(|s| stage_layers(layers, stages, s.min(stages - 1)).start)
             .collect();
         b[stages] = layers;
-        if self.request_exits || matches!(self.depth, Depth::EarlyExit { .. }) {
+        if let Some(sim) = &self.sim_exits {
+            b.extend(sim.source.points().iter().copied());
+        } else if self.request_exits || matches!(self.depth, Depth::EarlyExit { .. }) {
             b.extend(self.exits.iter().copied().filter(|&k| k > 0 && k < layers));
         }
         b.sort_unstable();
@@ -318,6 +338,8 @@ pub enum StepError {
     Trace(anyhow::Error),
     #[error("{0}")]
     Lost(&'static str),
+    #[error("simulated exits: {0}")]
+    Simulation(String),
 }
 
 /// The first failure of a run, piped from the systems that return one.
@@ -609,6 +631,7 @@ impl Runtime {
             exits,
             request_exits,
             boundaries: Vec::new(),
+            sim_exits: None,
         };
         engine.compute_boundaries();
         world.insert_resource(engine);
@@ -646,6 +669,32 @@ impl Runtime {
             let mut engine = self.world.resource_mut::<Engine>();
             engine.check_depth(&depth)?;
             engine.depth = depth;
+            engine.compute_boundaries();
+        }
+        Ok(self)
+    }
+
+    /// Lets the simulated executor exit tokens early at the depths `source` gives (it runs
+    /// no model, so it cannot evaluate the pipeline's exit rule; see [`sim_exits`]).
+    pub fn with_simulated_exits(mut self, source: sim_exits::ExitSource) -> anyhow::Result<Self> {
+        {
+            let mut engine = self.world.resource_mut::<Engine>();
+            if !matches!(engine.executor, Executor::Sim(_)) {
+                anyhow::bail!(
+                    "simulated exits are for the simulated executor; the real one evaluates the \
+                     pipeline's exit rule"
+                );
+            }
+            let cost = exitgraph_compiler::exits::cost::DepthCost::of(engine.program.graph());
+            let fill_share = cost
+                .layer
+                .iter()
+                .zip(&cost.kv_fill)
+                .map(|(l, f)| if *l > 0.0 { f / l } else { 0.0 })
+                .collect();
+            engine.sim_exits = Some(SimExits { source, fill_share });
+            let depth = engine.depth.clone();
+            engine.check_depth(&depth)?;
             engine.compute_boundaries();
         }
         Ok(self)
@@ -708,6 +757,10 @@ impl Runtime {
             Executor::Real => "real".into(),
             Executor::Sim(_) => "simulated".into(),
         };
+        report.simulated_exits = engine
+            .sim_exits
+            .as_ref()
+            .map(|sim| sim.source.label().to_string());
         report.policy = format!("{:?}", engine.batching);
         let stages = engine.stages();
         let total: f64 = stage_busy.iter().sum();

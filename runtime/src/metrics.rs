@@ -80,6 +80,10 @@ pub struct TokenStat {
 pub struct ServeReport {
     pub policy: String,
     pub executor: String,
+    /// Where the simulated executor's exit depths came from, when it simulated exits
+    /// (simulated exits, not decided by a model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated_exits: Option<String>,
     pub requests: usize,
     pub completed: usize,
     pub failed: usize,
@@ -146,6 +150,7 @@ impl ServeReport {
         ServeReport {
             policy: String::new(),
             executor: String::new(),
+            simulated_exits: None,
             requests: outcomes.len(),
             completed: done.len(),
             failed: outcomes.len() - done.len(),
@@ -184,6 +189,9 @@ impl ServeReport {
             "policy           {} ({} executor)",
             self.policy, self.executor
         );
+        if let Some(exits) = &self.simulated_exits {
+            let _ = writeln!(s, "exits            simulated: {exits}");
+        }
         let _ = writeln!(
             s,
             "requests         {} completed, {} failed",
@@ -237,6 +245,120 @@ impl ServeReport {
     }
 }
 
+/// One metric over repeated runs: its median (the mean of the middle two for an even count)
+/// and its range.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// The median and range of `values` (all zero when there are none).
+    pub fn of(values: &[f64]) -> Self {
+        let mut v: Vec<f64> = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            return Spread {
+                median: 0.0,
+                min: 0.0,
+                max: 0.0,
+            };
+        }
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+
+    /// The range relative to the median, (max − min) / median.
+    pub fn relative(&self) -> f64 {
+        if self.median == 0.0 {
+            0.0
+        } else {
+            (self.max - self.min) / self.median
+        }
+    }
+
+    /// Whether `x` lies within the range.
+    pub fn contains(&self, x: f64) -> bool {
+        self.min <= x && x <= self.max
+    }
+}
+
+/// The same workload served several times (`serve --reps N`): the headline metrics' medians
+/// and ranges, and every run's report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RepeatedReport {
+    pub runs: usize,
+    pub throughput_tok_s: Spread,
+    pub makespan_s: Spread,
+    pub ttft_p50_ms: Spread,
+    pub tbt_p50_ms: Spread,
+    pub e2e_p50_ms: Spread,
+    pub e2e_p99_ms: Spread,
+    pub reports: Vec<ServeReport>,
+}
+
+impl RepeatedReport {
+    pub fn of(reports: Vec<ServeReport>) -> Self {
+        let spread = |f: fn(&ServeReport) -> f64| {
+            Spread::of(&reports.iter().map(f).collect::<Vec<_>>())
+        };
+        RepeatedReport {
+            runs: reports.len(),
+            throughput_tok_s: spread(|r| r.throughput_tok_s),
+            makespan_s: spread(|r| r.makespan_s),
+            ttft_p50_ms: spread(|r| r.ttft.p50_ms),
+            tbt_p50_ms: spread(|r| r.tbt.p50_ms),
+            e2e_p50_ms: spread(|r| r.e2e.p50_ms),
+            e2e_p99_ms: spread(|r| r.e2e.p99_ms),
+            reports,
+        }
+    }
+
+    /// The medians and ranges as a table.
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<22} {:>10} {:>10} {:>10} {:>8}",
+            format!("over {} runs", self.runs),
+            "median",
+            "min",
+            "max",
+            "range"
+        );
+        for (name, m) in [
+            ("throughput (tok/s)", &self.throughput_tok_s),
+            ("makespan (s)", &self.makespan_s),
+            ("time to first p50 (ms)", &self.ttft_p50_ms),
+            ("between tokens p50 (ms)", &self.tbt_p50_ms),
+            ("end to end p50 (ms)", &self.e2e_p50_ms),
+            ("end to end p99 (ms)", &self.e2e_p99_ms),
+        ] {
+            let _ = writeln!(
+                s,
+                "{:<22} {:>10.3} {:>10.3} {:>10.3} {:>7.1}%",
+                name,
+                m.median,
+                m.min,
+                m.max,
+                100.0 * m.relative()
+            );
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +368,31 @@ mod tests {
         let v: Vec<f64> = (1..=100).map(|i| i as f64 / 1e3).collect();
         let p = Percentiles::of(&v);
         assert_eq!((p.p50_ms, p.p95_ms, p.p99_ms), (50.0, 95.0, 99.0));
+    }
+
+    #[test]
+    fn spreads_by_hand() {
+        let odd = Spread::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((odd.median, odd.min, odd.max), (2.0, 1.0, 3.0));
+        assert_eq!(odd.relative(), 1.0);
+        let even = Spread::of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!((even.median, even.min, even.max), (2.5, 1.0, 4.0));
+        assert_eq!(even.relative(), 1.2);
+        assert!(even.contains(1.0) && even.contains(4.0) && !even.contains(4.5));
+        assert_eq!(Spread::of(&[]).relative(), 0.0);
+        let reports: Vec<ServeReport> = [100.0, 120.0, 90.0]
+            .iter()
+            .map(|&t| ServeReport {
+                throughput_tok_s: t,
+                makespan_s: 1000.0 / t,
+                ..ServeReport::default()
+            })
+            .collect();
+        let r = RepeatedReport::of(reports);
+        assert_eq!(r.runs, 3);
+        assert_eq!(r.throughput_tok_s.median, 100.0);
+        assert_eq!(r.makespan_s.median, 10.0);
+        assert!((r.throughput_tok_s.relative() - 0.3).abs() < 1e-12);
+        assert!(r.to_table().contains("over 3 runs"));
     }
 }

@@ -120,33 +120,79 @@ pub(super) fn execute(
     }
     if let Executor::Sim(model) = &engine.executor {
         // The token and attention terms scale with the layers each row runs; the intercept
-        // does not, and the per-sequence term (the final norm and LM head at a sequence's last
-        // position) is paid by the rows that reach the last layer.
+        // does not, and the per-sequence term (a norm and LM head at a sequence's last
+        // position) is paid by every head a row evaluates: the model's own at the last layer,
+        // and, under simulated exits, the exit head at each exit point its token passes.
         let (mut tokens, mut attention, mut headed) = (0.0, 0.0, 0);
+        // Simulated exits: token-equivalents of filling skipped layers' keys and values.
+        let mut filled = 0.0;
+        let mut done = Vec::new();
         for row in &rows {
             let Ok((req, mut p, _, _)) = seqs.get_mut(row.entity) else {
                 continue;
             };
+            let new_tokens = if p.produced == 0 {
+                req.0.prompt.len()
+            } else {
+                1
+            };
             let shape = if p.produced == 0 {
-                (req.0.prompt.len(), 0)
+                (new_tokens, 0)
             } else {
                 (1, req.0.prompt.len() + p.produced - 1)
             };
             let share = row.path.len() as f64 / layers.max(1) as f64;
             tokens += share * shape.0 as f64;
             attention += share * cost::attention_work(&[shape]) as f64;
-            headed += usize::from(row.path.last() == Some(&(layers - 1)));
-            p.track.exit_layer = p.track.layers.len();
-            p.track.final_head = last_stage;
-            p.stage = if last_stage { 0 } else { stage + 1 };
+            let exit_at = match &engine.sim_exits {
+                Some(sim) => {
+                    if stage == 0 {
+                        let pos = req.0.prompt.len() + p.produced;
+                        p.sim_exit = Some(
+                            sim.source
+                                .depth(req.0.id, pos)
+                                .map_err(StepError::Simulation)?,
+                        );
+                    }
+                    let exit_at = p.sim_exit.unwrap_or(layers);
+                    let passed = sim
+                        .source
+                        .points()
+                        .iter()
+                        .filter(|&&k| k > range.start && k <= range.end.min(exit_at))
+                        .count();
+                    headed += passed;
+                    p.track.heads += passed;
+                    exit_at
+                }
+                None => layers,
+            };
+            if exit_at <= range.end || last_stage {
+                let exit_at = exit_at.min(layers);
+                if let Some(sim) = &engine.sim_exits {
+                    let skipped: f64 = sim.fill_share[exit_at..].iter().sum();
+                    filled += skipped / layers.max(1) as f64 * new_tokens as f64;
+                    p.track.filled = layers - exit_at;
+                }
+                headed += usize::from(exit_at == layers);
+                p.track.exit_layer = exit_at;
+                p.track.final_head = exit_at == layers;
+                p.stage = 0;
+                p.sim_exit = None;
+                done.push(row.entity);
+            } else {
+                p.stage = stage + 1;
+            }
         }
-        let step_s = model.predict_layers(tokens, attention, headed);
-        if last_stage {
-            produced.0 = rows
-                .iter()
-                .map(|r| super::Emitted::one(r.entity, None))
-                .collect();
+        let mut step_s = model.predict_layers(tokens, attention, headed);
+        if filled > 0.0 {
+            // A separate call, as the real runtime's state copying is.
+            step_s += model.predict_layers(filled, 0.0, 0);
         }
+        produced.0 = done
+            .into_iter()
+            .map(|e| super::Emitted::one(e, None))
+            .collect();
         finish_step(&mut clock, &mut recorder, stage, step_s, plan.0.len());
         return Ok(());
     }

@@ -10,7 +10,7 @@ pub struct Args {
     /// Where to write the cost model (RON).
     #[arg(short, long)]
     output: PathBuf,
-    /// Timed repetitions per step shape (the median is kept).
+    /// Timed repetitions per step shape (the median is kept; their range is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Largest prefill measured, in tokens.
@@ -55,6 +55,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "{} step shapes measured; largest relative error of the fit {:.1}%",
         model.samples.len(),
         100.0 * worst
+    );
+    let spread = exitgraph::runtime::metrics::Spread::of(
+        &model.samples.iter().map(|s| s.spread).collect::<Vec<_>>(),
+    );
+    outln!(
+        "range of the {} repetitions per shape, relative to their median: median {:.1}%, \
+         largest {:.1}%",
+        a.reps.max(1),
+        100.0 * spread.median,
+        100.0 * spread.max
     );
     outln!("wrote {}", a.output.display());
     Ok(())

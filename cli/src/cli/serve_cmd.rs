@@ -1,6 +1,8 @@
 use exitgraph::pipeline::{compile, Pipeline};
 use exitgraph::runtime::cost::CostModel;
 use exitgraph::runtime::policy::Batching;
+use exitgraph::runtime::metrics::RepeatedReport;
+use exitgraph::runtime::sim_exits::ExitSource;
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::runtime::workload::Workload;
 use exitgraph::runtime::{Decoding, Executor, Runtime};
@@ -27,12 +29,21 @@ pub struct Args {
     /// Cost model written by `exitgraph profile` (needed by --executor sim).
     #[arg(long)]
     cost: Option<PathBuf>,
+    /// With --executor sim: exit tokens early at depths replayed from a trace or drawn from
+    /// a distribution (RON: `Replay(trace: "t.jsonl")` or
+    /// `Distribution(exits: [(1, 0.5), (4, 0.5)], seed: 0)`).
+    #[arg(long)]
+    sim_exits: Option<PathBuf>,
     /// Stream one JSON record per generated token to this file (JSON Lines).
     #[arg(long)]
     trace: Option<PathBuf>,
     /// Write the metrics as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Serve the workload this many times and report each headline metric's median and
+    /// range (the real executor's times vary from run to run; the trace is of the first run).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
     /// Override the policy: static, continuous or depthwise.
     #[arg(long)]
     policy: Option<String>,
@@ -79,29 +90,76 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Executor::Sim(CostModel::read(path)?)
         }
     };
+    if a.sim_exits.is_some() && !matches!(a.executor, ExecutorArg::Sim) {
+        anyhow::bail!(
+            "--sim-exits: simulated exits are for --executor sim; the real executor evaluates \
+             the pipeline's exit rule"
+        );
+    }
     let compiled = compile(&pipeline, &pipeline_path)?;
     let program = Arc::new(compiled.lower()?);
+    let sim_exits = a
+        .sim_exits
+        .as_deref()
+        .map(|p| ExitSource::read(p, compiled.graph.info.num_layers))
+        .transpose()?;
     let workload = Workload::read(&a.workload)?;
     let base = a.workload.parent().unwrap_or_else(|| Path::new("."));
     let requests = workload
         .requests(compiled.graph.info.vocab, base)
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", a.workload.display()))?;
-    let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
+    if a.reps == 0 {
+        anyhow::bail!("--reps 0: serve at least once");
+    }
     // The pipeline's sampling and seed; the workload's lengths are honoured (no EOS stop).
     let decoding = Decoding::new(
         &pipeline.runtime.sampling,
         pipeline.runtime.seed,
         Vec::new(),
     )?;
-    let (report, _) = Runtime::new(program, batching, executor, decoding, requests, trace)
-        .with_depth(pipeline.runtime.depth.clone())?
-        .run()?;
-    out!("{}", report.to_table());
+    let mut reports = Vec::with_capacity(a.reps);
+    for rep in 0..a.reps {
+        let trace = match (&a.trace, rep) {
+            (Some(path), 0) => Some(TraceWriter::create(path)?),
+            _ => None,
+        };
+        let executor = match &executor {
+            Executor::Real => Executor::Real,
+            Executor::Sim(cost) => Executor::Sim(cost.clone()),
+        };
+        let mut runtime = Runtime::new(
+            program.clone(),
+            batching.clone(),
+            executor,
+            decoding.clone(),
+            requests.clone(),
+            trace,
+        );
+        if let Some(src) = &sim_exits {
+            runtime = runtime.with_simulated_exits(src.clone())?;
+        }
+        let (report, _) = runtime.with_depth(pipeline.runtime.depth.clone())?.run()?;
+        reports.push(report);
+    }
+    if a.reps == 1 {
+        let report = reports.remove(0);
+        out!("{}", report.to_table());
+        if let Some(path) = &a.json {
+            exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+        }
+    } else {
+        let repeated = RepeatedReport::of(reports);
+        out!("{}", repeated.reports[0].to_table());
+        outln!();
+        out!("{}", repeated.to_table());
+        if let Some(path) = &a.json {
+            exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&repeated)?)?;
+        }
+    }
     if let Some(t) = &a.trace {
         outln!("trace: {}", t.display());
     }
     if let Some(path) = &a.json {
-        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
         outln!("wrote {}", path.display());
     }
     Ok(())
