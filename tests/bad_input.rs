@@ -1312,5 +1312,8 @@ fn bad_simulated_exits_are_errors_naming_the_file() {
     )
     .unwrap();
     let e = serve(r#"Replay(trace: "other.jsonl")"#, "sim");
-    assert_mentions(&e, &["replayed trace has no token for request 0", "same workload"]);
+    assert_mentions(
+        &e,
+        &["replayed trace has no token for request 0", "same workload"],
+    );
 }

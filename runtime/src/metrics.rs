@@ -310,9 +310,8 @@ pub struct RepeatedReport {
 
 impl RepeatedReport {
     pub fn of(reports: Vec<ServeReport>) -> Self {
-        let spread = |f: fn(&ServeReport) -> f64| {
-            Spread::of(&reports.iter().map(f).collect::<Vec<_>>())
-        };
+        let spread =
+            |f: fn(&ServeReport) -> f64| Spread::of(&reports.iter().map(f).collect::<Vec<_>>());
         RepeatedReport {
             runs: reports.len(),
             throughput_tok_s: spread(|r| r.throughput_tok_s),

@@ -47,7 +47,10 @@ pub struct ExitSource {
 enum Kind {
     Replay(HashMap<(usize, usize), usize>),
     /// Depths with their cumulative probability, ascending by depth.
-    Draw { cumulative: Vec<(usize, f64)>, seed: u64 },
+    Draw {
+        cumulative: Vec<(usize, f64)>,
+        seed: u64,
+    },
 }
 
 impl ExitSource {
@@ -90,11 +93,7 @@ impl ExitSource {
                 if (total - 1.0).abs() > 1e-6 {
                     bail!("Distribution: the probabilities sum to {total}, not 1");
                 }
-                let points = sorted
-                    .iter()
-                    .map(|e| e.0)
-                    .filter(|&d| d < layers)
-                    .collect();
+                let points = sorted.iter().map(|e| e.0).filter(|&d| d < layers).collect();
                 let shares: Vec<String> = sorted
                     .iter()
                     .map(|(d, p)| format!("{d}: {:.0}%", p * 100.0))
@@ -287,7 +286,10 @@ mod tests {
         assert_eq!(src.depth(0, 3).unwrap(), 1);
         assert_eq!(src.depth(0, 4).unwrap(), 4);
         assert_eq!(src.depth(1, 2).unwrap(), 2);
-        assert!(src.depth(1, 3).unwrap_err().contains("request 1 at position 3"));
+        assert!(src
+            .depth(1, 3)
+            .unwrap_err()
+            .contains("request 1 at position 3"));
         assert_eq!(src.points(), &[1, 2]);
         // A depth the model cannot have names the file and line.
         std::fs::write(dir.path().join("t.jsonl"), record(0, 3, 7, &[])).unwrap();

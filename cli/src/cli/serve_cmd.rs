@@ -1,7 +1,7 @@
 use exitgraph::pipeline::{compile, Pipeline};
 use exitgraph::runtime::cost::CostModel;
-use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::metrics::RepeatedReport;
+use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::sim_exits::ExitSource;
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::runtime::workload::Workload;
