@@ -207,6 +207,8 @@ fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
                 + 1e-6 * attention as f64
                 + 5e-5 * sequences as f64,
             spread: 0.0,
+            layers_share: 1.0,
+            exit_head: false,
         })
         .collect();
     let cost = CostModel::fit(samples).unwrap();
@@ -345,6 +347,8 @@ fn simulated_skipdecode_scales_only_the_layer_terms() {
     let cost = CostModel {
         version: 1,
         coefficients: [c0, c1, c2, c3],
+        per_layers: 0.0,
+        per_sequence_layers: 0.0,
         samples: Vec::new(),
     };
     // 3 layers, n(p) = round(3 - p/7) over 8 positions (min 2, warm-up 1).
@@ -409,10 +413,12 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
     let p = Arc::new(model(dir.path(), "llama", 2, 4));
     let layers = p.graph().info.num_layers;
     assert_eq!(layers, 3);
-    let (c0, c1, c2, c3) = (2e-3, 1e-4, 3e-7, 5e-5);
+    let (c0, c1, c2, c3, pl, ps) = (2e-3, 1e-4, 3e-7, 5e-5, 1.2e-3, 4e-4);
     let cost = CostModel {
         version: 1,
         coefficients: [c0, c1, c2, c3],
+        per_layers: pl,
+        per_sequence_layers: ps,
         samples: Vec::new(),
     };
     let exits = SimulatedExits::Distribution {
@@ -445,12 +451,13 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
     let d = DepthCost::of(p.graph());
     let fill: f64 = (1..3).map(|l| d.kv_fill[l] / d.layer[l]).sum::<f64>() / 3.0;
     assert!(fill > 0.0 && fill < 2.0 / 3.0);
-    // Prefill: 5 tokens through layer 0 of 3 (attention 5 * 5), the exit head after layer 1,
-    // then the state copying of 5 tokens. Decode at position 5: 1 token, 6 keys.
+    // Prefill: 5 tokens through layer 0 of 3 (attention 5 * 5, a third of the per-layer
+    // fixed work), the exit head after layer 1, then the state copying of 5 tokens (its
+    // layers' key and value share of the fixed work). Decode at position 5: 1 token, 6 keys.
     let mut want = 0.0;
     for (tokens, keys) in [(5.0, 5.0), (1.0, 6.0)] {
-        want += c0 + c1 * tokens / 3.0 + c2 * tokens * keys / 3.0 + c3;
-        want += c0 + c1 * fill * tokens;
+        want += c0 + c1 * tokens / 3.0 + c2 * tokens * keys / 3.0 + c3 + pl / 3.0 + ps / 3.0;
+        want += c0 + c1 * fill * tokens + pl * fill;
     }
     let busy = report.busy_share * report.makespan_s;
     assert!(
@@ -481,7 +488,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(model(dir.path(), "llama", 2, seed));
         let layers = p.graph().info.num_layers;
-        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], samples: Vec::new() };
+        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], per_layers: 2e-3, per_sequence_layers: 3e-4, samples: Vec::new() };
         let workload = Workload {
             requests: 6,
             arrivals: Arrivals::Poisson { rate_per_s: 500.0 },

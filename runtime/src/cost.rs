@@ -1,9 +1,19 @@
 //! The simulated executor's cost model: step time as a linear function of the step's new
-//! tokens, its attention work (Σ new tokens × context length) and its sequences, fitted by
-//! least squares to steps measured on this machine (`exitgraph profile`).
+//! tokens, its attention work (Σ new tokens × context length), the heads it runs and the
+//! share of the layers it runs, fitted by least squares to calls measured on this machine
+//! (`exitgraph profile`: full forward passes, and calls that stop part-way down, as stages
+//! and early exits do).
+//!
+//! `seconds = c0 + s·(c1·tokens + c2·attention + c5·sequences) + c3·heads + c4·s`, where `s`
+//! is the share of the layers the call runs: `c4` is the fixed work of running every layer
+//! once (launching each op, whatever the batch), `c5` each sequence's own work in every layer
+//! (attention runs per sequence), and `c3` a head (final norm and LM head at a sequence's
+//! last position). A stage of one layer out of six pays a sixth of `c4` and `c5`. Version-1
+//! files have neither (their intercept and per-sequence term hold them); they still read.
 
 use anyhow::{bail, Context};
-use exitgraph_compiler::lower::{Program, Segment};
+use exitgraph_compiler::lower::{Positions, Program, Run, Segment, Task, Want};
+use exitgraph_ir::NodeIndex;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -19,32 +29,69 @@ pub struct Sample {
     /// The repetitions' range relative to their median, (max − min) / median.
     #[serde(default)]
     pub spread: f64,
+    /// Share of the layers the call ran: 1 for a full forward pass with the head at each
+    /// sequence's last position; less for a call that stops part-way down.
+    #[serde(default = "full_depth")]
+    pub layers_share: f64,
+    /// Whether a call that stops part-way down ran the exit head there at each sequence's
+    /// last position (and the host-side softmax an exit rule reads), as an early-exit stage
+    /// does. A full call always runs the final head.
+    #[serde(default)]
+    pub exit_head: bool,
+}
+
+fn full_depth() -> f64 {
+    1.0
 }
 
 /// The fitted model and the samples it came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CostModel {
     pub version: u32,
-    /// Seconds: intercept, per new token, per unit of attention work, per sequence.
+    /// Seconds: intercept, per new token, per unit of attention work, per head (a sequence's
+    /// final norm and LM head at its last position, and its other per-sequence work).
     pub coefficients: [f64; 4],
+    /// Seconds of the fixed work of running every layer once, scaled by the share of the
+    /// layers a call runs (0 in version-1 files, whose intercept holds it).
+    #[serde(default)]
+    pub per_layers: f64,
+    /// Seconds of one sequence's own work in every layer (attention runs per sequence),
+    /// scaled by the share of the layers it runs (0 in version-1 files).
+    #[serde(default)]
+    pub per_sequence_layers: f64,
     pub samples: Vec<Sample>,
 }
 
-fn features(tokens: usize, attention: usize, sequences: usize) -> [f64; 4] {
-    [1.0, tokens as f64, attention as f64, sequences as f64]
+/// The fit's features of a sample: intercept, share-weighted tokens and attention, heads,
+/// share, share-weighted sequences.
+fn features(s: &Sample) -> [f64; 6] {
+    let share = s.layers_share;
+    let heads = if share >= 1.0 || s.exit_head {
+        s.sequences
+    } else {
+        0
+    };
+    [
+        1.0,
+        share * s.tokens as f64,
+        share * s.attention as f64,
+        heads as f64,
+        share,
+        share * s.sequences as f64,
+    ]
 }
 
-/// Solves the 4×4 normal equations by Gaussian elimination with partial pivoting.
-fn solve(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
-    for col in 0..4 {
-        let pivot = (col..4).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+/// Solves `N`×`N` normal equations by Gaussian elimination with partial pivoting.
+fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
+    for col in 0..N {
+        let pivot = (col..N).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
         if a[pivot][col].abs() < 1e-18 {
             return None;
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
         let pivot_row = a[col];
-        for row in col + 1..4 {
+        for row in col + 1..N {
             let f = a[row][col] / pivot_row[col];
             for (v, p) in a[row].iter_mut().zip(pivot_row).skip(col) {
                 *v -= f * p;
@@ -52,9 +99,9 @@ fn solve(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
             b[row] -= f * b[col];
         }
     }
-    let mut x = [0.0; 4];
-    for row in (0..4).rev() {
-        let s: f64 = (row + 1..4).map(|k| a[row][k] * x[k]).sum();
+    let mut x = [0.0; N];
+    for row in (0..N).rev() {
+        let s: f64 = (row + 1..N).map(|k| a[row][k] * x[k]).sum();
         x[row] = (b[row] - s) / a[row][row];
     }
     Some(x)
@@ -62,49 +109,92 @@ fn solve(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
 
 impl CostModel {
     /// Least-squares fit, each sample weighted by 1 / seconds so small and large steps count
-    /// alike (relative error).
+    /// alike (relative error). Without partial-depth samples the per-layer term cannot be
+    /// told from the intercept and is left at 0.
     pub fn fit(samples: Vec<Sample>) -> anyhow::Result<Self> {
-        let mut ata = [[0.0; 4]; 4];
-        let mut atb = [0.0; 4];
+        let partial = samples.iter().any(|s| s.layers_share < 1.0);
+        let mut ata = [[0.0; 6]; 6];
+        let mut atb = [0.0; 6];
         for s in &samples {
-            let f = features(s.tokens, s.attention, s.sequences);
+            let f = features(s);
             let w = 1.0 / (s.seconds * s.seconds).max(1e-12);
-            for i in 0..4 {
-                for j in 0..4 {
+            for i in 0..6 {
+                for j in 0..6 {
                     ata[i][j] += w * f[i] * f[j];
                 }
                 atb[i] += w * f[i] * s.seconds;
             }
         }
-        let coefficients =
-            solve(ata, atb).context("profile samples do not determine the cost model")?;
+        let (coefficients, per_layers, per_sequence_layers) = if partial {
+            let c = solve(ata, atb).context("profile samples do not determine the cost model")?;
+            ([c[0], c[1], c[2], c[3]], c[4], c[5])
+        } else {
+            let a4: [[f64; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| ata[i][j]));
+            let b4: [f64; 4] = std::array::from_fn(|i| atb[i]);
+            let c = solve(a4, b4).context("profile samples do not determine the cost model")?;
+            (c, 0.0, 0.0)
+        };
         Ok(CostModel {
-            version: 1,
+            version: 2,
             coefficients,
+            per_layers,
+            per_sequence_layers,
             samples,
         })
     }
 
-    /// Predicted seconds of a step.
+    /// Predicted seconds of a full forward pass (every layer, a head per sequence).
     pub fn predict(&self, tokens: usize, attention: usize, sequences: usize) -> f64 {
-        self.predict_layers(tokens as f64, attention as f64, sequences)
+        let n = sequences as f64;
+        self.predict_layers(tokens as f64, attention as f64, n, sequences, 1.0)
     }
 
-    /// Predicted seconds of a step whose tokens run only part of the layers: `tokens` and
-    /// `attention` are weighted by the share of the layers each token runs (the terms that
-    /// scale with layers), while the intercept and the per-sequence term (the final norm and
-    /// LM head at each sequence's last position, per-sequence overhead) are paid in full.
-    pub fn predict_layers(&self, tokens: f64, attention: f64, sequences: usize) -> f64 {
-        let f = [1.0, tokens, attention, sequences as f64];
-        let t: f64 = f.iter().zip(&self.coefficients).map(|(a, b)| a * b).sum();
+    /// Predicted seconds of a sample's call.
+    pub fn predict_sample(&self, s: &Sample) -> f64 {
+        let share = s.layers_share;
+        let heads = if share >= 1.0 || s.exit_head {
+            s.sequences
+        } else {
+            0
+        };
+        self.predict_layers(
+            share * s.tokens as f64,
+            share * s.attention as f64,
+            share * s.sequences as f64,
+            heads,
+            share,
+        )
+    }
+
+    /// Predicted seconds of a call whose tokens run only part of the layers: `tokens`,
+    /// `attention` and `sequences` are already weighted by the share of the layers each
+    /// sequence runs, `heads` counts the heads run (a final or exit head at a sequence's last
+    /// position), and `layers_share` is the share of the layers the call runs (the fixed
+    /// per-layer work). The intercept is paid in full.
+    pub fn predict_layers(
+        &self,
+        tokens: f64,
+        attention: f64,
+        sequences: f64,
+        heads: usize,
+        layers_share: f64,
+    ) -> f64 {
+        let f = [1.0, tokens, attention, heads as f64];
+        let t: f64 = f
+            .iter()
+            .zip(&self.coefficients)
+            .map(|(a, b)| a * b)
+            .sum::<f64>()
+            + self.per_layers * layers_share
+            + self.per_sequence_layers * sequences;
         t.max(1e-6)
     }
 
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let m: CostModel = exitgraph_compiler::ron_file::read(path)?;
-        if m.version != 1 {
+        if !matches!(m.version, 1 | 2) {
             bail!(
-                "{}: cost model version {} is not supported",
+                "{}: cost model version {} is not supported (1 or 2)",
                 path.display(),
                 m.version
             );
@@ -127,6 +217,10 @@ pub fn attention_work(shapes: &[(usize, usize)]) -> usize {
         .map(|&(new, cached)| new * (cached + new))
         .sum()
 }
+
+/// A profiled call: each segment's (new tokens, cached tokens), the layers it runs, and the
+/// exit head it runs at its end.
+type Call = (Vec<(usize, usize)>, usize, Option<NodeIndex>);
 
 /// Measures steps of many shapes (prefills of 1..=max_tokens tokens, decode batches of
 /// 1..=max_batch sequences at several context lengths, and mixes) on `program`.
@@ -175,9 +269,54 @@ pub fn profile(
         }
         n *= 2;
     }
-    let vocab = program.graph().info.vocab as u32;
-    let mut samples = Vec::with_capacity(shapes.len());
-    for (i, shape) in shapes.iter().enumerate() {
+    let graph = program.graph();
+    let layers = graph.info.num_layers.max(1);
+    // Calls that stop after `depth` layers and run no head (stages, early exits): a few
+    // shapes at one layer and at half the layers, so the fit can tell the per-layer fixed
+    // work from the intercept.
+    let calls: Vec<(Vec<(usize, usize)>, usize)> =
+        shapes.into_iter().map(|shape| (shape, layers)).collect();
+    // Where the graph has an exit head, the same calls also run it (and the host-side
+    // softmax of its logits), so the head's cost is measured apart from the layers'.
+    let mut depths = vec![1, layers / 2];
+    depths.extend(
+        graph
+            .exits
+            .iter()
+            .filter(|e| e.logits.is_some())
+            .map(|e| e.after)
+            .take(1),
+    );
+    depths.sort_unstable();
+    depths.dedup();
+    let mut calls: Vec<Call> = calls
+        .into_iter()
+        .map(|(shape, depth)| (shape, depth, None))
+        .collect();
+    for depth in depths.into_iter().filter(|&d| d >= 1 && d < layers) {
+        let head = graph
+            .exits
+            .iter()
+            .find(|e| e.after == depth)
+            .and_then(|e| e.logits);
+        for shape in [
+            vec![(1, 8)],
+            vec![(16, 0)],
+            vec![(64, 0)],
+            vec![(1, 32); 4.min(max_batch.max(1))],
+            vec![(1, 96); 8.min(max_batch.max(1))],
+        ] {
+            if shape.iter().all(|&(n, c)| n + c < max_ctx) {
+                calls.push((shape.clone(), depth, None));
+                if head.is_some() {
+                    calls.push((shape, depth, head));
+                }
+            }
+        }
+    }
+    let vocab = graph.info.vocab as u32;
+    let mut samples = Vec::with_capacity(calls.len());
+    for (i, (shape, depth, head)) in calls.iter().enumerate() {
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps.max(1) {
             // Fill each cache to its context, then time the step.
@@ -205,7 +344,37 @@ pub fn profile(
                 .map(|(ids, cache)| Segment::new(ids, cache))
                 .collect();
             let start = Instant::now();
-            program.forward_ragged(&mut segs)?;
+            if *depth == layers {
+                program.forward_ragged(&mut segs)?;
+            } else {
+                let stream = graph
+                    .stream(*depth)
+                    .with_context(|| format!("the graph has no stream after {depth} layers"))?;
+                let mut want = vec![Want {
+                    node: stream,
+                    at: Positions::All,
+                }];
+                want.extend(head.map(|node| Want {
+                    node,
+                    at: Positions::Last,
+                }));
+                let out = program.run(
+                    &mut segs,
+                    &Run {
+                        from: 0,
+                        task: Task::Outputs(want),
+                        commit: true,
+                    },
+                )?;
+                if head.is_some() {
+                    // The exit rule's view: each sequence's probabilities on the host.
+                    for seq in &out {
+                        let logits = seq[1].to_dtype(candle_core::DType::F32)?.flatten_all()?;
+                        let p = exitgraph_compiler::exits::rule::softmax(&logits.to_vec1()?);
+                        std::hint::black_box(p);
+                    }
+                }
+            }
             times.push(start.elapsed().as_secs_f64());
         }
         let times = crate::metrics::Spread::of(&times);
@@ -215,8 +384,10 @@ pub fn profile(
             sequences: shape.len(),
             seconds: times.median,
             spread: times.relative(),
+            layers_share: *depth as f64 / layers as f64,
+            exit_head: head.is_some(),
         });
-        progress(i + 1, shapes.len());
+        progress(i + 1, calls.len());
     }
     CostModel::fit(samples)
 }
@@ -227,17 +398,68 @@ mod tests {
 
     #[test]
     fn partial_depth_scales_only_the_layer_terms() {
-        let m = CostModel {
+        let mut m = CostModel {
             version: 1,
             coefficients: [2e-3, 1e-4, 3e-7, 5e-5],
+            per_layers: 0.0,
+            per_sequence_layers: 0.0,
             samples: Vec::new(),
         };
         // One decode token at context 10 running half the layers: tokens 0.5, attention
         // 11 * 0.5 = 5.5; the intercept and the sequence's term in full:
         // 2e-3 + 0.5 * 1e-4 + 5.5 * 3e-7 + 5e-5 = 2.10165e-3.
-        assert!((m.predict_layers(0.5, 5.5, 1) - 2.101_65e-3).abs() < 1e-12);
+        assert!((m.predict_layers(0.5, 5.5, 0.5, 1, 0.5) - 2.101_65e-3).abs() < 1e-12);
         // The whole step scaled by half would have been 1.0508e-3.
         assert!((m.predict(1, 11, 1) - 2.1533e-3).abs() < 1e-12);
+        // With per-layer fixed work of 1.2e-3 and per-sequence layer work of 4e-4, half
+        // the layers pay 0.6e-3 + 0.2e-3 of them.
+        m.per_layers = 1.2e-3;
+        m.per_sequence_layers = 4e-4;
+        assert!((m.predict_layers(0.5, 5.5, 0.5, 1, 0.5) - 2.901_65e-3).abs() < 1e-12);
+        assert!((m.predict(1, 11, 1) - 3.7533e-3).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fit_recovers_the_per_layer_term_from_partial_calls() {
+        let (c, per_layers, per_seq) = ([2e-3, 1e-4, 3e-7, 5e-5], 1.5e-3, 2e-4);
+        let mut samples = Vec::new();
+        for share in [1.0, 0.5, 1.0 / 6.0] {
+            for tokens in [1, 4, 16, 64] {
+                for seqs in [1, 2, 8] {
+                    let attention = tokens * tokens * 3 + seqs * tokens * 11 + 5;
+                    // Partial calls with and without the exit head there.
+                    for exit_head in [false, true] {
+                        let heads = if share >= 1.0 || exit_head { seqs } else { 0 } as f64;
+                        let seconds = c[0]
+                            + share * (c[1] * tokens as f64 + c[2] * attention as f64)
+                            + c[3] * heads
+                            + per_layers * share
+                            + per_seq * share * seqs as f64;
+                        samples.push(Sample {
+                            tokens,
+                            attention,
+                            sequences: seqs,
+                            seconds,
+                            spread: 0.0,
+                            layers_share: share,
+                            exit_head: exit_head && share < 1.0,
+                        });
+                    }
+                }
+            }
+        }
+        let m = CostModel::fit(samples).unwrap();
+        assert_eq!(m.version, 2);
+        let fitted = m
+            .coefficients
+            .iter()
+            .chain([&m.per_layers, &m.per_sequence_layers]);
+        for (a, b) in fitted.zip(c.iter().chain([&per_layers, &per_seq])) {
+            assert!((a - b).abs() < 1e-9 + 1e-6 * b.abs(), "{a} vs {b}");
+        }
+        for s in &m.samples {
+            assert!((m.predict_sample(s) / s.seconds - 1.0).abs() < 1e-9);
+        }
     }
 
     #[test]
@@ -247,7 +469,7 @@ mod tests {
         for tokens in [1, 4, 16, 64] {
             for seqs in [1, 2, 8] {
                 let attention = tokens * tokens * 3 + seqs * tokens * 11 + 5;
-                let f = features(tokens, attention, seqs);
+                let f = [1.0, tokens as f64, attention as f64, seqs as f64];
                 let seconds = f.iter().zip(&truth).map(|(a, b)| a * b).sum();
                 samples.push(Sample {
                     tokens,
@@ -255,6 +477,8 @@ mod tests {
                     sequences: seqs,
                     seconds,
                     spread: 0.0,
+                    layers_share: 1.0,
+                    exit_head: false,
                 });
             }
         }

@@ -123,9 +123,16 @@ pub(super) fn execute(
         // does not, and the per-sequence term (a norm and LM head at a sequence's last
         // position) is paid by every head a row evaluates: the model's own at the last layer,
         // and, under simulated exits, the exit head at each exit point its token passes.
-        let (mut tokens, mut attention, mut headed) = (0.0, 0.0, 0);
-        // Simulated exits: token-equivalents of filling skipped layers' keys and values.
-        let mut filled = 0.0;
+        let (mut tokens, mut attention, mut sequences, mut headed) = (0.0, 0.0, 0.0, 0);
+        // Simulated exits: token-equivalents of filling skipped layers' keys and values, and
+        // the largest share of the layers one fill runs.
+        let (mut filled, mut fill_layers) = (0.0, 0.0f64);
+        // The per-layer fixed work is paid once per distinct path the step runs.
+        let mut paths: Vec<&[usize]> = rows.iter().map(|r| r.path.as_slice()).collect();
+        paths.sort_unstable();
+        paths.dedup();
+        let layer_share =
+            paths.iter().map(|p| p.len()).sum::<usize>() as f64 / layers.max(1) as f64;
         let mut done = Vec::new();
         for row in &rows {
             let Ok((req, mut p, _, _)) = seqs.get_mut(row.entity) else {
@@ -143,6 +150,7 @@ pub(super) fn execute(
             };
             let share = row.path.len() as f64 / layers.max(1) as f64;
             tokens += share * shape.0 as f64;
+            sequences += share;
             attention += share * cost::attention_work(&[shape]) as f64;
             let exit_at = match &engine.sim_exits {
                 Some(sim) => {
@@ -170,8 +178,10 @@ pub(super) fn execute(
             if exit_at <= range.end || last_stage {
                 let exit_at = exit_at.min(layers);
                 if let Some(sim) = &engine.sim_exits {
-                    let skipped: f64 = sim.fill_share[exit_at..].iter().sum();
-                    filled += skipped / layers.max(1) as f64 * new_tokens as f64;
+                    let skipped =
+                        sim.fill_share[exit_at..].iter().sum::<f64>() / layers.max(1) as f64;
+                    filled += skipped * new_tokens as f64;
+                    fill_layers = fill_layers.max(skipped);
                     p.track.filled = layers - exit_at;
                 }
                 headed += usize::from(exit_at == layers);
@@ -184,10 +194,10 @@ pub(super) fn execute(
                 p.stage = stage + 1;
             }
         }
-        let mut step_s = model.predict_layers(tokens, attention, headed);
+        let mut step_s = model.predict_layers(tokens, attention, sequences, headed, layer_share);
         if filled > 0.0 {
             // A separate call, as the real runtime's state copying is.
-            step_s += model.predict_layers(filled, 0.0, 0);
+            step_s += model.predict_layers(filled, 0.0, 0.0, 0, fill_layers);
         }
         produced.0 = done
             .into_iter()

@@ -40,16 +40,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     model.write(&a.output)?;
     let [c0, c1, c2, c3] = model.coefficients;
     outln!(
-        "step time = {:.3} ms + {:.4} ms/token + {:.6} ms/(token x context) + {:.4} ms/sequence",
+        "step time = {:.3} ms + s x ({:.4} ms/token + {:.6} ms/(token x context) + {:.4} \
+         ms/sequence + {:.3} ms) + {:.4} ms/head, s = share of the layers run",
         c0 * 1e3,
         c1 * 1e3,
         c2 * 1e3,
-        c3 * 1e3
+        model.per_sequence_layers * 1e3,
+        model.per_layers * 1e3,
+        c3 * 1e3,
     );
     let worst = model
         .samples
         .iter()
-        .map(|s| (model.predict(s.tokens, s.attention, s.sequences) / s.seconds - 1.0).abs())
+        .map(|s| (model.predict_sample(s) / s.seconds - 1.0).abs())
         .fold(0.0, f64::max);
     outln!(
         "{} step shapes measured; largest relative error of the fit {:.1}%",
