@@ -43,15 +43,20 @@ if [ "$device" != cpu ]; then
   nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv ||
     fail "nvidia-smi: no NVIDIA driver or GPU"
   # The CUDA 13 libraries of a PyTorch (or pip) install: site-packages/nvidia/cu13/lib.
-  libs="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
-  if [ -n "$libs" ] && [ -d "$libs" ]; then
+  libs="$(python3 -c '
+import nvidia, os
+print(next((os.path.join(p, "cu13", "lib") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13", "lib"))), ""))' 2>/dev/null || true)"
+  if [ -n "$libs" ]; then
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "CUDA libraries from $libs"
   fi
 fi
 missing="$(ldd "$bin" | grep 'not found' || true)"
 if [ -n "$missing" ]; then
-  fail "$bin cannot load: $missing (pip install -r scripts/cuda-runtime-requirements.txt)"
+  case "$missing" in
+    *libcuda.so*) fail "$bin cannot load: $missing (the NVIDIA driver's library: install a driver for CUDA 13, R580 or newer)" ;;
+    *) fail "$bin cannot load: $missing (pip install --require-hashes -r scripts/cuda-runtime-requirements.txt)" ;;
+  esac
   exit "$failures"
 fi
 ldd "$bin" | grep -E 'cuda|cublas|curand|nvrtc' || true
@@ -65,8 +70,8 @@ for dir in tests/fixtures/*/ tests/fixtures/variants/*/; do
   ref="$dir/reference.safetensors"
   [ -f "$ref" ] || continue
   model="$dir"
-  [ -f "$dir/model/config.json" ] && model="$dir/model"
-  if ! ls "$model"/*.safetensors >/dev/null 2>&1; then
+  [ -d "$dir/model" ] && model="$dir/model"
+  if [ ! -f "$model/config.json" ] || ! ls "$model"/model*.safetensors >/dev/null 2>&1; then
     echo "skip $name: no weights here (MiniLM's come from scripts/fetch-minilm.sh)"
     continue
   fi
@@ -90,6 +95,7 @@ done
 
 echo "== 3. the runtime on $device: the CPU's tokens and exits"
 prompt="the big cats are"
+trap 'rm -f examples/.gpu-check-*.ron' EXIT
 for pipeline in demo demo-exits demo-skipdecode; do
   # A copy beside the original (its paths are relative to it), on the device.
   copy="examples/.gpu-check-$pipeline.ron"
@@ -101,8 +107,7 @@ for pipeline in demo demo-exits demo-skipdecode; do
   "$bin" run "examples/$pipeline.ron" --prompt "$prompt" --show-exits >"$out/run-$pipeline-cpu.txt" 2>&1 ||
     fail "$pipeline on the CPU: $(tail -3 "$out/run-$pipeline-cpu.txt")"
   if "$bin" run "$copy" --prompt "$prompt" --show-exits >"$out/run-$pipeline-$device.txt" 2>&1; then
-    if diff <(grep -v -i 'ms\|tok/s\|wrote' "$out/run-$pipeline-cpu.txt") \
-      <(grep -v -i 'ms\|tok/s\|wrote' "$out/run-$pipeline-$device.txt") >"$out/run-$pipeline.diff"; then
+    if diff "$out/run-$pipeline-cpu.txt" "$out/run-$pipeline-$device.txt" >"$out/run-$pipeline.diff"; then
       echo "ok   $pipeline: same tokens and exits as on the CPU"
     else
       fail "$pipeline: tokens or exits differ from the CPU's ($out/run-$pipeline.diff)"

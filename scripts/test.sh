@@ -18,5 +18,5 @@ if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && [ "${EXITGRAPH_SKIP_MKL:-0}" 
 fi
 if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && [ "${EXITGRAPH_SKIP_CUDA:-0}" != 1 ]; then
   EXITGRAPH_CUDA_STUB_DRIVER=1 scripts/build-cuda.sh test -p exitgraph --features cuda --locked \
-    --test reference --test bad_input "$@"
+    --test reference --test bad_input "$@" -- --include-ignored
 fi

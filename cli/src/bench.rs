@@ -308,6 +308,8 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
     if !matches!(opts.dtype, DType::F32 | DType::BF16) {
         anyhow::bail!("bench --dtype: f32 or bf16, not {:?}", opts.dtype);
     }
+    // The device first: a build or machine without it leaves no model folder behind.
+    let device = opts.device.to_candle()?;
     let tmp;
     let dir = match &opts.model_dir {
         Some(d) => d.clone(),
@@ -331,7 +333,6 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
             }
         },
     };
-    let device = opts.device.to_candle()?;
     let ckpt = exitgraph_ir::import(&dir)?;
     if ckpt.graph.info.family != exitgraph_ir::Family::Llama {
         anyhow::bail!("{}: bench compares Llama checkpoints only", dir.display());

@@ -375,6 +375,8 @@ pub fn profile(
                     }
                 }
             }
+            // A GPU queues work: the call's time ends when its work has run.
+            program.device().synchronize()?;
             times.push(start.elapsed().as_secs_f64());
         }
         let times = crate::metrics::Spread::of(&times);

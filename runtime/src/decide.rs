@@ -247,6 +247,8 @@ pub(super) fn copy_state(
     };
     let result = engine.program.run(&mut segments, &run);
     drop(segments);
+    // A GPU queues work: the call's time ends when its work has run.
+    let synced = engine.program.device().synchronize();
     let elapsed = started.elapsed().as_secs_f64();
     for r in rows {
         if let Ok((_, _, mut kv)) = seqs.get_mut(r.entity) {
@@ -254,6 +256,7 @@ pub(super) fn copy_state(
         }
     }
     result?;
+    synced?;
     super::add_busy(&mut clock, &mut recorder, results.stage, elapsed);
     Ok(())
 }

@@ -93,7 +93,11 @@ impl ExitSource {
                 if (total - 1.0).abs() > 1e-6 {
                     bail!("Distribution: the probabilities sum to {total}, not 1");
                 }
-                let points = sorted.iter().map(|e| e.0).filter(|&d| d < layers).collect();
+                let points = sorted
+                    .iter()
+                    .filter(|&&(d, p)| d < layers && p > 0.0)
+                    .map(|e| e.0)
+                    .collect();
                 let shares: Vec<String> = sorted
                     .iter()
                     .map(|(d, p)| format!("{d}: {:.0}%", p * 100.0))

@@ -124,8 +124,9 @@ pub(super) fn execute(
         // position) is paid by every head a row evaluates: the model's own at the last layer,
         // and, under simulated exits, the exit head at each exit point its token passes.
         let (mut tokens, mut attention, mut sequences, mut headed) = (0.0, 0.0, 0.0, 0);
-        // Simulated exits: token-equivalents of filling skipped layers' keys and values, and
-        // the largest share of the layers one fill runs.
+        // Simulated exits: token-equivalents of filling skipped layers' keys and values (their
+        // key and value projections' share of the layers' FLOPs), and the largest share of
+        // the layers one fill runs (its per-layer fixed work).
         let (mut filled, mut fill_layers) = (0.0, 0.0f64);
         // The per-layer fixed work is paid once per distinct path the step runs.
         let mut paths: Vec<&[usize]> = rows.iter().map(|r| r.path.as_slice()).collect();
@@ -155,12 +156,16 @@ pub(super) fn execute(
             let exit_at = match &engine.sim_exits {
                 Some(sim) => {
                     if stage == 0 {
+                        // A prompt's token comes from the full model (it never exits in the
+                        // real runtime either).
                         let pos = req.0.prompt.len() + p.produced;
-                        p.sim_exit = Some(
+                        p.sim_exit = Some(if p.produced == 0 {
+                            layers
+                        } else {
                             sim.source
                                 .depth(req.0.id, pos)
-                                .map_err(StepError::Simulation)?,
-                        );
+                                .map_err(StepError::Simulation)?
+                        });
                     }
                     let exit_at = p.sim_exit.unwrap_or(layers);
                     let passed = sim
@@ -181,7 +186,7 @@ pub(super) fn execute(
                     let skipped =
                         sim.fill_share[exit_at..].iter().sum::<f64>() / layers.max(1) as f64;
                     filled += skipped * new_tokens as f64;
-                    fill_layers = fill_layers.max(skipped);
+                    fill_layers = fill_layers.max((layers - exit_at) as f64 / layers.max(1) as f64);
                     p.track.filled = layers - exit_at;
                 }
                 headed += usize::from(exit_at == layers);
@@ -224,10 +229,13 @@ pub(super) fn execute(
         below,
         last_stage,
     };
-    let outcome = run_stage(&engine, &mut stage_rows, range.clone(), wants).and_then(|mut a| {
-        a.extend(run_paths(&engine, &mut skip_rows)?);
-        Ok(a)
-    });
+    let outcome = run_stage(&engine, &mut stage_rows, range.clone(), wants)
+        .and_then(|mut a| {
+            a.extend(run_paths(&engine, &mut skip_rows)?);
+            Ok(a)
+        })
+        // A GPU queues work: the step's time ends when its work has run.
+        .and_then(|a| Ok(engine.program.device().synchronize().map(|_| a)?));
     let elapsed = started.elapsed().as_secs_f64();
     for row in stage_rows.into_iter().chain(skip_rows) {
         if let Ok((_, _, mut kv, _)) = seqs.get_mut(row.entity) {

@@ -1,7 +1,8 @@
 //! Where the reference-equivalence tests run and where their fixtures are.
 //!
 //! `EXITGRAPH_TEST_DEVICE` picks the device: unset or `cpu` for the CPU, `cuda:N` for GPU
-//! N in a `cuda` build (`scripts/gpu-check.sh` runs the tests that way). Outputs are
+//! N in a `cuda` build (for test binaries built with `--features cuda` and run on a GPU
+//! machine; `scripts/gpu-check.sh` checks the same fixtures through the CLI). Outputs are
 //! compared on the host.
 
 use candle_core::Device;

@@ -68,6 +68,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     spec.kv_heads = a.kv_heads.unwrap_or(spec.heads);
     spec.intermediate = a.intermediate.unwrap_or(a.hidden * 8 / 3);
     spec.vocab = a.vocab;
+    // The random model's positions cover the prompt and the decoded tokens.
+    spec.max_positions = spec.max_positions.max(a.prompt_len + a.decode_tokens + 1);
     if spec.heads == 0 || a.hidden % spec.heads != 0 {
         anyhow::bail!(
             "bench --heads {}: must divide --hidden {}",

@@ -63,8 +63,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.model_dir.display()
         );
     }
-    let device = pipeline.device.to_candle()?;
     let program = compiled.lower()?;
+    let device = program.device().clone();
     let to_dev = |t: &Tensor| t.to_device(&device);
     let run_inputs = Inputs {
         input_ids: to_dev(&inputs.input_ids)?,
