@@ -15,7 +15,8 @@
 # 3. the runtime on the GPU: `run` of the demo pipelines (full depth, early exits,
 #    SkipDecode) gives the CPU's tokens, exits included;
 # 4. unless --no-bench: prefill and decode against PyTorch (eager, SDPA) on the same GPU and
-#    weights, a random ~1B-parameter Llama in bf16, prompts of 512 and 2048 tokens.
+#    weights, a random ~1B-parameter Llama in bf16, batch 1 and 16, prompts of 512 and 2048
+#    tokens.
 # Needs python3 with numpy and safetensors, and torch + transformers for step 4. Logs and
 # outputs go to OUT_DIR (default gpu-check); the exit status is the number of failures.
 # EXITGRAPH_CHECK_DEVICE=cpu runs steps 2-3 on the CPU (a check of this script).
@@ -123,12 +124,14 @@ if [ "$bench" = 1 ] && [ "$device" != cpu ]; then
   model="$out/llama-1b"
   save=(--save-model "$model")
   [ -d "$model" ] && save=(--model "$model")
-  for prompt_len in 512 2048; do
-    "$bin" bench --cuda "${device#cuda:}" --torch --dtype bf16 "${save[@]}" \
-      --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 32000 \
-      --prompt-len "$prompt_len" --decode-tokens 64 --reps 5 |
-      tee "$out/bench-$prompt_len.md" || fail "bench at $prompt_len tokens"
-    save=(--model "$model")
+  for batch in 1 16; do
+    for prompt_len in 512 2048; do
+      "$bin" bench --cuda "${device#cuda:}" --torch --dtype bf16 "${save[@]}" \
+        --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 32000 \
+        --batch "$batch" --prompt-len "$prompt_len" --decode-tokens 64 --reps 5 |
+        tee "$out/bench-$batch-$prompt_len.md" || fail "bench, batch $batch, $prompt_len tokens"
+      save=(--model "$model")
+    done
   done
 fi
 

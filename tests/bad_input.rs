@@ -1207,6 +1207,8 @@ fn bench_shapes_and_save_folder_are_checked() {
     assert_mentions(&e, &["--torch", "--exits"]);
     let e = exitgraph_fails(&["bench", "--exits", "--dtype", "bf16"]);
     assert_mentions(&e, &["--dtype", "--exits"]);
+    let e = exitgraph_fails(&["bench", "--batch", "0"]);
+    assert_mentions(&e, &["--batch 0"]);
 }
 
 /// `--cuda N` on a build without the `cuda` feature says which feature and how to build it,

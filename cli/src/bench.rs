@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub model_dir: Option<PathBuf>,
     pub prompt_len: usize,
     pub decode_tokens: usize,
+    /// Sequences run side by side (each its own prompt), in every phase.
+    pub batch: usize,
     pub reps: usize,
     pub seed: u64,
     /// Weight and activation type: F32 or BF16.
@@ -119,14 +121,15 @@ fn profile_ours(
             let t0 = Instant::now();
             let mut out =
                 program.forward(&inputs(prompt.clone()), &mut cache, &["logits"], true)?;
-            let mut next = argmax_last(&out.remove("logits").context("no logits")?)?;
+            let rows = prompt.dim(0)?;
+            let mut next = argmax_rows(&out.remove("logits").context("no logits")?, rows)?;
             prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
             merge(&mut prefill_table, op_profile::take());
             let t1 = Instant::now();
             for _ in 0..decode {
-                let ids = Tensor::new(&[[next]], prompt.device())?;
+                let ids = step_ids(&next, prompt.device())?;
                 let mut out = program.forward(&inputs(ids), &mut cache, &["logits"], true)?;
-                next = argmax_last(&out.remove("logits").context("no logits")?)?;
+                next = argmax_rows(&out.remove("logits").context("no logits")?, rows)?;
             }
             decode_ms += t1.elapsed().as_secs_f64() * 1e3;
             merge(&mut decode_table, op_profile::take());
@@ -201,6 +204,8 @@ pub struct BenchReport {
     pub op_threads: usize,
     pub reps: usize,
     pub prompt_len: usize,
+    /// Sequences side by side.
+    pub batch: usize,
     pub dtype: DType,
     /// The library behind candle's f32 matmuls in this build.
     pub matmul: &'static str,
@@ -234,6 +239,24 @@ fn argmax_last(logits: &Tensor) -> anyhow::Result<u32> {
     Ok(last.argmax(0)?.to_scalar::<u32>()?)
 }
 
+/// Each row's argmax at its last position, from `[rows, .., vocab]` logits.
+fn argmax_rows(logits: &Tensor, rows: usize) -> anyhow::Result<Vec<u32>> {
+    if rows == 1 {
+        return Ok(vec![argmax_last(logits)?]);
+    }
+    let vocab = *logits.dims().last().context("logits have no dims")?;
+    let per_row = logits.elem_count() / rows.max(1);
+    let last = logits
+        .reshape((rows, per_row))?
+        .narrow(1, per_row - vocab, vocab)?;
+    Ok(last.argmax(1)?.to_vec1::<u32>()?)
+}
+
+/// The next step's ids, one per row: `[rows, 1]`.
+fn step_ids(next: &[u32], device: &candle_core::Device) -> anyhow::Result<Tensor> {
+    Ok(Tensor::from_slice(next, (next.len(), 1), device)?)
+}
+
 struct Ours<'a>(&'a Program);
 struct Theirs<'a>(&'a cl::Llama, &'a cl::Config, DType);
 
@@ -253,17 +276,18 @@ impl Ours<'_> {
             .0
             .forward(&inputs(prompt.clone()), &mut cache, &["logits"], true)?;
         let logits = out.remove("logits").context("no logits")?;
-        let mut next = argmax_last(&logits)?;
+        let rows = prompt.dim(0)?;
+        let mut next = argmax_rows(&logits, rows)?;
         let prefill = t0.elapsed().as_secs_f64() * 1e3;
-        let mut tokens = vec![next];
+        let mut tokens = next.clone();
         let t1 = Instant::now();
         for _ in 0..decode {
-            let ids = Tensor::new(&[[next]], prompt.device())?;
+            let ids = step_ids(&next, prompt.device())?;
             let mut out = self
                 .0
                 .forward(&inputs(ids), &mut cache, &["logits"], true)?;
-            next = argmax_last(&out.remove("logits").context("no logits")?)?;
-            tokens.push(next);
+            next = argmax_rows(&out.remove("logits").context("no logits")?, rows)?;
+            tokens.extend(&next);
         }
         Ok((prefill, t1.elapsed().as_secs_f64() * 1e3, logits, tokens))
     }
@@ -274,16 +298,17 @@ impl Theirs<'_> {
         let mut cache = cl::Cache::new(true, self.2, self.1, prompt.device())?;
         let t0 = Instant::now();
         let logits = self.0.forward(prompt, 0, &mut cache)?;
-        let mut next = argmax_last(&logits)?;
+        let rows = prompt.dim(0)?;
+        let mut next = argmax_rows(&logits, rows)?;
         let prefill = t0.elapsed().as_secs_f64() * 1e3;
-        let mut tokens = vec![next];
+        let mut tokens = next.clone();
         let start = prompt.dim(1)?;
         let t1 = Instant::now();
         for pos in start..start + decode {
-            let ids = Tensor::new(&[[next]], prompt.device())?;
+            let ids = step_ids(&next, prompt.device())?;
             let logits = self.0.forward(&ids, pos, &mut cache)?;
-            next = argmax_last(&logits)?;
-            tokens.push(next);
+            next = argmax_rows(&logits, rows)?;
+            tokens.extend(&next);
         }
         Ok((prefill, t1.elapsed().as_secs_f64() * 1e3, logits, tokens))
     }
@@ -354,6 +379,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
         Some(TorchSide::start(
             &dir,
             opts.prompt_len,
+            opts.batch.max(1),
             opts.decode_tokens,
             threads,
             opts.dtype,
@@ -364,10 +390,14 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
     };
 
     let vocab = ckpt.graph.info.vocab as u32;
-    let ids: Vec<u32> = (0..opts.prompt_len as u32)
-        .map(|i| (i * 7919 + 13) % vocab)
+    // Row r's token i is (i * 7919 + 13 + r * 104729) mod vocab (PyTorch's side the same).
+    let batch = opts.batch.max(1);
+    let ids: Vec<u32> = (0..batch as u32)
+        .flat_map(|r| {
+            (0..opts.prompt_len as u32).map(move |i| (i * 7919 + 13 + r * 104_729) % vocab)
+        })
         .collect();
-    let prompt = Tensor::from_vec(ids, (1, opts.prompt_len), &device)?;
+    let prompt = Tensor::from_vec(ids, (batch, opts.prompt_len), &device)?;
     let ours = Ours(&program);
     let theirs = Theirs(&theirs, &their_cfg, opts.dtype);
     // Warm-up, and the logits check.
@@ -447,6 +477,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
         op_threads: crate::cpu::op_threads(),
         reps: opts.reps,
         prompt_len: opts.prompt_len,
+        batch,
         dtype: opts.dtype,
         matmul: MATMUL_LIBRARY,
         cpu_features: crate::cpu::features(),
@@ -456,14 +487,14 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize)) -> anyhow::Resu
         rows: vec![
             BenchRow {
                 phase: "prefill",
-                tokens: opts.prompt_len,
+                tokens: opts.prompt_len * batch,
                 ours_ms: median(po),
                 theirs_ms: median(pt),
                 torch_ms: torch_median(pp),
             },
             BenchRow {
                 phase: "decode",
-                tokens: opts.decode_tokens,
+                tokens: opts.decode_tokens * batch,
                 ours_ms: median(dec_o),
                 theirs_ms: median(dec_t),
                 torch_ms: torch_median(dec_p),
@@ -494,6 +525,7 @@ impl TorchSide {
     fn start(
         dir: &std::path::Path,
         prompt_len: usize,
+        batch: usize,
         decode: usize,
         threads: usize,
         dtype: DType,
@@ -522,6 +554,7 @@ impl TorchSide {
                     DeviceSpec::Cuda(i) => format!("cuda:{i}"),
                     _ => "cpu".to_string(),
                 },
+                batch.to_string(),
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -631,8 +664,9 @@ impl BenchReport {
         };
         let mut s = format!(
             "Llama, {:.1}M parameters, {dtype}, {place}, \
-             prompt {} tokens, median of {} runs; max |logit difference| vs candle-transformers {:.2e}\n",
+             batch {} x prompt {} tokens, median of {} runs; max |logit difference| vs candle-transformers {:.2e}\n",
             self.params as f64 / 1e6,
+            self.batch,
             self.prompt_len,
             self.reps,
             self.max_logit_diff
@@ -700,6 +734,7 @@ mod tests {
             op_threads: 1,
             reps: 5,
             prompt_len: 128,
+            batch: 1,
             dtype: DType::F32,
             matmul: "oneMKL",
             cpu_features: vec!["AVX2", "AVX-512F"],
@@ -774,6 +809,27 @@ mod tests {
         let md = p.to_markdown();
         assert!(md.contains("| mlp | 12 | 15.00 | 60.0 |"), "{md}");
         assert!(md.contains("| 5.00 | 20.0 |"), "{md}");
+    }
+
+    #[test]
+    fn each_row_gets_its_own_argmax_at_its_last_position() {
+        // [2 rows, 2 positions, 3 vocab]: row 0 ends with [0, 5, 1], row 1 with [7, 0, 2];
+        // the first positions' larger values must not leak in.
+        let l = Tensor::new(
+            &[
+                [[9f32, 0., 0.], [0., 5., 1.]],
+                [[0f32, 0., 9.], [7., 0., 2.]],
+            ],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(argmax_rows(&l, 2).unwrap(), vec![1, 0]);
+        assert_eq!(
+            argmax_rows(&l.narrow(0, 1, 1).unwrap(), 1).unwrap(),
+            vec![0]
+        );
+        let ids = step_ids(&[4, 2], &candle_core::Device::Cpu).unwrap();
+        assert_eq!(ids.to_vec2::<u32>().unwrap(), vec![vec![4], vec![2]]);
     }
 
     #[test]

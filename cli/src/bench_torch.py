@@ -12,7 +12,8 @@ implementations interleave in one run:
   -> {"cmd": "quit"}
 
 Arguments: MODEL_DIR PROMPT_LEN DECODE_TOKENS THREADS DTYPE (float32 or bfloat16) DEVICE
-(cpu or cuda:N). On a GPU every timed phase ends with reading the argmax on the host, which
+(cpu or cuda:N) BATCH (rows side by side, each its own prompt; tokens are reported row by
+row per step). On a GPU every timed phase ends with reading the argmax on the host, which
 waits for the GPU's queue, as the Rust side's does.
 """
 
@@ -22,8 +23,8 @@ import time
 
 
 def main():
-    model_dir, prompt_len, decode, threads, dtype, device = sys.argv[1:7]
-    prompt_len, decode, threads = int(prompt_len), int(decode), int(threads)
+    model_dir, prompt_len, decode, threads, dtype, device, batch = sys.argv[1:8]
+    prompt_len, decode, threads, batch = int(prompt_len), int(decode), int(threads), int(batch)
     import torch
     from transformers import LlamaForCausalLM
 
@@ -36,29 +37,34 @@ def main():
     model.eval()
     vocab = model.config.vocab_size
     # The same prompt as the Rust side: token i is (i * 7919 + 13) mod vocab.
-    ids = torch.tensor([[(i * 7919 + 13) % vocab for i in range(prompt_len)]], device=device)
+    # The same prompts as the Rust side: row r's token i is (i * 7919 + 13 + r * 104729) mod vocab.
+    ids = torch.tensor(
+        [[(i * 7919 + 13 + r * 104729) % vocab for i in range(prompt_len)] for r in range(batch)],
+        device=device,
+    )
 
     def run(steps):
         with torch.inference_mode():
             t0 = time.perf_counter()
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1]
-            nxt = int(logits.argmax())
+            logits = out.logits[:, -1]
+            nxt = logits.argmax(-1).tolist()
             prefill = (time.perf_counter() - t0) * 1e3
             past = out.past_key_values
-            tokens = [nxt]
+            tokens = list(nxt)
             t1 = time.perf_counter()
             for _ in range(steps):
                 out = model(
-                    input_ids=torch.tensor([[nxt]], device=device),
+                    input_ids=torch.tensor([[t] for t in nxt], device=device),
                     past_key_values=past,
                     use_cache=True,
                 )
                 past = out.past_key_values
-                nxt = int(out.logits[0, -1].argmax())
-                tokens.append(nxt)
+                nxt = out.logits[:, -1].argmax(-1).tolist()
+                tokens.extend(nxt)
             decode_ms = (time.perf_counter() - t1) * 1e3
-        return prefill, decode_ms, logits, tokens
+        # The last row's logits, as the Rust side compares.
+        return prefill, decode_ms, logits[-1], tokens
 
     print(json.dumps({"ready": True, "threads": torch.get_num_threads(),
                       "torch": torch.__version__}), flush=True)

@@ -14,6 +14,10 @@ pub struct Args {
     /// Tokens decoded one at a time after the prefill.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
+    /// Sequences run side by side in prefill and decode, each its own prompt (tokens/s
+    /// count every row).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -84,6 +88,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             spec.heads
         );
     }
+    if a.batch == 0 {
+        anyhow::bail!("bench --batch 0: at least one sequence");
+    }
     if a.cuda.is_some() && a.profile {
         anyhow::bail!(
             "bench --profile times ops on the CPU only: GPU kernels run asynchronously, so a \
@@ -97,6 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (a.save_model.is_some(), "--save-model"),
             (a.dtype != "f32", "--dtype"),
             (a.cuda.is_some(), "--cuda"),
+            (a.batch != 1, "--batch"),
         ] {
             if given {
                 anyhow::bail!(
@@ -110,6 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model_dir: a.model,
         prompt_len: a.prompt_len,
         decode_tokens: a.decode_tokens,
+        batch: a.batch,
         reps: a.reps.max(1),
         seed: a.seed,
         dtype: if a.dtype == "bf16" {
