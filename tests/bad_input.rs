@@ -956,7 +956,60 @@ fn serve_with_an_unknown_policy_lists_the_policies() {
     let err = serve_fails("w.ron", GOOD_WORKLOAD, &["--policy", "bogus"]);
     assert_mentions(
         &err,
-        &["--policy", "bogus", "static", "continuous", "depthwise"],
+        &[
+            "--policy",
+            "bogus",
+            "static",
+            "continuous",
+            "depthwise",
+            "looped",
+        ],
+    );
+}
+
+#[test]
+fn looped_batching_needs_a_loop_and_exits_after_iterations() {
+    // A model with no tied block has no iterations to batch.
+    let err = serve_fails("w.ron", GOOD_WORKLOAD, &["--policy", "looped"]);
+    assert_mentions(&err, &["LoopedDepthWise", "TieLayers", "no loop"]);
+    // An exit inside an iteration (6 layers looped twice: iterations end after 3 and 6).
+    let (dir, pipeline) = llama_pipeline(
+        "    passes: [TieLayers(loops: 2), InsertExits(after: [1], head: SharedLmHead(norm: true))],\n    runtime: (depth: EarlyExit(rule: Confidence(0.9))),\n",
+    );
+    let workload = dir.path().join("w.ron");
+    std::fs::write(&workload, GOOD_WORKLOAD).unwrap();
+    let err = exitgraph_fails(&[
+        "serve",
+        &pipeline.to_string_lossy(),
+        "--workload",
+        &workload.to_string_lossy(),
+        "--policy",
+        "looped",
+    ]);
+    assert_mentions(
+        &err,
+        &["exit after layer 1", "inside a loop iteration", "[3, 6]"],
+    );
+    // The same pipeline with the exit after the first iteration serves.
+    let (dir, pipeline) = llama_pipeline(
+        "    passes: [TieLayers(loops: 2), InsertExits(after: [3], head: SharedLmHead(norm: true))],\n    runtime: (depth: EarlyExit(rule: Confidence(0.9)), batching: LoopedDepthWise(max_batch: 4, token_budget: 64)),\n",
+    );
+    let workload = dir.path().join("w.ron");
+    std::fs::write(&workload, GOOD_WORKLOAD).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+        .args(["serve", &pipeline.to_string_lossy(), "--workload"])
+        .arg(&workload)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("LoopedDepthWise") && text.contains("2 completed"),
+        "{text}"
     );
 }
 

@@ -20,21 +20,62 @@ pub enum Batching {
     /// together whatever their position. The deepest occupied stage goes first (finishing
     /// tokens frees their slots); new requests join at stage 0.
     DepthWise { max_batch: usize, stages: usize },
+    /// Continuous depth-wise batching over a looped block (Relaxed Recursive Transformers,
+    /// Mixture-of-Recursions): the stages are the loop's iterations, and each step runs the
+    /// shared block once for up to `max_batch` rows waiting at *any* iteration (each with its
+    /// own iteration's adapters and KV slots; prompt and decode rows mix), under
+    /// `token_budget` new tokens. A row whose token leaves (at the last iteration or an
+    /// exit after an iteration) frees its place for the next step; new requests join at
+    /// iteration 0. Needs a model with a tied block (`TieLayers`).
+    LoopedDepthWise {
+        max_batch: usize,
+        token_budget: usize,
+        #[serde(default)]
+        priority: Priority,
+    },
+}
+
+/// Which rows a looped depth-wise step takes first when more are waiting than fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Priority {
+    /// Rows at the deepest iteration first (they finish soonest and free their places),
+    /// then by arrival.
+    #[default]
+    DeepestFirst,
+    /// By arrival only, whatever the iteration.
+    OldestFirst,
 }
 
 /// What the planner sees of a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Candidate {
     pub id: usize,
-    /// Tokens it would run this step (its prompt if it has not started, else 1).
+    /// Tokens it would run this step (its prompt while the prompt is on its way down, else
+    /// 1).
     pub tokens: usize,
     pub running: bool,
-    /// The stage the sequence's next token is at (0 for every policy but depth-wise).
+    /// The stage the sequence's next token is at (0 for every policy but the depth-wise
+    /// ones).
     pub stage: usize,
 }
 
 impl Batching {
-    /// Stages the layers are cut into.
+    /// Whether stages are a looped block's iterations.
+    pub fn is_looped(&self) -> bool {
+        matches!(self, Batching::LoopedDepthWise { .. })
+    }
+
+    /// Whether the policy chooses stages itself (otherwise tokens part-way down finish their
+    /// way before anything else runs).
+    pub fn picks_stages(&self) -> bool {
+        matches!(
+            self,
+            Batching::DepthWise { .. } | Batching::LoopedDepthWise { .. }
+        )
+    }
+
+    /// Stages the layers are cut into (for [`Batching::LoopedDepthWise`], the model's loop
+    /// decides; 1 here).
     pub fn stages(&self) -> usize {
         match *self {
             Batching::DepthWise { stages, .. } => stages.max(1),
@@ -47,7 +88,8 @@ impl Batching {
         match *self {
             Batching::Static { max_batch }
             | Batching::Continuous { max_batch, .. }
-            | Batching::DepthWise { max_batch, .. } => max_batch.max(1),
+            | Batching::DepthWise { max_batch, .. }
+            | Batching::LoopedDepthWise { max_batch, .. } => max_batch.max(1),
         }
     }
 
@@ -96,6 +138,41 @@ impl Batching {
                     .map(|c| c.id)
                     .collect()
             }
+            Batching::LoopedDepthWise {
+                max_batch,
+                token_budget,
+                priority,
+            } => {
+                let mut order = running;
+                if priority == Priority::DeepestFirst {
+                    order.sort_by_key(|c| (std::cmp::Reverse(c.stage), c.id));
+                }
+                let mut chosen = Vec::new();
+                let mut tokens = 0;
+                for c in order {
+                    if chosen.len() >= max_batch.max(1) {
+                        break;
+                    }
+                    // A row over the budget waits for a later step (it runs alone rather
+                    // than never).
+                    if tokens + c.tokens > token_budget && !chosen.is_empty() {
+                        continue;
+                    }
+                    tokens += c.tokens;
+                    chosen.push(c.id);
+                }
+                // Waiting requests join in arrival order while there is room.
+                for c in candidates.iter().filter(|c| !c.running) {
+                    if chosen.len() >= max_batch.max(1)
+                        || (tokens + c.tokens > token_budget && !chosen.is_empty())
+                    {
+                        break;
+                    }
+                    tokens += c.tokens;
+                    chosen.push(c.id);
+                }
+                chosen
+            }
         }
     }
 }
@@ -142,6 +219,62 @@ mod tests {
             p.plan(&[c(0, 1, true), c(1, 1, true), c(2, 1, true), c(4, 1, false)]),
             vec![0, 1, 2]
         );
+    }
+}
+
+#[cfg(test)]
+mod looped_tests {
+    use super::*;
+
+    fn c(id: usize, tokens: usize, running: bool, stage: usize) -> Candidate {
+        Candidate {
+            id,
+            tokens,
+            running,
+            stage,
+        }
+    }
+
+    #[test]
+    fn looped_steps_mix_iterations_deepest_first() {
+        let p = Batching::LoopedDepthWise {
+            max_batch: 3,
+            token_budget: 100,
+            priority: Priority::DeepestFirst,
+        };
+        let cands = [
+            c(0, 1, true, 0),
+            c(1, 1, true, 2),
+            c(2, 1, true, 1),
+            c(3, 1, true, 2),
+            c(4, 5, false, 0),
+        ];
+        // Rows at iterations 2, 2, 1 fill the step; the one at 0 and the joiner wait.
+        assert_eq!(p.plan(&cands), vec![1, 3, 2]);
+        let p = Batching::LoopedDepthWise {
+            max_batch: 3,
+            token_budget: 100,
+            priority: Priority::OldestFirst,
+        };
+        assert_eq!(p.plan(&cands), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn looped_joiners_fill_free_places_under_the_budget() {
+        let p = Batching::LoopedDepthWise {
+            max_batch: 4,
+            token_budget: 8,
+            priority: Priority::DeepestFirst,
+        };
+        // One running row (1 token), joiners of 5 and 3 tokens: 1 + 5 fits, + 3 does not.
+        assert_eq!(
+            p.plan(&[c(0, 1, true, 1), c(1, 5, false, 0), c(2, 3, false, 0)]),
+            vec![0, 1]
+        );
+        // A prompt on its way down counts its tokens; an oversized one runs alone.
+        assert_eq!(p.plan(&[c(5, 20, true, 1), c(6, 1, true, 0)]), vec![5]);
+        assert_eq!(p.plan(&[c(7, 20, false, 0)]), vec![7]);
+        assert!(p.is_looped() && p.picks_stages());
     }
 }
 

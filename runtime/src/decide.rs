@@ -19,9 +19,8 @@ use std::time::Instant;
 /// Tokens that stopped at an exit head this step: their exit states, for `copy_state`.
 #[derive(Resource, Default)]
 pub struct Exited {
-    /// Layers run before the exit.
-    pub after: usize,
-    pub states: Vec<(Entity, Tensor)>,
+    /// The token, its exit state and the layers run before its exit.
+    pub states: Vec<(Entity, Tensor, usize)>,
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>, StepError> {
@@ -142,11 +141,9 @@ fn decide_rows(
     samplers: &mut Query<&mut Sampler>,
 ) -> Result<(), StepError> {
     exited.states.clear();
-    exited.after = results.range.end;
     let layers = engine.program.graph().info.num_layers;
-    let end = results.range.end;
-    let stage = results.stage;
     for mut r in std::mem::take(&mut results.entries) {
+        let (stage, end) = (r.stage, r.end);
         let Ok((req, mut p, plan)) = seqs.get_mut(r.entity) else {
             continue;
         };
@@ -182,7 +179,7 @@ fn decide_rows(
                 p.track.filled = layers - end;
                 p.stage = 0;
                 produced.0.push(Emitted::one(r.entity, Some(token)));
-                exited.states.push((r.entity, hidden));
+                exited.states.push((r.entity, hidden, end));
                 continue;
             }
         }
@@ -205,6 +202,32 @@ pub(super) fn copy_state(
     if exited.states.is_empty() {
         return Ok(());
     }
+    // One call per exit point (under looped depth-wise batching, tokens of one step can
+    // leave after different iterations).
+    let mut states = std::mem::take(&mut exited.states);
+    states.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
+    let started = Instant::now();
+    let mut outcome = Ok(());
+    for group in states.chunk_by(|a, b| a.2 == b.2) {
+        if outcome.is_ok() {
+            outcome = fill_group(&engine, group, &mut seqs);
+        }
+    }
+    // A GPU queues work: the calls' time ends when their work has run.
+    let synced = engine.program.device().synchronize();
+    let elapsed = started.elapsed().as_secs_f64();
+    outcome?;
+    synced?;
+    super::add_busy(&mut clock, &mut recorder, results.stage, elapsed);
+    Ok(())
+}
+
+/// State copying for tokens that left after the same layer, in one batch.
+fn fill_group(
+    engine: &Engine,
+    group: &[(Entity, Tensor, usize)],
+    seqs: &mut Query<(&Request, &Progress, &mut Kv)>,
+) -> Result<(), StepError> {
     struct Row {
         entity: Entity,
         ids: Vec<u32>,
@@ -212,8 +235,10 @@ pub(super) fn copy_state(
         cache: KvCache,
         state: Tensor,
     }
-    let mut rows = Vec::with_capacity(exited.states.len());
-    for (e, state) in std::mem::take(&mut exited.states) {
+    let after = group.first().map_or(0, |s| s.2);
+    let mut rows = Vec::with_capacity(group.len());
+    for (e, state, _) in group {
+        let (e, state) = (*e, state.clone());
         if let Ok((req, p, mut kv)) = seqs.get_mut(e) {
             // The token that just ran (the chosen one is emitted after this system).
             let n = p.tokens.len();
@@ -230,7 +255,6 @@ pub(super) fn copy_state(
             });
         }
     }
-    let started = Instant::now();
     let mut segments: Vec<Segment> = rows
         .iter_mut()
         .map(|r| Segment {
@@ -241,22 +265,17 @@ pub(super) fn copy_state(
         })
         .collect();
     let run = Run {
-        from: exited.after,
+        from: after,
         task: Task::FillKv,
         commit: true,
     };
     let result = engine.program.run(&mut segments, &run);
     drop(segments);
-    // A GPU queues work: the call's time ends when its work has run.
-    let synced = engine.program.device().synchronize();
-    let elapsed = started.elapsed().as_secs_f64();
     for r in rows {
         if let Ok((_, _, mut kv)) = seqs.get_mut(r.entity) {
             kv.0 = r.cache;
         }
     }
     result?;
-    synced?;
-    super::add_busy(&mut clock, &mut recorder, results.stage, elapsed);
     Ok(())
 }

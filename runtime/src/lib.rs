@@ -104,6 +104,10 @@ impl TokenTrack {
 /// What one sequence got from this step's stage.
 pub struct StageResult {
     pub entity: Entity,
+    /// The stage the sequence ran this step.
+    pub stage: usize,
+    /// Layers run once the stage ended (its exit point).
+    pub end: usize,
     /// The model's logits (the stage ended at the last layer).
     pub logits: Option<candle_core::Tensor>,
     /// Hidden states `[new tokens, hidden]` after the stage.
@@ -117,9 +121,11 @@ pub struct StageResult {
 }
 
 impl StageResult {
-    fn new(entity: Entity) -> Self {
+    fn new(entity: Entity, stage: usize, end: usize) -> Self {
         StageResult {
             entity,
+            stage,
+            end,
             logits: None,
             hidden: None,
             exit_logits: None,
@@ -132,6 +138,8 @@ impl StageResult {
 /// This step's results, for `decide`.
 #[derive(Resource, Default)]
 pub struct StageResults {
+    /// The step's stage (under looped depth-wise batching, the deepest one it ran): the
+    /// stage its time is booked to.
     pub stage: usize,
     pub range: std::ops::Range<usize>,
     pub entries: Vec<StageResult>,
@@ -254,15 +262,59 @@ impl Engine {
                 "the simulated executor runs no model, so exit rules cannot be evaluated; use the \
                  real executor, or give the simulated one exit depths (serve --sim-exits)"
             ),
-            (Depth::SkipDecode(_), _, Batching::DepthWise { .. }) => anyhow::bail!(
+            (Depth::SkipDecode(_), _, b) if b.picks_stages() => anyhow::bail!(
                 "SkipDecode runs each token's whole path in one step; use static or continuous batching"
             ),
-            _ => Ok(()),
+            _ => self.check_policy(),
         }
+    }
+
+    /// Checks the batching policy against the program: a looped policy needs a looped
+    /// model, with every exit point it uses at the end of an iteration.
+    fn check_policy(&self) -> anyhow::Result<()> {
+        if !self.batching.is_looped() {
+            return Ok(());
+        }
+        let g = self.program.graph();
+        let ends = iteration_ends(g);
+        if ends.len() < 2 {
+            anyhow::bail!(
+                "LoopedDepthWise batching needs a model with a tied block (a pipeline with                  TieLayers); this one has no loop"
+            );
+        }
+        let layers = g.info.num_layers;
+        let width = ends[0];
+        if ends.windows(2).any(|w| w[1] - w[0] != width) || ends.last() != Some(&layers) {
+            anyhow::bail!(
+                "LoopedDepthWise batching needs every iteration to run the same block; this                  model's iterations end after layers {ends:?}"
+            );
+        }
+        let points: Vec<usize> = match &self.sim_exits {
+            Some(sim) => sim.source.points().to_vec(),
+            None if self.request_exits || matches!(self.depth, Depth::EarlyExit { .. }) => {
+                self.exits.clone()
+            }
+            None => Vec::new(),
+        };
+        if let Some(k) = points.iter().find(|k| **k > 0 && !ends.contains(k)) {
+            anyhow::bail!(
+                "an exit after layer {k} is inside a loop iteration; under LoopedDepthWise                  batching exits go after iterations (layers {ends:?})"
+            );
+        }
+        Ok(())
     }
 
     fn compute_boundaries(&mut self) {
         let layers = self.program.graph().info.num_layers;
+        if self.batching.is_looped() {
+            // Stages are the loop's iterations; exits go after them (`check_policy`).
+            let mut b = iteration_ends(self.program.graph());
+            b.insert(0, 0);
+            if b.len() >= 2 {
+                self.boundaries = b;
+                return;
+            }
+        }
         let stages = self.batching.stages().min(layers.max(1));
         let mut b: Vec<usize> = (0..=stages)
             .map(|s| stage_layers(layers, stages, s.min(stages - 1)).start)
@@ -277,6 +329,18 @@ impl Engine {
         b.dedup();
         self.boundaries = b;
     }
+}
+
+/// The depths at which a loop iteration ends (the last one included), from the blocks'
+/// iteration numbers: `[K, 2K, .., L]` for a block of K layers looped L/K times, `[L]` for a
+/// model with no loop.
+pub fn iteration_ends(g: &exitgraph_ir::Graph) -> Vec<usize> {
+    let blocks = &g.blocks;
+    let mut ends: Vec<usize> = (1..blocks.len())
+        .filter(|&d| blocks[d].iteration != blocks[d - 1].iteration)
+        .collect();
+    ends.push(blocks.len());
+    ends
 }
 
 /// A request's token sampler.
@@ -358,6 +422,8 @@ fn fail(In(result): In<Result<(), StepError>>, mut failure: ResMut<Failure>) {
 pub struct Recorder {
     pub trace: Option<TraceWriter>,
     pub occupancy: Vec<(f64, usize)>,
+    /// Per step, the rows at each stage.
+    pub stage_rows: Vec<Vec<usize>>,
     /// Busy seconds per stage.
     pub stage_busy_s: Vec<f64>,
 }
@@ -430,7 +496,7 @@ fn plan(
         .map(|(e, r, p)| {
             let c = Candidate {
                 id: r.0.id,
-                tokens: 1,
+                tokens: if p.produced == 0 { r.0.prompt.len() } else { 1 },
                 running: true,
                 stage: p.stage,
             };
@@ -454,16 +520,16 @@ fn plan(
     // Tokens part-way down finish their way together before anything else runs (depth-wise
     // batching picks stages itself).
     let deepest = candidates.iter().map(|c| c.stage).max().unwrap_or(0);
-    let chosen: std::collections::HashSet<usize> =
-        if deepest > 0 && !matches!(engine.batching, Batching::DepthWise { .. }) {
-            candidates
-                .iter()
-                .filter(|c| c.stage == deepest)
-                .map(|c| c.id)
-                .collect()
-        } else {
-            engine.batching.plan(&candidates).into_iter().collect()
-        };
+    let chosen: std::collections::HashSet<usize> = if deepest > 0 && !engine.batching.picks_stages()
+    {
+        candidates
+            .iter()
+            .filter(|c| c.stage == deepest)
+            .map(|c| c.id)
+            .collect()
+    } else {
+        engine.batching.plan(&candidates).into_iter().collect()
+    };
     out.0.clear();
     for (id, e, c) in &live {
         if chosen.contains(id) {
@@ -704,6 +770,7 @@ impl Runtime {
     pub fn run(mut self) -> anyhow::Result<(ServeReport, Vec<RequestOutcome>)> {
         {
             let engine = self.world.resource::<Engine>();
+            engine.check_policy()?;
             for r in &self.world.resource::<Arrivals>().0 {
                 if let Some(depth) = &r.depth {
                     engine
@@ -747,11 +814,13 @@ impl Runtime {
         let mut recorder = self.world.resource_mut::<Recorder>();
         let occupancy = std::mem::take(&mut recorder.occupancy);
         let stage_busy = std::mem::take(&mut recorder.stage_busy_s);
+        let stage_rows = std::mem::take(&mut recorder.stage_rows);
         if let Some(w) = recorder.trace.take() {
             w.finish()?;
         }
         let mut report = ServeReport::from_outcomes(&outcomes, steps, busy, occupancy);
         report.decode_busy_s = decode_busy;
+        report.set_stage_rows(stage_rows);
         let engine = self.world.resource::<Engine>();
         report.executor = match engine.executor {
             Executor::Real => "real".into(),

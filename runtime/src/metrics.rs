@@ -110,6 +110,13 @@ pub struct ServeReport {
     pub decode_busy_s: f64,
     /// (clock time, sequences in the step) for every step.
     pub occupancy: Vec<(f64, usize)>,
+    /// Per step (as `occupancy`), the sequences at each stage: under looped depth-wise
+    /// batching, the rows at each loop iteration.
+    #[serde(default)]
+    pub stage_rows: Vec<Vec<usize>>,
+    /// Mean sequences per step at each stage.
+    #[serde(default)]
+    pub mean_stage_rows: Vec<f64>,
 }
 
 impl ServeReport {
@@ -178,7 +185,25 @@ impl ServeReport {
                 0.0
             },
             occupancy,
+            stage_rows: Vec::new(),
+            mean_stage_rows: Vec::new(),
         }
+    }
+
+    /// Sets the rows per stage of every step, and their means.
+    pub fn set_stage_rows(&mut self, stage_rows: Vec<Vec<usize>>) {
+        let stages = stage_rows.iter().map(Vec::len).max().unwrap_or(0);
+        let steps = stage_rows.len().max(1) as f64;
+        self.mean_stage_rows = (0..stages)
+            .map(|s| {
+                stage_rows
+                    .iter()
+                    .map(|r| r.get(s).copied().unwrap_or(0) as f64)
+                    .sum::<f64>()
+                    / steps
+            })
+            .collect();
+        self.stage_rows = stage_rows;
     }
 
     /// The summary as an aligned table.
@@ -224,6 +249,15 @@ impl ServeReport {
                 .map(|(name, share)| format!("{name} {:.0}%", 100.0 * share))
                 .collect();
             let _ = writeln!(s, "stage busy       {}", parts.join(", "));
+        }
+        if self.mean_stage_rows.len() > 1 {
+            let parts: Vec<String> = self
+                .mean_stage_rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| format!("{i}: {r:.2}"))
+                .collect();
+            let _ = writeln!(s, "rows per stage   {} (mean per step)", parts.join(", "));
         }
         let _ = writeln!(
             s,
@@ -367,6 +401,15 @@ mod tests {
         let v: Vec<f64> = (1..=100).map(|i| i as f64 / 1e3).collect();
         let p = Percentiles::of(&v);
         assert_eq!((p.p50_ms, p.p95_ms, p.p99_ms), (50.0, 95.0, 99.0));
+    }
+
+    #[test]
+    fn rows_per_stage_by_hand() {
+        let mut r = ServeReport::from_outcomes(&[], 0, 0.0, Vec::new());
+        // Three steps: (2, 1), (0, 3), (4) with the second stage empty.
+        r.set_stage_rows(vec![vec![2, 1], vec![0, 3], vec![4]]);
+        assert_eq!(r.mean_stage_rows, vec![2.0, 4.0 / 3.0]);
+        assert!(r.to_table().contains("rows per stage   0: 2.00, 1: 1.33"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ struct Row {
     carried: Option<Tensor>,
     /// The layers its token runs this step.
     path: Vec<usize>,
+    /// The stage it runs.
+    stage: usize,
 }
 
 impl Row {
@@ -45,11 +47,19 @@ fn step_ids(req: &Request, p: &Progress) -> (Vec<u32>, usize) {
     }
 }
 
-fn finish_step(clock: &mut Clock, recorder: &mut Recorder, stage: usize, s: f64, batch: usize) {
+/// Books the step's time and records its occupancy: rows in all, and rows per stage.
+fn finish_step(
+    clock: &mut Clock,
+    recorder: &mut Recorder,
+    stage: usize,
+    s: f64,
+    per_stage: Vec<usize>,
+) {
     add_busy(clock, recorder, stage, s);
     clock.step += 1;
     let now = clock.now_s;
-    recorder.occupancy.push((now, batch));
+    recorder.occupancy.push((now, per_stage.iter().sum()));
+    recorder.stage_rows.push(per_stage);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -70,26 +80,34 @@ pub(super) fn execute(
     }
     let layers = engine.program.graph().info.num_layers;
     let positions = engine.program.graph().info.max_positions;
+    // Every planned row runs its own stage (one stage for all but looped depth-wise
+    // batching); the step's time is booked to the deepest.
     let stage = plan
         .0
-        .first()
-        .and_then(|&e| seqs.get(e).ok())
-        .map_or(0, |(_, p, _, _)| p.stage);
-    let range = engine.stage_range(stage);
-    let last_stage = range.end == layers;
+        .iter()
+        .filter_map(|&e| seqs.get(e).ok())
+        .map(|(_, p, _, _)| p.stage)
+        .max()
+        .unwrap_or(0);
     results.stage = stage;
-    results.range = range.clone();
+    results.range = engine.stage_range(stage);
     // The layers each planned token runs this step; a token starting its way down begins a
     // fresh record of its path.
     clock.prompt_step = plan
         .0
         .iter()
         .any(|&e| seqs.get(e).is_ok_and(|(_, p, _, _)| p.produced == 0));
+    let mut per_stage = vec![0usize; engine.stages()];
     let mut rows: Vec<Row> = Vec::with_capacity(plan.0.len());
     for &e in &plan.0 {
         let Ok((req, mut p, mut kv, skip)) = seqs.get_mut(e) else {
             continue;
         };
+        let stage = p.stage;
+        let range = engine.stage_range(stage);
+        if let Some(n) = per_stage.get_mut(stage) {
+            *n += 1;
+        }
         if stage == 0 {
             p.track = Default::default();
         }
@@ -116,6 +134,7 @@ pub(super) fn execute(
             },
             carried: p.carried.take(),
             path,
+            stage,
         });
     }
     if let Executor::Sim(model) = &engine.executor {
@@ -128,8 +147,18 @@ pub(super) fn execute(
         // key and value projections' share of the layers' FLOPs), and the largest share of
         // the layers one fill runs (its per-layer fixed work).
         let (mut filled, mut fill_layers) = (0.0, 0.0f64);
-        // The per-layer fixed work is paid once per distinct path the step runs.
-        let mut paths: Vec<&[usize]> = rows.iter().map(|r| r.path.as_slice()).collect();
+        // The per-layer fixed work is paid once per distinct path of weights the step runs:
+        // rows at different iterations of a looped block read the same weights.
+        let blocks = &engine.program.graph().blocks;
+        let mut paths: Vec<Vec<usize>> = rows
+            .iter()
+            .map(|r| {
+                r.path
+                    .iter()
+                    .map(|&l| blocks.get(l).map_or(l, |b| b.weights))
+                    .collect()
+            })
+            .collect();
         paths.sort_unstable();
         paths.dedup();
         let layer_share =
@@ -139,6 +168,9 @@ pub(super) fn execute(
             let Ok((req, mut p, _, _)) = seqs.get_mut(row.entity) else {
                 continue;
             };
+            let stage = row.stage;
+            let range = engine.stage_range(stage);
+            let last_stage = range.end == layers;
             let new_tokens = if p.produced == 0 {
                 req.0.prompt.len()
             } else {
@@ -208,7 +240,7 @@ pub(super) fn execute(
             .into_iter()
             .map(|e| super::Emitted::one(e, None))
             .collect();
-        finish_step(&mut clock, &mut recorder, stage, step_s, plan.0.len());
+        finish_step(&mut clock, &mut recorder, stage, step_s, per_stage);
         return Ok(());
     }
     let started = Instant::now();
@@ -224,12 +256,13 @@ pub(super) fn execute(
             .get(r.entity)
             .is_ok_and(|plan| plan.rule.needs_previous_layer())
     });
-    let wants = StageWants {
-        heads,
-        below,
-        last_stage,
+    let wants = StageWants { heads, below };
+    let ran = if engine.batching.is_looped() {
+        run_looped(&engine, &mut stage_rows, wants)
+    } else {
+        run_stage(&engine, &mut stage_rows, wants)
     };
-    let outcome = run_stage(&engine, &mut stage_rows, range.clone(), wants)
+    let outcome = ran
         .and_then(|mut a| {
             a.extend(run_paths(&engine, &mut skip_rows)?);
             Ok(a)
@@ -246,7 +279,7 @@ pub(super) fn execute(
     // Results (and so tokens and trace records) in plan order.
     entries.sort_by_key(|r| plan.0.iter().position(|&e| e == r.entity));
     results.entries = entries;
-    finish_step(&mut clock, &mut recorder, stage, elapsed, plan.0.len());
+    finish_step(&mut clock, &mut recorder, stage, elapsed, per_stage);
     Ok(())
 }
 
@@ -257,25 +290,27 @@ struct StageWants {
     heads: bool,
     /// The stream one layer below the exit (saturation), at the last position.
     below: bool,
-    last_stage: bool,
 }
 
-/// One stage for the rows, with the exit head at its end when it has one.
+/// One stage for the rows (all at the same stage), with the exit head at its end when it
+/// has one.
 fn run_stage(
     engine: &Engine,
     rows: &mut [Row],
-    range: std::ops::Range<usize>,
     wants: StageWants,
 ) -> Result<Vec<StageResult>, StepError> {
-    let StageWants {
-        heads,
-        below,
-        last_stage,
-    } = wants;
-    if rows.is_empty() {
+    let StageWants { heads, below } = wants;
+    let Some(stage) = rows.first().map(|r| r.stage) else {
         return Ok(Vec::new());
+    };
+    if rows.iter().any(|r| r.stage != stage) {
+        return Err(StepError::Lost(
+            "rows at different stages in one step of a policy that runs one stage",
+        ));
     }
+    let range = engine.stage_range(stage);
     let program = &engine.program;
+    let last_stage = range.end == program.graph().info.num_layers;
     let end = range.end;
     if range.start > 0 && rows.iter().any(|r| r.carried.is_none()) {
         return Err(StepError::Lost(
@@ -316,7 +351,7 @@ fn run_stage(
         let main = values
             .next()
             .ok_or(StepError::Lost("a stage returned nothing"))?;
-        let mut result = StageResult::new(row.entity);
+        let mut result = StageResult::new(row.entity, stage, end);
         if last_stage {
             result.logits = Some(squeeze(main)?);
         } else {
@@ -334,6 +369,125 @@ fn run_stage(
         entries.push(result);
     }
     Ok(entries)
+}
+
+/// Looped depth-wise batching: every row runs one iteration of the looped block from its
+/// own depth in one call ([`Program::run_blocks`](exitgraph_compiler::lower::Program::run_blocks):
+/// the shared weights once for all rows, each group of rows at one iteration with its own
+/// adapters and KV slots), then the heads, per exit point: the model's own for rows at the
+/// last iteration (committing their caches), the exit head after the iteration for rows
+/// whose token may leave there.
+fn run_looped(
+    engine: &Engine,
+    rows: &mut [Row],
+    wants: StageWants,
+) -> Result<Vec<StageResult>, StepError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let program = &engine.program;
+    let layers = program.graph().info.num_layers;
+    let ranges: Vec<std::ops::Range<usize>> =
+        rows.iter().map(|r| engine.stage_range(r.stage)).collect();
+    let width = ranges[0].len();
+    if ranges.iter().any(|r| r.len() != width) {
+        return Err(StepError::Lost(
+            "loop iterations of different lengths in one looped step",
+        ));
+    }
+    if rows
+        .iter()
+        .zip(&ranges)
+        .any(|(r, g)| g.start > 0 && r.carried.is_none())
+    {
+        return Err(StepError::Lost(
+            "a sequence in a later stage lost its hidden state",
+        ));
+    }
+    let from: Vec<usize> = ranges.iter().map(|r| r.start).collect();
+    let outs = {
+        let mut segments: Vec<Segment> = rows.iter_mut().map(Row::segment).collect();
+        program.run_blocks(&mut segments, &from, width, wants.below)?
+    };
+    let mut results: Vec<StageResult> = rows
+        .iter()
+        .zip(&ranges)
+        .zip(outs)
+        .map(|((row, range), out)| {
+            let mut r = StageResult::new(row.entity, row.stage, range.end);
+            r.hidden = Some(out.stream);
+            r.below = out.below;
+            r
+        })
+        .collect();
+    // The heads, one call per exit point.
+    let mut ends: Vec<usize> = ranges.iter().map(|r| r.end).collect();
+    ends.sort_unstable();
+    ends.dedup();
+    for end in ends {
+        let last = end == layers;
+        let exit = (!last && wants.heads)
+            .then(|| program.graph().exit_at(end))
+            .flatten();
+        let want: Vec<Want> = if last {
+            vec![Want::last(program.logits_node()?)]
+        } else if let Some(e) = exit {
+            e.logits
+                .iter()
+                .chain(&e.gate)
+                .map(|&n| Want::last(n))
+                .collect()
+        } else {
+            continue;
+        };
+        let run = Run {
+            from: end,
+            task: Task::Outputs(want),
+            commit: last,
+        };
+        let members: Vec<usize> = (0..rows.len()).filter(|&i| ranges[i].end == end).collect();
+        let mut states = Vec::with_capacity(members.len());
+        for &i in &members {
+            states.push(
+                results[i]
+                    .hidden
+                    .clone()
+                    .ok_or(StepError::Lost("a stage returned nothing"))?,
+            );
+        }
+        let out = {
+            let mut segments: Vec<Segment> = rows
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| members.contains(i))
+                .zip(states)
+                .map(|((_, row), state)| row.segment().with_state(state))
+                .collect();
+            program.run(&mut segments, &run)?
+        };
+        for (&i, values) in members.iter().zip(out) {
+            let mut values = values.into_iter();
+            let r = &mut results[i];
+            if last {
+                r.logits = values.next().map(squeeze).transpose()?;
+                r.hidden = None;
+                r.below = None;
+            } else if let Some(e) = exit {
+                if e.logits.is_some() {
+                    r.exit_logits = values.next().map(squeeze).transpose()?;
+                }
+                if e.gate.is_some() {
+                    r.gate = values.next().map(squeeze).transpose()?;
+                }
+            }
+        }
+    }
+    if !wants.below {
+        for r in &mut results {
+            r.below = None;
+        }
+    }
+    Ok(results)
 }
 
 fn squeeze(t: Tensor) -> Result<Tensor, StepError> {
@@ -374,7 +528,7 @@ fn run_paths(engine: &Engine, rows: &mut [Row]) -> Result<Vec<StageResult>, Step
             for (row, mut values) in group.iter_mut().zip(out) {
                 let v = values.remove(0);
                 if last {
-                    let mut result = StageResult::new(row.entity);
+                    let mut result = StageResult::new(row.entity, 0, layers);
                     result.logits = Some(squeeze(v)?);
                     entries.push(result);
                 } else {

@@ -1,7 +1,7 @@
 use exitgraph::pipeline::{compile, Pipeline};
 use exitgraph::runtime::cost::CostModel;
 use exitgraph::runtime::metrics::RepeatedReport;
-use exitgraph::runtime::policy::Batching;
+use exitgraph::runtime::policy::{Batching, Priority};
 use exitgraph::runtime::sim_exits::ExitSource;
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::runtime::workload::Workload;
@@ -44,7 +44,8 @@ pub struct Args {
     /// range (the real executor's times vary from run to run; the trace is of the first run).
     #[arg(long, default_value_t = 1)]
     reps: usize,
-    /// Override the policy: static, continuous or depthwise.
+    /// Override the policy: static, continuous, depthwise or looped (continuous depth-wise
+    /// batching over a looped block: rows at every iteration share one step).
     #[arg(long)]
     policy: Option<String>,
     /// With --policy: most sequences per step.
@@ -53,9 +54,20 @@ pub struct Args {
     /// With --policy depthwise: stages the layers are cut into.
     #[arg(long, default_value_t = 2)]
     stages: usize,
-    /// With --policy continuous: most new tokens per step.
+    /// With --policy continuous or looped: most new tokens per step.
     #[arg(long, default_value_t = 512)]
     token_budget: usize,
+    /// With --policy looped: which waiting rows a full step takes first.
+    #[arg(long, value_enum, default_value = "deepest-first")]
+    priority: PriorityArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum PriorityArg {
+    /// Rows at the deepest loop iteration first (they finish soonest), then by arrival.
+    DeepestFirst,
+    /// By arrival, whatever the iteration.
+    OldestFirst,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -74,8 +86,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_batch: a.max_batch,
             stages: a.stages,
         },
+        Some("looped") => Batching::LoopedDepthWise {
+            max_batch: a.max_batch,
+            token_budget: a.token_budget,
+            priority: match a.priority {
+                PriorityArg::DeepestFirst => Priority::DeepestFirst,
+                PriorityArg::OldestFirst => Priority::OldestFirst,
+            },
+        },
         Some(other) => anyhow::bail!(
-            "--policy {other}: unknown policy; expected static, continuous or depthwise"
+            "--policy {other}: unknown policy; expected static, continuous, depthwise or looped"
         ),
     };
     let executor = match a.executor {

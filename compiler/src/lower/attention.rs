@@ -1,7 +1,7 @@
 //! Multi-head attention with grouped-query heads, RoPE, a KV cache and exact masking
 //! (causal, sliding window, padding).
 
-use super::adapter::{adapt, project, Lora};
+use super::adapter::Adapters;
 use super::fused::FusedLinear;
 use super::rope::RopeKernel;
 use crate::op_profile::{shape, time as timed};
@@ -125,17 +125,17 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 
 impl AttentionKernel {
     /// q, k and v of `x`, with their adapters (`adapters` in q, k, v, o order).
-    fn project_qkv(&self, x: &Tensor, adapters: &[Option<Lora>]) -> Result<Vec<Tensor>> {
+    fn project_qkv(&self, x: &Tensor, adapters: Adapters<'_>) -> Result<Vec<Tensor>> {
         let parts = self.qkv.forward(x)?;
         parts
             .into_iter()
             .enumerate()
-            .map(|(i, y)| adapt(adapters.get(i).and_then(Option::as_ref), x, y))
+            .map(|(i, y)| adapters.adapt(i, x, y))
             .collect()
     }
 
-    fn output(&self, y: &Tensor, adapters: &[Option<Lora>]) -> Result<Tensor> {
-        project(&self.o, adapters.get(3).and_then(Option::as_ref), y)
+    fn output(&self, y: &Tensor, adapters: Adapters<'_>) -> Result<Tensor> {
+        adapters.project(3, &self.o, y)
     }
 
     /// `x: [batch, seq, hidden]` → `[batch, seq, hidden]`, appending this call's keys and
@@ -145,7 +145,7 @@ impl AttentionKernel {
         x: &Tensor,
         ctx: &mut AttnCtx,
         cache: &mut Option<(Tensor, Tensor)>,
-        adapters: &[Option<Lora>],
+        adapters: Adapters<'_>,
     ) -> Result<Tensor> {
         let qkv = timed(
             || format!("q/k/v projection {}", shape(x)),
@@ -165,7 +165,7 @@ impl AttentionKernel {
         &self,
         x: &Tensor,
         segments: &mut [RaggedPart<'_>],
-        adapters: &[Option<Lora>],
+        adapters: Adapters<'_>,
     ) -> Result<Tensor> {
         let qkv = self.project_qkv(x, adapters)?;
         let mut outs = Vec::with_capacity(segments.len());
@@ -256,15 +256,14 @@ impl AttentionKernel {
         &self,
         x: &Tensor,
         parts: &mut [RaggedPart<'_>],
-        adapters: &[Option<Lora>],
+        adapters: Adapters<'_>,
     ) -> Result<()> {
         let kv = self.qkv.forward_tail(x, 1)?;
         let (Some(k_all), Some(v_all)) = (kv.first(), kv.get(1)) else {
             candle_core::bail!("the fused projection has no key and value parts");
         };
-        let lora = |i: usize| adapters.get(i).and_then(Option::as_ref);
-        let k_all = &adapt(lora(1), x, k_all.clone())?;
-        let v_all = &adapt(lora(2), x, v_all.clone())?;
+        let k_all = &adapters.adapt(1, x, k_all.clone())?;
+        let v_all = &adapters.adapt(2, x, v_all.clone())?;
         let d = self.head_dim;
         for (offset, len, ctx, cache) in parts.iter_mut() {
             let split = |t: &Tensor| -> Result<Tensor> {

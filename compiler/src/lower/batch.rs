@@ -2,6 +2,7 @@
 //! same positions. Training, encoders and the reference checks run this way; the runtime
 //! runs ragged segments ([`super::Program::run`]).
 
+use super::adapter::Adapters;
 use super::attention::AttnCtx;
 use super::{Kernel, KvCache, Program, RunError};
 use crate::lower::adapter::project;
@@ -191,9 +192,14 @@ impl Program {
                 ),
                 Kernel::Norm(n) => n.forward(arg(0)),
                 Kernel::Attention(a) => step.slot().and_then(|slot| {
-                    a.forward(arg(0), &mut ctx, cache.slot_mut(slot)?, &step.adapters)
+                    a.forward(
+                        arg(0),
+                        &mut ctx,
+                        cache.slot_mut(slot)?,
+                        Adapters::Uniform(&step.adapters),
+                    )
                 }),
-                Kernel::Mlp(m) => m.forward(arg(0), &step.adapters),
+                Kernel::Mlp(m) => m.forward(arg(0), Adapters::Uniform(&step.adapters)),
                 Kernel::Add => timed(
                     || format!("residual add {}", shape(arg(0))),
                     || arg(0) + arg(1),

@@ -1,6 +1,6 @@
 //! Lowered forms of the ops other than attention.
 
-use super::adapter::{adapt, project, Lora};
+use super::adapter::Adapters;
 use super::fused::FusedLinear;
 use crate::op_profile::{shape, time as timed};
 use candle_core::{DType, Result, Tensor, D};
@@ -145,8 +145,7 @@ pub struct MlpKernel {
 
 impl MlpKernel {
     /// `adapters` in the op's projection order: gate (when gated), up, down.
-    pub fn forward(&self, x: &Tensor, adapters: &[Option<Lora>]) -> Result<Tensor> {
-        let lora = |i: usize| adapters.get(i).and_then(Option::as_ref);
+    pub fn forward(&self, x: &Tensor, adapters: Adapters<'_>) -> Result<Tensor> {
         let (h, down) = match &self.input {
             MlpIn::Gated(gate_up) => {
                 let (gate, up) = timed(
@@ -156,30 +155,30 @@ impl MlpKernel {
                         let (Some(gate), Some(up)) = (parts.next(), parts.next()) else {
                             candle_core::bail!("the fused gate/up projection has no two parts");
                         };
-                        Ok((adapt(lora(0), x, gate)?, adapt(lora(1), x, up)?))
+                        Ok((adapters.adapt(0, x, gate)?, adapters.adapt(1, x, up)?))
                     },
                 )?;
                 let h = timed(
                     || format!("{:?}(gate) × up {}", self.act, shape(&gate)),
                     || activate(self.act, &gate)? * up,
                 )?;
-                (h, lora(2))
+                (h, 2)
             }
             MlpIn::Plain(up) => {
                 let h = timed(
                     || format!("up projection {}", shape(x)),
-                    || project(up, lora(0), x),
+                    || adapters.project(0, up, x),
                 )?;
                 let h = timed(
                     || format!("{:?} {}", self.act, shape(&h)),
                     || activate(self.act, &h),
                 )?;
-                (h, lora(1))
+                (h, 1)
             }
         };
         timed(
             || format!("down projection {}", shape(&h)),
-            || project(&self.down, down, &h),
+            || adapters.project(down, &self.down, &h),
         )
     }
 

@@ -9,7 +9,7 @@
 //! new positions. Generation, depth-wise stages, exit heads, SkipDecode paths and CALM's
 //! state copying are all calls of this one function.
 
-use super::adapter::project;
+use super::adapter::{project, Adapters};
 use super::attention::{AttnCtx, RaggedPart};
 use super::{Kernel, KvCache, Program, RunError};
 use candle_core::Tensor;
@@ -297,11 +297,11 @@ impl Program {
                 Kernel::Input => Tensor::from_vec(flat.clone(), (1, total), &self.device),
                 Kernel::Embedding(e) => e.forward_positions(args[0], &positions),
                 Kernel::Norm(n) => n.forward(args[0]),
-                Kernel::Mlp(m) => m.forward(args[0], &step.adapters),
+                Kernel::Mlp(m) => m.forward(args[0], Adapters::Uniform(&step.adapters)),
                 Kernel::Add => args[0] + args[1],
                 Kernel::Attention(a) => step.slot().and_then(|slot| {
                     let mut parts = Self::parts(segments, spans, slot)?;
-                    a.forward_ragged(args[0], &mut parts, &step.adapters)
+                    a.forward_ragged(args[0], &mut parts, Adapters::Uniform(&step.adapters))
                 }),
                 Kernel::LmHead(l) if last_rows[i] => {
                     Tensor::new(last_tokens.as_slice(), &self.device)
@@ -386,7 +386,7 @@ impl Program {
             step.slot()
                 .and_then(|slot| {
                     let mut parts = Self::parts(segments, spans, slot)?;
-                    a.append_kv_ragged(&normed, &mut parts, &step.adapters)
+                    a.append_kv_ragged(&normed, &mut parts, Adapters::Uniform(&step.adapters))
                 })
                 .map_err(wrap)?;
         }
