@@ -1328,9 +1328,9 @@ fn cuda_without_a_driver_names_what_is_missing() {
     assert!(!output.exists(), "no output is written");
 }
 
-/// Simulated exits: a distribution that does not sum to 1, a depth the model lacks, a
-/// syntax error, a trace of another workload, and the real executor each get a clear error
-/// naming the file.
+/// Given exit depths: a distribution that does not sum to 1, a depth the model lacks, a
+/// syntax error, a trace of another workload, and the real executor on a model without an
+/// exit head at a given depth each get a clear error.
 #[test]
 fn bad_simulated_exits_are_errors_naming_the_file() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -1360,8 +1360,9 @@ fn bad_simulated_exits_are_errors_naming_the_file() {
     assert_mentions(&e, &["exits.ron", "depth 9", "6 layers"]);
     let e = serve("Distribution(exits: [(1, 0.5)]\n  seed: 0)", "sim");
     assert_mentions(&e, &["exits.ron", "2:"]);
-    let e = serve("Distribution(exits: [(6, 1.0)], seed: 0)", "real");
-    assert_mentions(&e, &["--sim-exits", "--executor sim"]);
+    // The real executor takes a leaving token from the exit head at its depth.
+    let e = serve("Distribution(exits: [(2, 0.5), (6, 0.5)], seed: 0)", "real");
+    assert_mentions(&e, &["after layer 2", "no", "InsertExits(after: [2]"]);
     std::fs::write(
         dir.path().join("other.jsonl"),
         r#"{"seq":99,"pos":3,"token":null,"step":0,"t_s":0.0,"batch":1,"stages":[],"layers":[0],"exit_layer":1}"#,

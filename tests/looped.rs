@@ -335,3 +335,108 @@ fn looped_exits_happen_and_free_places() {
         assert_eq!(o.tokens, c.tokens);
     }
 }
+
+/// Exit depths drawn from a distribution, served for real: every token leaves at its drawn
+/// depth, taken from the exit head there, under continuous and looped depth-wise batching
+/// alike (same tokens, same exit layers); a distribution with all mass at one exit gives the
+/// model truncated there (an independent reference: `TruncateLayers` + the shared head).
+#[test]
+fn given_exit_depths_run_for_real() {
+    use exitgraph::runtime::sim_exits::{ExitSource, SimulatedExits};
+    let dir = tempfile::tempdir().unwrap();
+    let g = with_exits(
+        &looped(dir.path(), 6, 3, TieNorms::Shared, true, 5),
+        &[2, 4],
+    );
+    let p = lower(&g, dir.path());
+    let w = workload(5, 21, true);
+    let requests = w.requests(97, Path::new(".")).unwrap();
+    let source = |exits: Vec<(usize, f64)>| {
+        ExitSource::new(
+            &SimulatedExits::Distribution { exits, seed: 9 },
+            Path::new("."),
+            6,
+        )
+        .unwrap()
+    };
+    let serve_with = |batching: Batching, src: ExitSource| {
+        Runtime::new(
+            p.clone(),
+            batching,
+            Executor::Real,
+            Decoding::greedy(),
+            requests.clone(),
+            None,
+        )
+        .with_simulated_exits(src)
+        .unwrap()
+        .run()
+        .unwrap()
+        .1
+    };
+    let mixed = vec![(2, 0.5), (4, 0.25), (6, 0.25)];
+    let looped_out = serve_with(
+        Batching::LoopedDepthWise {
+            max_batch: 4,
+            token_budget: 64,
+            priority: Priority::DeepestFirst,
+        },
+        source(mixed.clone()),
+    );
+    let continuous = serve_with(
+        Batching::Continuous {
+            max_batch: 4,
+            token_budget: 64,
+        },
+        source(mixed.clone()),
+    );
+    let src = source(mixed);
+    let mut depths = std::collections::BTreeSet::new();
+    for ((r, a), b) in requests.iter().zip(&looped_out).zip(&continuous) {
+        assert_eq!(a.tokens, b.tokens, "request {}", r.id);
+        for (i, s) in a.stats.iter().enumerate() {
+            // The first token comes from the prompt's pass, at full depth.
+            let want = if i == 0 {
+                6
+            } else {
+                src.depth(r.id, r.prompt.len() + i - 1).unwrap()
+            };
+            assert_eq!(s.exit_layer as usize, want, "request {} token {i}", r.id);
+            depths.insert(want);
+        }
+    }
+    assert!(
+        depths.len() > 1,
+        "the draws exited at several depths: {depths:?}"
+    );
+    // All mass at the exit after the first iteration: the model truncated there.
+    let at2 = serve_with(
+        Batching::Continuous {
+            max_batch: 4,
+            token_budget: 64,
+        },
+        source(vec![(2, 1.0)]),
+    );
+    let mut t = g.clone();
+    exitgraph_passes::TruncateLayers { keep: 2 }
+        .run(&mut t, &PassContext::detached())
+        .unwrap();
+    let truncated = lower(&t, dir.path());
+    for (r, o) in requests.iter().zip(&at2) {
+        let mut opts = GenerateOptions::greedy(r.max_new_tokens);
+        opts.stop_at_eos = false;
+        let full = reference_generate(&p, std::slice::from_ref(&r.prompt), &opts).remove(0);
+        let first = full[r.prompt.len()];
+        let mut prompt = r.prompt.clone();
+        prompt.push(first);
+        opts.max_new_tokens = r.max_new_tokens - 1;
+        let rest = if opts.max_new_tokens > 0 {
+            reference_generate(&truncated, &[prompt.clone()], &opts).remove(0)[prompt.len()..]
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        assert_eq!(o.tokens[0], first);
+        assert_eq!(&o.tokens[1..], rest.as_slice(), "request {}", r.id);
+    }
+}

@@ -163,6 +163,7 @@ fn decide_rows(
             // `eval exits`).
             p.track.final_head = true;
             p.stage = 0;
+            p.sim_exit = None;
             produced.0.push(Emitted::one(r.entity, Some(token)));
             continue;
         }
@@ -170,6 +171,20 @@ fn decide_rows(
             .hidden
             .take()
             .ok_or(StepError::Lost("a stage returned nothing"))?;
+        // Given exit depths: the token leaves at its depth, from the exit head there.
+        if let (Some(_), Some(exit_logits)) = (&engine.sim_exits, &r.exit_logits) {
+            p.track.heads += 1;
+            if p.sim_exit == Some(end) {
+                let token = choose(req, &mut p, exit_logits, samplers.get_mut(r.entity).ok())?;
+                p.track.exit_layer = end;
+                p.track.filled = layers - end;
+                p.stage = 0;
+                p.sim_exit = None;
+                produced.0.push(Emitted::one(r.entity, Some(token)));
+                exited.states.push((r.entity, hidden, end));
+                continue;
+            }
+        }
         // A prompt's token comes from the full model: it never exits.
         if let (Some(plan), Some(exit_logits), true) = (plan, &r.exit_logits, p.produced > 0) {
             let max_tokens = req.0.max_new_tokens;

@@ -253,9 +253,15 @@ impl Engine {
             .validate(self.program.graph())
             .map_err(anyhow::Error::msg)?;
         match (depth, &self.executor, &self.batching) {
-            (Depth::SkipDecode(_), Executor::Sim(_), _) if self.sim_exits.is_some() => {
+            (Depth::SkipDecode(_), _, _) if self.sim_exits.is_some() => {
                 anyhow::bail!(
-                    "simulated exits and SkipDecode both set how deep tokens run; use one"
+                    "given exit depths and SkipDecode both set how deep tokens run; use one"
+                )
+            }
+            (Depth::EarlyExit { .. }, Executor::Real, _) if self.sim_exits.is_some() => {
+                anyhow::bail!(
+                    "given exit depths and the pipeline's exit rule both decide where tokens \
+                     leave; use one (a pipeline with exit heads and no EarlyExit depth)"
                 )
             }
             (Depth::EarlyExit { .. }, Executor::Sim(_), _) if self.sim_exits.is_none() => anyhow::bail!(
@@ -740,16 +746,28 @@ impl Runtime {
         Ok(self)
     }
 
-    /// Lets the simulated executor exit tokens early at the depths `source` gives (it runs
-    /// no model, so it cannot evaluate the pipeline's exit rule; see [`sim_exits`]).
+    /// Exits tokens at the depths `source` gives instead of by an exit rule (see
+    /// [`sim_exits`]). The simulated executor runs no model, so it cannot evaluate a rule;
+    /// the real one runs the exit head at a token's given depth and takes the token from it
+    /// (its keys and values above are filled from the exit state), so one exit
+    /// distribution can be served for real and simulated on any model with exit heads.
     pub fn with_simulated_exits(mut self, source: sim_exits::ExitSource) -> anyhow::Result<Self> {
         {
             let mut engine = self.world.resource_mut::<Engine>();
-            if !matches!(engine.executor, Executor::Sim(_)) {
-                anyhow::bail!(
-                    "simulated exits are for the simulated executor; the real one evaluates the \
-                     pipeline's exit rule"
-                );
+            if matches!(engine.executor, Executor::Real) {
+                // The real executor takes each token from the exit head at its given depth.
+                let g = engine.program.graph();
+                if let Some(k) = source
+                    .points()
+                    .iter()
+                    .find(|&&k| g.exit_at(k).and_then(|e| e.logits).is_none())
+                {
+                    anyhow::bail!(
+                        "given exit depths: the real executor takes a token leaving after layer \
+                         {k} from the exit head there, and the pipeline has none (add \
+                         InsertExits(after: [{k}], ...))"
+                    );
+                }
             }
             let cost = exitgraph_compiler::exits::cost::DepthCost::of(engine.program.graph());
             let fill_share = cost

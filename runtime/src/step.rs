@@ -123,6 +123,17 @@ pub(super) fn execute(
         p.track.layers.extend(&path);
         let (ids, start) = step_ids(req, &p);
         let real = matches!(engine.executor, Executor::Real);
+        if let (true, 0, Some(sim)) = (real, stage, &engine.sim_exits) {
+            // Given exit depths, served for real: the token's depth is drawn as it starts
+            // down (a prompt's token comes from the full model).
+            p.sim_exit = Some(if p.produced == 0 {
+                layers
+            } else {
+                sim.source
+                    .depth(req.0.id, start + ids.len() - 1)
+                    .map_err(StepError::Simulation)?
+            });
+        }
         rows.push(Row {
             entity: e,
             ids: if real { ids } else { Vec::new() },
@@ -250,7 +261,7 @@ pub(super) fn execute(
     });
     // The exit head at the stage's end runs when a token in the stage may stop there; the
     // stream one layer below it when a rule judges saturation.
-    let heads = stage_rows.iter().any(|r| exiting.contains(r.entity));
+    let heads = engine.sim_exits.is_some() || stage_rows.iter().any(|r| exiting.contains(r.entity));
     let below = stage_rows.iter().any(|r| {
         exiting
             .get(r.entity)

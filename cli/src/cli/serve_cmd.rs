@@ -29,10 +29,11 @@ pub struct Args {
     /// Cost model written by `exitgraph profile` (needed by --executor sim).
     #[arg(long)]
     cost: Option<PathBuf>,
-    /// With --executor sim: exit tokens early at depths replayed from a trace or drawn from
-    /// a distribution (RON: `Replay(trace: "t.jsonl")` or
-    /// `Distribution(exits: [(1, 0.5), (4, 0.5)], seed: 0)`).
-    #[arg(long)]
+    /// Exit tokens at depths replayed from a trace or drawn from a distribution (RON:
+    /// `Replay(trace: "t.jsonl")` or `Distribution(exits: [(1, 0.5), (4, 0.5)], seed: 0)`)
+    /// instead of by an exit rule: the simulated executor charges the implied path; the real
+    /// one runs it, taking each token from the exit head at its depth.
+    #[arg(long, alias = "exit-depths")]
     sim_exits: Option<PathBuf>,
     /// Stream one JSON record per generated token to this file (JSON Lines).
     #[arg(long)]
@@ -110,12 +111,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Executor::Sim(CostModel::read(path)?)
         }
     };
-    if a.sim_exits.is_some() && !matches!(a.executor, ExecutorArg::Sim) {
-        anyhow::bail!(
-            "--sim-exits: simulated exits are for --executor sim; the real executor evaluates \
-             the pipeline's exit rule"
-        );
-    }
     let compiled = compile(&pipeline, &pipeline_path)?;
     let program = Arc::new(compiled.lower()?);
     let sim_exits = a
