@@ -66,11 +66,15 @@ fn looped(
 }
 
 fn with_exits(g: &Graph, points: &[usize]) -> Graph {
+    with_heads(g, points, true)
+}
+
+fn with_heads(g: &Graph, points: &[usize], norm: bool) -> Graph {
     let mut h = g.clone();
     InsertExits {
         after: points.to_vec(),
         every: None,
-        head: HeadKind::SharedLmHead { norm: true },
+        head: HeadKind::SharedLmHead { norm },
         gate: false,
         weights: None,
     }
@@ -222,6 +226,49 @@ proptest! {
             prop_assert!(d < 1e-4, "segment {} at depth {} differs by {}", i, depth[i], d);
             let d = max_diff(out[i].below.as_ref().unwrap(), &below_alone[i]);
             prop_assert!(d < 1e-4, "segment {}'s stream below differs by {}", i, d);
+        }
+    }
+
+    #[test]
+    fn heads_at_different_depths_in_one_call_equal_their_own_runs(
+        seed in any::<u64>(),
+        norm in any::<bool>(),
+        lens in prop::collection::vec(1usize..5, 1..6),
+        at in prop::collection::vec(0usize..3, 6),
+    ) {
+        // Exit heads after layers 2 and 4 (sharing the final norm and LM head, or the LM
+        // head alone: another shape than the model's own head) and the model's head at 6.
+        let dir = tempfile::tempdir().unwrap();
+        let g = with_heads(&looped(dir.path(), 6, 3, TieNorms::Shared, true, seed), &[2, 4], norm);
+        let p = lower(&g, dir.path());
+        let hidden = p.graph().info.hidden;
+        let n = lens.len();
+        let entries: Vec<usize> = (0..n).map(|i| 2 * (at[i] + 1)).collect();
+        let heads: Vec<_> = entries.iter().map(|&d| if d == 6 {
+            p.logits_node().unwrap()
+        } else {
+            p.graph().exit_at(d).unwrap().logits.unwrap()
+        }).collect();
+        let states: Vec<Tensor> = (0..n).map(|i| {
+            Tensor::randn(0f32, 1.0, (lens[i], hidden), &Device::Cpu).unwrap()
+        }).collect();
+        let news: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &l)| ids(l, seed + i as u64)).collect();
+        let mut caches: Vec<_> = (0..n).map(|_| p.new_cache()).collect();
+        let alone: Vec<Tensor> = (0..n).map(|i| {
+            let run = Run { from: entries[i], task: Task::Outputs(vec![Want::last(heads[i])]), commit: false };
+            let mut c = p.new_cache();
+            let mut seg = Segment { ids: &news[i], start: 0, state: Some(states[i].clone()), cache: &mut c };
+            p.run(std::slice::from_mut(&mut seg), &run).unwrap().remove(0).remove(0)
+        }).collect();
+        let commit: Vec<bool> = entries.iter().map(|&d| d == 6).collect();
+        let mut segs: Vec<Segment> = news.iter().zip(caches.iter_mut()).zip(&states).map(|((ids, c), s)| Segment { ids, start: 0, state: Some(s.clone()), cache: c }).collect();
+        let got = p.run_heads(&mut segs, &entries, &heads, &commit).unwrap();
+        drop(segs);
+        for i in 0..n {
+            let d = max_diff(&got[i], &alone[i]);
+            prop_assert!(d < 1e-4, "segment {} at depth {} differs by {}", i, entries[i], d);
+            // Only the rows that ended the model commit their positions.
+            prop_assert_eq!(caches[i].len(), if commit[i] { lens[i] } else { 0 });
         }
     }
 

@@ -215,7 +215,12 @@ impl ServeReport {
             self.policy, self.executor
         );
         if let Some(exits) = &self.simulated_exits {
-            let _ = writeln!(s, "exits            simulated: {exits}");
+            let given = if self.executor == "real" {
+                "given"
+            } else {
+                "simulated"
+            };
+            let _ = writeln!(s, "exits            {given}: {exits}");
         }
         let _ = writeln!(
             s,

@@ -431,30 +431,74 @@ fn run_looped(
             r
         })
         .collect();
-    // The heads, one call per exit point.
-    let mut ends: Vec<usize> = ranges.iter().map(|r| r.end).collect();
-    ends.sort_unstable();
-    ends.dedup();
-    for end in ends {
-        let last = end == layers;
-        let exit = (!last && wants.heads)
-            .then(|| program.graph().exit_at(end))
-            .flatten();
-        let want: Vec<Want> = if last {
-            vec![Want::last(program.logits_node()?)]
-        } else if let Some(e) = exit {
-            e.logits
-                .iter()
-                .chain(&e.gate)
-                .map(|&n| Want::last(n))
-                .collect()
+    // The heads' logits in one call: the model's own for rows at the last layer (their
+    // caches commit), the exit head's for rows that may leave after their iteration. An exit
+    // head that shares the final norm and LM head reads that weight once for both.
+    let graph = program.graph();
+    let mut members = Vec::new();
+    let (mut entries, mut heads, mut commit) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, range) in ranges.iter().enumerate() {
+        let end = range.end;
+        let head = if end == layers {
+            Some(program.logits_node()?)
+        } else if wants.heads {
+            graph.exit_at(end).and_then(|e| e.logits)
         } else {
+            None
+        };
+        if let Some(h) = head {
+            members.push(i);
+            entries.push(end);
+            heads.push(h);
+            commit.push(end == layers);
+        }
+    }
+    let mut states = Vec::with_capacity(members.len());
+    for &i in &members {
+        states.push(
+            results[i]
+                .hidden
+                .clone()
+                .ok_or(StepError::Lost("a stage returned nothing"))?,
+        );
+    }
+    let logits = {
+        let mut segments: Vec<Segment> = rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| members.contains(i))
+            .zip(states)
+            .map(|((_, row), state)| row.segment().with_state(state))
+            .collect();
+        program.run_heads(&mut segments, &entries, &heads, &commit)?
+    };
+    for ((&i, l), last) in members.iter().zip(logits).zip(&commit) {
+        let r = &mut results[i];
+        if *last {
+            r.logits = Some(squeeze(l)?);
+            r.hidden = None;
+            r.below = None;
+        } else {
+            r.exit_logits = Some(squeeze(l)?);
+        }
+    }
+    // Learned gates, one call per exit point that has one.
+    let mut gated: Vec<usize> = ranges
+        .iter()
+        .map(|r| r.end)
+        .filter(|&end| end < layers && wants.heads)
+        .filter(|&end| graph.exit_at(end).is_some_and(|e| e.gate.is_some()))
+        .collect();
+    gated.sort_unstable();
+    gated.dedup();
+    for end in gated {
+        let Some(gate) = graph.exit_at(end).and_then(|e| e.gate) else {
             continue;
         };
         let run = Run {
             from: end,
-            task: Task::Outputs(want),
-            commit: last,
+            task: Task::Outputs(vec![Want::last(gate)]),
+            commit: false,
         };
         let members: Vec<usize> = (0..rows.len()).filter(|&i| ranges[i].end == end).collect();
         let mut states = Vec::with_capacity(members.len());
@@ -477,20 +521,7 @@ fn run_looped(
             program.run(&mut segments, &run)?
         };
         for (&i, values) in members.iter().zip(out) {
-            let mut values = values.into_iter();
-            let r = &mut results[i];
-            if last {
-                r.logits = values.next().map(squeeze).transpose()?;
-                r.hidden = None;
-                r.below = None;
-            } else if let Some(e) = exit {
-                if e.logits.is_some() {
-                    r.exit_logits = values.next().map(squeeze).transpose()?;
-                }
-                if e.gate.is_some() {
-                    r.gate = values.next().map(squeeze).transpose()?;
-                }
-            }
+            results[i].gate = values.into_iter().next().map(squeeze).transpose()?;
         }
     }
     if !wants.below {

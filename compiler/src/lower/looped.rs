@@ -47,6 +47,7 @@ fn same_kernel(a: &Kernel, b: &Kernel) -> bool {
         (Kernel::Norm(x), Kernel::Norm(y)) => Arc::ptr_eq(x, y),
         (Kernel::Attention(x), Kernel::Attention(y)) => Arc::ptr_eq(x, y),
         (Kernel::Mlp(x), Kernel::Mlp(y)) => Arc::ptr_eq(x, y),
+        (Kernel::LmHead(x), Kernel::LmHead(y)) => Arc::ptr_eq(x, y),
         (Kernel::Add, Kernel::Add) => true,
         _ => false,
     }
@@ -76,6 +77,12 @@ impl Program {
         })?;
         let entry = self.step_of(block.input)?;
         let out = self.step_of(block.output)?;
+        self.template_between(entry, out)
+            .map_err(|e| RunError::Input(format!("block {depth}: {e}")))
+    }
+
+    /// The steps that compute step `out` from step `entry`'s value.
+    fn template_between(&self, entry: usize, out: usize) -> Result<Template, RunError> {
         let steps = self.schedule(&[out], &[entry]).needed;
         let inputs = steps
             .iter()
@@ -96,10 +103,203 @@ impl Program {
             .collect::<Result<Vec<_>, _>>()?;
         if steps.last() != Some(&out) {
             return Err(RunError::Input(format!(
-                "block {depth} does not end with its output"
+                "{} is not the last step computing it",
+                self.steps[out].name
             )));
         }
         Ok(Template { steps, inputs })
+    }
+
+    /// Heads at several depths in one call: segment `i`'s last token, entering with its
+    /// `state` (the residual stream the head reads: `Graph::stream(entries[i])`), through
+    /// the head whose output is node `heads[i]` (the model's logits, or an exit's). Heads
+    /// that share their kernels (an exit head reusing the final norm and LM head) run once
+    /// over all their rows: one read of the LM head for a looped step whose rows finish at
+    /// different depths. A segment with `commit[i]` commits its cache's new positions (its
+    /// token ended the model). Returns each segment's head output, `[1, width]`.
+    pub fn run_heads(
+        &self,
+        segments: &mut [Segment<'_>],
+        entries: &[usize],
+        heads: &[exitgraph_ir::NodeIndex],
+        commit: &[bool],
+    ) -> Result<Vec<Tensor>, RunError> {
+        let n = segments.len();
+        if entries.len() != n || heads.len() != n || commit.len() != n {
+            return Err(RunError::Input(format!(
+                "{n} segments with {} entry depths, {} heads and {} commit flags",
+                entries.len(),
+                heads.len(),
+                commit.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let hidden = self.graph.info.hidden;
+        // Segments grouped by (entry, head): rows of a group are contiguous.
+        let mut keys: Vec<(usize, usize)> = Vec::with_capacity(n);
+        for i in 0..n {
+            keys.push((
+                self.step_of(self.stream_node(entries[i])?)?,
+                self.step_of(heads[i])?,
+            ));
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| (keys[i], i));
+        let mut rows = Vec::with_capacity(n);
+        for &i in &order {
+            let s = segments[i]
+                .state
+                .as_ref()
+                .ok_or_else(|| RunError::Input("a head call needs every segment's state".into()))?;
+            let len = s.dim(0).map_err(|e| RunError::Input(e.to_string()))?;
+            if s.dims() != [len, hidden] || len == 0 {
+                return Err(RunError::Input(format!(
+                    "head entry state of shape {:?} (width {hidden} expected)",
+                    s.dims()
+                )));
+            }
+            rows.push(
+                s.narrow(0, len - 1, 1)
+                    .map_err(|e| RunError::Input(e.to_string()))?,
+            );
+        }
+        let x = Tensor::cat(&rows, 0)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| RunError::Input(format!("head states: {e}")))?;
+        let mut groups: Vec<((usize, usize), usize)> = Vec::new();
+        for &i in &order {
+            match groups.last_mut() {
+                Some((k, rows)) if *k == keys[i] => *rows += 1,
+                _ => groups.push((keys[i], 1)),
+            }
+        }
+        let templates = groups
+            .iter()
+            .map(|((entry, out), _)| self.template_between(*entry, *out))
+            .collect::<Result<Vec<_>, _>>()?;
+        let first = &templates[0];
+        let alike = templates.iter().all(|t| {
+            t.steps.len() == first.steps.len()
+                && t.inputs == first.inputs
+                && t.steps
+                    .iter()
+                    .zip(&first.steps)
+                    .all(|(&a, &b)| kind(&self.steps[a].kernel) == kind(&self.steps[b].kernel))
+        });
+        let y = if alike {
+            let mut values: Vec<Option<Tensor>> = vec![None; first.steps.len()];
+            for p in 0..first.steps.len() {
+                let args = first.inputs[p]
+                    .iter()
+                    .map(|src| match src {
+                        Source::Entry => Ok(&x),
+                        Source::Local(q) => values[*q].as_ref().ok_or_else(|| {
+                            RunError::Input(format!("{} was not computed", self.steps[*q].name))
+                        }),
+                    })
+                    .collect::<Result<Vec<&Tensor>, _>>()?;
+                let steps: Vec<&Step> = templates.iter().map(|t| &self.steps[t.steps[p]]).collect();
+                let wrap = |cause| RunError::Step {
+                    step: steps[0].name.clone(),
+                    cause,
+                };
+                let out = if steps
+                    .iter()
+                    .all(|s| same_kernel(&s.kernel, &steps[0].kernel))
+                {
+                    let row_groups: Vec<RowGroup> = steps
+                        .iter()
+                        .zip(&groups)
+                        .map(|(s, (_, rows))| RowGroup {
+                            rows: *rows,
+                            adapters: &s.adapters,
+                        })
+                        .collect();
+                    apply(
+                        steps[0],
+                        &args,
+                        segments,
+                        &[],
+                        Adapters::Grouped(&row_groups),
+                    )
+                    .map_err(wrap)?
+                } else {
+                    let mut outs = Vec::with_capacity(groups.len());
+                    let mut offset = 0;
+                    for ((_, rows), s) in groups.iter().zip(&steps) {
+                        let part: Vec<Tensor> = args
+                            .iter()
+                            .map(|a| a.narrow(1, offset, *rows))
+                            .collect::<Result<_, _>>()
+                            .map_err(wrap)?;
+                        let part: Vec<&Tensor> = part.iter().collect();
+                        outs.push(
+                            apply(s, &part, segments, &[], Adapters::Uniform(&s.adapters))
+                                .map_err(wrap)?,
+                        );
+                        offset += rows;
+                    }
+                    Tensor::cat(&outs, 1).map_err(wrap)?
+                };
+                values[p] = Some(out);
+            }
+            values
+                .pop()
+                .flatten()
+                .ok_or_else(|| RunError::Input("a head computed nothing".into()))?
+        } else {
+            // Heads of different shapes (a trained head beside the model's own): each group
+            // through its own walk.
+            let mut outs = Vec::with_capacity(groups.len());
+            let mut offset = 0;
+            for (((entry, out), rows), _) in groups.iter().zip(&templates) {
+                let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
+                values[*entry] = Some(
+                    x.narrow(1, offset, *rows)
+                        .map_err(|e| RunError::Input(e.to_string()))?,
+                );
+                let plan = self.schedule(&[*out], &[*entry]);
+                for &i in &plan.needed {
+                    let step = &self.steps[i];
+                    let args = self.step_args(i, &values)?;
+                    let v = apply(
+                        step,
+                        &args,
+                        segments,
+                        &[],
+                        Adapters::Uniform(&step.adapters),
+                    )
+                    .map_err(|cause| RunError::Step {
+                        step: step.name.clone(),
+                        cause,
+                    })?;
+                    values[i] = Some(v);
+                }
+                outs.push(values[*out].take().ok_or_else(|| {
+                    RunError::Input(format!("{} was not computed", self.steps[*out].name))
+                })?);
+                offset += rows;
+            }
+            Tensor::cat(&outs, 1).map_err(|e| RunError::Input(e.to_string()))?
+        };
+        let mut out: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+        for (k, &i) in order.iter().enumerate() {
+            out[i] = Some(
+                y.get(0)
+                    .and_then(|t| t.narrow(0, k, 1))
+                    .map_err(|e| RunError::Input(e.to_string()))?,
+            );
+        }
+        for (seg, &c) in segments.iter_mut().zip(commit) {
+            if c {
+                seg.cache.commit(seg.start + seg.ids.len());
+            }
+        }
+        out.into_iter()
+            .map(|o| o.ok_or_else(|| RunError::Input("a segment got no head output".into())))
+            .collect()
     }
 
     /// Runs segment `i` through blocks `from[i] .. from[i] + width`, entering with its state
@@ -344,6 +544,7 @@ fn apply(
         Kernel::Norm(n) => n.forward(arg(0)?),
         Kernel::Add => arg(0)? + arg(1)?,
         Kernel::Mlp(m) => m.forward(arg(0)?, adapters),
+        Kernel::LmHead(l) => adapters.project(0, l, arg(0)?),
         Kernel::Attention(a) => {
             // Each segment attends on the slot of the block it is at.
             let mut slots: Vec<(usize, usize)> = Vec::with_capacity(members.len());
