@@ -316,17 +316,14 @@ proptest! {
         let w = workload(n, seed, false);
         let got = serve(&p, policy, &depth, &w);
         let continuous = serve(&p, Batching::Continuous { max_batch: 3, token_budget: 64 }, &depth, &w);
-        let mut exited = 0;
         for (o, c) in got.iter().zip(&continuous) {
             prop_assert_eq!(&o.tokens, &c.tokens, "request {}", o.id);
             let layers: Vec<u16> = o.stats.iter().map(|s| s.exit_layer).collect();
             let want: Vec<u16> = c.stats.iter().map(|s| s.exit_layer).collect();
             prop_assert_eq!(&layers, &want, "request {}'s exit layers", o.id);
-            exited += layers.iter().filter(|&&l| l < 6).count();
         }
-        // Proptest shrinks toward seeds where nothing exits; the fixed check below asserts
-        // exits on a known seed.
-        let _ = exited;
+        // Whether anything exits depends on the random model; the fixed case below asserts
+        // exits (and mixed iterations) on a known seed.
     }
 }
 
@@ -442,11 +439,12 @@ fn given_exit_depths_run_for_real() {
     for ((r, a), b) in requests.iter().zip(&looped_out).zip(&continuous) {
         assert_eq!(a.tokens, b.tokens, "request {}", r.id);
         for (i, s) in a.stats.iter().enumerate() {
-            // The first token comes from the prompt's pass, at full depth.
+            // The first token comes from the prompt's pass, at full depth; token i is at
+            // position prompt + i.
             let want = if i == 0 {
                 6
             } else {
-                src.depth(r.id, r.prompt.len() + i - 1).unwrap()
+                src.depth(r.id, r.prompt.len() + i).unwrap()
             };
             assert_eq!(s.exit_layer as usize, want, "request {} token {i}", r.id);
             depths.insert(want);

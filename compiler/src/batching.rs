@@ -149,20 +149,25 @@ impl Batching {
                 }
                 let mut chosen = Vec::new();
                 let mut tokens = 0;
+                let mut held = false;
                 for c in order {
                     if chosen.len() >= max_batch.max(1) {
+                        held = true;
                         break;
                     }
                     // A row over the budget waits for a later step (it runs alone rather
                     // than never).
                     if tokens + c.tokens > token_budget && !chosen.is_empty() {
+                        held = true;
                         continue;
                     }
                     tokens += c.tokens;
                     chosen.push(c.id);
                 }
-                // Waiting requests join in arrival order while there is room.
-                for c in candidates.iter().filter(|c| !c.running) {
+                // Waiting requests join in arrival order while there is room, and only when
+                // no started row is waiting: sequences in flight never exceed `max_batch`,
+                // and a held row is not overtaken by newcomers.
+                for c in candidates.iter().filter(|c| !c.running && !held) {
                     if chosen.len() >= max_batch.max(1)
                         || (tokens + c.tokens > token_budget && !chosen.is_empty())
                     {
@@ -273,6 +278,11 @@ mod looped_tests {
         );
         // A prompt on its way down counts its tokens; an oversized one runs alone.
         assert_eq!(p.plan(&[c(5, 20, true, 1), c(6, 1, true, 0)]), vec![5]);
+        // A started row held back by the budget is not overtaken by a newcomer that fits.
+        assert_eq!(
+            p.plan(&[c(0, 1, true, 1), c(1, 9, true, 0), c(2, 1, false, 0)]),
+            vec![0]
+        );
         assert_eq!(p.plan(&[c(7, 20, false, 0)]), vec![7]);
         assert!(p.is_looped() && p.picks_stages());
     }

@@ -181,6 +181,34 @@ fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
 }
 
 #[test]
+fn simulator_view_serves_a_looped_model_with_rows_per_iteration() {
+    // The recursive demo (3 layers looped twice) under looped depth-wise batching: each
+    // step's rows at each iteration come back in the report and are plotted per iteration.
+    let path = exitgraph_gui::views::sim::examples_dir().join("demo-recursive.ron");
+    let mut h = harness(ExplorerApp::open(&path));
+    h.run_steps(3);
+    assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
+    h.get_by_label("Simulator").click();
+    h.run_steps(2);
+    h.get_by_label("looped").click();
+    h.run_steps(1);
+    h.get_by_label("Run simulation").click();
+    h.run_steps(1);
+    step_until(&mut h, "the simulation", Duration::from_secs(120), |a| {
+        !a.sim.running()
+    });
+    assert!(h.state().sim.error.is_none(), "{:?}", h.state().sim.error);
+    let report = h.state().sim.report.as_ref().unwrap();
+    assert_eq!(report.mean_stage_rows.len(), 2, "one series per iteration");
+    assert!(report.mean_stage_rows.iter().all(|&r| r > 0.0));
+    let series = exitgraph_gui::views::sim::stage_series(report);
+    assert_eq!(series.len(), 2);
+    assert_eq!(series[0].len() as u64, report.steps);
+    h.get_by_label_contains("LoopedDepthWise");
+    h.snapshot_options("simulator_looped", &snapshot_options());
+}
+
+#[test]
 fn run_view_colours_exit_signals_when_the_trace_has_them() {
     use exitgraph::runtime::trace::{LayerSignal, TraceRecord};
     use exitgraph_gui::serving::PromptResult;

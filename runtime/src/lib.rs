@@ -285,14 +285,16 @@ impl Engine {
         let ends = iteration_ends(g);
         if ends.len() < 2 {
             anyhow::bail!(
-                "LoopedDepthWise batching needs a model with a tied block (a pipeline with                  TieLayers); this one has no loop"
+                "LoopedDepthWise batching needs a model with a tied block (a pipeline with \
+                 TieLayers); this one has no loop"
             );
         }
         let layers = g.info.num_layers;
         let width = ends[0];
         if ends.windows(2).any(|w| w[1] - w[0] != width) || ends.last() != Some(&layers) {
             anyhow::bail!(
-                "LoopedDepthWise batching needs every iteration to run the same block; this                  model's iterations end after layers {ends:?}"
+                "LoopedDepthWise batching needs every iteration to run the same block; this \
+                 model's iterations end after layers {ends:?}"
             );
         }
         let points: Vec<usize> = match &self.sim_exits {
@@ -304,7 +306,8 @@ impl Engine {
         };
         if let Some(k) = points.iter().find(|k| **k > 0 && !ends.contains(k)) {
             anyhow::bail!(
-                "an exit after layer {k} is inside a loop iteration; under LoopedDepthWise                  batching exits go after iterations (layers {ends:?})"
+                "an exit after layer {k} is inside a loop iteration; under LoopedDepthWise \
+                 batching exits go after iterations (layers {ends:?})"
             );
         }
         Ok(())
@@ -563,12 +566,17 @@ pub fn stage_layers(layers: usize, stages: usize, stage: usize) -> std::ops::Ran
 
 /// Advances the clock by `seconds` of work done in the current step.
 fn add_busy(clock: &mut Clock, recorder: &mut Recorder, stage: usize, seconds: f64) {
+    add_clock(clock, seconds);
+    add_stage_busy(recorder, stage, seconds);
+}
+
+/// Advances the clock by `seconds` of work, booked to no stage.
+fn add_clock(clock: &mut Clock, seconds: f64) {
     clock.now_s += seconds;
     clock.busy_s += seconds;
     if !clock.prompt_step {
         clock.decode_busy_s += seconds;
     }
-    add_stage_busy(recorder, stage, seconds);
 }
 
 fn add_stage_busy(recorder: &mut Recorder, stage: usize, seconds: f64) {

@@ -26,6 +26,9 @@ struct Row {
     path: Vec<usize>,
     /// The stage it runs.
     stage: usize,
+    /// Whether an exit head after the stage may let its token go: it has an exit rule, or
+    /// its given exit depth is the stage's end.
+    may_exit: bool,
 }
 
 impl Row {
@@ -55,10 +58,19 @@ fn finish_step(
     s: f64,
     per_stage: Vec<usize>,
 ) {
-    add_busy(clock, recorder, stage, s);
+    let rows: usize = per_stage.iter().sum();
+    if per_stage.iter().filter(|&&n| n > 0).count() > 1 {
+        // A looped step ran several stages at once: each gets its rows' share of the time.
+        super::add_clock(clock, s);
+        for (i, &n) in per_stage.iter().enumerate() {
+            super::add_stage_busy(recorder, i, s * n as f64 / rows as f64);
+        }
+    } else {
+        add_busy(clock, recorder, stage, s);
+    }
     clock.step += 1;
     let now = clock.now_s;
-    recorder.occupancy.push((now, per_stage.iter().sum()));
+    recorder.occupancy.push((now, rows));
     recorder.stage_rows.push(per_stage);
 }
 
@@ -129,8 +141,9 @@ pub(super) fn execute(
             p.sim_exit = Some(if p.produced == 0 {
                 layers
             } else {
+                // The position of the token it produces, as traces record it.
                 sim.source
-                    .depth(req.0.id, start + ids.len() - 1)
+                    .depth(req.0.id, req.0.prompt.len() + p.produced)
                     .map_err(StepError::Simulation)?
             });
         }
@@ -146,6 +159,8 @@ pub(super) fn execute(
             carried: p.carried.take(),
             path,
             stage,
+            may_exit: exiting.contains(e)
+                || (real && engine.sim_exits.is_some() && p.sim_exit == Some(range.end)),
         });
     }
     if let Executor::Sim(model) = &engine.executor {
@@ -160,13 +175,18 @@ pub(super) fn execute(
         let (mut filled, mut fill_layers) = (0.0, 0.0f64);
         // The per-layer fixed work is paid once per distinct path of weights the step runs:
         // rows at different iterations of a looped block read the same weights.
+        // (Other policies run distinct layer paths in separate calls.)
         let blocks = &engine.program.graph().blocks;
+        let looped = engine.batching.is_looped();
         let mut paths: Vec<Vec<usize>> = rows
             .iter()
             .map(|r| {
                 r.path
                     .iter()
-                    .map(|&l| blocks.get(l).map_or(l, |b| b.weights))
+                    .map(|&l| match blocks.get(l) {
+                        Some(b) if looped => b.weights,
+                        _ => l,
+                    })
                     .collect()
             })
             .collect();
@@ -441,7 +461,7 @@ fn run_looped(
         let end = range.end;
         let head = if end == layers {
             Some(program.logits_node()?)
-        } else if wants.heads {
+        } else if rows[i].may_exit {
             graph.exit_at(end).and_then(|e| e.logits)
         } else {
             None
@@ -485,8 +505,10 @@ fn run_looped(
     // Learned gates, one call per exit point that has one.
     let mut gated: Vec<usize> = ranges
         .iter()
-        .map(|r| r.end)
-        .filter(|&end| end < layers && wants.heads)
+        .zip(rows.iter())
+        .filter(|(_, row)| row.may_exit)
+        .map(|(r, _)| r.end)
+        .filter(|&end| end < layers)
         .filter(|&end| graph.exit_at(end).is_some_and(|e| e.gate.is_some()))
         .collect();
     gated.sort_unstable();
@@ -500,7 +522,9 @@ fn run_looped(
             task: Task::Outputs(vec![Want::last(gate)]),
             commit: false,
         };
-        let members: Vec<usize> = (0..rows.len()).filter(|&i| ranges[i].end == end).collect();
+        let members: Vec<usize> = (0..rows.len())
+            .filter(|&i| ranges[i].end == end && rows[i].may_exit)
+            .collect();
         let mut states = Vec::with_capacity(members.len());
         for &i in &members {
             states.push(

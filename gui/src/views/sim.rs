@@ -18,6 +18,8 @@ pub enum Policy {
     Static,
     Continuous,
     DepthWise,
+    /// Continuous depth-wise batching over a looped model's iterations.
+    Looped,
 }
 
 type SimResult = (ServeReport, TraceSummary);
@@ -36,6 +38,42 @@ pub struct SimView {
     /// Where the plotted data came from.
     pub source: String,
     pub error: Option<String>,
+}
+
+/// Rows per stage over time, one series per stage, from a report with more than one stage
+/// (each step's rows at each stage, at the step's end time).
+pub fn stage_series(report: &ServeReport) -> Vec<Vec<[f64; 2]>> {
+    let stages = report.mean_stage_rows.len();
+    if stages < 2 {
+        return Vec::new();
+    }
+    (0..stages)
+        .map(|k| {
+            report
+                .occupancy
+                .iter()
+                .zip(&report.stage_rows)
+                .map(|((t, _), rows)| [*t, rows.get(k).copied().unwrap_or(0) as f64])
+                .collect()
+        })
+        .collect()
+}
+
+/// Each point's value replaced by the mean of the `w` points ending at it (fewer at the
+/// start): per-step counts alternate too fast to read.
+pub fn running_mean(pts: &[[f64; 2]], w: usize) -> Vec<[f64; 2]> {
+    let w = w.max(1);
+    let mut sum = 0.0;
+    pts.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            sum += p[1];
+            if i >= w {
+                sum -= pts[i - w][1];
+            }
+            [p[0], sum / (i + 1).min(w) as f64]
+        })
+        .collect()
 }
 
 /// The repository's `examples/` folder.
@@ -85,6 +123,11 @@ impl SimView {
             Policy::DepthWise => Batching::DepthWise {
                 max_batch: self.max_batch,
                 stages: self.stages,
+            },
+            Policy::Looped => Batching::LoopedDepthWise {
+                max_batch: self.max_batch,
+                token_budget: 512,
+                priority: exitgraph::runtime::policy::Priority::DeepestFirst,
             },
         }
     }
@@ -223,6 +266,31 @@ impl SimView {
                                 .color(Color32::GRAY)
                                 .width(2.5),
                         );
+                        // Rows per stage (under looped batching, per loop iteration), from
+                        // the report of a simulated run.
+                        let unit = if self.policy == Policy::Looped {
+                            "iteration"
+                        } else {
+                            "stage"
+                        };
+                        for (k, pts) in self
+                            .report
+                            .as_ref()
+                            .map(stage_series)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .enumerate()
+                        {
+                            let w = (pts.len() / 60).max(4);
+                            p.line(
+                                Line::new(
+                                    format!("{unit} {k} rows/step (mean of {w} steps)"),
+                                    running_mean(&pts, w),
+                                )
+                                .style(egui_plot::LineStyle::dashed_dense())
+                                .width(2.0),
+                            );
+                        }
                         let n = s.occupancy_by_layer.len().max(1);
                         for (l, pts) in s.occupancy_by_layer.iter().enumerate() {
                             let t = l as f32 / (n.max(2) - 1) as f32;
@@ -287,6 +355,8 @@ impl SimView {
             ui.selectable_value(&mut self.policy, Policy::Static, "static");
             ui.selectable_value(&mut self.policy, Policy::Continuous, "continuous");
             ui.selectable_value(&mut self.policy, Policy::DepthWise, "depth-wise");
+            ui.selectable_value(&mut self.policy, Policy::Looped, "looped")
+                .on_hover_text("continuous depth-wise batching over a looped (TieLayers) model");
         });
         ui.horizontal(|ui| {
             let mb = ui.label("max batch");
@@ -336,5 +406,27 @@ impl SimView {
         if let Some(e) = &self.error {
             ui.colored_label(ui.visuals().error_fg_color, e);
         }
+    }
+}
+
+#[cfg(test)]
+mod stage_tests {
+    use super::*;
+
+    #[test]
+    fn stage_series_follow_the_steps() {
+        let mut r = ServeReport::from_outcomes(&[], 2, 0.0, vec![(0.5, 3), (1.0, 2)]);
+        r.set_stage_rows(vec![vec![2, 1], vec![0, 2]]);
+        assert_eq!(
+            stage_series(&r),
+            vec![vec![[0.5, 2.0], [1.0, 0.0]], vec![[0.5, 1.0], [1.0, 2.0]]]
+        );
+        assert_eq!(
+            running_mean(&[[0.0, 2.0], [1.0, 0.0], [2.0, 4.0], [3.0, 1.0]], 2),
+            vec![[0.0, 2.0], [1.0, 1.0], [2.0, 2.0], [3.0, 2.5]]
+        );
+        // One stage: nothing beyond the total.
+        r.set_stage_rows(vec![vec![3], vec![2]]);
+        assert!(stage_series(&r).is_empty());
     }
 }
