@@ -473,23 +473,8 @@ fn run_looped(
             commit.push(end == layers);
         }
     }
-    let mut states = Vec::with_capacity(members.len());
-    for &i in &members {
-        states.push(
-            results[i]
-                .hidden
-                .clone()
-                .ok_or(StepError::Lost("a stage returned nothing"))?,
-        );
-    }
     let logits = {
-        let mut segments: Vec<Segment> = rows
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| members.contains(i))
-            .zip(states)
-            .map(|((_, row), state)| row.segment().with_state(state))
-            .collect();
+        let mut segments = head_segments(rows, &results, &members)?;
         program.run_heads(&mut segments, &entries, &heads, &commit)?
     };
     for ((&i, l), last) in members.iter().zip(logits).zip(&commit) {
@@ -525,23 +510,8 @@ fn run_looped(
         let members: Vec<usize> = (0..rows.len())
             .filter(|&i| ranges[i].end == end && rows[i].may_exit)
             .collect();
-        let mut states = Vec::with_capacity(members.len());
-        for &i in &members {
-            states.push(
-                results[i]
-                    .hidden
-                    .clone()
-                    .ok_or(StepError::Lost("a stage returned nothing"))?,
-            );
-        }
         let out = {
-            let mut segments: Vec<Segment> = rows
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| members.contains(i))
-                .zip(states)
-                .map(|((_, row), state)| row.segment().with_state(state))
-                .collect();
+            let mut segments = head_segments(rows, &results, &members)?;
             program.run(&mut segments, &run)?
         };
         for (&i, values) in members.iter().zip(out) {
@@ -554,6 +524,30 @@ fn run_looped(
         }
     }
     Ok(results)
+}
+
+/// The rows `members` (ascending) as segments entering with the stream their stage left.
+fn head_segments<'r>(
+    rows: &'r mut [Row],
+    results: &[StageResult],
+    members: &[usize],
+) -> Result<Vec<Segment<'r>>, StepError> {
+    let mut states = Vec::with_capacity(members.len());
+    for &i in members {
+        states.push(
+            results[i]
+                .hidden
+                .clone()
+                .ok_or(StepError::Lost("a stage returned nothing"))?,
+        );
+    }
+    Ok(rows
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| members.contains(i))
+        .zip(states)
+        .map(|((_, row), state)| row.segment().with_state(state))
+        .collect())
 }
 
 fn squeeze(t: Tensor) -> Result<Tensor, StepError> {

@@ -110,6 +110,99 @@ impl Program {
         Ok(Template { steps, inputs })
     }
 
+    /// Whether the templates run the same ops in the same order from the same inputs.
+    fn alike(&self, templates: &[&Template]) -> bool {
+        let first = templates[0];
+        templates.iter().all(|t| {
+            t.steps.len() == first.steps.len()
+                && t.inputs == first.inputs
+                && t.steps
+                    .iter()
+                    .zip(&first.steps)
+                    .all(|(&a, &b)| kind(&self.steps[a].kernel) == kind(&self.steps[b].kernel))
+        })
+    }
+
+    /// Runs alike templates position by position over `x`, whose rows are the groups' in
+    /// order (`spans`: each group's rows and the segments they belong to, for attention).
+    /// An op whose kernel every group shares runs once with each group's adapters; any
+    /// other runs per group on its rows. Returns the last step's value.
+    fn run_aligned(
+        &self,
+        templates: &[&Template],
+        spans: &[(usize, &[usize])],
+        x: &Tensor,
+        segments: &mut [Segment<'_>],
+    ) -> Result<Tensor, RunError> {
+        let first = templates[0];
+        let mut values: Vec<Option<Tensor>> = vec![None; first.steps.len()];
+        for p in 0..first.steps.len() {
+            let args = first.inputs[p]
+                .iter()
+                .map(|src| match src {
+                    Source::Entry => Ok(x),
+                    Source::Local(q) => values[*q].as_ref().ok_or_else(|| {
+                        RunError::Input(format!("{} was not computed", self.steps[*q].name))
+                    }),
+                })
+                .collect::<Result<Vec<&Tensor>, _>>()?;
+            let steps: Vec<&Step> = templates.iter().map(|t| &self.steps[t.steps[p]]).collect();
+            let wrap = |cause| RunError::Step {
+                step: steps[0].name.clone(),
+                cause,
+            };
+            let out = if steps
+                .iter()
+                .all(|s| same_kernel(&s.kernel, &steps[0].kernel))
+            {
+                let row_groups: Vec<RowGroup> = steps
+                    .iter()
+                    .zip(spans)
+                    .map(|(s, (rows, _))| RowGroup {
+                        rows: *rows,
+                        adapters: &s.adapters,
+                    })
+                    .collect();
+                let members: Vec<(usize, &Step)> = spans
+                    .iter()
+                    .zip(&steps)
+                    .flat_map(|((_, m), s)| m.iter().map(move |&i| (i, *s)))
+                    .collect();
+                apply(
+                    steps[0],
+                    &args,
+                    segments,
+                    &members,
+                    Adapters::Grouped(&row_groups),
+                )
+                .map_err(wrap)?
+            } else {
+                let mut outs = Vec::with_capacity(spans.len());
+                let mut offset = 0;
+                for ((rows, members), s) in spans.iter().zip(&steps) {
+                    let part: Vec<Tensor> = args
+                        .iter()
+                        .map(|a| a.narrow(1, offset, *rows))
+                        .collect::<Result<_, _>>()
+                        .map_err(wrap)?;
+                    let part: Vec<&Tensor> = part.iter().collect();
+                    let members: Vec<(usize, &Step)> = members.iter().map(|&i| (i, *s)).collect();
+                    outs.push(
+                        apply(s, &part, segments, &members, Adapters::Uniform(&s.adapters))
+                            .map_err(wrap)?,
+                    );
+                    offset += rows;
+                }
+                Tensor::cat(&outs, 1).map_err(wrap)?
+            };
+            values[p] = Some(out);
+        }
+        values
+            .pop()
+            .flatten()
+            .ok_or_else(|| RunError::Input("a block computed nothing".into()))
+    }
+
     /// Heads at several depths in one call: segment `i`'s last token, entering with its
     /// `state` (the residual stream the head reads: `Graph::stream(entries[i])`), through
     /// the head whose output is node `heads[i]` (the model's logits, or an exit's). Heads
@@ -175,86 +268,21 @@ impl Program {
                 _ => groups.push((keys[i], 1)),
             }
         }
-        let templates = groups
+        let owned = groups
             .iter()
             .map(|((entry, out), _)| self.template_between(*entry, *out))
             .collect::<Result<Vec<_>, _>>()?;
-        let first = &templates[0];
-        let alike = templates.iter().all(|t| {
-            t.steps.len() == first.steps.len()
-                && t.inputs == first.inputs
-                && t.steps
-                    .iter()
-                    .zip(&first.steps)
-                    .all(|(&a, &b)| kind(&self.steps[a].kernel) == kind(&self.steps[b].kernel))
-        });
-        let y = if alike {
-            let mut values: Vec<Option<Tensor>> = vec![None; first.steps.len()];
-            for p in 0..first.steps.len() {
-                let args = first.inputs[p]
-                    .iter()
-                    .map(|src| match src {
-                        Source::Entry => Ok(&x),
-                        Source::Local(q) => values[*q].as_ref().ok_or_else(|| {
-                            RunError::Input(format!("{} was not computed", self.steps[*q].name))
-                        }),
-                    })
-                    .collect::<Result<Vec<&Tensor>, _>>()?;
-                let steps: Vec<&Step> = templates.iter().map(|t| &self.steps[t.steps[p]]).collect();
-                let wrap = |cause| RunError::Step {
-                    step: steps[0].name.clone(),
-                    cause,
-                };
-                let out = if steps
-                    .iter()
-                    .all(|s| same_kernel(&s.kernel, &steps[0].kernel))
-                {
-                    let row_groups: Vec<RowGroup> = steps
-                        .iter()
-                        .zip(&groups)
-                        .map(|(s, (_, rows))| RowGroup {
-                            rows: *rows,
-                            adapters: &s.adapters,
-                        })
-                        .collect();
-                    apply(
-                        steps[0],
-                        &args,
-                        segments,
-                        &[],
-                        Adapters::Grouped(&row_groups),
-                    )
-                    .map_err(wrap)?
-                } else {
-                    let mut outs = Vec::with_capacity(groups.len());
-                    let mut offset = 0;
-                    for ((_, rows), s) in groups.iter().zip(&steps) {
-                        let part: Vec<Tensor> = args
-                            .iter()
-                            .map(|a| a.narrow(1, offset, *rows))
-                            .collect::<Result<_, _>>()
-                            .map_err(wrap)?;
-                        let part: Vec<&Tensor> = part.iter().collect();
-                        outs.push(
-                            apply(s, &part, segments, &[], Adapters::Uniform(&s.adapters))
-                                .map_err(wrap)?,
-                        );
-                        offset += rows;
-                    }
-                    Tensor::cat(&outs, 1).map_err(wrap)?
-                };
-                values[p] = Some(out);
-            }
-            values
-                .pop()
-                .flatten()
-                .ok_or_else(|| RunError::Input("a head computed nothing".into()))?
+        let templates: Vec<&Template> = owned.iter().collect();
+        let y = if self.alike(&templates) {
+            let spans: Vec<(usize, &[usize])> =
+                groups.iter().map(|(_, rows)| (*rows, &[][..])).collect();
+            self.run_aligned(&templates, &spans, &x, segments)?
         } else {
             // Heads of different shapes (a trained head beside the model's own): each group
             // through its own walk.
             let mut outs = Vec::with_capacity(groups.len());
             let mut offset = 0;
-            for (((entry, out), rows), _) in groups.iter().zip(&templates) {
+            for ((entry, out), rows) in &groups {
                 let mut values: Vec<Option<Tensor>> = vec![None; self.steps.len()];
                 values[*entry] = Some(
                     x.narrow(1, offset, *rows)
@@ -412,94 +440,30 @@ impl Program {
             if j + 1 == width && below {
                 lower = Some(x.clone());
             }
-            let templates = groups
+            let owned = groups
                 .iter()
                 .map(|(d, _, _)| self.template(d + j))
                 .collect::<Result<Vec<_>, _>>()?;
-            let first = &templates[0];
-            for (t, (d, _, _)) in templates.iter().zip(&groups).skip(1) {
-                let alike = t.steps.len() == first.steps.len()
-                    && t.inputs == first.inputs
-                    && t.steps
-                        .iter()
-                        .zip(&first.steps)
-                        .all(|(&a, &b)| kind(&self.steps[a].kernel) == kind(&self.steps[b].kernel));
-                if !alike {
-                    return Err(RunError::Input(format!(
-                        "blocks {} and {} do not run the same ops: rows at different depths \
-                         share a call only through a looped (tied) block",
-                        groups[0].0 + j,
-                        d + j
-                    )));
-                }
-            }
-            let mut values: Vec<Option<Tensor>> = vec![None; first.steps.len()];
-            for p in 0..first.steps.len() {
-                let args = first.inputs[p]
+            let templates: Vec<&Template> = owned.iter().collect();
+            if !self.alike(&templates) {
+                let d = templates
                     .iter()
-                    .map(|src| match src {
-                        Source::Entry => Ok(&x),
-                        Source::Local(q) => values[*q].as_ref().ok_or_else(|| {
-                            RunError::Input(format!("{} was not computed", self.steps[*q].name))
-                        }),
-                    })
-                    .collect::<Result<Vec<&Tensor>, _>>()?;
-                let steps: Vec<&Step> = templates.iter().map(|t| &self.steps[t.steps[p]]).collect();
-                let shared = steps
-                    .iter()
-                    .all(|s| same_kernel(&s.kernel, &steps[0].kernel));
-                let wrap = |cause| RunError::Step {
-                    step: steps[0].name.clone(),
-                    cause,
-                };
-                let out = if shared {
-                    let row_groups: Vec<RowGroup> = steps
-                        .iter()
-                        .zip(&groups)
-                        .map(|(s, (_, _, rows))| RowGroup {
-                            rows: *rows,
-                            adapters: &s.adapters,
-                        })
-                        .collect();
-                    let members: Vec<(usize, &Step)> = groups
-                        .iter()
-                        .zip(&steps)
-                        .flat_map(|((_, m, _), s)| m.iter().map(move |&i| (i, *s)))
-                        .collect();
-                    apply(
-                        steps[0],
-                        &args,
-                        segments,
-                        &members,
-                        Adapters::Grouped(&row_groups),
-                    )
-                    .map_err(wrap)?
-                } else {
-                    let mut outs = Vec::with_capacity(groups.len());
-                    let mut offset = 0;
-                    for ((_, members, rows), s) in groups.iter().zip(&steps) {
-                        let part: Vec<Tensor> = args
-                            .iter()
-                            .map(|a| a.narrow(1, offset, *rows))
-                            .collect::<Result<_, _>>()
-                            .map_err(wrap)?;
-                        let part: Vec<&Tensor> = part.iter().collect();
-                        let members: Vec<(usize, &Step)> =
-                            members.iter().map(|&i| (i, *s)).collect();
-                        outs.push(
-                            apply(s, &part, segments, &members, Adapters::Uniform(&s.adapters))
-                                .map_err(wrap)?,
-                        );
-                        offset += rows;
-                    }
-                    Tensor::cat(&outs, 1).map_err(wrap)?
-                };
-                values[p] = Some(out);
+                    .zip(&groups)
+                    .skip(1)
+                    .find(|(t, _)| !self.alike(&[templates[0], t]))
+                    .map_or(groups[0].0, |(_, g)| g.0);
+                return Err(RunError::Input(format!(
+                    "blocks {} and {} do not run the same ops: rows at different depths \
+                     share a call only through a looped (tied) block",
+                    groups[0].0 + j,
+                    d + j
+                )));
             }
-            x = values
-                .pop()
-                .flatten()
-                .ok_or_else(|| RunError::Input("a block computed nothing".into()))?;
+            let spans: Vec<(usize, &[usize])> = groups
+                .iter()
+                .map(|(_, members, rows)| (*rows, members.as_slice()))
+                .collect();
+            x = self.run_aligned(&templates, &spans, &x, segments)?;
         }
         // Back to the callers' order.
         let mut out: Vec<Option<BlockOutput>> = (0..segments.len()).map(|_| None).collect();
