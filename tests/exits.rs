@@ -712,6 +712,8 @@ fn exit_heads_train_and_the_written_pipeline_runs() {
         seq_len: 32,
         batch_size: 4,
         distill: 1.0,
+        train_adapters: false,
+        train_shared: false,
         training: exitgraph::train::TrainConfig {
             steps: 16,
             grad_accum: 1,

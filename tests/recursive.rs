@@ -470,6 +470,174 @@ fn uptrained_adapters_equal_a_merged_unrolled_checkpoint() {
     assert!(max_diff(&before, &got) > 1e-3);
 }
 
+fn exit_training(
+    train_adapters: bool,
+    train_shared: bool,
+) -> exitgraph::exits::train::ExitTrainSpec {
+    let mut u = uptraining(16, 0.0, false);
+    u.training.eval_every = 8;
+    exitgraph::exits::train::ExitTrainSpec {
+        tasks: u.tasks,
+        examples: u.examples,
+        seed: u.seed,
+        seq_len: u.seq_len,
+        batch_size: u.batch_size,
+        distill: 0.5,
+        train_adapters,
+        train_shared,
+        training: u.training,
+    }
+}
+
+/// `train exits` on a looped pipeline (the demo model tied into a block looped twice, with
+/// adapters and an exit after the first iteration): frozen, only the head trains and the
+/// saved pipeline still finds the adapters; with `train_adapters`, the adapters are saved
+/// too, differ from their SVD start, and the saved pipeline (fingerprints checked) computes
+/// other logits than the untrained one. Flags that name a pass the pipeline lacks are errors.
+#[test]
+fn exits_train_on_a_looped_pipeline_frozen_or_with_adapters() {
+    use exitgraph::exits::train::train_exits;
+    use exitgraph::pipeline::{compile, Pipeline};
+    let dir = tempfile::tempdir().unwrap();
+    let demo = exitgraph::pipeline::demo_model_dir();
+    let layers = exitgraph_ir::import(&demo).unwrap().graph.info.num_layers;
+    let half = layers / 2;
+    // The adapters as a file, so the frozen run's saved pipeline must resolve its path.
+    let base = demo_pipeline(
+        dir.path(),
+        "TieLayers(loops: 2, init: Average), DepthLora(rank: Rank(2), init: Svd)",
+    );
+    let staged = train_recursive_for(&base, &dir.path().join("rrt"), 0);
+    let lora_file = staged.adapters.clone().unwrap();
+    let backbone = format!(
+        "TieLayers(loops: 2, init: Average), DepthLora(rank: Rank(2), init: Svd, weights: Some({:?}))",
+        lora_file.display().to_string()
+    );
+    let write = |name: &str, passes: String| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "Pipeline(model: {:?}, passes: [{passes}])",
+            demo.display().to_string()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let looped = write(
+        "looped.ron",
+        format!("{backbone}, InsertExits(after: [{half}], head: Linear)"),
+    );
+    let no_exits = write("no-exits.ron", backbone.clone());
+
+    let frozen = train_exits(
+        &looped,
+        &dir.path().join("frozen"),
+        &exit_training(false, false),
+        false,
+    )
+    .unwrap();
+    assert_eq!(frozen.exits, vec![half]);
+    assert!(frozen.adapters.is_none() && frozen.shared.is_none());
+    let heads = candle_core::safetensors::load(&frozen.heads, &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = heads.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("exits.{half}.head.weight"),
+            format!("exits.{half}.norm.weight")
+        ]
+        .iter()
+        .collect::<Vec<_>>()
+    );
+    let evals: Vec<f64> = frozen.log.eval_loss.iter().map(|e| e.1).collect();
+    assert!(
+        evals.len() >= 2 && evals.last() < evals.first(),
+        "{evals:?}"
+    );
+    assert!(!dir.path().join("frozen/lora.safetensors").exists());
+    assert!(!dir.path().join("frozen/.staging").exists());
+    let rows = vec![tokens(12, 1), tokens(12, 2)];
+    // Frozen: the saved pipeline's backbone is the input's, so the final logits are equal.
+    let want = pipeline_logits(&no_exits, &rows);
+    let got = pipeline_logits(&frozen.pipeline, &rows);
+    assert!(max_diff(&want, &got) < 1e-5);
+
+    let joint = train_exits(
+        &looped,
+        &dir.path().join("joint"),
+        &exit_training(true, false),
+        false,
+    )
+    .unwrap();
+    let adapters = joint.adapters.clone().unwrap();
+    let trained = candle_core::safetensors::load(&adapters, &Device::Cpu).unwrap();
+    let start = candle_core::safetensors::load(&lora_file, &Device::Cpu).unwrap();
+    assert_eq!(
+        trained.keys().collect::<std::collections::BTreeSet<_>>(),
+        start.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    let moved = trained
+        .iter()
+        .map(|(n, t)| max_diff(t, &start[n]))
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-4, "the adapters did not train: {moved}");
+    let p = Pipeline::read(&joint.pipeline).unwrap();
+    compile(&p, &joint.pipeline).unwrap();
+    let got = pipeline_logits(&joint.pipeline, &rows);
+    assert!(max_diff(&want, &got) > 1e-4);
+
+    // Flags that need a pass the pipeline lacks, and shared training under frozen adapters.
+    let flat = write("flat.ron", "InsertExits(after: [1], head: Linear)".into());
+    let err = train_exits(
+        &flat,
+        &dir.path().join("e1"),
+        &exit_training(true, false),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--train-adapters") && err.contains("DepthLora"),
+        "{err}"
+    );
+    let err = train_exits(
+        &flat,
+        &dir.path().join("e2"),
+        &exit_training(false, true),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--train-shared") && err.contains("TieLayers"),
+        "{err}"
+    );
+    let err = train_exits(
+        &looped,
+        &dir.path().join("e3"),
+        &exit_training(false, true),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--train-adapters"), "{err}");
+}
+
+/// `train recursive` for `steps` steps (adapters only), for tests that need trained files.
+fn train_recursive_for(
+    pipeline: &Path,
+    out: &Path,
+    steps: usize,
+) -> exitgraph::train::recursive::RecursiveTrainReport {
+    exitgraph::train::recursive::train_recursive(
+        pipeline,
+        out,
+        &uptraining(steps, 0.0, false),
+        false,
+    )
+    .unwrap()
+}
+
 /// With no steps, the written pipeline (adapters and shared block as files) computes exactly
 /// what the recipes compute; `--train-shared` saves one tensor per position, not per depth,
 /// and the block stays tied after training (one copy of its weights in the program).

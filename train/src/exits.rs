@@ -1,18 +1,27 @@
 //! `exitgraph train exits PIPELINE.ron`: trains the exit heads and gates of a pipeline's
-//! `InsertExits` pass with the backbone frozen, by self-distillation.
+//! `InsertExits` pass by self-distillation, the backbone frozen by default.
 //!
 //! Per exit point `k` and position: `distill · KL(p_final ‖ p_k) + (1 − distill) · CE(y, p_k)`,
 //! where `p_final` is the full model's distribution (a constant) and `y` the next token of the
-//! corpus; a gate adds `BCE(σ(gate_k), [argmax p_k = argmax p_final])`. Heads start as the
-//! shared head (`Linear`: copies of the final norm and LM head) or as the identity (`Mlp`:
-//! zero down-projection); gates start at 0.5.
+//! corpus; a gate adds `BCE(σ(gate_k), [argmax p_k = argmax p_final])`. The loss is the mean
+//! over exit points. Heads start as the shared head (`Linear`: copies of the final norm and
+//! LM head) or as the identity (`Mlp`: zero down-projection); gates start at 0.5.
+//!
+//! On a looped pipeline (`TieLayers`, exits after loop iterations) the same loss trains each
+//! iteration's exit. `train_adapters` also trains the `DepthLora` adapters (`lora.*`) and
+//! `train_shared` the shared block (`tied.*`); the final layer then moves too, so the loss
+//! gains the final layer's own `CE(y, p_final)` (the distillation target stays the current
+//! final distribution, detached), as LayerSkip's early-exit loss keeps the last layer's term.
 //!
 //! Output: `OUT/heads.safetensors` (only the `exits.*` tensors, written atomically),
-//! `OUT/pipeline.ron` (the pipeline with `weights: "heads.safetensors"` and the model path
-//! resolved) and `OUT/training.json` (loss curves).
+//! `OUT/lora.safetensors` and `OUT/tied.safetensors` when those trained (with the
+//! fingerprints `train recursive` writes), `OUT/pipeline.ron` (the pipeline naming the trained
+//! files, the model and other files' paths made absolute) and `OUT/training.json` (loss
+//! curves). The output's files are written only once training has finished.
 
 use crate::corpus::Task;
 use crate::data::Batcher;
+use crate::recursive::{absolute_from, materialise, publish, LORA_FILE, TIED_FILE};
 use crate::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, D};
@@ -20,7 +29,8 @@ use exitgraph_compiler::lower::{Inputs, LowerOptions, Program, WeightSource, Wei
 use exitgraph_compiler::pipeline::{compile, resolve_model, Pipeline};
 use exitgraph_ir::op::Op;
 use exitgraph_passes::exits::{chosen_depths, head_weights};
-use exitgraph_passes::{HeadKind, PassSpec};
+use exitgraph_passes::recursive::{lora_tensors, tied_tensors, LORA_PREFIX, TIED_PREFIX};
+use exitgraph_passes::{HeadKind, PassSpec, TieNorms};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +45,10 @@ pub struct ExitTrainSpec {
     pub batch_size: usize,
     /// Weight of the distillation term (the rest is the hard-label loss).
     pub distill: f64,
+    /// Train the pipeline's `DepthLora` adapters with the exits.
+    pub train_adapters: bool,
+    /// Train the shared block of the pipeline's `TieLayers` with the exits.
+    pub train_shared: bool,
     pub training: TrainConfig,
 }
 
@@ -45,8 +59,15 @@ pub struct ExitTrainReport {
     pub pipeline: PathBuf,
     pub trainable: usize,
     pub exits: Vec<usize>,
+    /// `lora.safetensors`, when the adapters trained.
+    pub adapters: Option<PathBuf>,
+    /// `tied.safetensors`, when the shared block trained.
+    pub shared: Option<PathBuf>,
     pub log: TrainLog,
 }
+
+/// File name of the trained heads in the output folder.
+pub const HEADS_FILE: &str = "heads.safetensors";
 
 /// Initial values of the heads' own weights.
 fn initial_heads(
@@ -144,10 +165,31 @@ pub fn train_exits(
     else {
         bail!("unreachable: the pass was matched above");
     };
-    if matches!(head, HeadKind::SharedLmHead { .. }) && !gate {
+    let shown = pipeline_path.display();
+    let tie = pipeline
+        .passes
+        .iter()
+        .position(|p| matches!(p, PassSpec::TieLayers { .. }));
+    let lora = pipeline
+        .passes
+        .iter()
+        .position(|p| matches!(p, PassSpec::DepthLora { .. }));
+    if spec.train_adapters && lora.is_none() {
+        bail!("{shown}: --train-adapters needs a DepthLora pass in the pipeline");
+    }
+    if spec.train_shared && tie.is_none() {
+        bail!("{shown}: --train-shared needs a TieLayers pass in the pipeline (a looped model)");
+    }
+    if spec.train_shared && lora.is_some() && !spec.train_adapters {
         bail!(
-            "{}: SharedLmHead exits without gates have nothing to train (use Linear or Mlp heads, or gate: true)",
-            pipeline_path.display()
+            "{shown}: the DepthLora adapters were fitted to the shared block as it is: train them with it (--train-adapters --train-shared)"
+        );
+    }
+    let backbone_trains = spec.train_adapters || spec.train_shared;
+    let heads_train = !matches!(head, HeadKind::SharedLmHead { .. }) || gate;
+    if !heads_train && !backbone_trains {
+        bail!(
+            "{shown}: SharedLmHead exits without gates have nothing to train (use Linear or Mlp heads, gate: true, or --train-adapters / --train-shared on a looped model)"
         );
     }
     let model_dir = resolve_model(&pipeline, pipeline_path);
@@ -156,18 +198,73 @@ pub fn train_exits(
     let points = chosen_depths(&after, (every > 0).then_some(every), layers)
         .map_err(|e| anyhow::anyhow!("{}: InsertExits: {e}", pipeline_path.display()))?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let heads_path = out.join("heads.safetensors");
+    // Training reads its files from a staging folder; the output's files are written only
+    // once training has finished.
+    let staging = out.join(".staging");
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("{}: cannot create", staging.display()))?;
     let init = initial_heads(&ckpt.graph, &model_dir, &head, gate, &points, spec.seed)?;
-    exitgraph_compiler::tensor_io::write_atomic(&heads_path, &init)?;
+    exitgraph_compiler::tensor_io::write_atomic(&staging.join(HEADS_FILE), &init)?;
+    // The adapters and shared weights that train start as the pipeline describes them.
+    if backbone_trains {
+        // Without the exits, whose heads may not exist yet.
+        let mut backbone = pipeline.clone();
+        backbone.passes.remove(index);
+        let before = compile(&backbone, pipeline_path)?;
+        let mut named = Vec::new();
+        if spec.train_adapters {
+            named.extend(lora_tensors(&before.graph));
+        }
+        if spec.train_shared {
+            let norms = match tie.map(|i| &pipeline.passes[i]) {
+                Some(PassSpec::TieLayers { norms, .. }) => *norms,
+                _ => TieNorms::Shared,
+            };
+            named.extend(tied_tensors(&before.graph, norms));
+        }
+        let initial = materialise(&named, &before.graph, &before.model_dir)?;
+        for (file, prefix) in [(LORA_FILE, LORA_PREFIX), (TIED_FILE, TIED_PREFIX)] {
+            let part: HashMap<String, Tensor> = initial
+                .iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect();
+            if !part.is_empty() {
+                exitgraph_compiler::tensor_io::write_atomic(&staging.join(file), &part)?;
+            }
+        }
+    }
 
-    // The pipeline as it will be saved: model resolved, weights next to it.
+    // The pipeline as it will be saved: the model and other files' paths made absolute
+    // (a looped model's shared block and adapters stay where they are unless they train),
+    // the trained files next to it.
     let abs_model = std::fs::canonicalize(&model_dir).unwrap_or(model_dir.clone());
     pipeline.model = abs_model.display().to_string();
-    if let PassSpec::InsertExits { weights, .. } = &mut pipeline.passes[index] {
-        *weights = Some("heads.safetensors".into());
+    for (i, pass) in pipeline.passes.iter_mut().enumerate() {
+        match pass {
+            PassSpec::InsertExits { weights, .. } if i == index => {
+                *weights = Some(HEADS_FILE.into());
+            }
+            PassSpec::TieLayers { weights, .. } if spec.train_shared => {
+                *weights = Some(TIED_FILE.into());
+            }
+            PassSpec::DepthLora { weights, .. } if spec.train_adapters && Some(i) == lora => {
+                *weights = Some(LORA_FILE.into());
+            }
+            PassSpec::TieLayers {
+                weights: Some(w), ..
+            }
+            | PassSpec::DepthLora {
+                weights: Some(w), ..
+            }
+            | PassSpec::InsertExits {
+                weights: Some(w), ..
+            } => *w = absolute_from(pipeline_path, w),
+            _ => {}
+        }
     }
     let saved_pipeline = out.join("pipeline.ron");
-    let compiled = compile(&pipeline, &saved_pipeline)?;
+    let compiled = compile(&pipeline, &staging.join("pipeline.ron"))?;
 
     let tokenizer = crate::data::model_tokenizer(&compiled, "train exits")?;
     let (train_rows, eval_rows) = crate::data::tuning_rows(
@@ -186,7 +283,17 @@ pub fn train_exits(
     }
     let device = Device::Cpu;
     let mut params = ParamStore::load(&compiled.graph.weights, &compiled.model_dir, &device)?;
-    params.select(&["exits.*".to_string()])?;
+    let mut patterns = Vec::new();
+    if heads_train {
+        patterns.push("exits.*".to_string());
+    }
+    if spec.train_adapters {
+        patterns.push(format!("{LORA_PREFIX}*"));
+    }
+    if spec.train_shared {
+        patterns.push(format!("{TIED_PREFIX}*"));
+    }
+    params.select(&patterns)?;
     let trainable = params.trainable_count();
     let program = Program::lower_with(
         &compiled.graph,
@@ -222,7 +329,8 @@ pub fn train_exits(
         let mut outs = program
             .forward_nodes(&inputs, &mut program.new_cache(), None, &want, false)?
             .into_iter();
-        let final_logits = outs.next().context("no logits")?.detach();
+        let final_out = outs.next().context("no logits")?;
+        let final_logits = final_out.detach();
         let (b, s, v) = final_logits.dims3()?;
         let final_lp = candle_nn::ops::log_softmax(&final_logits.reshape((b * s, v))?, D::Minus1)?;
         let final_top = final_logits.argmax(D::Minus1)?;
@@ -247,7 +355,14 @@ pub fn train_exits(
             });
         }
         let n = points.len().max(1) as f64;
-        Ok((total.context("no exit points")? / n)?)
+        let exits = (total.context("no exit points")? / n)?;
+        if backbone_trains {
+            // The final layer moves with the backbone: its own loss keeps it a language
+            // model, as the exits learn to match it.
+            Ok((exits + lm_loss(&final_out, y)?)?)
+        } else {
+            Ok(exits)
+        }
     };
     let train = Batcher::new(train_rows, spec.batch_size, spec.seed);
     let eval = Batcher::new(eval_rows, spec.batch_size, spec.seed);
@@ -273,18 +388,33 @@ pub fn train_exits(
     trainer.show_progress = show_progress;
     let log = trainer.run(&mut loss, &mut evaluate)?;
     drop(trainer);
-    let heads: HashMap<String, Tensor> = params
-        .tensors()
-        .into_iter()
+    let trained = params.tensors();
+    let heads: HashMap<String, Tensor> = trained
+        .iter()
         .filter(|(n, _)| n.starts_with("exits."))
+        .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
+    let heads_path = out.join(HEADS_FILE);
     exitgraph_compiler::tensor_io::write_atomic(&heads_path, &heads)?;
-    exitgraph_compiler::atomic::write_text(&saved_pipeline, &pipeline.to_ron())?;
+    let backbone: HashMap<String, Tensor> = trained
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(LORA_PREFIX) || n.starts_with(TIED_PREFIX))
+        .collect();
+    publish(
+        &pipeline,
+        out,
+        lora.filter(|_| spec.train_adapters),
+        spec.train_shared,
+        &backbone,
+    )?;
+    let _ = std::fs::remove_dir_all(&staging);
     let report = ExitTrainReport {
         heads: heads_path,
         pipeline: saved_pipeline,
         trainable,
         exits: points,
+        adapters: spec.train_adapters.then(|| out.join(LORA_FILE)),
+        shared: spec.train_shared.then(|| out.join(TIED_FILE)),
         log,
     };
     exitgraph_compiler::atomic::write_text(

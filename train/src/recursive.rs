@@ -82,7 +82,7 @@ fn kl(log_p: &Tensor, log_q: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The named tensors' values as their recipes give them now (f32).
-fn materialise(
+pub(crate) fn materialise(
     named: &[(String, WeightRef)],
     graph: &Graph,
     model_dir: &Path,
@@ -101,7 +101,7 @@ fn materialise(
 
 /// A path written in the pipeline at `from`, made absolute so that a pipeline saved
 /// elsewhere still finds the file.
-fn absolute_from(from: &Path, file: &str) -> String {
+pub(crate) fn absolute_from(from: &Path, file: &str) -> String {
     let f = Path::new(file);
     if f.is_absolute() {
         return file.to_string();
@@ -133,7 +133,7 @@ fn held_out_loss(program: &Program, batches: &[(Tensor, Tensor)]) -> anyhow::Res
 /// shared block's file records the checkpoint's structure and a digest of its values, the
 /// adapters' file the tied block they were trained against (as the pipeline's passes will
 /// compute it from the written shared weights), so neither is used with another pipeline.
-fn publish(
+pub(crate) fn publish(
     pipeline: &Pipeline,
     out: &Path,
     lora: Option<usize>,

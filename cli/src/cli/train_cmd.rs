@@ -5,7 +5,8 @@ use std::path::PathBuf;
 pub enum TrainCommand {
     /// Train a Llama-architecture language model from scratch on the synthetic corpus.
     Lm(LmArgs),
-    /// Train a pipeline's exit heads and gates (backbone frozen) by self-distillation.
+    /// Train a pipeline's exit heads and gates by self-distillation (backbone frozen; on a
+    /// looped model, --train-adapters / --train-shared train the adapters / shared block too).
     Exits(ExitsArgs),
     /// Uptrain a Relaxed Recursive Transformer (TieLayers + DepthLora pipeline): the
     /// depth-wise LoRA adapters, and the shared block with --train-shared.
@@ -68,6 +69,14 @@ pub struct ExitsArgs {
     /// Weight of the distillation term (KL to the final layer); the rest is the label loss.
     #[arg(long, default_value_t = 0.5)]
     distill: f64,
+    /// Train the pipeline's DepthLora adapters with the exits (the final layer's own
+    /// cross-entropy joins the loss); otherwise they stay frozen.
+    #[arg(long)]
+    train_adapters: bool,
+    /// Train the shared block of the pipeline's TieLayers with the exits (with
+    /// --train-adapters when the pipeline has adapters).
+    #[arg(long)]
+    train_shared: bool,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -142,6 +151,8 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 seq_len: a.seq_len,
                 batch_size: a.batch_size,
                 distill: a.distill,
+                train_adapters: a.train_adapters,
+                train_shared: a.train_shared,
                 training: short_run(a.steps, a.lr),
             };
             let report = train_exits(&a.pipeline, &a.out, &spec, true)?;
@@ -153,11 +164,13 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 report.log.train_loss.len(),
                 report.log.seconds
             );
-            outln!(
-                "wrote {} and {}",
-                report.heads.display(),
-                report.pipeline.display()
-            );
+            for f in std::iter::once(&report.heads)
+                .chain(&report.adapters)
+                .chain(&report.shared)
+            {
+                outln!("wrote {}", f.display());
+            }
+            outln!("wrote {}", report.pipeline.display());
             Ok(())
         }
         TrainCommand::Lm(a) => {
