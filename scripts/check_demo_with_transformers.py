@@ -9,6 +9,7 @@ Tokenizes a few corpus-style lines with the checkpoint's tokenizer.json, runs
 transformers, tokenizers and safetensors.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -19,13 +20,18 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+SENTENCES = ["a dog is sad .", "two cats are red .", "the big birds are very cold .", "some men are not happy ."]
+
 LINES = [
     "copy: K7F2Q | K7F2Q",
-    "recall: A=3, Q=8, Z=1; Q?8",
+    "recall: A3, Q8, Z1; Q8",
     "add: 347+285=2360",
     "count A in ABAACA = 4",
     "the big cats are very red .",
     "copy: ZV5P | ZV5P",
+    # A long row (about 1500 tokens): positions far into the context, where rotary
+    # embeddings of both implementations must still agree.
+    "needle: " + " ".join(SENTENCES * 40) + " K47 . " + " ".join(SENTENCES * 10) + " ; K47",
 ]
 
 
@@ -36,7 +42,14 @@ def main():
     args = ap.parse_args()
     tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
-    rows = [[bos] + tok.encode(line, add_special_tokens=False).ids + [eos] for line in LINES]
+    with open(os.path.join(args.model, "config.json")) as f:
+        positions = json.load(f)["max_position_embeddings"]
+    encoded = [(line, [bos] + tok.encode(line, add_special_tokens=False).ids + [eos]) for line in LINES]
+    # Every row must fit the model's positions with the 8 generated tokens.
+    kept = [(line, r) for line, r in encoded if len(r) + 8 <= positions]
+    lines = [line for line, _ in kept]
+    rows = [r for _, r in kept]
+    print(f"{len(rows)} rows of up to {max(len(r) for r in rows)} tokens ({positions} positions)")
     width = max(len(r) for r in rows)
     rows = [r + [eos] * (width - len(r)) for r in rows]  # right padding: causal, harmless
     ids = torch.tensor(rows, dtype=torch.int64)
@@ -64,8 +77,9 @@ def main():
         print(f"  {k:18s} max|diff| {v:.2e}   max|value| {scale[k]:9.2f}   relative {v / max(scale[k], 1e-12):.1e}")
     same_greedy = torch.equal(greedy, ours["greedy"])
     print(f"  greedy (8 new tokens, EOS stops a row) {'equal' if same_greedy else 'DIFFERS'}")
-    for line, row in zip(LINES, greedy.tolist()):
-        print(f"  {line!r:34} -> {tok.decode(row[width:])!r}")
+    for line, row in zip(lines, greedy.tolist()):
+        shown = line if len(line) <= 32 else line[:14] + " ... " + line[-13:]
+        print(f"  {shown!r:34} -> {tok.decode(row[width:])!r}")
     # Logits to 1e-4 absolute; the residual stream (whose largest entries grow into the
     # hundreds in a trained model) to 1e-5 relative to its largest entry.
     hidden_ok = all(worst[k] <= 1e-5 * max(scale[k], 1.0) for k in worst if k != "logits")
