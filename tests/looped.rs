@@ -536,3 +536,71 @@ fn given_exit_depths_run_for_real() {
         assert_eq!(&o.tokens[1..], rest.as_slice(), "request {}", r.id);
     }
 }
+
+/// The simulated executor charges a looped step the per-group work once per distinct
+/// iteration among its rows: the busy time with a per-group cost exceeds the busy time
+/// without it by exactly `per_group · (iteration width / layers) · Σ_steps groups`, the
+/// groups counted from the report's rows per stage. Rows at both iterations share steps.
+#[test]
+fn simulated_looped_steps_pay_the_per_group_work() {
+    use exitgraph::runtime::cost::CostModel;
+    use exitgraph::runtime::sim_exits::{ExitSource, SimulatedExits};
+    let dir = tempfile::tempdir().unwrap();
+    let g = looped(dir.path(), 6, 3, TieNorms::Shared, true, 5);
+    let p = lower(&g, dir.path());
+    let w = workload(6, 9, false);
+    let policy = Batching::LoopedDepthWise {
+        max_batch: 3,
+        token_budget: 64,
+        priority: Priority::DeepestFirst,
+    };
+    // Simulated exits after the first or second iteration free places mid-loop, so that
+    // newcomers at iteration 0 share steps with rows further down.
+    let exits = SimulatedExits::Distribution {
+        exits: vec![(2, 0.4), (4, 0.3), (6, 0.3)],
+        seed: 1,
+    };
+    let busy = |per_group: f64| {
+        let cost = CostModel {
+            version: 2,
+            coefficients: [1e-3, 1e-4, 1e-6, 5e-5],
+            per_layers: 2e-3,
+            per_sequence_layers: 3e-4,
+            per_group,
+            samples: Vec::new(),
+        };
+        let requests = w.requests(97, Path::new(".")).unwrap();
+        let (report, _) = Runtime::new(
+            p.clone(),
+            policy.clone(),
+            Executor::Sim(cost),
+            Decoding::greedy(),
+            requests,
+            None,
+        )
+        .with_simulated_exits(ExitSource::new(&exits, Path::new("."), 6).unwrap())
+        .unwrap()
+        .run()
+        .unwrap();
+        (report.busy_share * report.makespan_s, report.stage_rows)
+    };
+    let (without, rows) = busy(0.0);
+    let (with, rows_again) = busy(7e-4);
+    assert_eq!(rows, rows_again, "the schedule does not depend on the cost");
+    let groups: usize = rows
+        .iter()
+        .map(|step| step.iter().filter(|&&n| n > 0).count())
+        .sum();
+    assert!(
+        rows.iter()
+            .any(|step| step.iter().filter(|&&n| n > 0).count() > 1),
+        "some step mixes iterations: {rows:?}"
+    );
+    // Three iterations of a two-layer block: each step runs a third of the layers.
+    let want = 7e-4 * (2.0 / 6.0) * groups as f64;
+    assert!(
+        ((with - without) - want).abs() < 1e-9,
+        "{} vs {want}",
+        with - without
+    );
+}

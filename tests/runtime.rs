@@ -209,6 +209,7 @@ fn simulated_executor_follows_the_same_schedule_and_is_deterministic() {
             spread: 0.0,
             layers_share: 1.0,
             exit_head: false,
+            groups: 0,
         })
         .collect();
     let cost = CostModel::fit(samples).unwrap();
@@ -349,6 +350,7 @@ fn simulated_skipdecode_scales_only_the_layer_terms() {
         coefficients: [c0, c1, c2, c3],
         per_layers: 0.0,
         per_sequence_layers: 0.0,
+        per_group: 0.0,
         samples: Vec::new(),
     };
     // 3 layers, n(p) = round(3 - p/7) over 8 positions (min 2, warm-up 1).
@@ -419,6 +421,7 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
         coefficients: [c0, c1, c2, c3],
         per_layers: pl,
         per_sequence_layers: ps,
+        per_group: 0.0,
         samples: Vec::new(),
     };
     let exits = SimulatedExits::Distribution {
@@ -491,7 +494,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(model(dir.path(), "llama", 2, seed));
         let layers = p.graph().info.num_layers;
-        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], per_layers: 2e-3, per_sequence_layers: 3e-4, samples: Vec::new() };
+        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], per_layers: 2e-3, per_sequence_layers: 3e-4, per_group: 0.0, samples: Vec::new() };
         let workload = Workload {
             requests: 6,
             arrivals: Arrivals::Poisson { rate_per_s: 500.0 },

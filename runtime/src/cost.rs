@@ -10,6 +10,11 @@
 //! (attention runs per sequence), and `c3` a head (final norm and LM head at a sequence's
 //! last position). A stage of one layer out of six pays a sixth of `c4` and `c5`. Version-1
 //! files have neither (their intercept and per-sequence term hold them); they still read.
+//!
+//! A looped model's profile adds calls of one loop iteration whose rows sit at `g` different
+//! iterations ([`Program::run_blocks`]: the shared weights once, each group of rows with its
+//! own adapters, per-iteration norms and KV slots), and a term `c6·s·g` for that per-group
+//! work (0 in files without such calls).
 
 use anyhow::{bail, Context};
 use exitgraph_compiler::lower::{Positions, Program, Run, Segment, Task, Want};
@@ -38,6 +43,10 @@ pub struct Sample {
     /// does. A full call always runs the final head.
     #[serde(default)]
     pub exit_head: bool,
+    /// In a looped call (one iteration of a looped block for every row), the number of
+    /// distinct iterations its rows were at; 0 for other calls.
+    #[serde(default)]
+    pub groups: usize,
 }
 
 fn full_depth() -> f64 {
@@ -59,12 +68,20 @@ pub struct CostModel {
     /// scaled by the share of the layers it runs (0 in version-1 files).
     #[serde(default)]
     pub per_sequence_layers: f64,
+    /// Seconds of one group of rows at one loop iteration in a looped call (its adapters,
+    /// per-iteration norms), scaled by the share of the layers the call runs (0 without
+    /// looped calls in the profile).
+    #[serde(default)]
+    pub per_group: f64,
     pub samples: Vec<Sample>,
 }
 
+/// Number of features of the full fit.
+const FEATURES: usize = 7;
+
 /// The fit's features of a sample: intercept, share-weighted tokens and attention, heads,
-/// share, share-weighted sequences.
-fn features(s: &Sample) -> [f64; 6] {
+/// share, share-weighted sequences, share-weighted groups.
+fn features(s: &Sample) -> [f64; FEATURES] {
     let share = s.layers_share;
     let heads = if share >= 1.0 || s.exit_head {
         s.sequences
@@ -78,6 +95,7 @@ fn features(s: &Sample) -> [f64; 6] {
         heads as f64,
         share,
         share * s.sequences as f64,
+        share * s.groups as f64,
     ]
 }
 
@@ -113,32 +131,43 @@ impl CostModel {
     /// told from the intercept and is left at 0.
     pub fn fit(samples: Vec<Sample>) -> anyhow::Result<Self> {
         let partial = samples.iter().any(|s| s.layers_share < 1.0);
-        let mut ata = [[0.0; 6]; 6];
-        let mut atb = [0.0; 6];
+        let looped = samples.iter().any(|s| s.groups > 0);
+        let mut ata = [[0.0; FEATURES]; FEATURES];
+        let mut atb = [0.0; FEATURES];
         for s in &samples {
             let f = features(s);
             let w = 1.0 / (s.seconds * s.seconds).max(1e-12);
-            for i in 0..6 {
-                for j in 0..6 {
+            for i in 0..FEATURES {
+                for j in 0..FEATURES {
                     ata[i][j] += w * f[i] * f[j];
                 }
                 atb[i] += w * f[i] * s.seconds;
             }
         }
-        let (coefficients, per_layers, per_sequence_layers) = if partial {
-            let c = solve(ata, atb).context("profile samples do not determine the cost model")?;
-            ([c[0], c[1], c[2], c[3]], c[4], c[5])
+        // The leading `N` features' normal equations.
+        fn leading<const N: usize>(
+            ata: &[[f64; FEATURES]; FEATURES],
+            atb: &[f64; FEATURES],
+        ) -> anyhow::Result<[f64; N]> {
+            let a: [[f64; N]; N] = std::array::from_fn(|i| std::array::from_fn(|j| ata[i][j]));
+            let b: [f64; N] = std::array::from_fn(|i| atb[i]);
+            solve(a, b).context("profile samples do not determine the cost model")
+        }
+        let c: [f64; FEATURES] = if partial && looped {
+            leading::<7>(&ata, &atb)?
+        } else if partial {
+            let c = leading::<6>(&ata, &atb)?;
+            std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0))
         } else {
-            let a4: [[f64; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| ata[i][j]));
-            let b4: [f64; 4] = std::array::from_fn(|i| atb[i]);
-            let c = solve(a4, b4).context("profile samples do not determine the cost model")?;
-            (c, 0.0, 0.0)
+            let c = leading::<4>(&ata, &atb)?;
+            std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0))
         };
         Ok(CostModel {
             version: 2,
-            coefficients,
-            per_layers,
-            per_sequence_layers,
+            coefficients: [c[0], c[1], c[2], c[3]],
+            per_layers: c[4],
+            per_sequence_layers: c[5],
+            per_group: c[6],
             samples,
         })
     }
@@ -163,7 +192,13 @@ impl CostModel {
             share * s.sequences as f64,
             heads,
             share,
-        )
+        ) + self.group_work(s.groups, share)
+    }
+
+    /// Predicted seconds of the per-group work of a looped call whose rows sit at `groups`
+    /// distinct iterations and which runs `layers_share` of the layers (one iteration).
+    pub fn group_work(&self, groups: usize, layers_share: f64) -> f64 {
+        self.per_group * layers_share * groups as f64
     }
 
     /// Predicted seconds of a call whose tokens run only part of the layers: `tokens`,
@@ -314,72 +349,63 @@ pub fn profile(
             }
         }
     }
-    let vocab = graph.info.vocab as u32;
-    let mut samples = Vec::with_capacity(calls.len());
-    for (i, (shape, depth, head)) in calls.iter().enumerate() {
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
-            // Fill each cache to its context, then time the step.
-            let mut caches: Vec<_> = shape.iter().map(|_| program.new_cache()).collect();
-            let mut fill: Vec<Vec<u32>> = shape
-                .iter()
-                .map(|&(_, c)| (0..c as u32).map(|k| (k * 7 + 3) % vocab).collect())
-                .collect();
-            {
-                let mut segs: Vec<Segment> = fill
-                    .iter_mut()
-                    .zip(caches.iter_mut())
-                    .filter(|(ids, _)| !ids.is_empty())
-                    .map(|(ids, cache)| Segment::new(ids, cache))
-                    .collect();
-                program.forward_ragged(&mut segs)?;
-            }
-            let new: Vec<Vec<u32>> = shape
-                .iter()
-                .map(|&(n, _)| (0..n as u32).map(|k| (k * 13 + 5) % vocab).collect())
-                .collect();
-            let mut segs: Vec<Segment> = new
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(ids, cache)| Segment::new(ids, cache))
-                .collect();
-            let start = Instant::now();
-            if *depth == layers {
-                program.forward_ragged(&mut segs)?;
-            } else {
-                let stream = graph
-                    .stream(*depth)
-                    .with_context(|| format!("the graph has no stream after {depth} layers"))?;
-                let mut want = vec![Want {
-                    node: stream,
-                    at: Positions::All,
-                }];
-                want.extend(head.map(|node| Want {
-                    node,
-                    at: Positions::Last,
-                }));
-                let out = program.run(
-                    &mut segs,
-                    &Run {
-                        from: 0,
-                        task: Task::Outputs(want),
-                        commit: true,
-                    },
-                )?;
-                if head.is_some() {
-                    // The exit rule's view: each sequence's probabilities on the host.
-                    for seq in &out {
-                        let logits = seq[1].to_dtype(candle_core::DType::F32)?.flatten_all()?;
-                        let p = exitgraph_compiler::exits::rule::softmax(&logits.to_vec1()?);
-                        std::hint::black_box(p);
-                    }
+    // A looped model: calls of one iteration whose rows sit at 1 ..= loops different
+    // iterations, as looped depth-wise batching runs them (prompt and decode rows mixed).
+    let ends = crate::iteration_ends(graph);
+    let width = ends[0];
+    let mut looped_calls: Vec<(Vec<(usize, usize)>, usize)> = Vec::new();
+    if ends.len() > 1 {
+        for shape in [
+            vec![(1, 8)],
+            vec![(1, 32); 2],
+            vec![(1, 32); 4.min(max_batch.max(1))],
+            vec![(1, 96); 8.min(max_batch.max(1))],
+            [vec![(16, 0)], vec![(1, 48); 3]].concat(),
+        ] {
+            if shape.iter().all(|&(n, c)| n + c < max_ctx) {
+                for groups in 1..=ends.len().min(shape.len()) {
+                    looped_calls.push((shape.clone(), groups));
                 }
             }
-            // A GPU queues work: the call's time ends when its work has run.
-            program.device().synchronize()?;
-            times.push(start.elapsed().as_secs_f64());
         }
-        let times = crate::metrics::Spread::of(&times);
+    }
+    let total = calls.len() + looped_calls.len();
+    let mut samples = Vec::with_capacity(total);
+    for (i, (shape, depth, head)) in calls.iter().enumerate() {
+        let times = time_call(program, shape, reps, |segs| {
+            if *depth == layers {
+                program.forward_ragged(segs)?;
+                return Ok(());
+            }
+            let stream = graph
+                .stream(*depth)
+                .with_context(|| format!("the graph has no stream after {depth} layers"))?;
+            let mut want = vec![Want {
+                node: stream,
+                at: Positions::All,
+            }];
+            want.extend(head.map(|node| Want {
+                node,
+                at: Positions::Last,
+            }));
+            let out = program.run(
+                segs,
+                &Run {
+                    from: 0,
+                    task: Task::Outputs(want),
+                    commit: true,
+                },
+            )?;
+            if head.is_some() {
+                // The exit rule's view: each sequence's probabilities on the host.
+                for seq in &out {
+                    let logits = seq[1].to_dtype(candle_core::DType::F32)?.flatten_all()?;
+                    let p = exitgraph_compiler::exits::rule::softmax(&logits.to_vec1()?);
+                    std::hint::black_box(p);
+                }
+            }
+            Ok(())
+        })?;
         samples.push(Sample {
             tokens: shape.iter().map(|s| s.0).sum(),
             attention: attention_work(shape),
@@ -388,10 +414,85 @@ pub fn profile(
             spread: times.relative(),
             layers_share: *depth as f64 / layers as f64,
             exit_head: head.is_some(),
+            groups: 0,
         });
-        progress(i + 1, calls.len());
+        progress(i + 1, total);
+    }
+    let hidden = graph.info.hidden;
+    for (k, (shape, groups)) in looped_calls.iter().enumerate() {
+        // Row `i` runs iteration `i mod groups`, entering later iterations with a state.
+        let from: Vec<usize> = (0..shape.len()).map(|i| (i % groups) * width).collect();
+        let dtype = program.dtype();
+        let times = time_call(program, shape, reps, |segs| {
+            for (seg, &f) in segs.iter_mut().zip(&from) {
+                if f > 0 {
+                    seg.state = Some(candle_core::Tensor::zeros(
+                        (seg.ids.len(), hidden),
+                        dtype,
+                        program.device(),
+                    )?);
+                }
+            }
+            program.run_blocks(segs, &from, width, false)?;
+            Ok(())
+        })?;
+        samples.push(Sample {
+            tokens: shape.iter().map(|s| s.0).sum(),
+            attention: attention_work(shape),
+            sequences: shape.len(),
+            seconds: times.median,
+            spread: times.relative(),
+            layers_share: width as f64 / layers as f64,
+            exit_head: false,
+            groups: *groups,
+        });
+        progress(calls.len() + k + 1, total);
     }
     CostModel::fit(samples)
+}
+
+/// Times `call` on fresh caches filled to each segment's context (`shape`: new tokens,
+/// cached tokens per segment), `reps` times; the median and range.
+fn time_call(
+    program: &Program,
+    shape: &[(usize, usize)],
+    reps: usize,
+    mut call: impl FnMut(&mut [Segment]) -> anyhow::Result<()>,
+) -> anyhow::Result<crate::metrics::Spread> {
+    let vocab = program.graph().info.vocab as u32;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        // Fill each cache to its context, then time the step.
+        let mut caches: Vec<_> = shape.iter().map(|_| program.new_cache()).collect();
+        let mut fill: Vec<Vec<u32>> = shape
+            .iter()
+            .map(|&(_, c)| (0..c as u32).map(|k| (k * 7 + 3) % vocab).collect())
+            .collect();
+        {
+            let mut segs: Vec<Segment> = fill
+                .iter_mut()
+                .zip(caches.iter_mut())
+                .filter(|(ids, _)| !ids.is_empty())
+                .map(|(ids, cache)| Segment::new(ids, cache))
+                .collect();
+            program.forward_ragged(&mut segs)?;
+        }
+        let new: Vec<Vec<u32>> = shape
+            .iter()
+            .map(|&(n, _)| (0..n as u32).map(|k| (k * 13 + 5) % vocab).collect())
+            .collect();
+        let mut segs: Vec<Segment> = new
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ids, cache)| Segment::new(ids, cache))
+            .collect();
+        let start = Instant::now();
+        call(&mut segs)?;
+        // A GPU queues work: the call's time ends when its work has run.
+        program.device().synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(crate::metrics::Spread::of(&times))
 }
 
 #[cfg(test)]
@@ -405,6 +506,7 @@ mod tests {
             coefficients: [2e-3, 1e-4, 3e-7, 5e-5],
             per_layers: 0.0,
             per_sequence_layers: 0.0,
+            per_group: 0.0,
             samples: Vec::new(),
         };
         // One decode token at context 10 running half the layers: tokens 0.5, attention
@@ -445,6 +547,7 @@ mod tests {
                             spread: 0.0,
                             layers_share: share,
                             exit_head: exit_head && share < 1.0,
+                            groups: 0,
                         });
                     }
                 }
@@ -465,6 +568,79 @@ mod tests {
     }
 
     #[test]
+    fn fit_recovers_the_per_group_term_of_looped_calls() {
+        let (c, per_layers, per_seq, per_group) = ([2e-3, 1e-4, 3e-7, 5e-5], 1.5e-3, 2e-4, 7e-4);
+        let mut samples = Vec::new();
+        // Full and partial calls, and looped calls of one iteration (a third of the layers)
+        // with rows at 1, 2 or 3 iterations.
+        for (share, groups) in [
+            (1.0, 0),
+            (0.5, 0),
+            (1.0 / 3.0, 1),
+            (1.0 / 3.0, 2),
+            (1.0 / 3.0, 3),
+        ] {
+            for tokens in [1, 4, 16] {
+                for seqs in [1usize, 3, 8] {
+                    let attention = tokens * tokens * 3 + seqs * tokens * 11 + 5;
+                    let heads = if share >= 1.0 { seqs } else { 0 } as f64;
+                    let seconds = c[0]
+                        + share * (c[1] * tokens as f64 + c[2] * attention as f64)
+                        + c[3] * heads
+                        + per_layers * share
+                        + per_seq * share * seqs as f64
+                        + per_group * share * groups as f64;
+                    samples.push(Sample {
+                        tokens,
+                        attention,
+                        sequences: seqs,
+                        seconds,
+                        spread: 0.0,
+                        layers_share: share,
+                        exit_head: false,
+                        groups,
+                    });
+                }
+            }
+        }
+        let m = CostModel::fit(samples).unwrap();
+        assert!((m.per_group - per_group).abs() < 1e-9, "{}", m.per_group);
+        assert!((m.per_layers - per_layers).abs() < 1e-9, "{}", m.per_layers);
+        // By hand: one iteration of three (share 1/3) for 4 decode rows at context 10 in 2
+        // groups: tokens 4/3, attention 44/3, sequences 4/3, no head, the per-layer work a
+        // third, two groups' work a third each:
+        let want = 2e-3
+            + 1e-4 * 4.0 / 3.0
+            + 3e-7 * 44.0 / 3.0
+            + 1.5e-3 / 3.0
+            + 2e-4 * 4.0 / 3.0
+            + 7e-4 * 2.0 / 3.0;
+        let s = Sample {
+            tokens: 4,
+            attention: 44,
+            sequences: 4,
+            seconds: 0.0,
+            spread: 0.0,
+            layers_share: 1.0 / 3.0,
+            exit_head: false,
+            groups: 2,
+        };
+        assert!(
+            (m.predict_sample(&s) - want).abs() < 1e-9,
+            "{} vs {want}",
+            m.predict_sample(&s)
+        );
+        // Without looped calls the term is not fitted.
+        let flat: Vec<Sample> = m
+            .samples
+            .iter()
+            .filter(|s| s.groups == 0)
+            .copied()
+            .collect();
+        assert_eq!(CostModel::fit(flat).unwrap().per_group, 0.0);
+    }
+
+    #[test]
     fn fit_recovers_a_linear_cost() {
         let truth = [2e-3, 1e-4, 3e-7, 5e-5];
         let mut samples = Vec::new();
@@ -481,6 +657,7 @@ mod tests {
                     spread: 0.0,
                     layers_share: 1.0,
                     exit_head: false,
+                    groups: 0,
                 });
             }
         }

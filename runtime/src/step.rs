@@ -263,6 +263,14 @@ pub(super) fn execute(
             }
         }
         let mut step_s = model.predict_layers(tokens, attention, sequences, headed, layer_share);
+        if looped {
+            // Each group of rows at one iteration runs its own adapters (and per-iteration
+            // norms) in the looped call.
+            let mut iterations: Vec<usize> = rows.iter().map(|r| r.stage).collect();
+            iterations.sort_unstable();
+            iterations.dedup();
+            step_s += model.group_work(iterations.len(), layer_share);
+        }
         if filled > 0.0 {
             // A separate call, as the real runtime's state copying is.
             step_s += model.predict_layers(filled, 0.0, 0.0, 0, fill_layers);
