@@ -28,6 +28,7 @@
 //! | [`Task::Needle`] | `needle: a dog is sad . K47 . two cats are red . ; K47` | the two digits after the query key |
 //! | [`Task::Count`] | `count A in ABAACA = 4` | the count after `=` |
 //! | [`Task::Addition`] | `add: 347+285=2360` | every digit after `=` (sum written least-significant digit first) |
+//! | [`Task::Repeat`] | `repeat: K7F2QX9B \| F2QX9B` | every repeated symbol after the first |
 //!
 //! * **Grammar** (easy): `det [adj] noun verb [adverb] adj .` from a small fixed grammar.
 //!   The verb is `is` or `are`, agreeing with the noun just before it (irregular plurals
@@ -44,6 +45,11 @@
 //! * **Needle** (medium, long context): a haystack of grammar sentences holding one to three
 //!   facts (`K47 .`), the question `; K` at the end, the fact's two digits as answers. The
 //!   lookup is recall's, over up to the trained context (`haystack_sentences`).
+//! * **Repeat** (medium, opt-in): 6 to 12 distinct symbols, `|`, and the same symbols again
+//!   from a random index other than the first; every repeated symbol after the first is an
+//!   answer. Only a content match finds where the repeat is (an induction head); copy, whose
+//!   repeat always starts at the first symbol, can also be solved by counting positions. It
+//!   is the lookup recall and needle need, in every answer token (see `repeat.rs`).
 //! * **Count** (medium-hard): how many times a letter occurs in a string of 3 to 9 letters
 //!   drawn from 2 to 4 distinct letters (the answer is one digit, possibly `0`). Counting
 //!   needs aggregating every match and turning that into a digit, which small transformers
@@ -65,6 +71,7 @@ mod count;
 mod grammar;
 pub mod needle;
 mod recall;
+mod repeat;
 mod tokenizer;
 
 #[cfg(test)]
@@ -102,11 +109,14 @@ pub enum Task {
     /// `needle: a dog is sad . K47 . two cats are red . ; K47`: the value's two digits after
     /// the query key are the answers (a recall lookup over a long haystack).
     Needle,
+    /// `repeat: K7F2QX9B | F2QX9B`: distinct symbols repeated from a random index; every
+    /// repeated symbol after the first is an answer (an induction head, by content only).
+    Repeat,
 }
 
 impl Task {
     /// The short-line tasks, in declaration order: the mix when a spec lists no tasks.
-    /// [`Task::Needle`] is long-context and opt-in.
+    /// [`Task::Needle`] (long-context) and [`Task::Repeat`] are opt-in.
     pub const SHORT: [Task; 5] = [
         Task::Copy,
         Task::Count,
@@ -116,13 +126,14 @@ impl Task {
     ];
 
     /// Every task, in declaration order.
-    pub const ALL: [Task; 6] = [
+    pub const ALL: [Task; 7] = [
         Task::Copy,
         Task::Count,
         Task::Recall,
         Task::Addition,
         Task::Grammar,
         Task::Needle,
+        Task::Repeat,
     ];
 
     /// Lower-case name, as used in JSON specs and on the command line.
@@ -134,6 +145,7 @@ impl Task {
             Task::Addition => "addition",
             Task::Grammar => "grammar",
             Task::Needle => "needle",
+            Task::Repeat => "repeat",
         }
     }
 
@@ -142,7 +154,7 @@ impl Task {
         match self {
             Task::Grammar => "easy",
             Task::Copy => "easy-medium",
-            Task::Recall | Task::Needle => "medium",
+            Task::Recall | Task::Needle | Task::Repeat => "medium",
             Task::Count => "medium-hard",
             Task::Addition => "hard",
         }
@@ -156,6 +168,7 @@ impl Task {
             Task::Recall => recall::sample(rng),
             Task::Addition => addition::sample(rng),
             Task::Grammar => grammar::sample(rng),
+            Task::Repeat => repeat::sample(rng),
         }
     }
 }

@@ -1,5 +1,5 @@
 use super::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tokenizers::Tokenizer;
 
 fn spec(seed: u64, examples: usize) -> CorpusSpec {
@@ -113,6 +113,17 @@ fn answers_are_correct() {
                     .any(|b| b.is_ascii_digit() && !facts.iter().any(|f| f.contains(b as char))));
                 assert_eq!(ans, value);
                 assert_eq!(ex.answers.len(), 2);
+            }
+            Task::Repeat => {
+                let (symbols, repeat) = t["repeat: ".len()..].split_once(" | ").unwrap();
+                assert!((6..=12).contains(&symbols.len()), "{t}");
+                let distinct: BTreeSet<char> = symbols.chars().collect();
+                assert_eq!(distinct.len(), symbols.len(), "distinct symbols: {t}");
+                let from = symbols.find(&repeat[..1]).unwrap();
+                assert!(from >= 1 && from + 2 <= symbols.len(), "{t}");
+                assert_eq!(&symbols[from..], repeat, "{t}");
+                assert_eq!(ans, &repeat[1..]);
+                assert_eq!(ex.answers.len(), repeat.len() - 1);
             }
             Task::Addition => {
                 let (a, rest) = t["add: ".len()..].split_once('+').unwrap();
