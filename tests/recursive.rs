@@ -569,6 +569,9 @@ fn exits_train_on_a_looped_pipeline_frozen_or_with_adapters() {
         false,
     )
     .unwrap();
+    let (before, after) = joint.final_loss.unwrap();
+    assert!(before.is_finite() && after.is_finite() && before != after);
+    assert!(frozen.final_loss.is_none());
     let adapters = joint.adapters.clone().unwrap();
     let trained = candle_core::safetensors::load(&adapters, &Device::Cpu).unwrap();
     let start = candle_core::safetensors::load(&lora_file, &Device::Cpu).unwrap();

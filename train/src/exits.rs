@@ -21,7 +21,7 @@
 
 use crate::corpus::Task;
 use crate::data::Batcher;
-use crate::recursive::{absolute_from, materialise, publish, LORA_FILE, TIED_FILE};
+use crate::recursive::{absolute_from, held_out_loss, materialise, publish, LORA_FILE, TIED_FILE};
 use crate::{lm_loss, ParamStore, TrainConfig, TrainLog, Trainer};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, D};
@@ -63,6 +63,9 @@ pub struct ExitTrainReport {
     pub adapters: Option<PathBuf>,
     /// `tied.safetensors`, when the shared block trained.
     pub shared: Option<PathBuf>,
+    /// When the adapters or the shared block trained: the final layer's held-out next-token
+    /// cross-entropy before and after (the exits' agreement is with a final layer that moved).
+    pub final_loss: Option<(f64, f64)>,
     pub log: TrainLog,
 }
 
@@ -384,10 +387,19 @@ pub fn train_exits(
         }
         Ok(total / count.max(1) as f64)
     };
+    let final_before = if backbone_trains {
+        Some(held_out_loss(&program, &eval_batches)?)
+    } else {
+        None
+    };
     let mut trainer = Trainer::new(spec.training.clone(), &mut params);
     trainer.show_progress = show_progress;
     let log = trainer.run(&mut loss, &mut evaluate)?;
     drop(trainer);
+    let final_loss = match final_before {
+        Some(before) => Some((before, held_out_loss(&program, &eval_batches)?)),
+        None => None,
+    };
     let trained = params.tensors();
     let heads: HashMap<String, Tensor> = trained
         .iter()
@@ -415,6 +427,7 @@ pub fn train_exits(
         exits: points,
         adapters: spec.train_adapters.then(|| out.join(LORA_FILE)),
         shared: spec.train_shared.then(|| out.join(TIED_FILE)),
+        final_loss,
         log,
     };
     exitgraph_compiler::atomic::write_text(

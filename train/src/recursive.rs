@@ -114,7 +114,10 @@ pub(crate) fn absolute_from(from: &Path, file: &str) -> String {
 }
 
 /// Mean next-token cross-entropy of `program` over `batches`.
-fn held_out_loss(program: &Program, batches: &[(Tensor, Tensor)]) -> anyhow::Result<f64> {
+pub(crate) fn held_out_loss(
+    program: &Program,
+    batches: &[(Tensor, Tensor)],
+) -> anyhow::Result<f64> {
     let mut total = 0.0;
     let mut count = 0usize;
     for (x, y) in batches {

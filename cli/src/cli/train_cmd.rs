@@ -164,6 +164,9 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 report.log.train_loss.len(),
                 report.log.seconds
             );
+            if let Some((before, after)) = report.final_loss {
+                outln!("the final layer's held-out loss {before:.4} -> {after:.4}");
+            }
             for f in std::iter::once(&report.heads)
                 .chain(&report.adapters)
                 .chain(&report.shared)
