@@ -49,6 +49,28 @@ pub struct Sample {
     pub groups: usize,
 }
 
+impl Sample {
+    /// A profiled call of `shape` (new tokens, cached tokens per segment) and its times.
+    fn measured(
+        shape: &[(usize, usize)],
+        times: &crate::metrics::Spread,
+        layers_share: f64,
+        exit_head: bool,
+        groups: usize,
+    ) -> Self {
+        Sample {
+            tokens: shape.iter().map(|s| s.0).sum(),
+            attention: attention_work(shape),
+            sequences: shape.len(),
+            seconds: times.median,
+            spread: times.relative(),
+            layers_share,
+            exit_head,
+            groups,
+        }
+    }
+}
+
 fn full_depth() -> f64 {
     1.0
 }
@@ -406,16 +428,8 @@ pub fn profile(
             }
             Ok(())
         })?;
-        samples.push(Sample {
-            tokens: shape.iter().map(|s| s.0).sum(),
-            attention: attention_work(shape),
-            sequences: shape.len(),
-            seconds: times.median,
-            spread: times.relative(),
-            layers_share: *depth as f64 / layers as f64,
-            exit_head: head.is_some(),
-            groups: 0,
-        });
+        let share = *depth as f64 / layers as f64;
+        samples.push(Sample::measured(shape, &times, share, head.is_some(), 0));
         progress(i + 1, total);
     }
     let hidden = graph.info.hidden;
@@ -436,16 +450,8 @@ pub fn profile(
             program.run_blocks(segs, &from, width, false)?;
             Ok(())
         })?;
-        samples.push(Sample {
-            tokens: shape.iter().map(|s| s.0).sum(),
-            attention: attention_work(shape),
-            sequences: shape.len(),
-            seconds: times.median,
-            spread: times.relative(),
-            layers_share: width as f64 / layers as f64,
-            exit_head: false,
-            groups: *groups,
-        });
+        let share = width as f64 / layers as f64;
+        samples.push(Sample::measured(shape, &times, share, false, *groups));
         progress(calls.len() + k + 1, total);
     }
     CostModel::fit(samples)
