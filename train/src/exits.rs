@@ -69,6 +69,15 @@ pub struct ExitTrainReport {
     pub log: TrainLog,
 }
 
+/// A folder removed when this is dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// File name of the trained heads in the output folder.
 pub const HEADS_FILE: &str = "heads.safetensors";
 
@@ -206,6 +215,8 @@ pub fn train_exits(
     let staging = out.join(".staging");
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("{}: cannot create", staging.display()))?;
+    // Removed however the run ends.
+    let _staging_guard = RemoveOnDrop(staging.clone());
     let init = initial_heads(&ckpt.graph, &model_dir, &head, gate, &points, spec.seed)?;
     exitgraph_compiler::tensor_io::write_atomic(&staging.join(HEADS_FILE), &init)?;
     // The adapters and shared weights that train start as the pipeline describes them.
@@ -419,7 +430,6 @@ pub fn train_exits(
         spec.train_shared,
         &backbone,
     )?;
-    let _ = std::fs::remove_dir_all(&staging);
     let report = ExitTrainReport {
         heads: heads_path,
         pipeline: saved_pipeline,

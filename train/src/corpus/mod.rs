@@ -1,6 +1,6 @@
 //! Graded synthetic corpus for training a small Llama from scratch, plus its tokenizer.
 //!
-//! The corpus mixes six tasks whose *answer tokens* need different amounts of computation,
+//! The corpus mixes seven tasks whose *answer tokens* need different amounts of computation,
 //! so that a logit lens over a trained model should show the easy answers resolved by the
 //! middle layers and the hard ones only near the top. Every example is one line that starts
 //! with its task keyword (10 to 60 ASCII characters, except [`Task::Needle`]'s long
