@@ -771,6 +771,12 @@ fn eval_exits_rejects_a_bad_sweep() {
 }
 
 #[test]
+fn eval_layers_names_an_unknown_task() {
+    let err = exitgraph_fails(&["eval", "layers", "--data", "copy,recal", "--examples", "5"]);
+    assert_mentions(&err, &["unknown task `recal`", "recall", "repeat"]);
+}
+
+#[test]
 fn a_nan_weight_is_an_error_naming_the_tensor_not_a_silent_result() {
     let dir = llama_with_weights(|t| {
         let name = "model.layers.1.mlp.up_proj.weight";

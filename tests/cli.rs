@@ -324,6 +324,19 @@ fn train_lm_writes_a_checkpoint_that_loads_and_evaluates() {
         assert!(table.contains(&format!("| {task} |")), "{table}");
     }
     assert!(table.contains("L1") && table.contains("L2"), "{table}");
+    let only = stdout(&exitgraph(&[
+        "eval",
+        "layers",
+        model.to_str().unwrap(),
+        "--examples",
+        "20",
+        "--data",
+        "repeat,recall",
+    ]));
+    assert!(
+        only.contains("| repeat |") && only.contains("| recall |") && !only.contains("| copy |"),
+        "{only}"
+    );
 
     // A second run refuses to replace the model without --force and leaves it untouched;
     // with --force it trains in the run folder and replaces the files at the end.

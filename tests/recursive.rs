@@ -75,6 +75,7 @@ fn outputs(p: &Program, rows: &[Vec<u32>], want: &[&str]) -> Vec<Tensor> {
             .unwrap(),
         attention_mask: None,
         token_type_ids: None,
+        segments: None,
     };
     let mut out = p.forward(&inputs, &mut p.new_cache(), want, false).unwrap();
     want.iter().map(|w| out.remove(*w).unwrap()).collect()
@@ -218,6 +219,7 @@ proptest! {
                 input_ids: Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap(),
                 attention_mask: None,
                 token_type_ids: None,
+                segments: None,
             };
             p.forward(&inputs, cache, &["logits"], false).unwrap().remove("logits").unwrap()
         };
@@ -413,15 +415,22 @@ fn uptrained_adapters_equal_a_merged_unrolled_checkpoint() {
         report.eval_after
     );
     assert!(report.shared.is_none());
+    let demo = exitgraph::pipeline::demo_model_dir();
+    let info = exitgraph_ir::import(&demo).unwrap().graph.info;
+    let (layers, hidden) = (info.num_layers, info.hidden);
     let lora =
         candle_core::safetensors::load(report.adapters.as_ref().unwrap(), &Device::Cpu).unwrap();
-    // 6 depths × 7 projections × 2 factors, nothing else.
-    assert_eq!(lora.len(), 84, "{:?}", lora.keys().collect::<Vec<_>>());
-    assert_eq!(lora["lora.layers.4.attn.q.a"].dims(), &[4, 192]);
-    assert_eq!(lora["lora.layers.4.mlp.down.b"].dims(), &[192, 4]);
+    // Every depth × 7 projections × 2 factors, nothing else.
+    assert_eq!(
+        lora.len(),
+        layers * 14,
+        "{:?}",
+        lora.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(lora["lora.layers.4.attn.q.a"].dims(), &[4, hidden]);
+    assert_eq!(lora["lora.layers.4.mlp.down.b"].dims(), &[hidden, 4]);
 
     // The reference: merge W_shared + B·A per layer into an ordinary checkpoint.
-    let demo = exitgraph::pipeline::demo_model_dir();
     let original =
         candle_core::safetensors::load(demo.join("model.safetensors"), &Device::Cpu).unwrap();
     let reference_dir = dir.path().join("merged");
@@ -429,7 +438,7 @@ fn uptrained_adapters_equal_a_merged_unrolled_checkpoint() {
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(demo.join(f), reference_dir.join(f)).unwrap();
     }
-    let (layers, k) = (6usize, 3usize);
+    let k = layers / 2;
     let projections = [
         ("self_attn.q_proj", "attn.q"),
         ("self_attn.k_proj", "attn.k"),
@@ -642,18 +651,21 @@ fn materialised_weights_equal_their_recipes_and_shared_training_keeps_the_tie() 
     assert_eq!(max_diff(&want, &got), 0.0);
     let tied =
         candle_core::safetensors::load(report.shared.as_ref().unwrap(), &Device::Cpu).unwrap();
-    // 3 positions × 7 projections, plus 6 depths × 2 norms of their own.
+    let demo = exitgraph::pipeline::demo_model_dir();
+    let layers = exitgraph_ir::import(&demo).unwrap().graph.info.num_layers;
+    let k = layers / 2;
+    // k positions × 7 projections, plus every depth's 2 norms of its own.
     assert_eq!(
         tied.len(),
-        3 * 7 + 6 * 2,
+        k * 7 + layers * 2,
         "{:?}",
         tied.keys().collect::<Vec<_>>()
     );
-    assert!(tied.contains_key("tied.layers.2.attn.q.weight"));
-    assert!(tied.contains_key("tied.layers.5.attn_norm.weight"));
-    assert!(!tied.contains_key("tied.layers.5.attn.q.weight"));
-    // Stepwise: position 1 starts as layer 2.
-    let demo = exitgraph::pipeline::demo_model_dir();
+    let last = layers - 1;
+    assert!(tied.contains_key(&format!("tied.layers.{}.attn.q.weight", k - 1)));
+    assert!(tied.contains_key(&format!("tied.layers.{last}.attn_norm.weight")));
+    assert!(!tied.contains_key(&format!("tied.layers.{last}.attn.q.weight")));
+    // Stepwise: position 1 starts as layer round((L - 1) / (k - 1)) = 2 for 6 or 8 layers.
     let original =
         candle_core::safetensors::load(demo.join("model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(
@@ -705,9 +717,13 @@ fn materialised_weights_equal_their_recipes_and_shared_training_keeps_the_tie() 
 fn mismatched_trained_weights_are_refused() {
     use exitgraph::train::recursive::train_recursive;
     let dir = tempfile::tempdir().unwrap();
+    let info = exitgraph_ir::import(&exitgraph::pipeline::demo_model_dir())
+        .unwrap()
+        .graph
+        .info;
     let pipeline = demo_pipeline(
         dir.path(),
-        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q], init: Svd)",
+        "TieLayers(loops: 2, init: Lower), DepthLora(rank: Rank(2), targets: [q], init: Svd)",
     );
     let out = dir.path().join("out");
     let report = train_recursive(&pipeline, &out, &uptraining(0, 0.0, false), false).unwrap();
@@ -723,29 +739,29 @@ fn mismatched_trained_weights_are_refused() {
     let file = lora_file.display().to_string();
     // Another rank: shapes differ.
     let e = compile_err(&format!(
-        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(3), targets: [q], weights: {file:?})"
+        "TieLayers(loops: 2, init: Lower), DepthLora(rank: Rank(3), targets: [q], weights: {file:?})"
     ));
     assert!(
         e.contains("DepthLora")
             && e.contains("weights")
             && e.contains("lora.layers.0.attn.q.a")
-            && e.contains("[2, 192]"),
+            && e.contains(&format!("[2, {}]", info.hidden)),
         "{e}"
     );
     // More targets than the file has.
     let e = compile_err(&format!(
-        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q, k], weights: {file:?})"
+        "TieLayers(loops: 2, init: Lower), DepthLora(rank: Rank(2), targets: [q, k], weights: {file:?})"
     ));
     assert!(e.contains("has no tensor lora.layers.0.attn.k.a"), "{e}");
     // A target the file lacks.
     let e = compile_err(&format!(
-        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [v], weights: {file:?})"
+        "TieLayers(loops: 2, init: Lower), DepthLora(rank: Rank(2), targets: [v], weights: {file:?})"
     ));
     assert!(e.contains("has no tensor lora.layers.0.attn.v.a"), "{e}");
     // Fewer targets than the file has: its other tensors would be silently ignored.
     let wider = demo_pipeline(
         dir.path(),
-        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q, k], init: Svd)",
+        "TieLayers(loops: 2, init: Lower), DepthLora(rank: Rank(2), targets: [q, k], init: Svd)",
     );
     let both = train_recursive(
         &wider,
@@ -759,19 +775,24 @@ fn mismatched_trained_weights_are_refused() {
     .display()
     .to_string();
     let e = compile_err(&format!(
-        "TieLayers(loops: 3, init: Lower), DepthLora(rank: Rank(2), targets: [q], weights: {both:?})"
+        "TieLayers(loops: 2, init: Lower), DepthLora(rank: Rank(2), targets: [q], weights: {both:?})"
     ));
     assert!(
-        e.contains("lora.layers.0.attn.k.a") && e.contains("12 of 24 tensors unused"),
+        e.contains("lora.layers.0.attn.k.a")
+            && e.contains(&format!(
+                "{} of {} tensors unused",
+                info.num_layers * 2,
+                info.num_layers * 4
+            )),
         "{e}"
     );
     // A file without any tensors of the pass.
-    let e = compile_err(&format!("TieLayers(loops: 3, weights: {file:?})"));
+    let e = compile_err(&format!("TieLayers(loops: 2, weights: {file:?})"));
     assert!(
         e.contains("TieLayers") && e.contains("has no tensor tied.layers.0.attn_norm.weight"),
         "{e}"
     );
-    let e = compile_err("TieLayers(loops: 3, weights: \"missing.safetensors\")");
+    let e = compile_err("TieLayers(loops: 2, weights: \"missing.safetensors\")");
     assert!(
         e.contains("weights") && e.contains("missing.safetensors"),
         "{e}"
@@ -780,7 +801,7 @@ fn mismatched_trained_weights_are_refused() {
     // Adapters trained against another tied block (another init here; names and shapes
     // fit) are refused by their fingerprint.
     let e = compile_err(&format!(
-        "TieLayers(loops: 3, init: Stepwise), DepthLora(rank: Rank(2), targets: [q], weights: {file:?})"
+        "TieLayers(loops: 2, init: Stepwise), DepthLora(rank: Rank(2), targets: [q], weights: {file:?})"
     ));
     assert!(
         e.contains("another tied block") && e.contains("retrain"),
@@ -792,7 +813,7 @@ fn mismatched_trained_weights_are_refused() {
     candle_core::safetensors::save(&tensors, &hand).unwrap();
     let p = demo_pipeline(
         dir.path(),
-        &format!("TieLayers(loops: 3, init: Stepwise), DepthLora(rank: Rank(2), targets: [q], weights: {:?})", hand.display().to_string()),
+        &format!("TieLayers(loops: 2, init: Stepwise), DepthLora(rank: Rank(2), targets: [q], weights: {:?})", hand.display().to_string()),
     );
     let pipeline = exitgraph::pipeline::Pipeline::read(&p).unwrap();
     let compiled = exitgraph::pipeline::compile(&pipeline, &p).unwrap();
@@ -855,6 +876,7 @@ fn the_uptraining_loss_is_cross_entropy_plus_distillation_from_the_untied_model(
             input_ids: x.clone(),
             attention_mask: None,
             token_type_ids: None,
+            segments: None,
         };
         p.forward(&inputs, &mut p.new_cache(), &["logits"], false)
             .unwrap()

@@ -86,6 +86,7 @@ fn train_until(
             input_ids: x,
             attention_mask: None,
             token_type_ids: None,
+            segments: None,
         };
         let logits = program
             .forward(&inputs, &mut cache, &["logits"], false)?
@@ -241,6 +242,7 @@ fn trainable_lowering_computes_what_inference_does() {
             input_ids: x.clone(),
             attention_mask: None,
             token_type_ids: None,
+            segments: None,
         };
         p.forward(&inputs, &mut p.new_cache(), &["logits"], false)
             .unwrap()
@@ -282,6 +284,7 @@ fn layer_dropout_rows_equal_the_truncated_and_the_full_model() {
         input_ids: x.clone(),
         attention_mask: None,
         token_type_ids: None,
+        segments: None,
     };
     let mut keep: Vec<Tensor> = (0..layers)
         .map(|_| Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap())
@@ -333,6 +336,76 @@ fn layer_dropout_rows_equal_the_truncated_and_the_full_model() {
         .is_err());
 }
 
+/// Trains `train lm`'s tiny config (3 layers, 3 steps) with `extra` fields into
+/// `dir/name`; returns the report and the trained weights' bytes.
+fn train_tiny_lm(dir: &Path, name: &str, extra: &str) -> (exitgraph::train::lm::LmReport, Vec<u8>) {
+    let config = dir.join(format!("{name}.ron"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"(
+            output: "{name}",
+            corpus: (seed: 5, examples: 200),
+            eval_corpus: (seed: 6, examples: 30),
+            vocab_size: 300,
+            model: (hidden: 32, layers: 3, heads: 4, kv_heads: 2, intermediate: 64, max_positions: 64),
+            seq_len: 32,
+            batch_size: 4,
+            seed: 3,
+            training: (steps: 3, lr: 1e-2, warmup_steps: 1, clip_norm: Some(1.0)),
+            {extra}
+        )"#
+        ),
+    )
+    .unwrap();
+    let report = exitgraph::train::lm::train_lm(&config, false, false, false).unwrap();
+    assert_eq!(report.log.train_loss.len(), 3);
+    let weights = std::fs::read(dir.join(name).join("model.safetensors")).unwrap();
+    (report, weights)
+}
+
+/// `attend_within_examples` trains something else than attending across the packed row
+/// (the second tiny row holds several examples), and twice gives byte-identical weights;
+/// `tie_embeddings: false` (with the model's shape in `model:`) writes a separate LM head
+/// that transformers' config names.
+#[test]
+fn within_example_attention_and_an_untied_head_train_reproducibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, plain_w) = train_tiny_lm(dir.path(), "plain", "");
+    let (within, within_w) = train_tiny_lm(dir.path(), "within", "attend_within_examples: true,");
+    let (_, again_w) = train_tiny_lm(dir.path(), "again", "attend_within_examples: true,");
+    assert!(
+        within_w == again_w,
+        "two runs of one config train the same weights"
+    );
+    assert!(plain_w != within_w);
+    // Seeing only its own example, a token has less context: the held-out loss moves.
+    assert_ne!(plain.log.eval_loss, within.log.eval_loss);
+
+    let untied = dir.path().join("untied.ron");
+    std::fs::write(
+        &untied,
+        std::fs::read_to_string(dir.path().join("plain.ron"))
+            .unwrap()
+            .replace(
+                "max_positions: 64)",
+                "max_positions: 64, tie_embeddings: false)",
+            )
+            .replace("output: \"plain\"", "output: \"untied\""),
+    )
+    .unwrap();
+    exitgraph::train::lm::train_lm(&untied, false, false, false).unwrap();
+    let model = dir.path().join("untied");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], serde_json::json!(false));
+    let untied_w =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(untied_w.contains_key("lm_head.weight"));
+    let tied = candle_core::safetensors::load_buffer(&plain_w, &Device::Cpu).unwrap();
+    assert!(!tied.contains_key("lm_head.weight"));
+}
+
 /// `train lm` with `layerskip:` at zero dropout and zero exit-loss scale trains exactly what
 /// it trains without the field (byte-identical weights); with dropout and the early-exit loss
 /// on it trains something else, and the early exits' logit-lens loss is what it lowers.
@@ -340,30 +413,7 @@ fn layer_dropout_rows_equal_the_truncated_and_the_full_model() {
 fn layerskip_off_equals_plain_training_and_on_changes_it() {
     use exitgraph::train::lm::train_lm;
     let dir = tempfile::tempdir().unwrap();
-    let run = |name: &str, layerskip: &str| {
-        let config = dir.path().join(format!("{name}.ron"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"(
-                output: "{name}",
-                corpus: (seed: 5, examples: 200),
-                eval_corpus: (seed: 6, examples: 30),
-                vocab_size: 300,
-                model: (hidden: 32, layers: 3, heads: 4, kv_heads: 2, intermediate: 64, max_positions: 64),
-                seq_len: 32,
-                batch_size: 4,
-                seed: 3,
-                training: (steps: 3, lr: 1e-2, warmup_steps: 1, clip_norm: Some(1.0)),
-                {layerskip}
-            )"#
-            ),
-        )
-        .unwrap();
-        let report = train_lm(&config, false, false, false).unwrap();
-        assert_eq!(report.log.train_loss.len(), 3);
-        std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap()
-    };
+    let run = |name: &str, layerskip: &str| train_tiny_lm(dir.path(), name, layerskip).1;
     let plain = run("plain", "");
     let off = run("off", "layerskip: (p_max: 0.0, exit_scale: 0.0),");
     assert!(
@@ -457,4 +507,67 @@ fn length_curriculum_switches_row_length_at_its_steps() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("length_curriculum[1].from_step"), "{e}");
+}
+
+/// Logits `[seq, vocab]` of one row of ids, with the given segments.
+fn row_logits(program: &Program, ids: &[u32], segments: Option<Vec<u32>>) -> Tensor {
+    let n = ids.len();
+    let inputs = Inputs {
+        input_ids: Tensor::from_vec(ids.to_vec(), (1, n), &Device::Cpu).unwrap(),
+        attention_mask: None,
+        token_type_ids: None,
+        segments: segments.map(|s| Tensor::from_vec(s, (1, n), &Device::Cpu).unwrap()),
+    };
+    program
+        .forward(&inputs, &mut program.new_cache(), &["logits"], false)
+        .unwrap()
+        .remove("logits")
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+/// Packed examples with segments (`train lm`'s `attend_within_examples`) see only their own
+/// tokens: the second example's logits equal its logits run alone from position 0 (RoPE
+/// depends only on relative positions), in the training lowering and in the inference one
+/// (whose long causal calls run in query blocks). Without segments they differ.
+#[test]
+fn packed_examples_attend_only_within_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = tiny(dir.path());
+    let first: Vec<u32> = (0..30).map(|i| (i * 7 + 3) % 97).collect();
+    let second: Vec<u32> = (0..50).map(|i| (i * 5 + 11) % 97).collect();
+    let packed = [first.clone(), second.clone()].concat();
+    let segments: Vec<u32> = (0..packed.len()).map(|i| u32::from(i >= 30)).collect();
+    for options in [LowerOptions::training(), LowerOptions::inference()] {
+        let mut params = ParamStore::load(&g.weights, dir.path(), &Device::Cpu).unwrap();
+        let program =
+            Program::lower_with(&g, &mut params, &Device::Cpu, DType::F32, options).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let masked = row_logits(&program, &packed, Some(segments.clone()));
+        let alone_first = row_logits(&program, &first, None);
+        let alone_second = row_logits(&program, &second, None);
+        let diff_first = max_diff(&masked.narrow(0, 0, 30).unwrap(), &alone_first);
+        let diff_second = max_diff(&masked.narrow(0, 30, 50).unwrap(), &alone_second);
+        assert!(diff_first < 1e-4, "first example differs by {diff_first}");
+        assert!(
+            diff_second < 1e-4,
+            "second example differs by {diff_second}"
+        );
+        let open = row_logits(&program, &packed, None);
+        let seen = max_diff(&open.narrow(0, 30, 50).unwrap(), &alone_second);
+        assert!(
+            seen > 1e-2,
+            "without segments the second example sees the first ({seen})"
+        );
+    }
 }

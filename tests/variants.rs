@@ -52,6 +52,7 @@ fn check(name: &str) {
                 input_ids: ids.clone(),
                 attention_mask: None,
                 token_type_ids: None,
+                segments: None,
             },
             &mut cache,
             &want,

@@ -109,6 +109,7 @@ fn profile_ours(
         input_ids: ids,
         attention_mask: None,
         token_type_ids: None,
+        segments: None,
     };
     op_profile::take();
     op_profile::enable(true);
@@ -270,6 +271,7 @@ impl Ours<'_> {
             input_ids: ids,
             attention_mask: None,
             token_type_ids: None,
+            segments: None,
         };
         let t0 = Instant::now();
         let mut out = self

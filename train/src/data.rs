@@ -70,6 +70,29 @@ impl Batcher {
     }
 }
 
+/// The example index of every token of packed rows `x: [batch, seq]`: the number of `bos`
+/// tokens at or before it in its row (each example starts with `bos`; tokens before a row's
+/// first `bos`, the tail of an example cut at a row boundary, are example 0). Row-major
+/// `[batch, seq]` u32, for [`exitgraph_compiler::lower::Inputs::segments`].
+pub fn example_segments(x: &Tensor, bos: u32) -> candle_core::Result<Tensor> {
+    let (batch, seq) = x.dims2()?;
+    let ids = x
+        .flatten_all()?
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1::<u32>()?;
+    let mut out = Vec::with_capacity(ids.len());
+    for row in ids.chunks(seq.max(1)) {
+        let mut example = 0u32;
+        for &id in row {
+            if id == bos {
+                example += 1;
+            }
+            out.push(example);
+        }
+    }
+    Tensor::from_vec(out, (batch, seq), x.device())
+}
+
 /// Rows of token ids, each `seq_len + 1` long.
 pub type Rows = Vec<Vec<u32>>;
 
@@ -117,6 +140,14 @@ pub fn model_tokenizer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn examples_are_counted_by_their_bos_tokens() {
+        // bos = 1; the first row starts inside a cut example.
+        let x = Tensor::new(&[[7u32, 1, 5, 6, 1, 9], [1, 4, 4, 2, 2, 2]], &Device::Cpu).unwrap();
+        let seg = example_segments(&x, 1).unwrap().to_vec2::<u32>().unwrap();
+        assert_eq!(seg, [[0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1]]);
+    }
 
     #[test]
     fn batches_are_seeded_and_cover_each_epoch() {

@@ -45,6 +45,15 @@ pub struct ModelShape {
     pub rope_theta: f64,
     #[serde(default = "default_init_std")]
     pub init_std: f32,
+    /// The LM head shares the token embedding's matrix (`tie_word_embeddings`). Default
+    /// true; a separate head costs `vocab × hidden` parameters and learns induction (the
+    /// lookup `recall`, `repeat` and `needle` need) far sooner on this corpus.
+    #[serde(default = "default_tie_embeddings")]
+    pub tie_embeddings: bool,
+}
+
+fn default_tie_embeddings() -> bool {
+    true
 }
 
 /// A `train lm` config file.
@@ -81,6 +90,11 @@ pub struct LmTrainSpec {
     /// uses the top-level `seq_len`. Empty: one length throughout.
     #[serde(default)]
     pub length_curriculum: Vec<LengthStage>,
+    /// Each token attends only to earlier tokens of its own example (the row's packed
+    /// examples are split at their `<s>` tokens), in training and in evaluation, rather
+    /// than to everything before it in the row. Off when omitted (today's packing).
+    #[serde(default)]
+    pub attend_within_examples: bool,
 }
 
 /// One stage of [`LmTrainSpec::length_curriculum`].
@@ -336,7 +350,7 @@ pub fn train_lm_spec(
             intermediate: shape.intermediate,
             vocab,
             max_positions: shape.max_positions,
-            tie_embeddings: true,
+            tie_embeddings: shape.tie_embeddings,
             rope_theta: shape.rope_theta,
             init_std: shape.init_std,
             sliding_window: None,
@@ -383,9 +397,27 @@ pub fn train_lm_spec(
     let eval = Batcher::new(eval_rows, spec.batch_size, spec.seed);
     let eval_batches = eval.in_order(&device)?;
     let accum = spec.training.grad_accum.max(1);
+    // The call's inputs: with `attend_within_examples`, each token's example as its segment.
+    let inputs_of = |x: candle_core::Tensor| -> anyhow::Result<exitgraph_compiler::lower::Inputs> {
+        let segments = if spec.attend_within_examples {
+            Some(crate::data::example_segments(&x, bos)?)
+        } else {
+            None
+        };
+        Ok(exitgraph_compiler::lower::Inputs {
+            input_ids: x,
+            attention_mask: None,
+            token_type_ids: None,
+            segments,
+        })
+    };
     let forward_loss =
         |x: candle_core::Tensor, y: &candle_core::Tensor| -> anyhow::Result<candle_core::Tensor> {
-            Ok(lm_loss(&program.logits(&x)?, y)?)
+            let logits = program
+                .forward(&inputs_of(x)?, &mut program.new_cache(), &["logits"], false)?
+                .remove("logits")
+                .context("the program has no logits")?;
+            Ok(lm_loss(&logits, y)?)
         };
     // (exit depth, logits node) of every early exit, shallowest first.
     let exit_nodes: Vec<(usize, exitgraph_ir::NodeIndex)> = graph
@@ -428,11 +460,7 @@ pub fn train_lm_spec(
             }
         }
         let nodes: Vec<_> = want.iter().map(|w| w.1).collect();
-        let inputs = exitgraph_compiler::lower::Inputs {
-            input_ids: x,
-            attention_mask: None,
-            token_type_ids: None,
-        };
+        let inputs = inputs_of(x)?;
         let outs = program.forward_nodes_dropping(
             &inputs,
             &mut program.new_cache(),

@@ -257,6 +257,10 @@ pub struct LayersArgs {
     /// Held-out examples, mixed evenly over the tasks.
     #[arg(long, default_value_t = 1000)]
     examples: usize,
+    /// Corpus tasks to score, comma-separated (any task of the corpus, `repeat` and
+    /// `needle` included); the short ones (every task but needle) when omitted.
+    #[arg(long, value_delimiter = ',')]
+    data: Vec<String>,
     /// Also write the table as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -386,7 +390,12 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
             let dir = a
                 .model_dir
                 .unwrap_or_else(exitgraph::pipeline::demo_model_dir);
-            let report = eval_layers(&dir, a.seed, a.examples)?;
+            let tasks = a
+                .data
+                .iter()
+                .map(|t| t.parse())
+                .collect::<anyhow::Result<Vec<exitgraph::corpus::Task>>>()?;
+            let report = eval_layers(&dir, a.seed, a.examples, &tasks)?;
             out!("{}", report.to_markdown());
             if report.skipped > 0 {
                 outln!(

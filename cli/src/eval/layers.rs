@@ -50,8 +50,14 @@ pub struct LayerReport {
     pub rows: Vec<TaskRow>,
 }
 
-/// Evaluates the model in `dir` on `examples` held-out examples drawn with `seed`.
-pub fn eval_layers(dir: &Path, seed: u64, examples: usize) -> anyhow::Result<LayerReport> {
+/// Evaluates the model in `dir` on `examples` held-out examples of `tasks` (the short ones
+/// when empty) drawn with `seed`.
+pub fn eval_layers(
+    dir: &Path,
+    seed: u64,
+    examples: usize,
+    tasks: &[Task],
+) -> anyhow::Result<LayerReport> {
     let ckpt = exitgraph_ir::import(dir)?;
     let tok_path = ckpt
         .tokenizer
@@ -59,7 +65,7 @@ pub fn eval_layers(dir: &Path, seed: u64, examples: usize) -> anyhow::Result<Lay
         .with_context(|| format!("{}: eval layers needs tokenizer.json", dir.display()))?;
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
-    let data = corpus::generate(&CorpusSpec::new(seed, examples, Vec::new()));
+    let data = corpus::generate(&CorpusSpec::new(seed, examples, tasks.to_vec()));
     let positions = ckpt.graph.info.max_positions;
     let mut by_task: BTreeMap<Task, Vec<Encoded>> = BTreeMap::new();
     let mut skipped = 0;

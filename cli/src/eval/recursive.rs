@@ -160,6 +160,10 @@ fn llama_shape(model: &Path, layers: usize) -> anyhow::Result<ModelShape> {
             .and_then(serde_json::Value::as_f64)
             .unwrap_or(10000.0),
         init_std: 0.02,
+        tie_embeddings: v
+            .get("tie_word_embeddings")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(true),
     })
 }
 
@@ -270,6 +274,7 @@ pub fn eval_recursive(
                 training: uptrain.training.clone(),
                 layerskip: None,
                 length_curriculum: Vec::new(),
+                attend_within_examples: false,
             };
             let report = train_lm_spec(&lm, &work.join("scratch.ron"), false, true, false)?;
             let path = work.join(format!("scratch-{k}.ron"));

@@ -16,6 +16,10 @@ pub struct AttnCtx {
     pub seq: usize,
     /// `[batch, start + seq]`, 1 for real tokens and 0 for padding, in f32.
     pub key_mask: Option<Tensor>,
+    /// `(batch, segment of every token, row-major [batch, seq])`: a query sees only keys of
+    /// its own segment (examples packed into one training row). Only for a call from an
+    /// empty cache.
+    segments: Option<(usize, Vec<u32>)>,
     /// Additive masks by (causal, window), built once per call.
     masks: HashMap<(bool, Option<usize>), Option<Tensor>>,
     /// RoPE tables by kernel identity.
@@ -28,9 +32,27 @@ impl AttnCtx {
             start,
             seq,
             key_mask,
+            segments: None,
             masks: HashMap::new(),
             tables: HashMap::new(),
         }
+    }
+
+    /// Restricts attention to keys of the query's own segment: `segments` holds
+    /// `batch × seq` segment ids, row-major. The call must start from an empty cache.
+    pub fn with_segments(mut self, batch: usize, segments: Vec<u32>) -> Result<Self> {
+        if self.start != 0 || segments.len() != batch * self.seq {
+            candle_core::bail!(
+                "segments: {} ids for a call of {batch} × {} tokens from position {} (they \
+                 need one per token and an empty cache)",
+                segments.len(),
+                self.seq,
+                self.start
+            );
+        }
+        self.segments = Some((batch, segments));
+        self.masks.clear();
+        Ok(self)
     }
 
     /// Additive mask `[batch or 1, 1, seq, start + seq]` in f32, or `None` when every query
@@ -46,13 +68,26 @@ impl AttnCtx {
         }
         let kv_len = self.start + self.seq;
         let needs_position_mask = (causal && self.seq > 1) || window.is_some_and(|w| kv_len > w);
-        let mut mask = if needs_position_mask {
+        let visible = |q: usize, k: usize| (!causal || k <= q) && window.is_none_or(|w| q < k + w);
+        let mut mask = if let Some((batch, seg)) = &self.segments {
+            // start is 0: query i and key k are positions i and k of the same row.
+            let (batch, seq) = (*batch, self.seq);
+            let mut data = Vec::with_capacity(batch * seq * seq);
+            for row in seg.chunks(seq) {
+                for (q, sq) in row.iter().enumerate() {
+                    for (k, sk) in row.iter().enumerate() {
+                        let keep = sq == sk && visible(q, k);
+                        data.push(if keep { 0f32 } else { f32::MIN });
+                    }
+                }
+            }
+            Some(Tensor::from_vec(data, (batch, 1, seq, seq), device)?)
+        } else if needs_position_mask {
             let mut data = Vec::with_capacity(self.seq * kv_len);
             for i in 0..self.seq {
                 let q = self.start + i;
                 for k in 0..kv_len {
-                    let visible = (!causal || k <= q) && window.is_none_or(|w| q < k + w);
-                    data.push(if visible { 0f32 } else { f32::MIN });
+                    data.push(if visible(q, k) { 0f32 } else { f32::MIN });
                 }
             }
             Some(Tensor::from_vec(data, (1, 1, self.seq, kv_len), device)?)

@@ -19,6 +19,10 @@ pub struct Inputs {
     pub attention_mask: Option<Tensor>,
     /// `[batch, seq]` segment ids (BERT).
     pub token_type_ids: Option<Tensor>,
+    /// `[batch, seq]` example index of every token (u32): a token attends only to earlier
+    /// tokens of its own example, as when packed examples train apart. Only from an empty
+    /// cache.
+    pub segments: Option<Tensor>,
 }
 
 impl Program {
@@ -46,6 +50,7 @@ impl Program {
             input_ids: input_ids.clone(),
             attention_mask: None,
             token_type_ids: None,
+            segments: None,
         };
         self.forward(&inputs, &mut self.new_cache(), &["logits"], false)?
             .remove("logits")
@@ -153,6 +158,22 @@ impl Program {
             None => None,
         };
         let mut ctx = AttnCtx::new(start, seq, key_mask);
+        if let Some(t) = &inputs.segments {
+            if t.dims() != [batch, seq] {
+                return Err(RunError::Input(format!(
+                    "segments has shape {:?}, expected [{batch}, {seq}]",
+                    t.dims()
+                )));
+            }
+            let ids = t
+                .flatten_all()
+                .and_then(|t| t.to_dtype(DType::U32))
+                .and_then(|t| t.to_vec1::<u32>())
+                .map_err(|e| RunError::Input(format!("segments: {e}")))?;
+            ctx = ctx
+                .with_segments(batch, ids)
+                .map_err(|e| RunError::Input(e.to_string()))?;
+        }
         // Layer dropout: each block's input and output steps, and the inputs kept for it.
         let mut drop_at: BTreeMap<usize, (usize, Tensor)> = BTreeMap::new();
         let mut input_of: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
