@@ -488,6 +488,30 @@ fn length_curriculum_switches_row_length_at_its_steps() {
         |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
     assert!(weights("plain") != weights("staged"));
 
+    // A stage on the needle examples alone trains other rows than one on every task.
+    let needles = train_lm(
+        &write(
+            "needles",
+            "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2, tasks: [needle])],",
+        ),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    assert_eq!(needles.log.tokens, staged.log.tokens);
+    assert!(weights("needles") != weights("staged"));
+    let absent = write(
+        "absent",
+        "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2, tasks: [addition])],",
+    );
+    let e = train_lm(&absent, false, false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("absent.ron") && e.contains("length_curriculum[0]") && e.contains("addition"),
+        "{e}"
+    );
     let too_long = write(
         "long",
         "length_curriculum: [(from_step: 2, seq_len: 64, batch_size: 2)],",

@@ -105,6 +105,11 @@ pub struct LengthStage {
     pub from_step: usize,
     pub seq_len: usize,
     pub batch_size: usize,
+    /// Train this stage only on these tasks' examples of the corpus (e.g. `[needle]` for
+    /// the long rows, which then carry no short examples whose masked attention would cost
+    /// as much as a long one's); every task of the corpus when empty.
+    #[serde(default)]
+    pub tasks: Vec<corpus::Task>,
 }
 
 impl LmTrainSpec {
@@ -117,6 +122,13 @@ impl LmTrainSpec {
                 .map(|s| (s.from_step, s.seq_len, s.batch_size)),
         );
         stages
+    }
+
+    /// The tasks every stage trains on (empty: all), the top-level one first.
+    fn stage_tasks(&self) -> Vec<&[corpus::Task]> {
+        let mut tasks: Vec<&[corpus::Task]> = vec![&[]];
+        tasks.extend(self.length_curriculum.iter().map(|s| s.tasks.as_slice()));
+        tasks
     }
 }
 
@@ -307,12 +319,31 @@ pub fn train_lm_spec(
         .max()
         .unwrap_or(spec.seq_len);
     let mut stage_rows = Vec::new();
-    for &(from, seq_len, batch) in &spec.stages() {
+    for (i, (&(from, seq_len, batch), tasks)) in
+        spec.stages().iter().zip(spec.stage_tasks()).enumerate()
+    {
         let fitting: Vec<corpus::Encoded> = encoded
             .iter()
-            .filter(|e| seq_len == longest || e.ids.len() <= seq_len + 1)
-            .cloned()
+            .zip(&train_examples)
+            .filter(|(e, ex)| {
+                (seq_len == longest || e.ids.len() <= seq_len + 1)
+                    && (tasks.is_empty() || tasks.contains(&ex.task))
+            })
+            .map(|(e, _)| e.clone())
             .collect();
+        if i > 0 && fitting.is_empty() {
+            bail!(
+                "{}: length_curriculum[{}] has no examples: none of its tasks ({}) is in the \
+                 corpus with an example that fits {seq_len} tokens",
+                config_path.display(),
+                i - 1,
+                tasks
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let rows: Vec<Vec<u32>> = corpus::pack_encoded(&fitting, seq_len, eos)?
             .into_iter()
             .map(|r| r.ids)
