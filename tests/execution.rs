@@ -311,7 +311,7 @@ proptest! {
                 input_ids: Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap(),
                 attention_mask: None,
                 token_type_ids: None,
-                segments: None,
+                example_ids: None,
             };
             p.forward(&inputs, &mut p.new_cache(), &["logits"], false).unwrap().remove("logits").unwrap()
         };

@@ -648,7 +648,7 @@ fn encoder_exits_match_full_and_shallow_embeddings_and_ignore_the_batch() {
         input_ids: candle_core::Tensor::from_vec(ids, (3, len), &Device::Cpu).unwrap(),
         attention_mask: Some(candle_core::Tensor::from_vec(mask, (3, len), &Device::Cpu).unwrap()),
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     let out = p
         .forward(

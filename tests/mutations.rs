@@ -65,7 +65,7 @@ fn load_and_run(dir: &Path) -> anyhow::Result<()> {
         input_ids: Tensor::from_vec(vec![1u32, 2], (1, 2), &Device::Cpu)?,
         attention_mask: None,
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     p.forward(&inputs, &mut p.new_cache(), &["logits"], false)?;
     Ok(())

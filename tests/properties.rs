@@ -75,7 +75,7 @@ fn run(
         input_ids: ids(rows),
         attention_mask: None,
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     let mut out = p.forward(&inputs, cache, want, false).expect("forward");
     want.iter().map(|w| out.remove(*w).unwrap()).collect()
@@ -262,7 +262,7 @@ fn forward_masked(p: &Program, rows: &[Vec<u32>], want: &str) -> Tensor {
         input_ids,
         attention_mask: Some(mask),
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     p.forward(&inputs, &mut p.new_cache(), &[want], false)
         .expect("forward")

@@ -75,7 +75,7 @@ fn outputs(p: &Program, rows: &[Vec<u32>], want: &[&str]) -> Vec<Tensor> {
             .unwrap(),
         attention_mask: None,
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     let mut out = p.forward(&inputs, &mut p.new_cache(), want, false).unwrap();
     want.iter().map(|w| out.remove(*w).unwrap()).collect()
@@ -219,7 +219,7 @@ proptest! {
                 input_ids: Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap(),
                 attention_mask: None,
                 token_type_ids: None,
-                segments: None,
+                example_ids: None,
             };
             p.forward(&inputs, cache, &["logits"], false).unwrap().remove("logits").unwrap()
         };
@@ -876,7 +876,7 @@ fn the_uptraining_loss_is_cross_entropy_plus_distillation_from_the_untied_model(
             input_ids: x.clone(),
             attention_mask: None,
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         p.forward(&inputs, &mut p.new_cache(), &["logits"], false)
             .unwrap()

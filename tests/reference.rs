@@ -49,7 +49,7 @@ fn check_forward(model_dir: &Path, reference_dir: &Path) -> usize {
         input_ids: ids(&r["input_ids"]),
         attention_mask: r.get("attention_mask").cloned(),
         token_type_ids: r.get("token_type_ids").map(ids),
-        segments: None,
+        example_ids: None,
     };
     let names = program.output_names();
     let want: Vec<&str> = names

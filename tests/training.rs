@@ -86,7 +86,7 @@ fn train_until(
             input_ids: x,
             attention_mask: None,
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         let logits = program
             .forward(&inputs, &mut cache, &["logits"], false)?
@@ -242,7 +242,7 @@ fn trainable_lowering_computes_what_inference_does() {
             input_ids: x.clone(),
             attention_mask: None,
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         p.forward(&inputs, &mut p.new_cache(), &["logits"], false)
             .unwrap()
@@ -284,7 +284,7 @@ fn layer_dropout_rows_equal_the_truncated_and_the_full_model() {
         input_ids: x.clone(),
         attention_mask: None,
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     let mut keep: Vec<Tensor> = (0..layers)
         .map(|_| Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap())
@@ -533,36 +533,39 @@ fn length_curriculum_switches_row_length_at_its_steps() {
     assert!(e.contains("length_curriculum[1].from_step"), "{e}");
 }
 
-/// Logits `[seq, vocab]` of one row of ids, with the given segments.
-fn row_logits(program: &Program, ids: &[u32], segments: Option<Vec<u32>>) -> Tensor {
-    let n = ids.len();
+/// Logits `[rows, seq, vocab]` of equally long rows of ids, with the given example ids.
+fn rows_logits(program: &Program, rows: &[Vec<u32>], examples: Option<Vec<Vec<u32>>>) -> Tensor {
+    let (b, n) = (rows.len(), rows[0].len());
     let inputs = Inputs {
-        input_ids: Tensor::from_vec(ids.to_vec(), (1, n), &Device::Cpu).unwrap(),
+        input_ids: Tensor::from_vec(rows.concat(), (b, n), &Device::Cpu).unwrap(),
         attention_mask: None,
         token_type_ids: None,
-        segments: segments.map(|s| Tensor::from_vec(s, (1, n), &Device::Cpu).unwrap()),
+        example_ids: examples.map(|e| Tensor::from_vec(e.concat(), (b, n), &Device::Cpu).unwrap()),
     };
     program
         .forward(&inputs, &mut program.new_cache(), &["logits"], false)
         .unwrap()
         .remove("logits")
         .unwrap()
-        .squeeze(0)
-        .unwrap()
 }
 
-/// Packed examples with segments (`train lm`'s `attend_within_examples`) see only their own
-/// tokens: the second example's logits equal its logits run alone from position 0 (RoPE
+/// Packed examples with example ids (`train lm`'s `attend_within_examples`) see only their
+/// own tokens: each example's logits equal its logits run alone from position 0 (RoPE
 /// depends only on relative positions), in the training lowering and in the inference one
-/// (whose long causal calls run in query blocks). Without segments they differ.
+/// (whose long causal calls run in query blocks), with two rows packed in different orders
+/// in one batch. Without example ids the later examples see the earlier ones.
 #[test]
 fn packed_examples_attend_only_within_themselves() {
     let dir = tempfile::tempdir().unwrap();
     let g = tiny(dir.path());
     let first: Vec<u32> = (0..30).map(|i| (i * 7 + 3) % 97).collect();
     let second: Vec<u32> = (0..50).map(|i| (i * 5 + 11) % 97).collect();
-    let packed = [first.clone(), second.clone()].concat();
-    let segments: Vec<u32> = (0..packed.len()).map(|i| u32::from(i >= 30)).collect();
+    let rows = vec![
+        [first.clone(), second.clone()].concat(),
+        [second.clone(), first.clone()].concat(),
+    ];
+    let ids = |split: usize| (0..80).map(|i| u32::from(i >= split)).collect::<Vec<u32>>();
+    let examples = vec![ids(30), ids(50)];
     for options in [LowerOptions::training(), LowerOptions::inference()] {
         let mut params = ParamStore::load(&g.weights, dir.path(), &Device::Cpu).unwrap();
         let program =
@@ -577,21 +580,33 @@ fn packed_examples_attend_only_within_themselves() {
                 .to_scalar()
                 .unwrap()
         };
-        let masked = row_logits(&program, &packed, Some(segments.clone()));
-        let alone_first = row_logits(&program, &first, None);
-        let alone_second = row_logits(&program, &second, None);
-        let diff_first = max_diff(&masked.narrow(0, 0, 30).unwrap(), &alone_first);
-        let diff_second = max_diff(&masked.narrow(0, 30, 50).unwrap(), &alone_second);
-        assert!(diff_first < 1e-4, "first example differs by {diff_first}");
-        assert!(
-            diff_second < 1e-4,
-            "second example differs by {diff_second}"
+        let alone = |ids: &[u32]| {
+            rows_logits(&program, &[ids.to_vec()], None)
+                .squeeze(0)
+                .unwrap()
+        };
+        let (alone_first, alone_second) = (alone(&first), alone(&second));
+        let masked = rows_logits(&program, &rows, Some(examples.clone()));
+        let part = |row: usize, from: usize, len: usize| {
+            masked.get(row).unwrap().narrow(0, from, len).unwrap()
+        };
+        for (got, want, what) in [
+            (part(0, 0, 30), &alone_first, "row 0, first"),
+            (part(0, 30, 50), &alone_second, "row 0, second"),
+            (part(1, 0, 50), &alone_second, "row 1, first"),
+            (part(1, 50, 30), &alone_first, "row 1, second"),
+        ] {
+            let d = max_diff(&got, want);
+            assert!(d < 1e-4, "{what} example differs by {d}");
+        }
+        let open = rows_logits(&program, &rows, None);
+        let seen = max_diff(
+            &open.get(0).unwrap().narrow(0, 30, 50).unwrap(),
+            &alone_second,
         );
-        let open = row_logits(&program, &packed, None);
-        let seen = max_diff(&open.narrow(0, 30, 50).unwrap(), &alone_second);
         assert!(
             seen > 1e-2,
-            "without segments the second example sees the first ({seen})"
+            "without example ids the second example sees the first ({seen})"
         );
     }
 }

@@ -52,7 +52,7 @@ fn check(name: &str) {
                 input_ids: ids.clone(),
                 attention_mask: None,
                 token_type_ids: None,
-                segments: None,
+                example_ids: None,
             },
             &mut cache,
             &want,

@@ -109,7 +109,7 @@ fn profile_ours(
         input_ids: ids,
         attention_mask: None,
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     op_profile::take();
     op_profile::enable(true);
@@ -271,7 +271,7 @@ impl Ours<'_> {
             input_ids: ids,
             attention_mask: None,
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         let t0 = Instant::now();
         let mut out = self

@@ -101,7 +101,7 @@ pub fn embed_with_exits(
             input_ids: Tensor::from_vec(flat, (rows.len(), len), &device)?,
             attention_mask: Some(Tensor::from_vec(mask_flat, (rows.len(), len), &device)?),
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         let last = end == layers;
         let pooled_node = if last {

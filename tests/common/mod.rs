@@ -37,7 +37,7 @@ pub fn reference_generate(
             input_ids: input,
             attention_mask: None,
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         let logits = program
             .forward(&inputs, &mut cache, &["logits"], true)

@@ -70,11 +70,12 @@ impl Batcher {
     }
 }
 
-/// The example index of every token of packed rows `x: [batch, seq]`: the number of `bos`
-/// tokens at or before it in its row (each example starts with `bos`; tokens before a row's
-/// first `bos`, the tail of an example cut at a row boundary, are example 0). Row-major
-/// `[batch, seq]` u32, for [`exitgraph_compiler::lower::Inputs::segments`].
-pub fn example_segments(x: &Tensor, bos: u32) -> candle_core::Result<Tensor> {
+/// The example index of every token of packed rows `x: [batch, seq]`, for
+/// [`exitgraph_compiler::lower::Inputs::example_ids`]. Every example is `bos … eos`, and the
+/// tail of an example cut at a row boundary (no `bos`) is placed after another example's
+/// `eos`; so a new example starts at every `bos` and at every token right after an `eos`
+/// (each padding `eos` is then an example of its own). Row-major `[batch, seq]` u32.
+pub fn example_ids(x: &Tensor, bos: u32, eos: u32) -> candle_core::Result<Tensor> {
     let (batch, seq) = x.dims2()?;
     let ids = x
         .flatten_all()?
@@ -83,10 +84,12 @@ pub fn example_segments(x: &Tensor, bos: u32) -> candle_core::Result<Tensor> {
     let mut out = Vec::with_capacity(ids.len());
     for row in ids.chunks(seq.max(1)) {
         let mut example = 0u32;
+        let mut after_eos = false;
         for &id in row {
-            if id == bos {
+            if id == bos || after_eos {
                 example += 1;
             }
+            after_eos = id == eos;
             out.push(example);
         }
     }
@@ -142,11 +145,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn examples_are_counted_by_their_bos_tokens() {
-        // bos = 1; the first row starts inside a cut example.
-        let x = Tensor::new(&[[7u32, 1, 5, 6, 1, 9], [1, 4, 4, 2, 2, 2]], &Device::Cpu).unwrap();
-        let seg = example_segments(&x, 1).unwrap().to_vec2::<u32>().unwrap();
-        assert_eq!(seg, [[0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1]]);
+    fn examples_start_at_bos_and_after_eos() {
+        // bos = 1, eos = 2. Row 0 starts inside a cut example (7 2), then a whole one
+        // (1 5 2), then an example's cut tail (6 9 2) placed after it, then a cut head (1 3).
+        // Row 1: one example and padding eos, each its own.
+        let x = Tensor::new(
+            &[
+                [7u32, 2, 1, 5, 2, 6, 9, 2, 1, 3],
+                [1, 4, 4, 2, 2, 2, 2, 2, 2, 2],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let ids = example_ids(&x, 1, 2).unwrap().to_vec2::<u32>().unwrap();
+        assert_eq!(
+            ids,
+            [
+                [0, 0, 1, 1, 1, 2, 2, 2, 3, 3],
+                [1, 1, 1, 1, 2, 3, 4, 5, 6, 7]
+            ]
+        );
     }
 
     #[test]

@@ -339,7 +339,7 @@ pub fn train_exits(
             input_ids: x,
             attention_mask: None,
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         let mut outs = program
             .forward_nodes(&inputs, &mut program.new_cache(), None, &want, false)?

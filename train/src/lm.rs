@@ -91,8 +91,9 @@ pub struct LmTrainSpec {
     #[serde(default)]
     pub length_curriculum: Vec<LengthStage>,
     /// Each token attends only to earlier tokens of its own example (the row's packed
-    /// examples are split at their `<s>` tokens), in training and in evaluation, rather
-    /// than to everything before it in the row. Off when omitted (today's packing).
+    /// examples are split at each `<s>` and after each `</s>`, see
+    /// [`crate::data::example_ids`]), in training and in evaluation, rather than to
+    /// everything before it in the row. Off when omitted (today's packing).
     #[serde(default)]
     pub attend_within_examples: bool,
 }
@@ -332,16 +333,20 @@ pub fn train_lm_spec(
             .map(|(e, _)| e.clone())
             .collect();
         if i > 0 && fitting.is_empty() {
+            let why = if tasks.is_empty() {
+                format!("no example of the corpus fits {seq_len} tokens")
+            } else {
+                let names: Vec<_> = tasks.iter().map(|t| t.name()).collect();
+                format!(
+                    "none of its tasks ({}) has an example in the corpus that fits {seq_len} \
+                     tokens",
+                    names.join(", ")
+                )
+            };
             bail!(
-                "{}: length_curriculum[{}] has no examples: none of its tasks ({}) is in the \
-                 corpus with an example that fits {seq_len} tokens",
+                "{}: length_curriculum[{}] has no examples: {why}",
                 config_path.display(),
-                i - 1,
-                tasks
-                    .iter()
-                    .map(|t| t.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                i - 1
             );
         }
         let rows: Vec<Vec<u32>> = corpus::pack_encoded(&fitting, seq_len, eos)?
@@ -430,8 +435,8 @@ pub fn train_lm_spec(
     let accum = spec.training.grad_accum.max(1);
     // The call's inputs: with `attend_within_examples`, each token's example as its segment.
     let inputs_of = |x: candle_core::Tensor| -> anyhow::Result<exitgraph_compiler::lower::Inputs> {
-        let segments = if spec.attend_within_examples {
-            Some(crate::data::example_segments(&x, bos)?)
+        let example_ids = if spec.attend_within_examples {
+            Some(crate::data::example_ids(&x, bos, eos)?)
         } else {
             None
         };
@@ -439,7 +444,7 @@ pub fn train_lm_spec(
             input_ids: x,
             attention_mask: None,
             token_type_ids: None,
-            segments,
+            example_ids,
         })
     };
     let forward_loss =

@@ -258,7 +258,8 @@ pub struct LayersArgs {
     #[arg(long, default_value_t = 1000)]
     examples: usize,
     /// Corpus tasks to score, comma-separated (any task of the corpus, `repeat` and
-    /// `needle` included); the short ones (every task but needle) when omitted.
+    /// `needle` included); the five short ones (copy, count, recall, addition, grammar)
+    /// when omitted.
     #[arg(long, value_delimiter = ',')]
     data: Vec<String>,
     /// Also write the table as JSON.

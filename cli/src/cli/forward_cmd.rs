@@ -70,7 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         input_ids: to_dev(&inputs.input_ids)?,
         attention_mask: inputs.attention_mask.as_ref().map(to_dev).transpose()?,
         token_type_ids: inputs.token_type_ids.as_ref().map(to_dev).transpose()?,
-        segments: None,
+        example_ids: None,
     };
     let names = program.output_names();
     let want: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -279,7 +279,7 @@ fn embed(
         input_ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
         attention_mask: Some(Tensor::from_vec(mask, (rows.len(), len), device)?),
         token_type_ids: None,
-        segments: None,
+        example_ids: None,
     };
     let name = if program
         .output_names()

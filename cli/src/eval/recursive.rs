@@ -163,7 +163,7 @@ fn llama_shape(model: &Path, layers: usize) -> anyhow::Result<ModelShape> {
         tie_embeddings: v
             .get("tie_word_embeddings")
             .and_then(serde_json::Value::as_bool)
-            .unwrap_or(true),
+            .unwrap_or(false),
     })
 }
 

@@ -16,10 +16,10 @@ pub struct AttnCtx {
     pub seq: usize,
     /// `[batch, start + seq]`, 1 for real tokens and 0 for padding, in f32.
     pub key_mask: Option<Tensor>,
-    /// `(batch, segment of every token, row-major [batch, seq])`: a query sees only keys of
-    /// its own segment (examples packed into one training row). Only for a call from an
+    /// `(batch, example of every token, row-major [batch, seq])`: a query sees only keys of
+    /// its own example (examples packed into one training row). Only for a call from an
     /// empty cache.
-    segments: Option<(usize, Vec<u32>)>,
+    examples: Option<(usize, Vec<u32>)>,
     /// Additive masks by (causal, window), built once per call.
     masks: HashMap<(bool, Option<usize>), Option<Tensor>>,
     /// RoPE tables by kernel identity.
@@ -32,25 +32,25 @@ impl AttnCtx {
             start,
             seq,
             key_mask,
-            segments: None,
+            examples: None,
             masks: HashMap::new(),
             tables: HashMap::new(),
         }
     }
 
-    /// Restricts attention to keys of the query's own segment: `segments` holds
-    /// `batch × seq` segment ids, row-major. The call must start from an empty cache.
-    pub fn with_segments(mut self, batch: usize, segments: Vec<u32>) -> Result<Self> {
-        if self.start != 0 || segments.len() != batch * self.seq {
+    /// Restricts attention to keys of the query's own example: `examples` holds
+    /// `batch × seq` example ids, row-major. The call must start from an empty cache.
+    pub fn with_examples(mut self, batch: usize, examples: Vec<u32>) -> Result<Self> {
+        if self.start != 0 || examples.len() != batch * self.seq {
             candle_core::bail!(
-                "segments: {} ids for a call of {batch} × {} tokens from position {} (they \
+                "example_ids: {} ids for a call of {batch} × {} tokens from position {} (they \
                  need one per token and an empty cache)",
-                segments.len(),
+                examples.len(),
                 self.seq,
                 self.start
             );
         }
-        self.segments = Some((batch, segments));
+        self.examples = Some((batch, examples));
         self.masks.clear();
         Ok(self)
     }
@@ -69,7 +69,7 @@ impl AttnCtx {
         let kv_len = self.start + self.seq;
         let needs_position_mask = (causal && self.seq > 1) || window.is_some_and(|w| kv_len > w);
         let visible = |q: usize, k: usize| (!causal || k <= q) && window.is_none_or(|w| q < k + w);
-        let mut mask = if let Some((batch, seg)) = &self.segments {
+        let mut mask = if let Some((batch, seg)) = &self.examples {
             // start is 0: query i and key k are positions i and k of the same row.
             let (batch, seq) = (*batch, self.seq);
             let mut data = Vec::with_capacity(batch * seq * seq);

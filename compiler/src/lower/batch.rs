@@ -19,10 +19,12 @@ pub struct Inputs {
     pub attention_mask: Option<Tensor>,
     /// `[batch, seq]` segment ids (BERT).
     pub token_type_ids: Option<Tensor>,
-    /// `[batch, seq]` example index of every token (u32): a token attends only to earlier
-    /// tokens of its own example, as when packed examples train apart. Only from an empty
+    /// `[batch, seq]` example index of every token (u32) of packed rows: a token attends
+    /// only to tokens of its own example (the earlier ones, in a causal model), as if each
+    /// example had a row of its own; positions still count along the row, so with rotary
+    /// positions (relative) an example computes what it computes alone. Only from an empty
     /// cache.
-    pub segments: Option<Tensor>,
+    pub example_ids: Option<Tensor>,
 }
 
 impl Program {
@@ -50,7 +52,7 @@ impl Program {
             input_ids: input_ids.clone(),
             attention_mask: None,
             token_type_ids: None,
-            segments: None,
+            example_ids: None,
         };
         self.forward(&inputs, &mut self.new_cache(), &["logits"], false)?
             .remove("logits")
@@ -158,10 +160,10 @@ impl Program {
             None => None,
         };
         let mut ctx = AttnCtx::new(start, seq, key_mask);
-        if let Some(t) = &inputs.segments {
+        if let Some(t) = &inputs.example_ids {
             if t.dims() != [batch, seq] {
                 return Err(RunError::Input(format!(
-                    "segments has shape {:?}, expected [{batch}, {seq}]",
+                    "example_ids has shape {:?}, expected [{batch}, {seq}]",
                     t.dims()
                 )));
             }
@@ -169,9 +171,9 @@ impl Program {
                 .flatten_all()
                 .and_then(|t| t.to_dtype(DType::U32))
                 .and_then(|t| t.to_vec1::<u32>())
-                .map_err(|e| RunError::Input(format!("segments: {e}")))?;
+                .map_err(|e| RunError::Input(format!("example_ids: {e}")))?;
             ctx = ctx
-                .with_segments(batch, ids)
+                .with_examples(batch, ids)
                 .map_err(|e| RunError::Input(e.to_string()))?;
         }
         // Layer dropout: each block's input and output steps, and the inputs kept for it.
