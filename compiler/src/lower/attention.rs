@@ -133,6 +133,10 @@ pub struct AttentionKernel {
 /// Queries per block of a long causal call in [`AttentionKernel::attend_grouped`].
 pub const QUERY_BLOCK: usize = 64;
 
+/// Queries per block of a long causal call in [`AttentionKernel::attend_repeated`] (the
+/// training path, where each block is a node of the backward graph, so blocks are larger).
+pub const TRAIN_QUERY_BLOCK: usize = 128;
+
 /// Softmax over the last axis of f32 scores. With the `mkl` feature and no mask it is
 /// composed of candle ops (row max, subtract, exp, row sum, divide) so that the
 /// exponentials run in MKL's vectorised `vsExp`: in decode this took softmax from 4% to
@@ -368,17 +372,56 @@ impl AttentionKernel {
         let v = repeat_kv(v, n_rep)?;
         let (b, _, s, d) = q.dims4()?;
         let dtype = q.dtype();
-        let mut att = (q.matmul(&k.t()?)? * self.scale)?;
-        if dtype != DType::F32 {
-            att = att.to_dtype(DType::F32)?;
+        let mask = ctx.mask(self.causal, self.window, q.device())?;
+        // A long causal call without padding runs in blocks of queries, each against the
+        // keys up to its last query: the scores every query of a block masks are neither
+        // computed nor differentiated (about half of them on a long row).
+        let block = if self.causal && ctx.key_mask.is_none() && s > TRAIN_QUERY_BLOCK {
+            TRAIN_QUERY_BLOCK
+        } else {
+            s
+        };
+        let keys_total = k.dim(2)?;
+        let mut outs = Vec::with_capacity(s.div_ceil(block));
+        let mut first = 0;
+        while first < s {
+            let rows = block.min(s - first);
+            let keys = if rows < s {
+                (ctx.start + first + rows).min(keys_total)
+            } else {
+                keys_total
+            };
+            let (qb, kb, vb) = if rows < s {
+                (
+                    q.narrow(2, first, rows)?,
+                    k.narrow(2, 0, keys)?,
+                    v.narrow(2, 0, keys)?,
+                )
+            } else {
+                (q.clone(), k.clone(), v.clone())
+            };
+            let mut att = (qb.matmul(&kb.t()?)? * self.scale)?;
+            if dtype != DType::F32 {
+                att = att.to_dtype(DType::F32)?;
+            }
+            if let Some(mask) = &mask {
+                let m = if rows < s {
+                    mask.narrow(2, first, rows)?.narrow(3, 0, keys)?
+                } else {
+                    mask.clone()
+                };
+                att = att.broadcast_add(&m)?;
+            }
+            let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?.to_dtype(dtype)?;
+            outs.push(att.matmul(&vb.contiguous()?)?);
+            first += rows;
         }
-        if let Some(mask) = ctx.mask(self.causal, self.window, q.device())? {
-            att = att.broadcast_add(&mask)?;
-        }
-        let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?.to_dtype(dtype)?;
-        att.matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * d))
+        let y = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 2)?
+        };
+        y.transpose(1, 2)?.reshape((b, s, self.heads * d))
     }
 
     /// Inference attention over `q: [batch, heads, seq, d]` and every cached position's
@@ -567,6 +610,68 @@ mod tests {
         let b = k.attend_grouped(&q, &kk, &v, &mut ctx)?;
         assert_eq!(a.dims(), b.dims());
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// The training path's query blocks against a direct softmax over the whole masked
+    /// score matrix, written here: causal, 600 queries (blocks of 256, the last shorter),
+    /// grouped heads, with and without example ids splitting each row in two.
+    #[test]
+    fn blocked_training_attention_equals_a_direct_softmax() -> Result<()> {
+        const _: () = assert!(600 > 4 * TRAIN_QUERY_BLOCK);
+        let (heads, kv_heads, d, batch, seq) = (4, 2, 8, 2, 600);
+        let k = kernel(heads, kv_heads, d, true, None);
+        let q = values((batch, heads, seq, d), 21);
+        let kk = values((batch, kv_heads, seq, d), 22);
+        let v = values((batch, kv_heads, seq, d), 23);
+        let split = [200usize, 450];
+        for with_examples in [false, true] {
+            let mut ctx = AttnCtx::new(0, seq, None);
+            let mut examples = Vec::new();
+            for &at in &split {
+                examples.extend((0..seq).map(|i| u32::from(i >= at)));
+            }
+            if with_examples {
+                ctx = ctx.with_examples(batch, examples.clone())?;
+            }
+            let got = k.attend_repeated(&q, kk.clone(), v.clone(), &mut ctx)?;
+            // Direct: every key-value head copied to its queries, one masked softmax.
+            let rep = |t: &Tensor| -> Result<Tensor> {
+                let parts: Vec<Tensor> = (0..heads)
+                    .map(|h| t.narrow(1, h / (heads / kv_heads), 1))
+                    .collect::<Result<_>>()?;
+                Tensor::cat(&parts, 1)
+            };
+            let scores = (q.matmul(&rep(&kk)?.t()?)? * k.scale)?;
+            let mut mask = Vec::with_capacity(batch * seq * seq);
+            for row in 0..batch {
+                for i in 0..seq {
+                    for j in 0..seq {
+                        let same =
+                            !with_examples || examples[row * seq + i] == examples[row * seq + j];
+                        mask.push(if j <= i && same {
+                            0f32
+                        } else {
+                            f32::NEG_INFINITY
+                        });
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(mask, (batch, 1, seq, seq), &Device::Cpu)?;
+            let weights =
+                candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
+            let want =
+                weights
+                    .matmul(&rep(&v)?)?
+                    .transpose(1, 2)?
+                    .reshape((batch, seq, heads * d))?;
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "examples {with_examples}: {diff}");
+        }
+        Ok(())
     }
 
     #[test]
