@@ -31,12 +31,12 @@ python3 - "$out/a/rrt/pipeline.ron" "$out/a" <<'EOF'
 import sys
 src, dst = sys.argv[1], sys.argv[2]
 text = open(src).read().replace('Some("', 'Some("rrt/')
-heads = text.replace("    ],\n    runtime", "        InsertExits(every: 3, head: SharedLmHead(norm: true)),\n    ],\n    runtime")
+heads = text.replace("    ],\n    runtime", "        InsertExits(every: 4, head: SharedLmHead(norm: true)),\n    ],\n    runtime")
 open(f"{dst}/full.ron", "w").write(text)
 open(f"{dst}/heads.ron", "w").write(heads)
 open(f"{dst}/exits.ron", "w").write(heads.replace("depth: Full", "depth: EarlyExit(rule: Confidence(0.8))"))
 EOF
-echo 'Distribution(exits: [(3, 0.6), (6, 0.4)], seed: 1)' > "$out/a/rrt-like.ron"
+echo 'Distribution(exits: [(4, 0.6), (8, 0.4)], seed: 1)' > "$out/a/rrt-like.ron"
 [ -f "$out/a/cost.ron" ] || "$bin" profile "$out/a/heads.ron" -o "$out/a/cost.ron"
 
 # (b) the random recursive Llama.
@@ -102,7 +102,7 @@ serve a-rrt "$out/a/heads.ron" "$heavy" "$out/a/cost.ron" --sim-exits "$out/a/rr
 share=$(python3 -c "
 import json
 d = [json.loads(l)['exit_layer'] for l in open('$out/a/real.jsonl')]
-print(round(sum(1 for x in d if x < 6) / len(d), 3))")
+print(round(sum(1 for x in d if x < 8) / len(d), 3))")
 echo "Distribution(exits: [(6, $share), (12, $(python3 -c "print(round(1 - $share, 3))"))], seed: 1)" \
   > "$out/b/a-share.ron"
 echo "(a)'s real exits let $share of its tokens go after the first iteration"

@@ -1363,7 +1363,7 @@ fn bad_simulated_exits_are_errors_naming_the_file() {
     let e = serve("Distribution(exits: [(1, 0.5), (6, 0.3)], seed: 0)", "sim");
     assert_mentions(&e, &["exits.ron", "sum to 0.8", "not 1"]);
     let e = serve("Distribution(exits: [(1, 0.5), (9, 0.5)], seed: 0)", "sim");
-    assert_mentions(&e, &["exits.ron", "depth 9", "6 layers"]);
+    assert_mentions(&e, &["exits.ron", "depth 9", "8 layers"]);
     let e = serve("Distribution(exits: [(1, 0.5)]\n  seed: 0)", "sim");
     assert_mentions(&e, &["exits.ron", "2:"]);
     // The real executor takes a leaving token from the exit head at its depth.

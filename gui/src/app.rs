@@ -199,7 +199,7 @@ mod tests {
         let app = ExplorerApp::demo();
         assert_eq!(app.tab, Tab::Graph);
         assert!(app.compile_error.is_none());
-        assert_eq!(app.loaded.as_ref().unwrap().depth(), 6);
+        assert_eq!(app.loaded.as_ref().unwrap().depth(), 8);
     }
 
     #[test]

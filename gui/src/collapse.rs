@@ -334,7 +334,7 @@ mod tests {
     };
 
     #[test]
-    fn a_tied_six_layer_model_folds_into_one_looped_block() {
+    fn a_tied_eight_layer_model_folds_into_one_looped_block() {
         let g = tied_demo(2, Some(16));
         let gr = group(&g, same, &LOOPS);
         assert_eq!(titles(&gr), ["inputs", "looped block", "outputs"]);
@@ -344,13 +344,13 @@ mod tests {
                 nodes,
                 kinds,
             } => {
-                assert_eq!((looping.loops, looping.block_len), (2, 3));
+                assert_eq!((looping.loops, looping.block_len), (2, 4));
                 assert_eq!(
                     looping.adapters().as_deref(),
                     Some("LoRA r16 per iteration")
                 );
-                // Every iteration's nodes are in the box: 6 depths of 6 ops.
-                assert_eq!(nodes.len(), 36);
+                // Every iteration's nodes are in the box: 8 depths of 6 ops.
+                assert_eq!(nodes.len(), 48);
                 assert_eq!(kinds.len(), 6);
             }
             other => panic!("expected a looped block, got {other:?}"),
@@ -374,15 +374,15 @@ mod tests {
                 .filter(|t| t.starts_with("layer "))
                 .count()
         };
-        // Not folding loops, or expanding any layer of the loop: six layer columns.
+        // Not folding loops, or expanding any layer of the loop: eight layer columns.
         let off = group(&g, same, &CollapseOptions::default());
-        assert_eq!(layer_columns(&off), 6);
+        assert_eq!(layer_columns(&off), 8);
         let expanded = CollapseOptions {
             expanded: BTreeSet::from([4]),
             ..LOOPS
         };
         let gr = group(&g, same, &expanded);
-        assert_eq!(layer_columns(&gr), 6);
+        assert_eq!(layer_columns(&gr), 8);
         assert!(gr.items.iter().all(|i| !matches!(i, Item::Loop { .. })));
     }
 

@@ -110,21 +110,21 @@ mod tests {
     fn over_a_looped_block_the_path_follows_each_iteration() {
         let g = tied_demo(2, Some(16));
         // A token that ran every depth: both iterations, every node.
-        let all = [0, 1, 2, 3, 4, 5];
+        let all = [0, 1, 2, 3, 4, 5, 6, 7];
         assert_eq!(
             iterations(&g, &all).unwrap().to_string(),
             "2 of 2 iterations"
         );
-        assert_eq!(path(&g, &all, 6).len(), g.graph.node_count());
-        // A token that ran the first iteration only: one of two, and only depths 0–2 on its
+        assert_eq!(path(&g, &all, 8).len(), g.graph.node_count());
+        // A token that ran the first iteration only: one of two, and only depths 0–3 on its
         // path (the shared block's nodes of the second iteration did not run).
-        let first = iterations(&g, &[0, 1, 2]).unwrap();
+        let first = iterations(&g, &[0, 1, 2, 3]).unwrap();
         assert_eq!((first.ran, first.of), (1, 2));
-        let layers: BTreeSet<usize> = path(&g, &[0, 1, 2], 3)
+        let layers: BTreeSet<usize> = path(&g, &[0, 1, 2, 3], 4)
             .iter()
             .filter_map(|&n| g.graph[n].layer)
             .collect();
-        assert_eq!(layers, BTreeSet::from([0, 1, 2]));
+        assert_eq!(layers, BTreeSet::from([0, 1, 2, 3]));
         // An untied graph has no iterations to count.
         assert_eq!(iterations(&chain(6), &all), None);
     }

@@ -179,32 +179,32 @@ mod tests {
     }
 
     #[test]
-    fn six_layers_tied_twice_loop_a_block_of_three_with_rank_16_adapters() {
+    fn eight_layers_tied_twice_loop_a_block_of_four_with_rank_16_adapters() {
         let l = Looping::of(&tied_demo(2, Some(16))).unwrap();
-        assert_eq!((l.block_len, l.loops), (3, 2));
-        assert_eq!(l.depths(), 0..6);
-        assert_eq!((l.iteration(4), l.position(4)), (1, 1));
-        assert_eq!(l.summary(), "×2 loops · layers 0–2 shared");
+        assert_eq!((l.block_len, l.loops), (4, 2));
+        assert_eq!(l.depths(), 0..8);
+        assert_eq!((l.iteration(5), l.position(5)), (1, 1));
+        assert_eq!(l.summary(), "×2 loops · layers 0–3 shared");
         assert_eq!(l.adapters().as_deref(), Some("LoRA r16 per iteration"));
         // Tied without adapters: no adapter mark.
-        let plain = Looping::of(&tied_demo(3, None)).unwrap();
-        assert_eq!((plain.block_len, plain.loops), (2, 3));
+        let plain = Looping::of(&tied_demo(4, None)).unwrap();
+        assert_eq!((plain.block_len, plain.loops), (2, 4));
         assert_eq!(plain.adapters(), None);
     }
 
     #[test]
     fn iterations_count_the_loops_a_token_took_part_in() {
         let l = Looping::of(&tied_demo(2, None)).unwrap();
-        let all = l.iterations_run(&[0, 1, 2, 3, 4, 5]);
+        let all = l.iterations_run(&[0, 1, 2, 3, 4, 5, 6, 7]);
         assert_eq!((all.ran, all.of), (2, 2));
         assert_eq!(all.to_string(), "2 of 2 iterations");
         assert_eq!(
-            l.iterations_run(&[0, 1, 2]).to_string(),
+            l.iterations_run(&[0, 1, 2, 3]).to_string(),
             "1 of 2 iterations"
         );
         assert_eq!(
-            l.iterations_run(&[0, 1, 2, 3]).to_string(),
-            "2 of 2 iterations, the last 1 of 3 layers"
+            l.iterations_run(&[0, 1, 2, 3, 4]).to_string(),
+            "2 of 2 iterations, the last 1 of 4 layers"
         );
         assert_eq!(l.iterations_run(&[]).ran, 0);
     }

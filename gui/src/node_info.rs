@@ -213,37 +213,37 @@ mod tests {
             .unwrap();
         let d = details(g, n).unwrap();
         assert_eq!(d.layer, Some(0));
-        assert_eq!(d.shape, "[batch, seq, 192]");
-        // q, o: 192×192; k, v: 192×96 (3 KV heads of 32).
-        assert_eq!(d.params, 2 * 192 * 192 + 2 * 192 * 96);
+        assert_eq!(d.shape, "[batch, seq, 128]");
+        // q, o: 128×128; k, v: 128×64 (2 KV heads of 32).
+        assert_eq!(d.params, 2 * 128 * 128 + 2 * 128 * 64);
         assert_eq!(d.flops_per_token, 2 * d.params as u64);
-        assert_eq!(d.flops_per_context_token, 4 * 192);
+        assert_eq!(d.flops_per_context_token, 4 * 128);
         assert_eq!(d.weights.len(), 4);
         let q = &d.weights[0];
         assert_eq!(q.role, "q.weight");
         let (file, dtype, shape) = q.tensors[0].stored.clone().unwrap();
         assert_eq!(file, "model.safetensors");
         assert_eq!(dtype, "F32");
-        assert_eq!(shape, vec![192, 192]);
+        assert_eq!(shape, vec![128, 128]);
         assert_eq!(d.inputs.len(), 1);
     }
 
     #[test]
     fn a_tied_projection_shows_its_shared_weights_iteration_and_adapter_rank() {
         let g = crate::test_graphs::tied_demo(2, Some(16));
-        let attn = g.find("layers.4.attn").unwrap();
+        let attn = g.find("layers.5.attn").unwrap();
         let d = details(&g, attn).unwrap();
         let tied = d.tied.unwrap();
-        // Depth 4 is layer 1 of the shared block, in the second iteration.
+        // Depth 5 is layer 1 of the shared block, in the second iteration.
         assert_eq!((tied.weights, tied.iteration), (1, 1));
-        assert_eq!(tied.shared_by, vec![1, 4]);
+        assert_eq!(tied.shared_by, vec![1, 5]);
         let names: Vec<&str> = d.adapters.iter().map(|a| a.projection).collect();
         assert_eq!(names, ["q", "k", "v", "o"]);
         assert!(d.adapters.iter().all(|a| a.rank == 16));
-        // q: 192 in, 192 out.
-        assert_eq!(d.adapters[0].params, 16 * (192 + 192));
+        // q: 128 in, 128 out.
+        assert_eq!(d.adapters[0].params, 16 * (128 + 128));
         // A norm of the block is tied too, but has no adapter.
-        let norm = details(&g, g.find("layers.4.attn_norm").unwrap()).unwrap();
+        let norm = details(&g, g.find("layers.5.attn_norm").unwrap()).unwrap();
         assert!(norm.tied.is_some() && norm.adapters.is_empty());
         // The imported model: nothing tied.
         let untied = exitgraph_ir::import(&exitgraph::pipeline::demo_model_dir()).unwrap();
@@ -256,7 +256,7 @@ mod tests {
         let g = crate::test_graphs::tied_demo(2, None);
         let (a, b) = (
             g.find("layers.1.attn").unwrap(),
-            g.find("layers.4.attn").unwrap(),
+            g.find("layers.5.attn").unwrap(),
         );
         assert_eq!(distinct_params(&g, &[a, b]), distinct_params(&g, &[a]));
         assert_eq!(totals(&g, &[a, b]).0, 2 * distinct_params(&g, &[a]));

@@ -113,7 +113,7 @@ fn tie(mut g: Graph, loops: usize, rank: Option<usize>) -> Graph {
     g
 }
 
-/// The demo model (6 layers) tied into a block looped `loops` times, with rank-`rank`
+/// The demo model (8 layers) tied into a block looped `loops` times, with rank-`rank`
 /// adapters per iteration when given.
 pub fn tied_demo(loops: usize, rank: Option<usize>) -> Graph {
     let ckpt =

@@ -37,8 +37,8 @@ fn prompts_run_through_the_runtime_with_one_record_per_token() {
     assert!(out.outputs.iter().all(|o| o.len() == 4));
     assert_eq!(out.records.len(), 8);
     for r in &out.records {
-        assert_eq!(r.layers, (0..6).collect::<Vec<_>>());
-        assert_eq!(r.exit_layer, 6);
+        assert_eq!(r.layers, (0..8).collect::<Vec<_>>());
+        assert_eq!(r.exit_layer, 8);
         assert!(r.signals.is_empty());
         assert!(r.pos >= prompts[r.seq].len());
         assert_eq!(

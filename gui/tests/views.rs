@@ -16,12 +16,12 @@ fn graph_view_shows_both_graphs_and_node_details() {
     let mut h = harness(ExplorerApp::demo());
     h.run_steps(3);
     assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
-    h.get_by_label_contains("Imported (40 nodes)");
-    h.get_by_label_contains("After 0 passes (40 nodes)");
-    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
+    h.get_by_label_contains("Imported (52 nodes)");
+    h.get_by_label_contains("After 0 passes (52 nodes)");
+    assert_eq!(h.get_all_by_label("layer 7").count(), 2);
     // Both sides draw layer 0's attention; click the compiled one.
     let attn = h.get_all_by_label("attn\nAttention").count();
-    assert_eq!(attn, 12);
+    assert_eq!(attn, 16);
     h.get_all_by_label("attn\nAttention")
         .last()
         .unwrap()
@@ -31,10 +31,10 @@ fn graph_view_shows_both_graphs_and_node_details() {
         h.state().graph.selected,
         Some(Selection::Node(..))
     ));
-    h.get_by_label("q.weight: [192, 192]");
-    // q and o are 192 × 192 tensors of the checkpoint file.
+    h.get_by_label("q.weight: [128, 128]");
+    // q and o are 128 × 128 tensors of the checkpoint file.
     assert_eq!(
-        h.get_all_by_label_contains("from model.safetensors (F32 [192, 192])")
+        h.get_all_by_label_contains("from model.safetensors (F32 [128, 128])")
             .count(),
         2
     );
@@ -45,17 +45,17 @@ fn graph_view_shows_both_graphs_and_node_details() {
     h.get_by_label("Fold repeated layers").click();
     h.run_steps(2);
     assert!(h.query_by_label("layer 5").is_none());
-    h.get_all_by_label_contains("×6 folded")
+    h.get_all_by_label_contains("×8 folded")
         .next()
         .unwrap()
         .click();
     h.run_steps(2);
     // Inside a scroll area a press needs the pointer there a frame before, as a hand does.
-    h.get_by_label("Unfold layers 0–5").hover();
+    h.get_by_label("Unfold layers 0–7").hover();
     h.run_steps(1);
-    h.get_by_label("Unfold layers 0–5").click();
+    h.get_by_label("Unfold layers 0–7").click();
     h.run_steps(2);
-    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
+    assert_eq!(h.get_all_by_label("layer 7").count(), 2);
 }
 
 #[test]
@@ -83,7 +83,7 @@ fn pipeline_editor_reports_errors_while_typing_and_apply_recompiles() {
     h.run_steps(2);
     let e = h.state().compile_error.clone().expect("a compile error");
     assert!(e.contains("TruncateLayers"), "{e}");
-    assert_eq!(h.state().loaded.as_ref().unwrap().depth(), 6);
+    assert_eq!(h.state().loaded.as_ref().unwrap().depth(), 8);
 
     // Fix it with a pass and apply.
     h.state_mut().editor.text =
@@ -103,7 +103,7 @@ fn pipeline_editor_reports_errors_while_typing_and_apply_recompiles() {
     let (added, changed, removed) = h.state().loaded.as_ref().unwrap().diff.counts();
     h.get_by_label(&format!("changed {changed}"));
     h.get_by_label(&format!("removed {removed}"));
-    assert_eq!((added, removed), (0, 18));
+    assert_eq!((added, removed), (0, 30));
     assert!(changed >= 1);
     h.snapshot_options("graph_truncated", &snapshot_options());
 }
@@ -125,10 +125,10 @@ fn run_view_generates_and_shows_each_tokens_layers() {
     let r = h.state().run.result.as_ref().unwrap();
     // Up to 6 tokens per prompt; both stop early at the end-of-sequence token.
     assert!((2..=12).contains(&r.heatmap.rows.len()));
-    assert_eq!(r.heatmap.depth, 6);
+    assert_eq!(r.heatmap.depth, 8);
     // No exit heads: every token ran all six layers and exited at the top.
-    assert!(r.heatmap.rows.iter().all(|row| row.exit_layer == 6));
-    assert_eq!(r.histogram[6], r.heatmap.rows.len() as u64);
+    assert!(r.heatmap.rows.iter().all(|row| row.exit_layer == 8));
+    assert_eq!(r.histogram[8], r.heatmap.rows.len() as u64);
     assert!(r.outputs[0].1.starts_with("7F2Q"), "{:?}", r.outputs[0]);
     h.get_by_label_contains("layer ran");
     h.get_by_label("L5");
@@ -141,7 +141,7 @@ fn run_view_generates_and_shows_each_tokens_layers() {
         .click();
     h.run_steps(2);
     let path = h.state().graph.path.clone().expect("a compute path");
-    assert_eq!(path.nodes.len(), 40);
+    assert_eq!(path.nodes.len(), 52);
     h.get_by_label("Open Graph").click();
     h.run_steps(3);
     assert_eq!(h.state().tab, Tab::Graph);
@@ -164,7 +164,7 @@ fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
     let s = h.state().sim.summary.as_ref().unwrap();
     // examples/workloads/poisson.ron: 64 requests of 16 tokens.
     assert_eq!(s.records, 64 * 16);
-    assert_eq!(s.depth, 6);
+    assert_eq!(s.depth, 8);
     h.get_by_label_contains("64 of 64 requests completed");
     h.get_by_label("Throughput (tokens/s)");
     h.snapshot_options("simulator", &snapshot_options());
@@ -182,7 +182,7 @@ fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
 
 #[test]
 fn simulator_view_serves_a_looped_model_with_rows_per_iteration() {
-    // The recursive demo (3 layers looped twice) under looped depth-wise batching: each
+    // The recursive demo (4 layers looped twice) under looped depth-wise batching: each
     // step's rows at each iteration come back in the report and are plotted per iteration.
     let path = exitgraph_gui::views::sim::examples_dir().join("demo-recursive.ron");
     let mut h = harness(ExplorerApp::open(&path));
@@ -214,10 +214,10 @@ fn run_view_colours_exit_signals_when_the_trace_has_them() {
     use exitgraph_gui::serving::PromptResult;
     use exitgraph_gui::views::run::RunData;
     // A trace as a program with exit heads after layers 2 and 4 writes it: some tokens
-    // leave at 2, some at 4, the rest run all 6 layers.
+    // leave at 2, some at 4, the rest run all 8 layers.
     let records: Vec<TraceRecord> = (0..9)
         .map(|i| {
-            let exit = [2, 4, 6][i % 3];
+            let exit = [2, 4, 8][i % 3];
             TraceRecord {
                 seq: 0,
                 pos: 10 + i,
@@ -255,7 +255,7 @@ fn run_view_colours_exit_signals_when_the_trace_has_them() {
         app.loaded.as_ref().unwrap(),
     );
     assert!(data.heatmap.has_signals());
-    assert_eq!(&data.histogram[1..], &[0, 3, 0, 3, 0, 3]);
+    assert_eq!(&data.histogram[1..], &[0, 3, 0, 3, 0, 0, 0, 3]);
     app.run.result = Some(data);
     app.tab = Tab::Run;
     let mut h = harness(app);
@@ -330,7 +330,7 @@ fn run_view_shows_real_exits_of_the_demo_exits_pipeline() {
     assert!(r.heatmap.has_signals());
     // " ." after "some birds are not green" is certain after one layer.
     assert!(
-        r.heatmap.rows.iter().any(|row| row.exit_layer < 6),
+        r.heatmap.rows.iter().any(|row| row.exit_layer < 8),
         "some token exits early"
     );
     // Selecting a token that exited early outlines its path to the exit head the pass
@@ -339,7 +339,7 @@ fn run_view_shows_real_exits_of_the_demo_exits_pipeline() {
         .heatmap
         .rows
         .iter()
-        .find(|row| row.exit_layer < 6)
+        .find(|row| row.exit_layer < 8)
         .map(|row| (row.seq, row.pos, row.exit_layer))
         .unwrap();
     h.snapshot_options("run_exits", &snapshot_options());
@@ -367,19 +367,19 @@ fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
     use exitgraph::runtime::trace::TraceRecord;
     use exitgraph_gui::serving::PromptResult;
     use exitgraph_gui::views::run::RunData;
-    // The demo's 6 layers tied into a block of 3 looped twice, a rank-16 LoRA per iteration.
+    // The demo's 8 layers tied into a block of 4 looped twice, a rank-16 LoRA per iteration.
     let path = exitgraph_gui::views::sim::examples_dir().join("demo-recursive.ron");
     let mut h = harness(ExplorerApp::open(&path));
     h.run_steps(3);
     assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
-    // The imported model keeps its 6 layer columns; the compiled one draws the block once.
-    assert_eq!(h.get_all_by_label("layer 5").count(), 1);
+    // The imported model keeps its 8 layer columns; the compiled one draws the block once.
+    assert_eq!(h.get_all_by_label("layer 7").count(), 1);
     assert_eq!(h.get_all_by_label("looped block").count(), 1);
-    h.get_by_label("×2 loops\nlayers 0–2 shared\nLoRA r16\nper iteration\ndepths 0–5")
+    h.get_by_label("×2 loops\nlayers 0–3 shared\nLoRA r16\nper iteration\ndepths 0–7")
         .click();
     h.run_steps(2);
     assert_eq!(h.state().graph.selected, Some(Selection::Loop(Side::After)));
-    h.get_by_label("iteration i1: depths 3–5");
+    h.get_by_label("iteration i1: depths 4–7");
     h.get_by_label("each layer: RmsNorm · Attention · Add · RmsNorm · Mlp · Add");
     // Out of the way of the box's text.
     h.get_by_label("Details").hover();
@@ -391,13 +391,13 @@ fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
     h.run_steps(1);
     h.get_by_label("Unfold loop").click();
     h.run_steps(2);
-    assert_eq!(h.get_all_by_label("layer 5").count(), 2);
+    assert_eq!(h.get_all_by_label("layer 7").count(), 2);
     assert!(h.query_by_label("looped block").is_none());
     let g = &h.state().loaded.as_ref().unwrap().after;
-    let attn4 = g.find("layers.4.attn").unwrap();
-    h.state_mut().graph.selected = Some(Selection::Node(Side::After, attn4));
+    let attn5 = g.find("layers.5.attn").unwrap();
+    h.state_mut().graph.selected = Some(Selection::Node(Side::After, attn5));
     h.run_steps(2);
-    h.get_by_label("shared layer 1 (depths 1, 4)");
+    h.get_by_label("shared layer 1 (depths 1, 5)");
     h.get_by_label("i1 (number 2 of 2)");
     assert_eq!(
         h.get_all_by_label_contains(": rank 16, scale 1,").count(),
@@ -407,7 +407,7 @@ fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
 
     // A token that ran every depth: the folded block is its path, both iterations counted;
     // the heatmap's columns read as (loop, layer).
-    let records: Vec<TraceRecord> = [6, 3]
+    let records: Vec<TraceRecord> = [8, 4]
         .into_iter()
         .enumerate()
         .map(|(i, exit)| TraceRecord {
@@ -436,13 +436,13 @@ fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
     h.run_steps(2);
     h.get_by_label("Tokens × (loop, layer)");
     h.get_by_label("i1·L2");
-    assert!(h.query_by_label("L5").is_none());
+    assert!(h.query_by_label("L7").is_none());
     h.get_all_by_label_contains("pos 11")
         .next()
         .unwrap()
         .click();
     h.run_steps(2);
-    h.get_by_label_contains("3 layers run (1 of 2 iterations)");
+    h.get_by_label_contains("4 layers run (1 of 2 iterations)");
     h.get_all_by_label_contains("pos 10")
         .next()
         .unwrap()

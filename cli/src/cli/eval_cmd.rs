@@ -17,7 +17,7 @@ pub struct RecursiveArgs {
     /// Checkpoint folder with tokenizer.json; the demo model when omitted.
     model_dir: Option<PathBuf>,
     /// Loop counts to tie the layers into, comma-separated (each must divide the layers).
-    #[arg(long, value_delimiter = ',', default_value = "2,3")]
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
     loops: Vec<usize>,
     /// Initialisations of the shared block: stepwise, average, lower.
     #[arg(long, value_delimiter = ',', default_value = "stepwise,average,lower")]

@@ -409,6 +409,26 @@ fn save_and_load_tokenizer() {
     assert_eq!(leftovers, 1);
 }
 
+#[test]
+fn prompts_encoded_with_special_tokens_start_like_training_examples() {
+    let (examples, tok) = small_tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    save_tokenizer(&tok, &path).unwrap();
+    let loaded = Tokenizer::from_file(&path).unwrap();
+    for ex in &examples[..20] {
+        let trained = encode(&loaded, ex).unwrap().ids;
+        // A prompt typed by a user: the example's text, special tokens on.
+        let prompt = loaded.encode(ex.text.as_str(), true).unwrap();
+        assert_eq!(prompt.get_ids()[0], 0, "<s> first");
+        // The same ids as the training example, without its closing </s>.
+        assert_eq!(prompt.get_ids(), &trained[..trained.len() - 1]);
+        // Without special tokens, nothing is added.
+        let plain = loaded.encode(ex.text.as_str(), false).unwrap();
+        assert_eq!(plain.get_ids(), &trained[1..trained.len() - 1]);
+    }
+}
+
 proptest::proptest! {
     /// Packing loses, repeats and reorders nothing within an example: every token (all
     /// distinct here) lands exactly once; an example that fits a row sits whole and in

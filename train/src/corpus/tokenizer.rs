@@ -11,6 +11,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// Beginning-of-sequence token; id 0 in tokenizers from [`train_tokenizer`].
@@ -33,8 +34,10 @@ const BASE_VOCAB: usize = 2 + 256;
 ///
 /// Pre-tokenizer: `Sequence[Split(PRE_TOKENIZER_REGEX, Isolated), ByteLevel(add_prefix_space
 /// = false, trim_offsets = false, use_regex = false)]`; decoder: `ByteLevel`; no normalizer
-/// and no post-processor (encode with `add_special_tokens = false` and add bos/eos yourself,
-/// as [`encode`] does). The trainer starts from the full 256-byte alphabet, so any text
+/// and a post-processor that puts [`BOS`] before a text encoded with special tokens
+/// (`<s> $A`, as Llama's tokenizers do: prompts typed into `run`, `serve` or the explorer
+/// start like the training examples; [`encode`] encodes without special tokens and adds
+/// bos/eos itself). The trainer starts from the full 256-byte alphabet, so any text
 /// round-trips, and adds [`BOS`] (id 0) and [`EOS`] (id 1). `vocab_size` is an upper bound
 /// (at least 258): training stops early once every word of the corpus is one token.
 pub fn train_tokenizer(examples: &[Example], vocab_size: usize) -> anyhow::Result<Tokenizer> {
@@ -76,6 +79,14 @@ pub fn train_tokenizer(examples: &[Example], vocab_size: usize) -> anyhow::Resul
         (bos, eos) == (0, 1),
         "expected bos/eos ids 0/1, got {bos}/{eos}"
     );
+    let template = TemplateProcessing::builder()
+        .try_single(format!("{BOS} $A"))
+        .and_then(|b| b.try_pair(format!("{BOS} $A {BOS}:1 $B:1")))
+        .map_err(anyhow::Error::msg)?
+        .special_tokens(vec![(BOS, bos)])
+        .build()
+        .context("the tokenizer's post-processor")?;
+    tok.with_post_processor(Some(template));
     Ok(tok)
 }
 
