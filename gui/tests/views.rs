@@ -126,7 +126,7 @@ fn run_view_generates_and_shows_each_tokens_layers() {
     // Up to 6 tokens per prompt; both stop early at the end-of-sequence token.
     assert!((2..=12).contains(&r.heatmap.rows.len()));
     assert_eq!(r.heatmap.depth, 8);
-    // No exit heads: every token ran all six layers and exited at the top.
+    // No exit heads: every token ran all eight layers and exited at the top.
     assert!(r.heatmap.rows.iter().all(|row| row.exit_layer == 8));
     assert_eq!(r.histogram[8], r.heatmap.rows.len() as u64);
     assert!(r.outputs[0].1.starts_with("7F2Q"), "{:?}", r.outputs[0]);
