@@ -501,6 +501,33 @@ fn length_curriculum_switches_row_length_at_its_steps() {
     .unwrap();
     assert_eq!(needles.log.tokens, staged.log.tokens);
     assert!(weights("needles") != weights("staged"));
+    // Rows led by the long (needle) examples, the room they leave filled with the rest:
+    // fewer rows and examples than packing every example, the same tokens a step.
+    let led = train_lm(
+        &write(
+            "led",
+            "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2, lead_tokens: 30)],",
+        ),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    assert_eq!(led.log.tokens, staged.log.tokens);
+    assert_eq!(led.stages.len(), 2);
+    assert_eq!(
+        (
+            led.stages[1].from_step,
+            led.stages[1].seq_len,
+            led.stages[1].batch_size
+        ),
+        (2, 48, 2)
+    );
+    assert_eq!(led.stages[0], staged.stages[0]);
+    assert!(led.stages[1].rows > 0 && led.stages[1].rows < staged.stages[1].rows);
+    assert!(led.stages[1].examples > led.stages[1].rows);
+    assert!(led.stages[1].examples < staged.stages[1].examples);
+    assert!(weights("led") != weights("staged"));
     let absent = write(
         "absent",
         "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2, tasks: [addition])],",
@@ -510,6 +537,17 @@ fn length_curriculum_switches_row_length_at_its_steps() {
         .to_string();
     assert!(
         e.contains("absent.ron") && e.contains("length_curriculum[0]") && e.contains("addition"),
+        "{e}"
+    );
+    let none_long_enough = write(
+        "short",
+        "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2, lead_tokens: 1000)],",
+    );
+    let e = train_lm(&none_long_enough, false, false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("short.ron") && e.contains("length_curriculum[0]") && e.contains("lead_tokens"),
         "{e}"
     );
     let too_long = write(

@@ -111,6 +111,14 @@ pub struct LengthStage {
     /// as much as a long one's); every task of the corpus when empty.
     #[serde(default)]
     pub tasks: Vec<corpus::Task>,
+    /// Every row of this stage starts with one of its examples of at least this many tokens
+    /// (`<s>` and `</s>` included; e.g. the needle examples longer than the previous stage's
+    /// rows), and the room it leaves is filled with the stage's shorter examples, first fit,
+    /// each at most once ([`corpus::pack_led`]). So the long rows carry a long-range lookup
+    /// each and the short tasks are still trained in the rest. 0 when omitted: rows packed
+    /// from all the stage's examples in order.
+    #[serde(default)]
+    pub lead_tokens: usize,
 }
 
 impl LmTrainSpec {
@@ -125,11 +133,16 @@ impl LmTrainSpec {
         stages
     }
 
-    /// The tasks every stage trains on (empty: all), the top-level one first.
-    fn stage_tasks(&self) -> Vec<&[corpus::Task]> {
-        let mut tasks: Vec<&[corpus::Task]> = vec![&[]];
-        tasks.extend(self.length_curriculum.iter().map(|s| s.tasks.as_slice()));
-        tasks
+    /// The tasks (empty: all) and the lead length (0: none) of every stage, the top-level one
+    /// first.
+    fn stage_filters(&self) -> Vec<(&[corpus::Task], usize)> {
+        let mut filters: Vec<(&[corpus::Task], usize)> = vec![(&[], 0)];
+        filters.extend(
+            self.length_curriculum
+                .iter()
+                .map(|s| (s.tasks.as_slice(), s.lead_tokens)),
+        );
+        filters
     }
 }
 
@@ -145,9 +158,24 @@ pub struct LmReport {
     pub output: PathBuf,
     pub params: usize,
     pub vocab: usize,
+    /// Rows of the first stage (the top-level `seq_len`).
     pub train_rows: usize,
     pub eval_rows: usize,
+    /// What every stage of the length curriculum trained on, the top-level one first.
+    #[serde(default)]
+    pub stages: Vec<StageReport>,
     pub log: TrainLog,
+}
+
+/// One stage of a run's length curriculum: its rows and the examples packed into them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    pub from_step: usize,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    /// Corpus examples the stage's filters keep.
+    pub examples: usize,
+    pub rows: usize,
 }
 
 /// The folder a run trains in, beside the output: `OUTPUT.run`.
@@ -320,28 +348,44 @@ pub fn train_lm_spec(
         .max()
         .unwrap_or(spec.seq_len);
     let mut stage_rows = Vec::new();
-    for (i, (&(from, seq_len, batch), tasks)) in
-        spec.stages().iter().zip(spec.stage_tasks()).enumerate()
+    let mut stage_reports = Vec::new();
+    for (i, (&(from, seq_len, batch), (tasks, lead_tokens))) in
+        spec.stages().iter().zip(spec.stage_filters()).enumerate()
     {
-        let fitting: Vec<corpus::Encoded> = encoded
-            .iter()
-            .zip(&train_examples)
-            .filter(|(e, ex)| {
-                (seq_len == longest || e.ids.len() <= seq_len + 1)
-                    && (tasks.is_empty() || tasks.contains(&ex.task))
-            })
-            .map(|(e, _)| e.clone())
-            .collect();
+        let fitting = stage_examples(
+            &encoded,
+            &train_examples,
+            StageFilter {
+                seq_len,
+                longest: seq_len == longest,
+                tasks,
+            },
+        );
+        // With `lead_tokens`, the examples that long lead the rows and the rest fill them.
+        let (leads, fill): (Vec<corpus::Encoded>, Vec<corpus::Encoded>) = if lead_tokens > 0 {
+            fitting
+                .into_iter()
+                .partition(|e| e.ids.len() >= lead_tokens)
+        } else {
+            (Vec::new(), fitting)
+        };
+        let fitting = if lead_tokens > 0 { &leads } else { &fill };
         if i > 0 && fitting.is_empty() {
-            let why = if tasks.is_empty() {
-                format!("no example of the corpus fits {seq_len} tokens")
+            let which = if tasks.is_empty() {
+                "no example of the corpus".to_string()
             } else {
                 let names: Vec<_> = tasks.iter().map(|t| t.name()).collect();
                 format!(
-                    "none of its tasks ({}) has an example in the corpus that fits {seq_len} \
-                     tokens",
+                    "none of its tasks ({}) has an example that",
                     names.join(", ")
                 )
+            };
+            let why = if lead_tokens > 0 {
+                format!(
+                    "{which} fits {seq_len} tokens and has at least lead_tokens ({lead_tokens})"
+                )
+            } else {
+                format!("{which} fits {seq_len} tokens")
             };
             bail!(
                 "{}: length_curriculum[{}] has no examples: {why}",
@@ -349,10 +393,20 @@ pub fn train_lm_spec(
                 i - 1
             );
         }
-        let rows: Vec<Vec<u32>> = corpus::pack_encoded(&fitting, seq_len, eos)?
-            .into_iter()
-            .map(|r| r.ids)
-            .collect();
+        let (rows, examples) = if lead_tokens > 0 {
+            let (rows, used) = corpus::pack_led(&leads, &fill, seq_len, eos)?;
+            (rows, leads.len() + used)
+        } else {
+            (corpus::pack_encoded(&fill, seq_len, eos)?, fill.len())
+        };
+        let rows: Vec<Vec<u32>> = rows.into_iter().map(|r| r.ids).collect();
+        stage_reports.push(StageReport {
+            from_step: from,
+            seq_len,
+            batch_size: batch,
+            examples,
+            rows: rows.len(),
+        });
         stage_rows.push((from, rows, batch));
     }
     let train_rows = stage_rows[0].1.len();
@@ -559,6 +613,7 @@ pub fn train_lm_spec(
         params: graph.params(),
         vocab,
         train_rows,
+        stages: stage_reports,
         eval_rows: eval.rows(),
         log,
     };
@@ -570,9 +625,83 @@ pub fn train_lm_spec(
     Ok(report)
 }
 
+/// Which examples one stage of the length curriculum packs into its rows.
+struct StageFilter<'a> {
+    seq_len: usize,
+    /// The longest stage packs examples longer than its rows too (cut); a shorter stage
+    /// only those that fit (`seq_len + 1` tokens: inputs and the shifted targets).
+    longest: bool,
+    /// Only these tasks' examples (every task when empty).
+    tasks: &'a [corpus::Task],
+}
+
+/// The encoded examples (`encoded[i]` encodes `examples[i]`) a stage trains on, in order.
+fn stage_examples(
+    encoded: &[corpus::Encoded],
+    examples: &[corpus::Example],
+    filter: StageFilter<'_>,
+) -> Vec<corpus::Encoded> {
+    encoded
+        .iter()
+        .zip(examples)
+        .filter(|(e, ex)| {
+            let n = e.ids.len();
+            (filter.longest || n <= filter.seq_len + 1)
+                && (filter.tasks.is_empty() || filter.tasks.contains(&ex.task))
+        })
+        .map(|(e, _)| e.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stage keeps the examples of its tasks that fit its rows (`seq_len + 1` tokens; any
+    /// length in the longest stage), in corpus order.
+    #[test]
+    fn a_stage_packs_the_examples_its_tasks_and_lengths_allow() {
+        use corpus::Task;
+        let lens = [
+            (Task::Copy, 5),
+            (Task::Needle, 40),
+            (Task::Needle, 9),
+            (Task::Needle, 20),
+        ];
+        let encoded: Vec<corpus::Encoded> = lens
+            .iter()
+            .map(|&(_, n)| corpus::Encoded {
+                ids: (0..n).collect(),
+                answer: vec![false; n as usize],
+            })
+            .collect();
+        let examples: Vec<corpus::Example> = lens
+            .iter()
+            .map(|&(task, _)| corpus::Example {
+                task,
+                text: String::new(),
+                answers: Vec::new(),
+            })
+            .collect();
+        let kept = |seq_len, longest, tasks: &[Task]| -> Vec<usize> {
+            let filter = StageFilter {
+                seq_len,
+                longest,
+                tasks,
+            };
+            stage_examples(&encoded, &examples, filter)
+                .iter()
+                .map(|e| e.ids.len())
+                .collect()
+        };
+        assert_eq!(kept(19, false, &[]), vec![5, 9, 20]);
+        assert_eq!(kept(18, false, &[]), vec![5, 9]);
+        assert_eq!(kept(19, true, &[]), vec![5, 40, 9, 20]);
+        assert_eq!(kept(19, true, &[Task::Needle]), vec![40, 9, 20]);
+        assert_eq!(kept(8, false, &[Task::Needle]), vec![9]);
+        assert_eq!(kept(7, false, &[Task::Needle]), Vec::<usize>::new());
+        assert_eq!(kept(8, false, &[Task::Copy]), vec![5]);
+    }
 
     #[test]
     fn the_run_folder_sits_beside_the_output() {

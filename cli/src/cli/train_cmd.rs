@@ -188,6 +188,16 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 report.log.seconds,
                 report.log.tokens
             );
+            for stage in &report.stages {
+                outln!(
+                    "  from step {}: {} examples in {} rows of {} tokens, batches of {}",
+                    stage.from_step,
+                    stage.examples,
+                    stage.rows,
+                    stage.seq_len,
+                    stage.batch_size
+                );
+            }
             outln!("wrote {}", report.output.display());
             Ok(())
         }

@@ -78,8 +78,8 @@ mod tokenizer;
 mod tests;
 
 pub use tokenizer::{
-    encode, pack, pack_encoded, save_tokenizer, special_ids, train_tokenizer, try_special_ids,
-    Encoded, BOS, EOS, PRE_TOKENIZER_REGEX,
+    encode, pack, pack_encoded, pack_led, save_tokenizer, special_ids, train_tokenizer,
+    try_special_ids, Encoded, BOS, EOS, PRE_TOKENIZER_REGEX,
 };
 
 use serde::{Deserialize, Serialize};

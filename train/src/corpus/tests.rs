@@ -393,6 +393,40 @@ fn pack_fills_a_gap_from_later_examples() {
     );
 }
 
+/// Every led row starts with its lead (in order), holds each fill example at most once,
+/// takes fill examples first fit in order, and pads the rest; a lead longer than a row is
+/// cut into full rows, its tail leading the next.
+#[test]
+fn pack_led_starts_every_row_with_a_lead_and_fills_the_room() {
+    let ex = |base: u32, n: u32| Encoded {
+        ids: (base..base + n).collect(),
+        answer: (0..n).map(|i| i == n - 1).collect(),
+    };
+    // Width 8. Leads of 5, 7 and 11 tokens; fill of 2, 4, 1 and 3 tokens.
+    let leads = [ex(10, 5), ex(20, 7), ex(30, 11)];
+    let fill = [ex(50, 2), ex(60, 4), ex(70, 1), ex(80, 3)];
+    let (rows, used) = pack_led(&leads, &fill, 7, 99).unwrap();
+    let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            // Room 3: [2] fits, [4] does not, [1] fits.
+            vec![10, 11, 12, 13, 14, 50, 51, 70],
+            // Room 1: only [4] and [3] are left; neither fits.
+            vec![20, 21, 22, 23, 24, 25, 26, 99],
+            // 11 tokens: a full row, then the 3-token tail with [4] (room 5); [3] is left over.
+            vec![30, 31, 32, 33, 34, 35, 36, 37],
+            vec![38, 39, 40, 60, 61, 62, 63, 99],
+        ]
+    );
+    assert_eq!(used, 3);
+    // Answer flags travel with their tokens; padding is never an answer.
+    assert!(rows[0].answer[4] && rows[0].answer[6] && rows[0].answer[7]);
+    assert!(!rows[1].answer[7]);
+    assert!(rows[3].answer[6] && !rows[3].answer[7]);
+    assert!(pack_led(&leads, &fill, 0, 99).is_err());
+}
+
 #[test]
 fn save_and_load_tokenizer() {
     let (examples, tok) = small_tokenizer();

@@ -252,3 +252,65 @@ pub fn pack_encoded(encoded: &[Encoded], seq_len: usize, pad: u32) -> anyhow::Re
     close(&mut row, &mut rows);
     Ok(rows)
 }
+
+/// Packs rows of `seq_len + 1` tokens that each start with one of `leads` (in order) and
+/// fill the room left with `fill` examples (first fit among the next 256 not yet used,
+/// each used at most once), the gap that is left padded with `pad`. A lead longer than a
+/// row is cut into full rows, its tail leading a row. Returns the rows and how many `fill`
+/// examples they hold; fill examples left over are not trained on.
+///
+/// A long-context stage trains this way on its long examples alone at the head of each
+/// row while the room they leave carries the short tasks rather than padding.
+pub fn pack_led(
+    leads: &[Encoded],
+    fill: &[Encoded],
+    seq_len: usize,
+    pad: u32,
+) -> anyhow::Result<(Vec<Encoded>, usize)> {
+    if seq_len == 0 {
+        bail!("seq_len must be positive");
+    }
+    let width = seq_len + 1;
+    let mut rows = Vec::new();
+    let mut placed = vec![false; fill.len()];
+    let mut first_free = 0;
+    let mut used = 0;
+    for lead in leads {
+        let mut start = 0;
+        while lead.ids.len() - start > width {
+            rows.push(Encoded {
+                ids: lead.ids[start..start + width].to_vec(),
+                answer: lead.answer[start..start + width].to_vec(),
+            });
+            start += width;
+        }
+        if start == lead.ids.len() {
+            continue;
+        }
+        let mut row = Encoded {
+            ids: Vec::with_capacity(width),
+            answer: Vec::with_capacity(width),
+        };
+        row.ids.extend_from_slice(&lead.ids[start..]);
+        row.answer.extend_from_slice(&lead.answer[start..]);
+        while first_free < fill.len() && placed[first_free] {
+            first_free += 1;
+        }
+        let ahead = (first_free..fill.len())
+            .filter(|&j| !placed[j])
+            .take(FILL_LOOKAHEAD)
+            .collect::<Vec<_>>();
+        for j in ahead {
+            if row.ids.len() + fill[j].ids.len() <= width {
+                row.ids.extend_from_slice(&fill[j].ids);
+                row.answer.extend_from_slice(&fill[j].answer);
+                placed[j] = true;
+                used += 1;
+            }
+        }
+        row.answer.resize(width, false);
+        row.ids.resize(width, pad);
+        rows.push(row);
+    }
+    Ok((rows, used))
+}
