@@ -536,6 +536,35 @@ fn recursive_pass_fields_have_line_and_column() {
     );
 }
 
+/// GemFilter's bad settings are named with the line and column of the field; passes it
+/// cannot follow are named.
+#[test]
+fn gemfilter_fields_have_line_and_column() {
+    let pass = |text: &str| llama_pipeline(&format!("    passes: [\n        {text},\n    ],\n"));
+    let (_dir, path) = pass("GemFilter(filter_layer: 6, keep: 8)");
+    assert_pipeline_fails(
+        &path,
+        &[
+            "pipeline.ron:4:19:",
+            "GemFilter",
+            "\"filter_layer\"",
+            "0..6",
+        ],
+    );
+    let (_dir, path) = pass("GemFilter(filter_layer: 1, keep: 8, pool: 4)");
+    assert_pipeline_fails(&path, &["pipeline.ron:4:", "\"pool\"", "odd"]);
+    let (_dir, path) = pass("GemFilter(filter_layer: 1, keep: 0)");
+    assert_pipeline_fails(&path, &["pipeline.ron:4:", "\"keep\"", "at least 1"]);
+    let (_dir, path) = pass("GemFilter(filter_layer: 1, keep_fraction: 1.5)");
+    assert_pipeline_fails(&path, &["pipeline.ron:4:", "\"keep_fraction\"", "(0, 1]"]);
+    let (_dir, path) = pass("GemFilter(filter_layer: 1, keep: 8, keep_fraction: 0.5)");
+    assert_pipeline_fails(&path, &["pipeline.ron:4:", "GemFilter", "not both"]);
+    let (_dir, path) = pass("GemFilter(filter_layer: 1, kep: 8)");
+    assert_pipeline_fails(&path, &["pipeline.ron:4:", "kep"]);
+    let (_dir, path) = pass("TieLayers(loops: 2), GemFilter(filter_layer: 1, keep: 8)");
+    assert_pipeline_fails(&path, &["pipeline.ron:4:", "GemFilter", "TieLayers"]);
+}
+
 #[test]
 fn pipeline_unsupported_version() {
     let (_dir, path) = llama_pipeline("    version: 7,\n");

@@ -205,6 +205,117 @@ fn forward_runs_a_looped_pipeline_against_the_reference() {
     assert!(shown.contains("2 loops"), "{shown}");
 }
 
+/// `forward` on a GemFilter pipeline writes the kept positions, the full model's run on the
+/// kept tokens and, with `--generate`, the kept ids and the new ones: all as the reference
+/// (`scripts/make_gemfilter_fixture.py`, transformers) has them; `run` says what it kept.
+#[test]
+fn forward_with_gemfilter_matches_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("tests/fixtures/tiny-llama");
+    let pipeline = dir.path().join("gemfilter.ron");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "Pipeline(model: {:?}, passes: [GemFilter(filter_layer: 2, keep: 64, pool: 5)])",
+            model.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let reference = root().join("tests/fixtures/gemfilter/r2_k64_pool5.safetensors");
+    let r = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]),
+        &input,
+    )
+    .unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    exitgraph(&[
+        "forward",
+        pipeline.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+        "--generate",
+        "6",
+    ]);
+    let out = candle_core::safetensors::load(&out_path, &Device::Cpu).unwrap();
+    let selected = &out["gemfilter.selected"];
+    assert_eq!(selected.dtype(), DType::I64);
+    assert_eq!(
+        selected.to_vec2::<i64>().unwrap(),
+        r["selected"].to_vec2::<i64>().unwrap()
+    );
+    let scale = r["scores_raw"]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = max_abs_diff(&out["gemfilter.scores"], &r["scores_raw"]);
+    assert!(d <= 1e-4 * scale.max(1.0), "scores differ by {d}");
+    let mut compared = 0;
+    for (name, expected) in &r {
+        if name.starts_with("hidden_states.") || name == "logits" {
+            let d = max_abs_diff(&out[name], expected);
+            assert!(d <= 1e-4, "{name} differs by {d}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 8, "logits and 7 hidden states");
+    assert_eq!(
+        out["greedy"].to_vec2::<i64>().unwrap(),
+        r["greedy"].to_vec2::<i64>().unwrap()
+    );
+    // Two rows select independently: each as the reference.
+    let two = Tensor::cat(&[&r["input_ids"], &r["input_ids"]], 0).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("input_ids".to_string(), two)]),
+        &input,
+    )
+    .unwrap();
+    exitgraph(&[
+        "forward",
+        pipeline.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    let out = candle_core::safetensors::load(&out_path, &Device::Cpu).unwrap();
+    let want = r["selected"].to_vec2::<i64>().unwrap().remove(0);
+    assert_eq!(
+        out["gemfilter.selected"].to_vec2::<i64>().unwrap(),
+        vec![want.clone(), want]
+    );
+    for row in 0..2 {
+        let got = out["logits"].narrow(0, row, 1).unwrap();
+        let d = max_abs_diff(&got, &r["logits"]);
+        assert!(d <= 1e-4, "row {row}: logits differ by {d}");
+    }
+    let ids: Vec<String> = r["input_ids"]
+        .to_vec2::<i64>()
+        .unwrap()
+        .remove(0)
+        .iter()
+        .map(i64::to_string)
+        .collect();
+    let shown = stdout(&exitgraph(&[
+        "run",
+        pipeline.to_str().unwrap(),
+        "--prompt",
+        &ids.join(" "),
+        "--max-new-tokens",
+        "2",
+    ]));
+    assert!(
+        shown.contains("GemFilter kept 64 of 300 prompt tokens"),
+        "{shown}"
+    );
+}
+
 #[test]
 fn encode_matches_sentence_transformers() {
     let refs = root().join("tests/fixtures/minilm-l6");

@@ -8,7 +8,7 @@
 //! depth strategies, simulator, generation) and `exitgraph-train` (training, corpus).
 
 pub use exitgraph_compiler::{
-    atomic, batching, device, inspect, lower, pipeline, ron_file, synth, tensor_io,
+    atomic, batching, device, gemfilter, inspect, lower, pipeline, ron_file, synth, tensor_io,
 };
 pub use exitgraph_passes as passes;
 pub use exitgraph_runtime as runtime;
@@ -31,5 +31,6 @@ pub mod generate {
 
 pub mod bench;
 pub mod bench_exits;
+pub mod bench_gemfilter;
 pub mod cpu;
 pub mod eval;

@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod batching;
 pub mod device;
 pub mod exits;
+pub mod gemfilter;
 pub mod generate;
 pub mod inspect;
 pub mod lower;

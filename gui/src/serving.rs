@@ -56,6 +56,16 @@ pub struct PromptResult {
     pub records: Vec<TraceRecord>,
     /// The generated ids per prompt.
     pub outputs: Vec<Vec<u32>>,
+    /// Per prompt, GemFilter's selection when the pipeline has one.
+    pub selections: Vec<Option<Selection>>,
+}
+
+/// Which prompt tokens GemFilter kept, and the filter layer's score of each.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selection {
+    pub prompt: Vec<u32>,
+    pub kept: Vec<usize>,
+    pub scores: Vec<f32>,
 }
 
 fn run_traced(
@@ -125,13 +135,16 @@ pub fn run_prompts(
         if let Some(f) = outcomes.iter().find_map(|o| o.failed.clone()) {
             anyhow::bail!("prompt {}: {f}", i + 1);
         }
-        out.outputs.push(
-            outcomes
-                .into_iter()
-                .next()
-                .map(|o| o.tokens)
-                .unwrap_or_default(),
-        );
+        let outcome = outcomes.into_iter().next();
+        out.selections.push(outcome.as_ref().and_then(|o| {
+            Some(Selection {
+                prompt: prompt.clone(),
+                kept: o.selected.clone()?,
+                scores: o.selection_scores.clone()?,
+            })
+        }));
+        out.outputs
+            .push(outcome.map(|o| o.tokens).unwrap_or_default());
         out.records.extend(records);
     }
     report(1.0, format!("{n} prompts done"));

@@ -149,6 +149,45 @@ fn run_view_generates_and_shows_each_tokens_layers() {
     h.snapshot_options("graph_path", &snapshot_options());
 }
 
+/// Under a GemFilter pipeline the run view marks, per prompt, the tokens the full model ran
+/// on (and their scores on hover).
+#[test]
+fn run_view_marks_the_prompt_tokens_gemfilter_kept() {
+    let path = exitgraph_gui::views::sim::examples_dir().join("demo-gemfilter-keep8.ron");
+    let mut h = harness(ExplorerApp::open(&path));
+    h.run_steps(2);
+    assert!(h.state().loaded.as_ref().unwrap().after.filter.is_some());
+    h.get_by_label("Run").click();
+    h.run_steps(2);
+    h.state_mut().run.prompts = "recall: H0, D7, Z8, Q4, M1; Z\ncopy: K7F2Q | K".into();
+    h.state_mut().run.max_new_tokens = 3;
+    h.get_by_label("Run prompts").click();
+    h.run_steps(1);
+    step_until(&mut h, "the run", Duration::from_secs(120), |a| {
+        !a.run.running()
+    });
+    assert!(h.state().run.error.is_none(), "{:?}", h.state().run.error);
+    let r = h.state().run.result.as_ref().unwrap();
+    assert_eq!(r.selections.len(), 2);
+    for s in &r.selections {
+        assert_eq!(s.layer, 1);
+        assert_eq!(s.kept(), 8.min(s.tokens.len()));
+        assert!(s.tokens.iter().all(|t| t.2.is_finite() && t.3.is_finite()));
+        // The kept tokens are those with the highest pooled scores.
+        let lowest_kept = s
+            .tokens
+            .iter()
+            .filter(|t| t.1)
+            .map(|t| t.3)
+            .fold(f32::INFINITY, f32::min);
+        assert!(s.tokens.iter().filter(|t| !t.1).all(|t| t.3 <= lowest_kept));
+    }
+    // The recall prompt is longer than 8 tokens: some are dropped.
+    assert!(r.selections[0].tokens.len() > 8);
+    h.get_by_label_contains("#1 kept 8 of");
+    h.snapshot_options("run_gemfilter", &snapshot_options());
+}
+
 #[test]
 fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
     let mut h = harness(ExplorerApp::demo());
@@ -248,6 +287,7 @@ fn run_view_colours_exit_signals_when_the_trace_has_them() {
     let result = PromptResult {
         records,
         outputs: vec![(40..49).collect()],
+        selections: Vec::new(),
     };
     let data = RunData::new(
         &result,
@@ -427,6 +467,7 @@ fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
         &PromptResult {
             records,
             outputs: vec![vec![40, 41]],
+            selections: Vec::new(),
         },
         &["copy: K7F2Q | K".to_string()],
         h.state().loaded.as_ref().unwrap(),

@@ -88,6 +88,9 @@ pub struct Graph {
     /// The model's own final norm, LM head and pooling.
     #[serde(default)]
     pub head: Head,
+    /// GemFilter's token selection, when a pass added it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<crate::structure::Filter>,
 }
 
 impl Graph {
@@ -102,6 +105,7 @@ impl Graph {
             blocks: Vec::new(),
             exits: Vec::new(),
             head: Head::default(),
+            filter: None,
         }
     }
 

@@ -15,6 +15,6 @@ pub use import::{import, Checkpoint, ImportError};
 pub use op::{LowRank, Op};
 pub use petgraph::stable_graph::NodeIndex;
 pub use shape::{Dim, Shape};
-pub use structure::{Block, Exit, Head};
+pub use structure::{Block, Exit, Filter, Head, Keep};
 pub use verify::{verify, VerifyError};
 pub use weight::{StoredDtype, SvdFactor, TensorInfo, WeightCatalog, WeightRef};

@@ -207,6 +207,12 @@ pub enum Op {
     /// Projection to vocabulary logits.
     LmHead(Linear),
     Pool(Pool),
+    /// GemFilter's selection scores: reading a layer's normed input (the attention's own
+    /// input), the last position's query against every position's key, after RoPE, without
+    /// the `1/√d` scale or a softmax, key-value heads repeated to the query heads, summed over
+    /// heads: one score per position, `[batch, seq, 1]`. It carries a copy of that layer's
+    /// attention op (the same weights, lowered once) and uses only its q and k.
+    QueryKeyScores(Attention),
 }
 
 impl Op {
@@ -233,6 +239,7 @@ impl Op {
             Op::Add => "Add",
             Op::LmHead(_) => "LmHead",
             Op::Pool(_) => "Pool",
+            Op::QueryKeyScores(_) => "QueryKeyScores",
         }
     }
 
@@ -248,6 +255,8 @@ impl Op {
             Op::Mlp(m) => m.gate.as_ref().map_or(0, matmul) + matmul(&m.up) + matmul(&m.down),
             Op::LmHead(l) => matmul(l),
             Op::Pool(p) => p.hidden as u64,
+            // Runs once per prompt (GemFilter's select phase), not per token.
+            Op::QueryKeyScores(_) => 0,
         }
     }
 
@@ -261,7 +270,9 @@ impl Op {
     /// Every projection of the op, mutably (for passes that add adapters).
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
-            Op::Attention(a) => vec![&mut a.q, &mut a.k, &mut a.v, &mut a.o],
+            Op::Attention(a) | Op::QueryKeyScores(a) => {
+                vec![&mut a.q, &mut a.k, &mut a.v, &mut a.o]
+            }
             Op::Mlp(m) => {
                 let mut v: Vec<&mut Linear> = m.gate.iter_mut().collect();
                 v.push(&mut m.up);
@@ -276,7 +287,7 @@ impl Op {
     /// Every projection of the op.
     pub fn linears(&self) -> Vec<&Linear> {
         match self {
-            Op::Attention(a) => vec![&a.q, &a.k, &a.v, &a.o],
+            Op::Attention(a) | Op::QueryKeyScores(a) => vec![&a.q, &a.k, &a.v, &a.o],
             Op::Mlp(m) => {
                 let mut v: Vec<&Linear> = m.gate.iter().collect();
                 v.push(&m.up);
@@ -330,7 +341,7 @@ impl Op {
                     out.push(("bias", b));
                 }
             }
-            Op::Attention(a) => {
+            Op::Attention(a) | Op::QueryKeyScores(a) => {
                 push_linear(&mut out, ("q.weight", "q.bias"), &a.q);
                 push_linear(&mut out, ("k.weight", "k.bias"), &a.k);
                 push_linear(&mut out, ("v.weight", "v.bias"), &a.v);

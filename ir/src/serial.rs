@@ -51,7 +51,7 @@ pub fn to_dot(g: &Graph, highlight: &[String]) -> String {
     for n in order {
         let node = &g.graph[n];
         let detail = match &node.op {
-            Op::Attention(a) => {
+            Op::Attention(a) | Op::QueryKeyScores(a) => {
                 format!("\\nheads {} / kv {} x {}", a.heads, a.kv_heads, a.head_dim)
             }
             Op::Mlp(m) => format!("\\n{:?} {}", m.act, m.up.out_features),

@@ -77,3 +77,98 @@ impl Exit {
         self.logits.or(self.embedding)
     }
 }
+
+/// GemFilter's token selection (Shi et al., 2024): a select phase runs the layers up to
+/// `layer` on the whole prompt, scores every position by the last position's query at
+/// `layer` (the `scores` node), keeps the top `keep` after average pooling with kernel
+/// `pool`, and the full model runs afresh on the kept tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Filter {
+    /// 0-based index of the layer whose attention selects (the reference implementation's
+    /// `select_layer_idx`): the select phase runs layers `0..layer` and this layer's norm,
+    /// q and k.
+    pub layer: usize,
+    pub keep: Keep,
+    /// Kernel of the average pool over the scores (odd; 1: no pooling).
+    pub pool: usize,
+    /// The [`crate::op::Op::QueryKeyScores`] node.
+    pub scores: NodeIndex,
+}
+
+/// How many prompt tokens GemFilter keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Keep {
+    /// At most this many (the whole prompt when it is shorter).
+    Tokens(usize),
+    /// This share of the prompt's tokens, rounded up (at least one).
+    Fraction(f64),
+}
+
+impl Keep {
+    /// Tokens kept of a prompt of `n` tokens: `min(k, n)`, or `ceil(fraction · n)` (at least
+    /// one of a non-empty prompt).
+    pub fn count(&self, n: usize) -> usize {
+        match *self {
+            Keep::Tokens(k) => k.min(n),
+            Keep::Fraction(_) if n == 0 => 0,
+            // Less a hair, so a product that is a whole number up to rounding
+            // (0.07 · 100 = 7.000000000000001) is not rounded up past it.
+            Keep::Fraction(f) => ((f * n as f64 - 1e-9).ceil() as usize).clamp(1, n),
+        }
+    }
+}
+
+impl Filter {
+    /// Checks `keep` and `pool`: a positive count or a fraction in (0, 1], an odd pool.
+    pub fn check(&self) -> Result<(), String> {
+        check_keep_and_pool(&self.keep, self.pool)
+    }
+}
+
+/// Checks GemFilter's `keep` and `pool`, naming the field that is wrong.
+pub fn check_keep_and_pool(keep: &Keep, pool: usize) -> Result<(), String> {
+    match *keep {
+        Keep::Tokens(0) => return Err("keep must be at least 1".into()),
+        Keep::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+            return Err(format!("keep_fraction must be in (0, 1], is {f}"))
+        }
+        _ => {}
+    }
+    if pool == 0 || pool % 2 == 0 {
+        return Err(format!(
+            "pool must be odd (a window centred on each position), is {pool}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_counts_tokens_and_rounds_fractions_up() {
+        assert_eq!(Keep::Tokens(4).count(10), 4);
+        assert_eq!(Keep::Tokens(4).count(3), 3);
+        assert_eq!(Keep::Fraction(0.25).count(10), 3);
+        assert_eq!(Keep::Fraction(0.2).count(10), 2);
+        assert_eq!(Keep::Fraction(0.01).count(5), 1);
+        assert_eq!(Keep::Fraction(1.0).count(7), 7);
+        assert_eq!(Keep::Fraction(0.5).count(0), 0);
+        assert_eq!(Keep::Fraction(0.07).count(100), 7);
+        assert_eq!(Keep::Fraction(0.125).count(2048), 256);
+    }
+
+    #[test]
+    fn bad_keep_and_pool_name_their_field() {
+        assert!(check_keep_and_pool(&Keep::Tokens(8), 5).is_ok());
+        assert!(check_keep_and_pool(&Keep::Fraction(1.0), 1).is_ok());
+        let e = |keep, pool| check_keep_and_pool(&keep, pool).unwrap_err();
+        assert!(e(Keep::Tokens(0), 5).contains("keep"));
+        assert!(e(Keep::Fraction(0.0), 5).contains("keep_fraction"));
+        assert!(e(Keep::Fraction(1.5), 5).contains("keep_fraction"));
+        assert!(e(Keep::Fraction(f64::NAN), 5).contains("keep_fraction"));
+        assert!(e(Keep::Tokens(8), 4).contains("pool"));
+        assert!(e(Keep::Tokens(8), 0).contains("pool"));
+    }
+}

@@ -190,7 +190,7 @@ impl Checker<'_> {
                 }
                 Shape::per_token(n.hidden)
             }
-            Op::Attention(a) => {
+            Op::Attention(a) | Op::QueryKeyScores(a) => {
                 let hidden = a.q.in_features;
                 self.input_width(name, &in_shapes[0], hidden);
                 if a.heads == 0 || a.kv_heads == 0 || a.head_dim == 0 {
@@ -261,7 +261,11 @@ impl Checker<'_> {
                 self.linear(name, "k", &a.k);
                 self.linear(name, "v", &a.v);
                 self.linear(name, "o", &a.o);
-                Shape::per_token(hidden)
+                if matches!(node.op, Op::QueryKeyScores(_)) {
+                    Shape::per_token(1)
+                } else {
+                    Shape::per_token(hidden)
+                }
             }
             Op::Mlp(m) => {
                 let hidden = m.up.in_features;
@@ -496,6 +500,39 @@ fn check_structure(c: &mut Checker<'_>) {
         }
         if e.head().is_none() {
             c.report(&name, "has neither logits nor an embedding");
+        }
+    }
+    if let Some(f) = &g.filter {
+        let name = "GemFilter";
+        match g.graph.node_weight(f.scores) {
+            None => c.report(name, "points at a removed node"),
+            Some(node) => {
+                if !matches!(node.op, Op::QueryKeyScores(_)) {
+                    c.report(
+                        name,
+                        format!("scores node {} is not QueryKeyScores", node.name),
+                    );
+                }
+                if node.layer != Some(f.layer) {
+                    c.report(
+                        name,
+                        format!("scores node {} is not in layer {}", node.name, f.layer),
+                    );
+                }
+            }
+        }
+        if f.layer >= g.blocks.len() {
+            c.report(
+                name,
+                format!(
+                    "filter layer {} is not one of the {} layers",
+                    f.layer,
+                    g.blocks.len()
+                ),
+            );
+        }
+        if let Err(e) = f.check() {
+            c.report(name, e);
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod context;
 pub mod exits;
+pub mod gemfilter;
 mod manager;
 pub mod recursive;
 mod spec;
@@ -13,6 +14,7 @@ pub mod truncate;
 
 pub use context::{FileProblem, PassContext};
 pub use exits::{HeadKind, InsertExits};
+pub use gemfilter::GemFilter;
 pub use manager::{PassManager, PassOutcome};
 pub use recursive::{DepthLora, LoraInit, LoraRank, LoraTarget, TieInit, TieLayers, TieNorms};
 pub use spec::PassSpec;

@@ -341,6 +341,14 @@ impl Pass for TieLayers {
             field,
             message,
         };
+        if g.filter.is_some() {
+            return Err(PassError::Config {
+                pass: "TieLayers",
+                message: "TieLayers cannot follow GemFilter (its filter layer would become one \
+                          iteration of a shared block): put GemFilter last"
+                    .into(),
+            });
+        }
         let n = g.blocks.len();
         let b = self.loops;
         if b == 0 || n % b != 0 {

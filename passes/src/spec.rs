@@ -1,6 +1,7 @@
 //! The RON form of a pass in a pipeline file.
 
 use crate::exits::{HeadKind, InsertExits};
+use crate::gemfilter::GemFilter;
 use crate::recursive::{DepthLora, LoraInit, LoraRank, LoraTarget, TieInit, TieLayers, TieNorms};
 use crate::truncate::TruncateLayers;
 use crate::Pass;
@@ -43,6 +44,18 @@ pub enum PassSpec {
         #[serde(default)]
         weights: Option<String>,
     },
+    /// GemFilter: layers `0..=filter_layer` (0-based) score the prompt's tokens by the last
+    /// position's query, and the full model runs on the `keep` best (or the `keep_fraction`
+    /// best share) after an average pool of kernel `pool` (odd, 5 by default).
+    GemFilter {
+        filter_layer: usize,
+        #[serde(default)]
+        keep: Option<usize>,
+        #[serde(default)]
+        keep_fraction: Option<f64>,
+        #[serde(default = "default_pool")]
+        pool: usize,
+    },
     /// A low-rank adapter per loop iteration and layer position on the tied block's
     /// projections (`targets`, all by default), initialised by truncated SVD of each original
     /// layer's residual from the shared weights (`Svd`) or as zero (`Zero`); `weights` names
@@ -56,6 +69,10 @@ pub enum PassSpec {
         #[serde(default)]
         weights: Option<String>,
     },
+}
+
+fn default_pool() -> usize {
+    5
 }
 
 fn all_targets() -> Vec<LoraTarget> {
@@ -91,6 +108,17 @@ impl PassSpec {
                 init: *init,
                 norms: *norms,
                 weights: weights.clone(),
+            }),
+            PassSpec::GemFilter {
+                filter_layer,
+                keep,
+                keep_fraction,
+                pool,
+            } => Box::new(GemFilter {
+                filter_layer: *filter_layer,
+                keep: *keep,
+                keep_fraction: *keep_fraction,
+                pool: *pool,
             }),
             PassSpec::DepthLora {
                 rank,
@@ -146,6 +174,34 @@ mod tests {
             }
         );
         assert!(ron::from_str::<PassSpec>("TieLayers(loops: 2, init: Middle)").is_err());
+        // Pipelines are read with RON's implicit `Some`, so `keep: 1024` reads as `Some(1024)`.
+        let implicit = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        assert_eq!(
+            implicit
+                .from_str::<PassSpec>("GemFilter(filter_layer: 3, keep: 1024)")
+                .unwrap(),
+            PassSpec::GemFilter {
+                filter_layer: 3,
+                keep: Some(1024),
+                keep_fraction: None,
+                pool: 5
+            }
+        );
+        assert_eq!(
+            implicit
+                .from_str::<PassSpec>("GemFilter(filter_layer: 0, keep_fraction: 0.125, pool: 3)")
+                .unwrap(),
+            PassSpec::GemFilter {
+                filter_layer: 0,
+                keep: None,
+                keep_fraction: Some(0.125),
+                pool: 3
+            }
+        );
+        assert!(
+            ron::from_str::<PassSpec>("GemFilter(filter_layer: 1, keep: 8, kernel: 5)").is_err()
+        );
         assert!(ron::from_str::<PassSpec>("DepthLora(rank: Fulll)").is_err());
     }
 }

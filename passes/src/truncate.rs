@@ -30,6 +30,16 @@ impl Pass for TruncateLayers {
         if self.keep == 0 || self.keep > n {
             return Err(err(format!("keep = {} is out of range 1..={n}", self.keep)));
         }
+        if let Some(f) = g.filter.as_ref().filter(|f| f.layer >= self.keep) {
+            return Err(PassError::Field {
+                pass: "TruncateLayers",
+                field: "keep",
+                message: format!(
+                    "keep = {} removes layer {}, which the GemFilter before it selects with",
+                    self.keep, f.layer
+                ),
+            });
+        }
         if self.keep == n {
             return Ok(PassReport {
                 summary: format!("kept all {n} layers; nothing to do"),

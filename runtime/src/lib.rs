@@ -20,6 +20,7 @@ pub mod cost;
 mod decide;
 pub mod encoder;
 pub mod metrics;
+mod select;
 pub mod sim_exits;
 mod step;
 pub mod strategy;
@@ -34,6 +35,7 @@ use exitgraph_compiler::generate::{GenerateError, GenerateOptions};
 use exitgraph_compiler::lower::{KvCache, Program};
 use metrics::{RequestOutcome, ServeReport, TokenStat};
 use policy::{Batching, Candidate};
+pub use select::Selected;
 use std::sync::Arc;
 use trace::{LayerSignal, TraceRecord, TraceWriter};
 use workload::RequestSpec;
@@ -236,6 +238,16 @@ pub struct SimExits {
 }
 
 impl Engine {
+    /// Tokens a prompt of `n` prefills: under GemFilter the kept ones, else all `n`. (The
+    /// batching policies plan with it, so a token budget counts the second run's tokens.)
+    pub fn prefill_tokens(&self, n: usize) -> usize {
+        self.program
+            .graph()
+            .filter
+            .as_ref()
+            .map_or(n, |f| f.keep.count(n))
+    }
+
     /// The layers of stage `s`.
     pub fn stage_range(&self, s: usize) -> std::ops::Range<usize> {
         let at = |i: usize| self.boundaries.get(i).copied().unwrap_or(0);
@@ -456,13 +468,23 @@ fn admit(
         .is_some_and(|r| r.arrival_s <= clock.now_s)
     {
         let Some(r) = arrivals.0.pop() else { break };
-        let need = r.prompt.len() + r.max_new_tokens;
+        // Under GemFilter the select phase reads the whole prompt and the model then runs on
+        // the kept tokens: each must fit the positions.
+        let prefill = engine.prefill_tokens(r.prompt.len());
+        let need = r.prompt.len().max(prefill + r.max_new_tokens);
         if need > max_positions {
-            let why = format!(
-                "prompt ({}) + new tokens ({}) exceed the model's {max_positions} positions",
-                r.prompt.len(),
-                r.max_new_tokens
-            );
+            let why = if prefill < r.prompt.len() && r.prompt.len() > max_positions {
+                format!(
+                    "the prompt ({}) exceeds the model's {max_positions} positions (GemFilter's \
+                     select phase reads all of it)",
+                    r.prompt.len()
+                )
+            } else {
+                format!(
+                    "prompt ({}) + new tokens ({}) exceed the model's {max_positions} positions",
+                    prefill, r.max_new_tokens
+                )
+            };
             commands.spawn((
                 Request(r),
                 Progress {
@@ -478,7 +500,7 @@ fn admit(
             Executor::Sim(_) => KvCache::default(),
         };
         clock.active += 1;
-        let (id, tokens) = (r.id, r.prompt.len());
+        let (id, tokens) = (r.id, prefill);
         let sampler = Sampler(
             candle_transformers::generation::LogitsProcessor::from_sampling(
                 engine.decoding.seed.wrapping_add(id as u64),
@@ -732,6 +754,7 @@ impl Runtime {
             (
                 admit,
                 plan,
+                select::select.pipe(fail),
                 step::execute.pipe(fail),
                 decide::decide.pipe(fail),
                 decide::copy_state.pipe(fail),
@@ -817,13 +840,18 @@ impl Runtime {
                 break;
             }
         }
-        let mut q = self.world.query::<(&Request, &Progress, Option<&Failed>)>();
+        let mut q = self
+            .world
+            .query::<(&Request, &Progress, Option<&Failed>, Option<&Selected>)>();
         let mut outcomes: Vec<RequestOutcome> = q
             .iter(&self.world)
-            .map(|(r, p, f)| RequestOutcome {
+            .map(|(r, p, f, sel)| RequestOutcome {
                 id: r.0.id,
                 arrival_s: r.0.arrival_s,
-                prompt_tokens: r.0.prompt.len(),
+                prompt_tokens: sel.map_or(r.0.prompt.len(), |s| s.prompt_tokens),
+                selected: sel.map(|s| s.kept.clone()).filter(|k| !k.is_empty()),
+                selection_scores: sel.map(|s| s.scores.clone()).filter(|k| !k.is_empty()),
+                selection_s: sel.map(|s| s.seconds),
                 tokens: p.tokens.clone(),
                 produced: p.produced,
                 first_token_s: p.first_token_s,

@@ -56,6 +56,17 @@ pub struct RequestOutcome {
     /// scores it, so it never depends on adaptive depth).
     #[serde(default)]
     pub first_nll: f64,
+    /// GemFilter's kept prompt positions, in order (real executor; the model ran on these).
+    #[serde(default)]
+    pub selected: Option<Vec<usize>>,
+    /// GemFilter's filter-layer score of every prompt position, before pooling (real
+    /// executor).
+    #[serde(default)]
+    pub selection_scores: Option<Vec<f32>>,
+    /// Seconds of GemFilter's select call for this request (shared with the requests
+    /// selected in the same call).
+    #[serde(default)]
+    pub selection_s: Option<f64>,
 }
 
 /// How deep one generated token ran.

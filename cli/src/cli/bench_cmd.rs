@@ -62,6 +62,23 @@ pub struct Args {
     /// Run on CUDA GPU N instead of the CPU (a `cuda` build; PyTorch then uses the same GPU).
     #[arg(long)]
     cuda: Option<usize>,
+    /// Benchmark GemFilter instead: its time to first token against the full prefill, per
+    /// --prompt-lens and --keep, beside the ideal speedup from FLOPs.
+    #[arg(long, conflicts_with = "exits")]
+    gemfilter: bool,
+    /// With --gemfilter: prompt lengths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+    prompt_lens: Vec<usize>,
+    /// With --gemfilter: tokens kept, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    keep: Vec<usize>,
+    /// With --gemfilter: the 0-based filter layer [default: 13/32 of the layers, as the
+    /// GemFilter paper's layer 13 of Llama 3.1 8B's 32].
+    #[arg(long)]
+    filter_layer: Option<usize>,
+    /// With --gemfilter: the scores' average-pool kernel.
+    #[arg(long, default_value_t = 5)]
+    pool: usize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -113,6 +130,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
+    if a.gemfilter {
+        for (given, flag) in [
+            (a.torch, "--torch"),
+            (a.profile, "--profile"),
+            (a.save_model.is_some(), "--save-model"),
+            (a.batch != 1, "--batch"),
+            (a.model.is_some(), "--model"),
+        ] {
+            if given {
+                anyhow::bail!(
+                    "bench {flag} does not apply to --gemfilter (one prompt, a random model)"
+                );
+            }
+        }
+    }
     let opts = BenchOptions {
         spec,
         model_dir: a.model,
@@ -134,6 +166,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             exitgraph::device::DeviceSpec::Cuda,
         ),
     };
+    if a.gemfilter {
+        let bench = exitgraph::bench_gemfilter::GemFilterBench {
+            prompt_lens: a.prompt_lens.clone(),
+            keeps: a.keep.clone(),
+            filter_layer: a.filter_layer.unwrap_or(a.layers * 13 / 32),
+            pool: a.pool,
+        };
+        let bar = ProgressBar::new_spinner();
+        let report = exitgraph::bench_gemfilter::run(&opts, &bench, |what| {
+            bar.set_message(what.to_string());
+            bar.tick();
+        })?;
+        bar.finish_and_clear();
+        out!("{}", report.to_markdown());
+        return Ok(());
+    }
     if a.exits {
         let bar = ProgressBar::new_spinner();
         let report = exitgraph::bench_exits::run(&opts, |what| {

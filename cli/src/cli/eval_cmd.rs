@@ -10,6 +10,68 @@ pub enum EvalCommand {
     /// Relaxed Recursive Transformers' quality table: each tying, init and LoRA rank before
     /// and after uptraining, beside the original and same-size models trained from scratch.
     Recursive(Box<RecursiveArgs>),
+    /// Needle-in-a-haystack retrieval by generation, a GemFilter pipeline beside the full
+    /// model, per context length and depth of the fact; time to first token and peak KV.
+    Needle(NeedleArgs),
+}
+
+#[derive(clap::Args)]
+pub struct NeedleArgs {
+    /// The pipeline to evaluate (with a GemFilter pass unless --compare is given).
+    pipeline: PathBuf,
+    /// Pipeline to compare with (default: the same pipeline without its GemFilter pass).
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Context lengths the haystacks fill, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048")]
+    lengths: Vec<usize>,
+    /// Depths of the fact as lo:hi:step (0: the haystack's start, 1: just before the question).
+    #[arg(long, default_value = "0:1:0.1")]
+    depths: String,
+    /// Haystacks per (length, depth).
+    #[arg(long, default_value_t = 10)]
+    cases: usize,
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
+    /// Write one line per (method, length, depth) as CSV.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the green/red heatmap (PNG), one panel per pipeline.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn needle(a: NeedleArgs) -> anyhow::Result<()> {
+    use exitgraph::eval::needle_gen::{eval_needle_pipelines, parse_depths, NeedleOptions};
+    let opts = NeedleOptions {
+        lengths: a.lengths.clone(),
+        depths: parse_depths(&a.depths)?,
+        cases: a.cases,
+        seed: a.seed,
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    let report = eval_needle_pipelines(&a.pipeline, a.compare.as_deref(), &opts, |msg| {
+        bar.set_message(msg.to_string());
+        bar.tick();
+    })?;
+    bar.finish_and_clear();
+    out!("{}", report.to_markdown());
+    if let Some(path) = &a.csv {
+        exitgraph::atomic::write_text(path, &report.to_csv())?;
+        outln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.json {
+        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+        outln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        report.write_plot(path)?;
+        outln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -387,6 +449,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
     match cmd {
         EvalCommand::Exits(a) => exits(*a),
         EvalCommand::Recursive(a) => recursive(*a),
+        EvalCommand::Needle(a) => needle(a),
         EvalCommand::Layers(a) => {
             let dir = a
                 .model_dir

@@ -26,7 +26,10 @@ pub struct Args {
     #[arg(long)]
     input: PathBuf,
     /// Where to write `hidden_states.{i}`, `logits` or `last_hidden_state`,
-    /// `sentence_embedding`, and `greedy`.
+    /// `sentence_embedding`, and `greedy`; with a GemFilter pipeline also
+    /// `gemfilter.selected` (i64 [batch, k], the kept positions in order) and
+    /// `gemfilter.scores` (f32 [batch, seq]), the other outputs being the full model's run on
+    /// the kept tokens and `greedy` the kept ids followed by the new ones.
     #[arg(long)]
     output: PathBuf,
     /// Also decode this many tokens greedily; written as `greedy` (prompt + new ids, i64).
@@ -72,13 +75,62 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         token_type_ids: inputs.token_type_ids.as_ref().map(to_dev).transpose()?,
         example_ids: None,
     };
-    let names = program.output_names();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    // GemFilter: the select phase picks each row's tokens; the outputs are the full model's
+    // fresh run on those.
+    let filter = program.graph().filter.clone();
+    let mut selected: Option<Vec<Vec<u32>>> = None;
+    let run_inputs = match &filter {
+        None => run_inputs,
+        Some(_) => {
+            unpadded(
+                &inputs,
+                &a.input,
+                "GemFilter selects from each row's last position",
+            )?;
+            let prompts = inputs.input_ids.to_vec2::<u32>()?;
+            let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            let sels = exitgraph::gemfilter::select(&program, &refs).with_context(|| {
+                format!("GemFilter's select phase of {}", a.model_dir.display())
+            })?;
+            let rows = sels.len();
+            let n = prompts.first().map_or(0, Vec::len);
+            let k = sels.first().map_or(0, |s| s.kept.len());
+            let kept: Vec<i64> = sels
+                .iter()
+                .flat_map(|s| s.kept.iter().map(|&p| p as i64))
+                .collect();
+            let scores: Vec<f32> = sels.iter().flat_map(|s| s.scores.iter().copied()).collect();
+            let cpu = candle_core::Device::Cpu;
+            tensors.insert(
+                "gemfilter.selected".into(),
+                Tensor::from_vec(kept, (rows, k), &cpu)?,
+            );
+            tensors.insert(
+                "gemfilter.scores".into(),
+                Tensor::from_vec(scores, (rows, n), &cpu)?,
+            );
+            let ids: Vec<Vec<u32>> = sels.iter().zip(&prompts).map(|(s, p)| s.ids(p)).collect();
+            let flat: Vec<u32> = ids.concat();
+            selected = Some(ids);
+            Inputs {
+                input_ids: Tensor::from_vec(flat, (rows, k), &device)?,
+                attention_mask: None,
+                token_type_ids: None,
+                example_ids: None,
+            }
+        }
+    };
+    let names: Vec<String> = program
+        .output_names()
+        .into_iter()
+        .filter(|n| filter.is_none() || n.as_str() != exitgraph::passes::gemfilter::SCORES)
+        .collect();
     let want: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut cache = program.new_cache();
     let outputs = program
         .forward(&run_inputs, &mut cache, &want, false)
         .with_context(|| format!("running {}", a.model_dir.display()))?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in outputs {
         tensors.insert(
             name,
@@ -87,18 +139,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(n) = a.generate {
-        if let Some(mask) = &inputs.attention_mask {
-            let min = mask.flatten_all()?.min(0)?.to_scalar::<u32>()?;
-            if min == 0 {
-                bail!(
-                    "{}: attention_mask has padding; --generate needs unpadded rows of equal length",
-                    a.input.display()
-                );
+        unpadded(
+            &inputs,
+            &a.input,
+            "--generate needs unpadded rows of equal length",
+        )?;
+        let prompts = inputs.input_ids.to_vec2::<u32>()?;
+        let mut out =
+            generate_through_runtime(Arc::new(program), &prompts, &GenerateOptions::greedy(n))?;
+        if let Some(kept) = &selected {
+            // The selected ids, then the new ones (the runtime selects the same way).
+            for ((row, prompt), ids) in out.iter_mut().zip(&prompts).zip(kept) {
+                let new = row.split_off(prompt.len());
+                *row = ids.iter().copied().chain(new).collect();
             }
         }
-        let prompts = inputs.input_ids.to_vec2::<u32>()?;
-        let out =
-            generate_through_runtime(Arc::new(program), &prompts, &GenerateOptions::greedy(n))?;
         let rows = out.len();
         let cols = out.first().map_or(0, Vec::len);
         let flat: Vec<i64> = out.into_iter().flatten().map(i64::from).collect();
@@ -120,5 +175,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    Ok(())
+}
+
+/// Fails when `inputs` has an attention mask with padding; `why` says what needs it.
+fn unpadded(
+    inputs: &exitgraph::tensor_io::ForwardInputs,
+    path: &std::path::Path,
+    why: &str,
+) -> anyhow::Result<()> {
+    if let Some(mask) = &inputs.attention_mask {
+        let min = mask.flatten_all()?.min(0)?.to_scalar::<u32>()?;
+        if min == 0 {
+            bail!("{}: attention_mask has padding; {why}", path.display());
+        }
+    }
     Ok(())
 }

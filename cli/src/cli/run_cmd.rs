@@ -163,6 +163,32 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             new.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
         ),
     }
+    if let (Some(f), Some(kept)) = (
+        &compiled.graph.filter,
+        outcomes.first().and_then(|o| o.selected.as_ref()),
+    ) {
+        // GemFilter: which prompt tokens the full model ran on.
+        let text = match &tokenizer {
+            Some(t) => {
+                let ids: Vec<u32> = kept
+                    .iter()
+                    .filter_map(|&i| prompt.get(i).copied())
+                    .collect();
+                format!(
+                    "{:?}",
+                    t.decode(&ids, false)
+                        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?
+                )
+            }
+            None => format!("{kept:?}"),
+        };
+        outln!(
+            "GemFilter kept {} of {} prompt tokens (layer {}'s scores): {text}",
+            kept.len(),
+            prompt.len(),
+            f.layer
+        );
+    }
     if a.show_exits {
         let stats = outcomes
             .first()

@@ -3,6 +3,7 @@
 pub mod exits;
 pub mod layers;
 pub mod needle;
+pub mod needle_gen;
 pub mod plot;
 pub mod quality;
 pub mod recursive;

@@ -521,6 +521,167 @@ fn draw(
     Ok(())
 }
 
+/// One panel of a heatmap: a name above it, row and column labels, and a share in 0..=1
+/// (or none) per cell, `values[row][col]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeatPanel {
+    pub name: String,
+    pub rows: Vec<String>,
+    pub cols: Vec<String>,
+    pub values: Vec<Vec<Option<f64>>>,
+}
+
+/// Red (0) through yellow (0.5) to green (1).
+pub fn share_color(v: f64) -> RGBColor {
+    let v = v.clamp(0.0, 1.0);
+    let (a, b, t) = if v < 0.5 {
+        ((215.0, 48.0, 39.0), (254.0, 224.0, 139.0), v / 0.5)
+    } else {
+        ((254.0, 224.0, 139.0), (26.0, 152.0, 80.0), (v - 0.5) / 0.5)
+    };
+    let mix = |x: f64, y: f64| (x + (y - x) * t).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// Writes panels of share heatmaps side by side to `path` as PNG (temp file, then rename):
+/// each cell coloured red to green by its share and labelled with it in percent, grey
+/// when it has no value. `x_label` names the columns, `y_label` the rows.
+pub fn heatmap_png(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    panels: &[HeatPanel],
+    size: (u32, u32),
+) -> anyhow::Result<()> {
+    render_heatmap(path, title, x_label, y_label, panels, size)
+        .with_context(|| format!("failed to write heatmap {}", path.display()))
+}
+
+fn render_heatmap(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    panels: &[HeatPanel],
+    (w, h): (u32, u32),
+) -> anyhow::Result<()> {
+    if w < 64 || h < 64 {
+        bail!("heatmap size {w}x{h} is too small (minimum 64x64)");
+    }
+    if panels.is_empty() {
+        bail!("no panel to draw");
+    }
+    for p in panels {
+        if p.values.len() != p.rows.len() || p.values.iter().any(|r| r.len() != p.cols.len()) {
+            bail!(
+                "panel {}: values do not match its {} rows and {} columns",
+                p.name,
+                p.rows.len(),
+                p.cols.len()
+            );
+        }
+        if p.rows.is_empty() || p.cols.is_empty() {
+            bail!("panel {} has no cell", p.name);
+        }
+    }
+    ensure_font()?;
+    let mut pixels = vec![0u8; (w as usize) * (h as usize) * 3];
+    {
+        let font = FontRef::try_from_slice(epaint_default_fonts::UBUNTU_LIGHT)
+            .map_err(|e| anyhow!("invalid bundled font: {e}"))?;
+        let backend = TextBackend {
+            inner: BitMapBackend::with_buffer(&mut pixels, (w, h)),
+            font,
+        };
+        let root = backend.into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let unit = (f64::from(w.min(h)) / 500.0).max(1.0);
+        let px = |v: f64| (v * unit).round().max(1.0);
+        let text = |size: f64, h: HPos, v: VPos| {
+            (FONT_FAMILY, size)
+                .into_font()
+                .color(&BLACK)
+                .pos(plotters::style::text_anchor::Pos::new(h, v))
+        };
+        let (wi, hi) = (w as i32, h as i32);
+        root.draw(&Text::new(
+            title.to_string(),
+            (wi / 2, px(14.0) as i32),
+            text(px(20.0), HPos::Center, VPos::Top),
+        ))
+        .map_err(plot_err)?;
+        let left = px(70.0) as i32;
+        let top = px(80.0) as i32;
+        let bottom = hi - px(60.0) as i32;
+        let gap = px(24.0) as i32;
+        let n = panels.len() as i32;
+        let panel_w = (wi - left - px(16.0) as i32 - gap * (n - 1)) / n;
+        for (i, p) in panels.iter().enumerate() {
+            let x0 = left + i as i32 * (panel_w + gap);
+            let cw = panel_w / p.cols.len() as i32;
+            let ch = (bottom - top) / p.rows.len() as i32;
+            root.draw(&Text::new(
+                p.name.clone(),
+                (x0 + panel_w / 2, top - px(8.0) as i32),
+                text(px(16.0), HPos::Center, VPos::Bottom),
+            ))
+            .map_err(plot_err)?;
+            for (r, row) in p.values.iter().enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    let (cx, cy) = (x0 + c as i32 * cw, top + r as i32 * ch);
+                    let fill = v.map_or(RGBColor(220, 220, 220), share_color);
+                    root.draw(&Rectangle::new(
+                        [(cx, cy), (cx + cw - 1, cy + ch - 1)],
+                        fill.filled(),
+                    ))
+                    .map_err(plot_err)?;
+                    if let Some(v) = v {
+                        root.draw(&Text::new(
+                            format!("{:.0}", 100.0 * v),
+                            (cx + cw / 2, cy + ch / 2),
+                            text(px(11.0), HPos::Center, VPos::Center),
+                        ))
+                        .map_err(plot_err)?;
+                    }
+                }
+            }
+            for (c, label) in p.cols.iter().enumerate() {
+                root.draw(&Text::new(
+                    label.clone(),
+                    (x0 + c as i32 * cw + cw / 2, bottom + px(6.0) as i32),
+                    text(px(11.0), HPos::Center, VPos::Top),
+                ))
+                .map_err(plot_err)?;
+            }
+            if i == 0 {
+                for (r, label) in p.rows.iter().enumerate() {
+                    root.draw(&Text::new(
+                        label.clone(),
+                        (left - px(6.0) as i32, top + r as i32 * ch + ch / 2),
+                        text(px(12.0), HPos::Right, VPos::Center),
+                    ))
+                    .map_err(plot_err)?;
+                }
+            }
+        }
+        root.draw(&Text::new(
+            x_label.to_string(),
+            (left + (wi - left) / 2, hi - px(8.0) as i32),
+            text(px(14.0), HPos::Center, VPos::Bottom),
+        ))
+        .map_err(plot_err)?;
+        root.draw(&Text::new(
+            y_label.to_string(),
+            (px(8.0) as i32, top - px(30.0) as i32),
+            text(px(14.0), HPos::Left, VPos::Bottom),
+        ))
+        .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    write_png_atomic(path, &pixels, (w, h))
+}
+
 /// plotters' error types borrow the backend's lifetime-free error but are not
 /// always `Send + Sync + 'static`-friendly for anyhow; flatten to a message.
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
@@ -650,6 +811,62 @@ mod tests {
         // No temp file left behind.
         let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn share_colours_run_red_yellow_green() {
+        assert_eq!(share_color(0.0), RGBColor(215, 48, 39));
+        assert_eq!(share_color(0.5), RGBColor(254, 224, 139));
+        assert_eq!(share_color(1.0), RGBColor(26, 152, 80));
+        assert_eq!(share_color(2.0), share_color(1.0));
+        assert_eq!(share_color(0.25), RGBColor(235, 136, 89));
+    }
+
+    #[test]
+    fn heatmap_cells_take_their_share_colour() {
+        let dir = temp_dir("heat");
+        let path = dir.join("heat.png");
+        let panel = |name: &str, v: f64| HeatPanel {
+            name: name.into(),
+            rows: vec!["512".into(), "1024".into()],
+            cols: vec!["0%".into(), "100%".into()],
+            values: vec![vec![Some(v), Some(1.0)], vec![None, Some(0.0)]],
+        };
+        heatmap_png(
+            &path,
+            "needle",
+            "depth",
+            "tokens",
+            &[panel("GemFilter", 0.0), panel("full", 0.5)],
+            (640, 400),
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (640, 400));
+        let px = &buf[..info.buffer_size()];
+        let count = |c: RGBColor| px.chunks_exact(3).filter(|p| *p == [c.0, c.1, c.2]).count();
+        // Cells: red 2 + 1, green 1 + 1, yellow 0 + 1, grey 1 + 1, each a block of its
+        // colour (less its label), all of one size.
+        let (red, green, yellow) = (
+            count(share_color(0.0)),
+            count(share_color(1.0)),
+            count(share_color(0.5)),
+        );
+        let grey = count(RGBColor(220, 220, 220));
+        assert!(yellow > 1000, "yellow {yellow}");
+        let near = |n: usize, cells: f64| (n as f64 / yellow as f64 - cells).abs() < 0.15;
+        assert!(near(red, 3.0), "red {red} vs yellow {yellow}");
+        assert!(near(green, 2.0), "green {green} vs yellow {yellow}");
+        assert!(near(grey, 2.0), "grey {grey} vs yellow {yellow}");
+        let mut bad = panel("x", 0.0);
+        bad.values.pop();
+        let e = heatmap_png(&path, "t", "x", "y", &[bad], (300, 200)).unwrap_err();
+        assert!(format!("{e:#}").contains("heat.png"), "{e:#}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -27,6 +27,10 @@ impl DepthCost {
         let mut final_head = 0.0;
         for idx in graph.graph.node_indices() {
             let n = &graph.graph[idx];
+            if matches!(n.op, Op::QueryKeyScores(_)) {
+                // GemFilter's select phase runs once per prompt, not per token.
+                continue;
+            }
             let f = n.op.flops_per_token() as f64;
             match n.layer {
                 Some(l) if l < layers => {

@@ -221,6 +221,60 @@ impl AttentionKernel {
         self.output(&Tensor::cat(&outs, 1)?, adapters)
     }
 
+    /// GemFilter's scores of `x: [1, total, hidden]` (the layer's normed input, several
+    /// sequences side by side): for each part (offset in `x`, length, first position), its
+    /// last position's query against each of its keys, after RoPE, without the `1/√d` scale
+    /// or a softmax, key-value heads repeated to the query heads, summed over heads, in f32;
+    /// `[1, total, 1]`. Only the keys of every position and the query of each part's last
+    /// are projected; nothing is read from or written to a cache, so a part must be a whole
+    /// prompt from position 0.
+    pub fn last_query_scores_ragged(
+        &self,
+        x: &Tensor,
+        parts: &[(usize, usize, usize)],
+        adapters: Adapters<'_>,
+    ) -> Result<Tensor> {
+        if let Some(&(_, _, start)) = parts.iter().find(|p| p.2 != 0) {
+            candle_core::bail!(
+                "GemFilter scores a whole prompt from position 0; this call starts at {start}"
+            );
+        }
+        let k_all = adapters.adapt(1, x, self.qkv.forward_part(x, 1)?)?;
+        let (d, heads, kv_heads) = (self.head_dim, self.heads, self.kv_heads);
+        let mut out = Vec::with_capacity(parts.len());
+        for &(offset, len, start) in parts {
+            if len == 0 {
+                continue;
+            }
+            let x_last = x.narrow(1, offset + len - 1, 1)?.contiguous()?;
+            let q = adapters.adapt(0, &x_last, self.qkv.forward_part(&x_last, 0)?)?;
+            let q = q.reshape((1, 1, heads, d))?.transpose(1, 2)?.contiguous()?;
+            let k = k_all
+                .narrow(1, offset, len)?
+                .reshape((1, len, kv_heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let (q, k) = match &self.rope {
+                Some((_, rope)) => {
+                    let (cos, sin) = rope.tables(start, len, q.dtype())?;
+                    let last = |t: &Tensor| t.narrow(0, len - 1, 1);
+                    (
+                        rope.apply(&q, &last(&cos)?, &last(&sin)?, self.differentiable)?,
+                        rope.apply(&k, &cos, &sin, self.differentiable)?,
+                    )
+                }
+                None => (q, k),
+            };
+            // q: [1, heads, 1, d]; k: [1, kv_heads, len, d] repeated to the query heads.
+            let q = q.to_dtype(DType::F32)?;
+            let k = repeat_kv(k.to_dtype(DType::F32)?, heads / kv_heads)?;
+            let scores = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+            // [1, heads, 1, len] → summed over heads → [1, len, 1].
+            out.push(scores.sum(1)?.reshape((1, len, 1))?);
+        }
+        Tensor::cat(&out, 1)
+    }
+
     /// Splits projected `[batch, seq, heads * head_dim]` into heads and rotates q and k.
     fn heads_with_rope(
         &self,

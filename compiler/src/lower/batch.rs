@@ -248,6 +248,37 @@ impl Program {
                     }
                 }
                 Kernel::Pool(p) => p.forward(arg(0), query_mask.as_ref()),
+                Kernel::Scores(a) => {
+                    // Each row's last position is its query: rows must be unpadded.
+                    let padded = match &query_mask {
+                        Some(m) => m
+                            .min_all()
+                            .and_then(|m| m.to_scalar::<f32>())
+                            .is_ok_and(|m| m < 1.0),
+                        None => false,
+                    };
+                    if padded {
+                        return Err(RunError::Input(format!(
+                            "{}: GemFilter scores take each row's last position as the query, \
+                             so the rows must not be padded (give prompts one at a time or as \
+                             ragged segments)",
+                            step.name
+                        )));
+                    }
+                    let x = arg(0);
+                    let (b, s, h) = x.dims3().map_err(wrap)?;
+                    let parts: Vec<(usize, usize, usize)> =
+                        (0..b).map(|i| (i * s, s, start)).collect();
+                    x.reshape((1, b * s, h))
+                        .and_then(|x| {
+                            a.last_query_scores_ragged(
+                                &x,
+                                &parts,
+                                Adapters::Uniform(&step.adapters),
+                            )
+                        })
+                        .and_then(|t| t.reshape((b, s, 1)))
+                }
             }
             .map_err(wrap)?;
             let out = match (drop_at.get(&i), keep) {

@@ -82,6 +82,26 @@ impl FusedLinear {
         }
     }
 
+    /// Part `i`'s output alone, computing only it (GemFilter's scores need keys of every
+    /// position and the query of one).
+    pub fn forward_part(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        match self {
+            FusedLinear::Stacked { linear, sizes } => {
+                let Some(&n) = sizes.get(i) else {
+                    candle_core::bail!("a fused projection has no part {i}");
+                };
+                let start: usize = sizes.iter().take(i).sum();
+                let w = linear.weight().narrow(0, start, n)?;
+                let b = linear.bias().map(|b| b.narrow(0, start, n)).transpose()?;
+                Linear::new(w, b).forward(x)
+            }
+            FusedLinear::Separate(parts) => match parts.get(i) {
+                Some(l) => l.forward(x),
+                None => candle_core::bail!("a fused projection has no part {i}"),
+            },
+        }
+    }
+
     /// The outputs of the parts after the first `skip`, computing only those (state copying
     /// needs keys and values, not queries).
     pub fn forward_tail(&self, x: &Tensor, skip: usize) -> Result<Vec<Tensor>> {

@@ -63,6 +63,7 @@ fn kind(k: &Kernel) -> &'static str {
         Kernel::Add => "add",
         Kernel::LmHead(_) => "lm head",
         Kernel::Pool(_) => "pool",
+        Kernel::Scores(_) => "gemfilter scores",
     }
 }
 

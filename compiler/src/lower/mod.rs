@@ -84,6 +84,8 @@ enum Kernel {
     Add,
     LmHead(Arc<Linear>),
     Pool(PoolKernel),
+    /// GemFilter's last-query scores with the filter layer's attention kernel (q and k).
+    Scores(Arc<AttentionKernel>),
 }
 
 impl Kernel {
@@ -94,6 +96,8 @@ impl Kernel {
             Kernel::Embedding(e) => e.tensors(),
             Kernel::Norm(n) => n.tensors(),
             Kernel::Attention(a) => a.tensors(),
+            // The attention step of the same layer holds these weights.
+            Kernel::Scores(_) => Vec::new(),
             Kernel::Mlp(m) => m.tensors(),
             Kernel::LmHead(l) => std::iter::once(l.weight()).chain(l.bias()).collect(),
         }
@@ -166,6 +170,47 @@ fn fused(
         }
     }
     Ok(f)
+}
+
+/// The kernel of attention op `a` of node `node`; `rope_ids` numbers the distinct rotary
+/// settings, so attention steps with the same ones share their tables in a call.
+fn attention_kernel(
+    node: &str,
+    a: &exitgraph_ir::op::Attention,
+    store: &mut dyn WeightSource,
+    rope_ids: &mut Vec<(exitgraph_ir::op::Rope, usize)>,
+    device: &Device,
+    opts: &LowerOptions,
+) -> Result<Arc<AttentionKernel>, LowerError> {
+    let rope = match &a.rope {
+        Some(r) => {
+            let id = match rope_ids.iter().find(|(x, _)| x == r) {
+                Some((_, id)) => *id,
+                None => {
+                    rope_ids.push((r.clone(), rope_ids.len()));
+                    rope_ids.len() - 1
+                }
+            };
+            let kernel = RopeKernel::new(r, device).map_err(|cause| LowerError::Build {
+                node: node.to_string(),
+                cause,
+            })?;
+            Some((id, kernel))
+        }
+        None => None,
+    };
+    Ok(Arc::new(AttentionKernel {
+        qkv: fused(store, &[&a.q, &a.k, &a.v], opts)?,
+        o: linear(store, &a.o)?,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+        scale: a.scale,
+        causal: a.causal,
+        window: a.sliding_window,
+        rope,
+        differentiable: opts.differentiable,
+    }))
 }
 
 fn linear(store: &mut dyn WeightSource, l: &IrLinear) -> Result<Linear, WeightLoadError> {
@@ -310,32 +355,34 @@ impl Program {
                                 differentiable: opts.differentiable,
                             }))
                         }
-                        Op::Attention(a) => {
-                            let rope = match &a.rope {
-                                Some(r) => {
-                                    let id = match rope_ids.iter().find(|(x, _)| x == r) {
-                                        Some((_, id)) => *id,
-                                        None => {
-                                            rope_ids.push((r.clone(), rope_ids.len()));
-                                            rope_ids.len() - 1
-                                        }
-                                    };
-                                    Some((id, RopeKernel::new(r, device).map_err(build)?))
+                        Op::Attention(a) => Kernel::Attention(attention_kernel(
+                            &node.name,
+                            a,
+                            store,
+                            &mut rope_ids,
+                            device,
+                            &opts,
+                        )?),
+                        Op::QueryKeyScores(a) => {
+                            // The layer's own attention kernel: its weights are lowered once
+                            // (and kept as the attention step's, whichever comes first).
+                            let attention = Op::Attention(a.clone());
+                            let k = match kernels.get(&attention) {
+                                Some(Kernel::Attention(k)) => k,
+                                _ => {
+                                    let k = attention_kernel(
+                                        &node.name,
+                                        a,
+                                        store,
+                                        &mut rope_ids,
+                                        device,
+                                        &opts,
+                                    )?;
+                                    kernels.insert(attention, Kernel::Attention(k.clone()));
+                                    k
                                 }
-                                None => None,
                             };
-                            Kernel::Attention(Arc::new(AttentionKernel {
-                                qkv: fused(store, &[&a.q, &a.k, &a.v], &opts)?,
-                                o: linear(store, &a.o)?,
-                                heads: a.heads,
-                                kv_heads: a.kv_heads,
-                                head_dim: a.head_dim,
-                                scale: a.scale,
-                                causal: a.causal,
-                                window: a.sliding_window,
-                                rope,
-                                differentiable: opts.differentiable,
-                            }))
+                            Kernel::Scores(k)
                         }
                         Op::Mlp(m) => Kernel::Mlp(Arc::new(MlpKernel {
                             act: m.act,
@@ -426,7 +473,7 @@ impl Program {
                 Kernel::Attention(k) => Arc::as_ptr(k) as *const u8,
                 Kernel::Mlp(k) => Arc::as_ptr(k) as *const u8,
                 Kernel::LmHead(k) => Arc::as_ptr(k) as *const u8,
-                Kernel::Input | Kernel::Add | Kernel::Pool(_) => continue,
+                Kernel::Input | Kernel::Add | Kernel::Pool(_) | Kernel::Scores(_) => continue,
             };
             seen.insert(id as usize);
         }

@@ -303,6 +303,11 @@ impl Program {
                     let mut parts = Self::parts(segments, spans, slot)?;
                     a.forward_ragged(args[0], &mut parts, Adapters::Uniform(&step.adapters))
                 }),
+                Kernel::Scores(a) => {
+                    let parts: Vec<(usize, usize, usize)> =
+                        spans.iter().map(|s| (s.offset, s.len, s.start)).collect();
+                    a.last_query_scores_ragged(args[0], &parts, Adapters::Uniform(&step.adapters))
+                }
                 Kernel::LmHead(l) if last_rows[i] => {
                     Tensor::new(last_tokens.as_slice(), &self.device)
                         .and_then(|idx| args[0].index_select(&idx, 1))

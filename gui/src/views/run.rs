@@ -1,7 +1,8 @@
 //! Run view: prompts in, generation on a background thread with a progress bar, then the
 //! token × layer heatmap (layers run, exit signals, exit cells; over a tied model its columns
 //! are (loop, layer), loop iterations set apart), each token's compute path on the graph, and
-//! the exit-layer histogram.
+//! the exit-layer histogram. Under GemFilter, each prompt's tokens with the ones the full
+//! model ran on marked, shaded by the filter layer's score.
 
 use crate::heatmap::{build, normalize, Heatmap};
 use crate::jobs::Job;
@@ -18,7 +19,40 @@ pub struct RunData {
     pub histogram: Vec<u64>,
     /// (prompt, generated text) per prompt.
     pub outputs: Vec<(String, String)>,
+    /// GemFilter's selection of each prompt that has one.
+    pub selections: Vec<SelectionView>,
 }
+
+/// One prompt's GemFilter selection, ready to draw.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SelectionView {
+    /// Index of the prompt.
+    pub prompt: usize,
+    /// The filter layer (0-based).
+    pub layer: usize,
+    /// The average pool's kernel.
+    pub pool: usize,
+    /// Per prompt token: its text, whether it was kept, its score, its pooled score (what
+    /// the selection ranks).
+    pub tokens: Vec<(String, bool, f32, f32)>,
+}
+
+impl SelectionView {
+    pub fn kept(&self) -> usize {
+        self.tokens.iter().filter(|t| t.1).count()
+    }
+}
+
+/// A kept token's background: light to strong green as its score rises from the prompt's
+/// lowest (`t` = 0) to its highest (`t` = 1).
+pub fn kept_color(t: f32) -> Color32 {
+    let t = t.clamp(0.0, 1.0);
+    let lerp = |a: f32, b: f32| (a + (b - a) * t) as u8;
+    Color32::from_rgb(lerp(205.0, 46.0), lerp(236.0, 160.0), lerp(205.0, 67.0))
+}
+
+/// A dropped token's background.
+pub const DROPPED: Color32 = Color32::from_rgb(232, 232, 232);
 
 impl RunData {
     pub fn new(result: &PromptResult, prompts: &[String], loaded: &Loaded) -> Self {
@@ -31,10 +65,44 @@ impl RunData {
             .zip(&result.outputs)
             .map(|(p, ids)| (p.clone(), tokens.text(ids)))
             .collect();
+        let (layer, pool) = loaded
+            .after
+            .filter
+            .as_ref()
+            .map_or((0, 1), |f| (f.layer, f.pool));
+        let selections = result
+            .selections
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                let pooled = exitgraph::gemfilter::pool_scores(&s.scores, pool);
+                let tokens = s
+                    .prompt
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &id)| {
+                        (
+                            tokens.token(id),
+                            s.kept.binary_search(&p).is_ok(),
+                            s.scores.get(p).copied().unwrap_or(f32::NAN),
+                            pooled.get(p).copied().unwrap_or(f32::NAN),
+                        )
+                    })
+                    .collect();
+                Some(SelectionView {
+                    prompt: i,
+                    layer,
+                    pool,
+                    tokens,
+                })
+            })
+            .collect();
         RunData {
             heatmap,
             histogram,
             outputs,
+            selections,
         }
     }
 }
@@ -240,6 +308,18 @@ impl RunView {
                                 );
                             }
                         });
+                    if !r.selections.is_empty() {
+                        ui.separator();
+                        ui.heading("GemFilter");
+                        egui::ScrollArea::vertical()
+                            .id_salt("gemfilter")
+                            .max_height(200.0)
+                            .show(ui, |ui| {
+                                for s in &r.selections {
+                                    selection_ui(ui, s);
+                                }
+                            });
+                    }
                     ui.separator();
                     ui.heading("Exit layers");
                     histogram(ui, &r.histogram);
@@ -254,6 +334,52 @@ impl RunView {
         }
         action
     }
+}
+
+/// A prompt's tokens in order, the kept ones green (darker for higher pooled scores, which
+/// the selection ranks), the dropped ones grey; hovering a token shows its position, score
+/// and pooled score.
+fn selection_ui(ui: &mut Ui, s: &SelectionView) {
+    ui.label(format!(
+        "#{} kept {} of {} prompt tokens (layer {}'s last-query scores, pooled over {})",
+        s.prompt + 1,
+        s.kept(),
+        s.tokens.len(),
+        s.layer,
+        s.pool
+    ));
+    let finite = s.tokens.iter().map(|t| t.3).filter(|x| x.is_finite());
+    let lo = finite.clone().fold(f32::INFINITY, f32::min);
+    let hi = finite.fold(f32::NEG_INFINITY, f32::max);
+    ui.horizontal_wrapped(|ui| {
+        ui.spacing_mut().item_spacing.x = 1.0;
+        for (i, (text, kept, score, pooled)) in s.tokens.iter().enumerate() {
+            let t = if hi > lo {
+                (pooled - lo) / (hi - lo)
+            } else {
+                1.0
+            };
+            let (bg, fg) = if *kept {
+                (kept_color(t), Color32::BLACK)
+            } else {
+                (DROPPED, Color32::from_gray(120))
+            };
+            let shown = text.replace(' ', "\u{b7}");
+            ui.add(
+                egui::Label::new(
+                    RichText::new(shown)
+                        .monospace()
+                        .color(fg)
+                        .background_color(bg),
+                )
+                .sense(Sense::hover()),
+            )
+            .on_hover_text(format!(
+                "position {i}: score {score:.3}, pooled {pooled:.3}, {}",
+                if *kept { "kept" } else { "dropped" }
+            ));
+        }
+    });
 }
 
 fn histogram(ui: &mut Ui, h: &[u64]) {
