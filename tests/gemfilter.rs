@@ -325,3 +325,60 @@ proptest! {
         }
     }
 }
+
+/// The simulated executor charges one request's select phase as a call over the prompt's
+/// tokens at the share of the layers up to the filter layer's q and k, then prefills only the
+/// kept tokens: its busy time, hand-computed from a cost model with only an intercept and a
+/// per-token term, on the tiny random Llama (hidden 32, 4 heads of 8, 2 KV heads, MLP 64,
+/// 3 layers).
+#[test]
+fn simulated_gemfilter_charges_the_select_phase_and_the_kept_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = random_llama(dir.path(), 1);
+    let (r, n, keep, new) = (1usize, 20usize, 5usize, 3usize);
+    let program = filtered(&graph, dir.path(), r, Keep::Tokens(keep), 3);
+    let (c0, c1) = (0.01, 0.001);
+    let cost = exitgraph::runtime::cost::CostModel {
+        version: 2,
+        coefficients: [c0, c1, 0.0, 0.0],
+        per_layers: 0.0,
+        per_sequence_layers: 0.0,
+        per_group: 0.0,
+        samples: Vec::new(),
+    };
+    let request = RequestSpec {
+        id: 0,
+        arrival_s: 0.0,
+        prompt: (0..n as u32).collect(),
+        max_new_tokens: new,
+        forced: Vec::new(),
+        depth: None,
+    };
+    let (report, outcomes) = Runtime::new(
+        program,
+        Batching::Static { max_batch: 1 },
+        Executor::Sim(cost),
+        Decoding::greedy(),
+        vec![request],
+        None,
+    )
+    .run()
+    .unwrap();
+    // A layer's work per token: q, o 2·32·32 each; k, v 2·32·16 each; the MLP 3·2·32·64;
+    // two norms 5·32 each = 18,752. The scores node: q, k and a norm = 3,232.
+    let share = (r as f64 + 3232.0 / 18752.0) / 3.0;
+    let select = c0 + c1 * share * n as f64;
+    let prefill = c0 + c1 * keep as f64;
+    let decode = (new - 1) as f64 * (c0 + c1);
+    let want = select + prefill + decode;
+    let o = &outcomes[0];
+    let finish = o.finish_s.unwrap();
+    assert!(
+        (finish - want).abs() < 1e-12,
+        "finished at {finish}, want {want}"
+    );
+    assert!((o.first_token_s.unwrap() - (select + prefill)).abs() < 1e-12);
+    assert!((report.decode_busy_s - decode).abs() < 1e-12);
+    assert_eq!((o.prompt_tokens, o.produced), (n, new));
+    assert!((o.selection_s.unwrap() - select).abs() < 1e-12);
+}

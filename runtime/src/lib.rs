@@ -35,7 +35,7 @@ use exitgraph_compiler::generate::{GenerateError, GenerateOptions};
 use exitgraph_compiler::lower::{KvCache, Program};
 use metrics::{RequestOutcome, ServeReport, TokenStat};
 use policy::{Batching, Candidate};
-pub use select::Selected;
+pub use select::{select_share, Selected};
 use std::sync::Arc;
 use trace::{LayerSignal, TraceRecord, TraceWriter};
 use workload::RequestSpec;
