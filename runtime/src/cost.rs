@@ -1,6 +1,6 @@
 //! The simulated executor's cost model: step time as a linear function of the step's new
 //! tokens, its attention work (Σ new tokens × context length), the heads it runs and the
-//! share of the layers it runs, fitted by least squares to calls measured on this machine
+//! share of the layers it runs, fitted by non-negative least squares to calls measured on this machine
 //! (`exitgraph profile`: full forward passes, and calls that stop part-way down, as stages
 //! and early exits do).
 //!
@@ -147,18 +147,91 @@ fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; 
     Some(x)
 }
 
+/// Non-negative least squares from the normal equations (`ata = XᵀWX`, `atb = XᵀWy`, `yty =
+/// yᵀWy`): the `x ≥ 0` minimising `yty − 2·atbᵀx + xᵀ·ata·x`. Every subset of the features
+/// is tried free with the rest at 0 (at most 2⁷ small solves); the optimum is the best
+/// feasible one, since at it the free coefficients solve their own normal equations.
+fn nnls(ata: &[Vec<f64>], atb: &[f64], yty: f64) -> Vec<f64> {
+    let n = atb.len();
+    let objective = |x: &[f64]| {
+        let mut q = yty;
+        for i in 0..n {
+            q -= 2.0 * atb[i] * x[i];
+            for j in 0..n {
+                q += x[i] * ata[i][j] * x[j];
+            }
+        }
+        q
+    };
+    let mut best = (vec![0.0; n], yty);
+    for mask in 1u32..(1 << n) {
+        let free: Vec<usize> = (0..n).filter(|&i| mask & (1 << i) != 0).collect();
+        let a: Vec<Vec<f64>> = free
+            .iter()
+            .map(|&i| free.iter().map(|&j| ata[i][j]).collect())
+            .collect();
+        let b: Vec<f64> = free.iter().map(|&i| atb[i]).collect();
+        let Some(sol) = solve_dyn(a, b) else {
+            continue;
+        };
+        if sol.iter().any(|&v| v < 0.0) {
+            continue;
+        }
+        let mut x = vec![0.0; n];
+        for (&i, v) in free.iter().zip(sol) {
+            x[i] = v;
+        }
+        let q = objective(&x);
+        if q < best.1 {
+            best = (x, q);
+        }
+    }
+    best.0
+}
+
+/// Gaussian elimination with partial pivoting on a square system of any size.
+fn solve_dyn(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
+    let n = b.len();
+    for col in 0..n {
+        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() < 1e-18 {
+            return None;
+        }
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        let pivot_row = a[col].clone();
+        for row in col + 1..n {
+            let f = a[row][col] / pivot_row[col];
+            for (v, p) in a[row].iter_mut().zip(&pivot_row).skip(col) {
+                *v -= f * p;
+            }
+            b[row] -= f * b[col];
+        }
+    }
+    let mut x = vec![0.0; n];
+    for row in (0..n).rev() {
+        let s: f64 = (row + 1..n).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - s) / a[row][row];
+    }
+    Some(x)
+}
+
 impl CostModel {
-    /// Least-squares fit, each sample weighted by 1 / seconds so small and large steps count
-    /// alike (relative error). Without partial-depth samples the per-layer term cannot be
-    /// told from the intercept and is left at 0.
+    /// Least-squares fit with every coefficient non-negative (each is the seconds of some
+    /// work, so none may be negative: an unconstrained fit gave the demo model a negative
+    /// intercept and head term), each sample weighted by 1 / seconds so small and large
+    /// steps count alike (relative error). Without partial-depth samples the per-layer term
+    /// cannot be told from the intercept and is left at 0.
     pub fn fit(samples: Vec<Sample>) -> anyhow::Result<Self> {
         let partial = samples.iter().any(|s| s.layers_share < 1.0);
         let looped = samples.iter().any(|s| s.groups > 0);
         let mut ata = [[0.0; FEATURES]; FEATURES];
         let mut atb = [0.0; FEATURES];
+        let mut yty = 0.0;
         for s in &samples {
             let f = features(s);
             let w = 1.0 / (s.seconds * s.seconds).max(1e-12);
+            yty += w * s.seconds * s.seconds;
             for i in 0..FEATURES {
                 for j in 0..FEATURES {
                     ata[i][j] += w * f[i] * f[j];
@@ -166,22 +239,26 @@ impl CostModel {
                 atb[i] += w * f[i] * s.seconds;
             }
         }
-        // The leading `N` features' normal equations.
+        // The leading `N` features' normal equations: they must determine the model; the
+        // fit is their non-negative least-squares solution.
         fn leading<const N: usize>(
             ata: &[[f64; FEATURES]; FEATURES],
             atb: &[f64; FEATURES],
+            yty: f64,
         ) -> anyhow::Result<[f64; N]> {
             let a: [[f64; N]; N] = std::array::from_fn(|i| std::array::from_fn(|j| ata[i][j]));
             let b: [f64; N] = std::array::from_fn(|i| atb[i]);
-            solve(a, b).context("profile samples do not determine the cost model")
+            solve(a, b).context("profile samples do not determine the cost model")?;
+            let x = nnls(&a.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &b, yty);
+            Ok(std::array::from_fn(|i| x[i]))
         }
         let c: [f64; FEATURES] = if partial && looped {
-            leading::<7>(&ata, &atb)?
+            leading::<7>(&ata, &atb, yty)?
         } else if partial {
-            let c = leading::<6>(&ata, &atb)?;
+            let c = leading::<6>(&ata, &atb, yty)?;
             std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0))
         } else {
-            let c = leading::<4>(&ata, &atb)?;
+            let c = leading::<4>(&ata, &atb, yty)?;
             std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0))
         };
         Ok(CostModel {
@@ -644,6 +721,65 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(CostModel::fit(flat).unwrap().per_group, 0.0);
+    }
+
+    /// min ‖Ax − y‖² with A = [[1, 0], [0, 1], [1, 1]], y = [1, −1, 0]: unconstrained
+    /// x = (1, −1); with x ≥ 0, x2 = 0 and x1 minimises (x1 − 1)² + 1 + x1², so x1 = 0.5.
+    #[test]
+    fn nnls_by_hand() {
+        let ata = vec![vec![2.0, 1.0], vec![1.0, 2.0]];
+        let x = nnls(&ata, &[1.0, -1.0], 2.0);
+        assert!((x[0] - 0.5).abs() < 1e-12 && x[1] == 0.0, "{x:?}");
+        // A feasible unconstrained optimum is kept.
+        let x = nnls(&ata, &[3.0, 3.0], 10.0);
+        assert!(
+            (x[0] - 1.0).abs() < 1e-12 && (x[1] - 1.0).abs() < 1e-12,
+            "{x:?}"
+        );
+    }
+
+    /// Times from a cost with a negative intercept: the fit keeps every coefficient at or
+    /// above 0 and fits no worse than the unconstrained one clipped at 0.
+    #[test]
+    fn fit_never_gives_a_negative_coefficient() {
+        let truth = [-4e-4, 1e-4, 3e-7, 5e-5];
+        let mut samples = Vec::new();
+        for tokens in [8, 16, 64] {
+            for seqs in [1, 2, 8] {
+                let attention = tokens * tokens * 3 + seqs * tokens * 11 + 5;
+                let f = [1.0, tokens as f64, attention as f64, seqs as f64];
+                let seconds = f.iter().zip(&truth).map(|(a, b)| a * b).sum();
+                samples.push(Sample {
+                    tokens,
+                    attention,
+                    sequences: seqs,
+                    seconds,
+                    spread: 0.0,
+                    layers_share: 1.0,
+                    exit_head: false,
+                    groups: 0,
+                });
+            }
+        }
+        let m = CostModel::fit(samples.clone()).unwrap();
+        assert!(
+            m.coefficients.iter().all(|&c| c >= 0.0),
+            "{:?}",
+            m.coefficients
+        );
+        assert_eq!(m.coefficients[0], 0.0);
+        let error = |c: [f64; 4]| -> f64 {
+            samples
+                .iter()
+                .map(|s| {
+                    let f = [1.0, s.tokens as f64, s.attention as f64, s.sequences as f64];
+                    let p: f64 = f.iter().zip(&c).map(|(a, b)| a * b).sum();
+                    ((p - s.seconds) / s.seconds).powi(2)
+                })
+                .sum()
+        };
+        let clipped = truth.map(|c: f64| c.max(0.0));
+        assert!(error(m.coefficients) <= error(clipped) + 1e-15);
     }
 
     #[test]
