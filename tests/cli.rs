@@ -760,3 +760,71 @@ fn bench_torch_compares_with_pytorch_or_says_what_is_missing() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn self_speculative_run_prints_the_full_models_text_and_its_drafts() {
+    let args = |ex: &str| {
+        vec![
+            "run".to_string(),
+            ex.to_string(),
+            "--prompt".into(),
+            "copy: K7F2Q |".into(),
+            "--max-new-tokens".into(),
+            "16".into(),
+        ]
+    };
+    let full = stdout(&exitgraph(
+        &args("examples/demo.ron")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    ));
+    let mut spec_args = args("examples/demo-speculative.ron");
+    spec_args.push("--show-exits".into());
+    let spec = stdout(&exitgraph(
+        &spec_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    // The same text (the full model's greedy continuation), then the per-token table.
+    let first = |s: &str| s.lines().next().unwrap_or_default().to_string();
+    assert_eq!(first(&spec), first(&full), "{spec}");
+    assert!(spec.contains("speculation: "), "{spec}");
+    assert!(spec.contains("draft accepted"), "{spec}");
+    assert!(spec.contains("full model ("), "{spec}");
+}
+
+#[test]
+fn eval_speculative_reports_a_lossless_sweep() {
+    let out = stdout(&exitgraph(&[
+        "eval",
+        "speculative",
+        "examples/demo-speculative.ron",
+        "--exits",
+        "2,8",
+        "--drafts",
+        "3",
+        "--thresholds",
+        "none",
+        "--batches",
+        "1,3",
+        "--examples",
+        "4",
+        "--new-tokens",
+        "8",
+        "--reps",
+        "1",
+    ]));
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| ℓ"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    for r in &rows {
+        assert!(r.contains("| yes |"), "not lossless: {r}");
+    }
+    // A draft as deep as the model is always accepted.
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("| 8 | 3 | none | 1 | yes | 100.0% |")),
+        "{out}"
+    );
+}

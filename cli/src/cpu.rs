@@ -101,6 +101,20 @@ pub fn op_threads() -> usize {
         .unwrap_or_else(candle_core::utils::get_num_threads)
 }
 
+/// Fixes candle's CPU thread count for the process. candle 0.11's CPU matmul asks for its
+/// thread count on every call, and without `RAYON_NUM_THREADS` set that parses
+/// `/proc/cpuinfo` each time (`num_cpus::get_physical`): on a small model, about a quarter
+/// of decode time went to the kernel formatting that file. Setting `RAYON_NUM_THREADS` once,
+/// to the count candle computes itself, keeps every thread count as it was and removes the
+/// per-call read. Call it first thing in `main`, before any thread starts; a value the user
+/// set is kept.
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! Over a tied model the columns read as (loop iteration, layer of the shared block).
 
 use crate::looping::Looping;
+use exitgraph::runtime::metrics::Speculated;
 use exitgraph::runtime::trace::TraceRecord;
 
 /// One cell: a token at one layer.
@@ -30,6 +31,8 @@ pub struct TokenRow {
     pub layers: Vec<usize>,
     /// One per layer, `depth` long.
     pub cells: Vec<Cell>,
+    /// Under self-speculative decoding: a kept draft or the full model's token.
+    pub speculated: Option<Speculated>,
 }
 
 /// The heatmap, built once per run.
@@ -58,6 +61,11 @@ pub struct ColumnHeader {
 impl Heatmap {
     pub fn has_signals(&self) -> bool {
         self.signal_range.is_some()
+    }
+
+    /// Whether any token was decoded self-speculatively.
+    pub fn has_speculation(&self) -> bool {
+        self.rows.iter().any(|r| r.speculated.is_some())
     }
 
     /// The heatmap of a model whose layers loop as `looping` says.
@@ -134,6 +142,7 @@ pub fn build(records: &[TraceRecord], depth: usize, decode: impl Fn(u32) -> Stri
                 exit_layer: r.exit_layer,
                 layers: r.layers.clone(),
                 cells,
+                speculated: r.speculated,
             }
         })
         .collect();
@@ -171,6 +180,7 @@ mod tests {
 
     fn record(seq: usize, pos: usize, layers: usize, signals: Vec<(usize, f64)>) -> TraceRecord {
         TraceRecord {
+            speculated: None,
             seq,
             pos,
             token: Some(pos as u32),

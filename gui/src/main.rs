@@ -4,6 +4,7 @@ use exitgraph_gui::ExplorerApp;
 use std::path::PathBuf;
 
 fn main() -> eframe::Result {
+    exitgraph::cpu::pin_thread_count();
     let pipeline = std::env::args_os().nth(1).map(PathBuf::from);
     let options = eframe::NativeOptions {
         renderer: eframe::Renderer::Wgpu,

@@ -212,7 +212,9 @@ pub fn simulate(
         decoding,
         requests,
         &match &sim.depth {
-            Depth::EarlyExit { .. } => Depth::Full,
+            // The simulator runs no model: exit rules and drafts cannot be judged, so these
+            // simulate the full model (whose tokens self-speculation reproduces).
+            Depth::EarlyExit { .. } | Depth::SelfSpeculative { .. } => Depth::Full,
             other => other.clone(),
         },
     )?;

@@ -202,6 +202,7 @@ pub fn synthetic(tokens: usize, layers: usize) -> Vec<TraceRecord> {
                 layers
             };
             TraceRecord {
+                speculated: None,
                 seq,
                 pos,
                 token: None,

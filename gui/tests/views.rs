@@ -188,6 +188,47 @@ fn run_view_marks_the_prompt_tokens_gemfilter_kept() {
     h.snapshot_options("run_gemfilter", &snapshot_options());
 }
 
+/// Under self-speculative decoding the run view colours each token by how it came: a kept
+/// draft, or the full model's token after a rejected draft or after the drafts.
+#[test]
+fn run_view_colours_self_speculative_tokens() {
+    use exitgraph::runtime::metrics::Speculated;
+    let path = exitgraph_gui::views::sim::examples_dir().join("demo-speculative.ron");
+    let mut h = harness(ExplorerApp::open(&path));
+    h.run_steps(2);
+    assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
+    h.get_by_label("Run").click();
+    h.run_steps(2);
+    h.state_mut().run.prompts = "copy: K7F2Q |\nsome birds".into();
+    h.state_mut().run.max_new_tokens = 8;
+    h.get_by_label("Run prompts").click();
+    h.run_steps(1);
+    step_until(&mut h, "the run", Duration::from_secs(120), |a| {
+        !a.run.running()
+    });
+    assert!(h.state().run.error.is_none(), "{:?}", h.state().run.error);
+    let rows = &h.state().run.result.as_ref().unwrap().heatmap.rows;
+    // "some birds" ends at its end-of-sequence token within a cycle: the cycle's later
+    // tokens are dropped, and every prompt's positions follow each other once each.
+    assert!(rows.len() < 16, "{} rows", rows.len());
+    for seq in 0..2 {
+        let pos: Vec<usize> = rows
+            .iter()
+            .filter(|r| r.seq == seq)
+            .map(|r| r.pos)
+            .collect();
+        assert!(pos.windows(2).all(|w| w[1] == w[0] + 1), "{pos:?}");
+    }
+    // The first token of each prompt comes from the prompt's pass; every later one is marked.
+    let marked = rows.iter().filter(|r| r.speculated.is_some()).count();
+    assert_eq!(marked, rows.len() - 2);
+    assert!(rows
+        .iter()
+        .any(|r| r.speculated == Some(Speculated::Accepted)));
+    h.get_by_label_contains("Self-speculative tokens");
+    h.snapshot_options("run_speculative", &snapshot_options());
+}
+
 #[test]
 fn simulator_view_runs_a_workload_and_rejects_bad_traces() {
     let mut h = harness(ExplorerApp::demo());
@@ -258,6 +299,7 @@ fn run_view_colours_exit_signals_when_the_trace_has_them() {
         .map(|i| {
             let exit = [2, 4, 8][i % 3];
             TraceRecord {
+                speculated: None,
                 seq: 0,
                 pos: 10 + i,
                 token: Some(40 + i as u32),
@@ -451,6 +493,7 @@ fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
         .into_iter()
         .enumerate()
         .map(|(i, exit)| TraceRecord {
+            speculated: None,
             seq: 0,
             pos: 10 + i,
             token: Some(40 + i as u32),

@@ -22,6 +22,7 @@ pub mod encoder;
 pub mod metrics;
 mod select;
 pub mod sim_exits;
+pub mod speculate;
 mod step;
 pub mod strategy;
 pub mod trace;
@@ -33,7 +34,7 @@ pub use exitgraph_compiler::batching as policy;
 use exitgraph_compiler::exits::Depth;
 use exitgraph_compiler::generate::{GenerateError, GenerateOptions};
 use exitgraph_compiler::lower::{KvCache, Program};
-use metrics::{RequestOutcome, ServeReport, TokenStat};
+use metrics::{RequestOutcome, ServeReport, SpecCounts, Speculated, TokenStat};
 use policy::{Batching, Candidate};
 pub use select::{select_share, Selected};
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub struct Progress {
     pub first_nll: f64,
     /// The simulated executor's exit depth for the token on its way down.
     pub sim_exit: Option<usize>,
+    /// Self-speculative cycles so far.
+    pub spec: SpecCounts,
 }
 
 /// One token's way through the layers.
@@ -99,6 +102,7 @@ impl TokenTrack {
             heads: self.heads as u16,
             filled: self.filled as u16,
             final_head: self.final_head,
+            speculated: None,
         }
     }
 }
@@ -181,6 +185,8 @@ pub enum Executor {
 #[derive(Clone)]
 pub struct Decoding {
     sampling: candle_transformers::generation::Sampling,
+    /// The same rule in exitgraph's terms (self-speculation computes its distributions).
+    rule: exitgraph_compiler::generate::Sampling,
     seed: u64,
     stop_ids: Vec<u32>,
 }
@@ -190,6 +196,7 @@ impl Decoding {
     pub fn greedy() -> Self {
         Decoding {
             sampling: candle_transformers::generation::Sampling::ArgMax,
+            rule: exitgraph_compiler::generate::Sampling::Greedy,
             seed: 0,
             stop_ids: Vec::new(),
         }
@@ -203,6 +210,7 @@ impl Decoding {
     ) -> Result<Self, GenerateError> {
         Ok(Decoding {
             sampling: sampling.to_candle()?,
+            rule: sampling.clone(),
             seed,
             stop_ids,
         })
@@ -279,6 +287,13 @@ impl Engine {
             (Depth::EarlyExit { .. }, Executor::Sim(_), _) if self.sim_exits.is_none() => anyhow::bail!(
                 "the simulated executor runs no model, so exit rules cannot be evaluated; use the \
                  real executor, or give the simulated one exit depths (serve --sim-exits)"
+            ),
+            (Depth::SelfSpeculative { .. }, Executor::Sim(_), _) => anyhow::bail!(
+                "the simulated executor runs no model, so drafts cannot be verified; serve \
+                 SelfSpeculative with the real executor"
+            ),
+            (Depth::SelfSpeculative { .. }, _, _) if self.sim_exits.is_some() => anyhow::bail!(
+                "given exit depths and SelfSpeculative both set how deep tokens run; use one"
             ),
             (Depth::SkipDecode(_), _, b) if b.picks_stages() => anyhow::bail!(
                 "SkipDecode runs each token's whole path in one step; use static or continuous batching"
@@ -397,6 +412,8 @@ pub struct Plan(pub Vec<Entity>);
 pub struct Emitted {
     pub entity: Entity,
     pub tokens: Vec<Option<u32>>,
+    /// Per token, how self-speculation produced it (empty for other strategies).
+    pub speculated: Vec<Speculated>,
 }
 
 impl Emitted {
@@ -404,6 +421,7 @@ impl Emitted {
         Emitted {
             entity,
             tokens: vec![token],
+            speculated: Vec::new(),
         }
     }
 }
@@ -425,6 +443,8 @@ pub enum StepError {
     Lost(&'static str),
     #[error("simulated exits: {0}")]
     Simulation(String),
+    #[error("self-speculative decoding: {0}")]
+    Speculation(String),
 }
 
 /// The first failure of a run, piped from the systems that return one.
@@ -510,7 +530,11 @@ fn admit(
         let depth = r.depth.clone().unwrap_or_else(|| engine.depth.clone());
         let mut entity =
             commands.spawn((Request(r), Progress::default(), Kv(cache), Active, sampler));
-        strategy::attach(&depth, &mut entity);
+        strategy::attach(
+            &depth,
+            engine.decoding.seed.wrapping_add(id as u64),
+            &mut entity,
+        );
         queue.0.push_back((id, entity.id(), tokens));
     }
 }
@@ -611,23 +635,48 @@ fn add_stage_busy(recorder: &mut Recorder, stage: usize, seconds: f64) {
 /// Appends each produced token to its request and finishes requests that are done.
 fn emit(
     mut commands: Commands,
-    produced: Res<StepTokens>,
+    mut produced: ResMut<StepTokens>,
     mut clock: ResMut<Clock>,
     engine: Res<Engine>,
     mut seqs: Query<(&Request, &mut Progress)>,
 ) {
-    for emitted in &produced.0 {
+    let layers = engine.program.graph().info.num_layers;
+    for emitted in &mut produced.0 {
         let Ok((req, mut p)) = seqs.get_mut(emitted.entity) else {
             continue;
         };
-        for &token in &emitted.tokens {
+        // Tokens after the request finished (a cycle's tokens after an end-of-sequence) are
+        // dropped here, so the trace records only what the request produced.
+        let mut kept = emitted.tokens.len();
+        for (i, &token) in emitted.tokens.iter().enumerate() {
             if p.done {
+                // A cycle's tokens after an end-of-sequence are dropped: its counts keep
+                // only what the request produced.
+                let dropped = &emitted.speculated[i.min(emitted.speculated.len())..];
+                let accepted = dropped
+                    .iter()
+                    .filter(|&&s| s == Speculated::Accepted)
+                    .count();
+                p.spec.produced -= dropped.len().min(p.spec.produced);
+                p.spec.accepted -= accepted.min(p.spec.accepted);
+                kept = i;
                 break;
             }
             if let Some(t) = token {
                 p.tokens.push(t);
             }
-            let stat = p.track.stat();
+            let stat = match emitted.speculated.get(i) {
+                // Every self-speculative token is the full model's (its depth, its head).
+                Some(&how) => TokenStat {
+                    exit_layer: layers as u16,
+                    layers_run: layers as u16,
+                    heads: 0,
+                    filled: 0,
+                    final_head: true,
+                    speculated: Some(how),
+                },
+                None => p.track.stat(),
+            };
             p.stats.push(stat);
             p.produced += 1;
             if p.first_token_s.is_none() {
@@ -646,6 +695,8 @@ fn emit(
                     .remove::<(Active, Running)>();
             }
         }
+        emitted.tokens.truncate(kept);
+        emitted.speculated.truncate(kept);
     }
 }
 
@@ -679,6 +730,7 @@ fn record(
                 layers: p.track.layers.clone(),
                 exit_layer: p.track.exit_layer,
                 signals: p.track.signals.clone(),
+                speculated: emitted.speculated.get(i).copied(),
             };
             if let Some(w) = recorder.trace.as_mut() {
                 w.write(&r).map_err(StepError::Trace)?;
@@ -860,6 +912,7 @@ impl Runtime {
                 stats: p.stats.clone(),
                 nll: p.nll,
                 first_nll: p.first_nll,
+                speculative: (p.spec.cycles > 0).then_some(p.spec),
             })
             .collect();
         outcomes.sort_by_key(|o| o.id);

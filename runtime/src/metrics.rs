@@ -67,6 +67,71 @@ pub struct RequestOutcome {
     /// selected in the same call).
     #[serde(default)]
     pub selection_s: Option<f64>,
+    /// Self-speculative decoding's counts for this request (its cycles, drafts, kept drafts
+    /// and time split), when it decoded self-speculatively.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpecCounts>,
+}
+
+/// How a self-speculative token came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Speculated {
+    /// Drafted, and the full model agreed (greedy) or speculative sampling accepted it.
+    Accepted,
+    /// The full model's token in place of a rejected draft.
+    Rejected,
+    /// The full model's token after every draft of the cycle was accepted (or when there
+    /// was no room to draft).
+    Bonus,
+}
+
+/// Counts of one request's (or a run's) self-speculative cycles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpecCounts {
+    /// Verification calls (one per cycle).
+    pub cycles: usize,
+    /// Tokens drafted.
+    pub drafted: usize,
+    /// Drafted tokens kept.
+    pub accepted: usize,
+    /// Tokens the cycles produced (accepted drafts and the full model's tokens).
+    pub produced: usize,
+    /// Tokens that ran the shallow layers (every draft, and each cycle's first token).
+    pub shallow_tokens: usize,
+    /// Seconds in drafting calls (shared by the rows of a call).
+    pub draft_s: f64,
+    /// Seconds in verification calls (shared by the rows of a call).
+    pub verify_s: f64,
+}
+
+impl SpecCounts {
+    /// Share of drafted tokens kept.
+    pub fn acceptance(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+
+    /// Tokens produced per verification call.
+    pub fn tokens_per_cycle(&self) -> f64 {
+        if self.cycles == 0 {
+            0.0
+        } else {
+            self.produced as f64 / self.cycles as f64
+        }
+    }
+
+    pub fn add(&mut self, other: &SpecCounts) {
+        self.cycles += other.cycles;
+        self.drafted += other.drafted;
+        self.accepted += other.accepted;
+        self.produced += other.produced;
+        self.shallow_tokens += other.shallow_tokens;
+        self.draft_s += other.draft_s;
+        self.verify_s += other.verify_s;
+    }
 }
 
 /// How deep one generated token ran.
@@ -84,6 +149,10 @@ pub struct TokenStat {
     /// exit head; its cost is charged.
     #[serde(default)]
     pub final_head: bool,
+    /// Under self-speculative decoding: whether it was a kept draft or the full model's
+    /// token after the drafts (the full model produced every token either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculated: Option<Speculated>,
 }
 
 /// The summary `serve` prints and writes as JSON.
@@ -128,6 +197,10 @@ pub struct ServeReport {
     /// Mean sequences per step at each stage.
     #[serde(default)]
     pub mean_stage_rows: Vec<f64>,
+    /// Self-speculative decoding's counts over the completed requests, when any decoded
+    /// self-speculatively.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpecCounts>,
 }
 
 impl ServeReport {
@@ -198,6 +271,14 @@ impl ServeReport {
             occupancy,
             stage_rows: Vec::new(),
             mean_stage_rows: Vec::new(),
+            speculative: done.iter().filter_map(|o| o.speculative.as_ref()).fold(
+                None,
+                |sum: Option<SpecCounts>, c| {
+                    let mut sum = sum.unwrap_or_default();
+                    sum.add(c);
+                    Some(sum)
+                },
+            ),
         }
     }
 
@@ -274,6 +355,21 @@ impl ServeReport {
                 .map(|(i, r)| format!("{i}: {r:.2}"))
                 .collect();
             let _ = writeln!(s, "rows per stage   {} (mean per step)", parts.join(", "));
+        }
+        if let Some(c) = &self.speculative {
+            let _ = writeln!(
+                s,
+                "speculation      {} cycles, {} drafted, {:.1}% accepted, {:.2} tokens per verification",
+                c.cycles,
+                c.drafted,
+                100.0 * c.acceptance(),
+                c.tokens_per_cycle()
+            );
+            let _ = writeln!(
+                s,
+                "                 drafting {:.3} s, verifying {:.3} s",
+                c.draft_s, c.verify_s
+            );
         }
         let _ = writeln!(
             s,

@@ -2,10 +2,11 @@
 //! `decide`. Requests with a [`SkipPlan`] run their token's whole path this step; the others
 //! run the current stage of layers (with the exit head at its end when one is there).
 
-use super::strategy::{ExitPlan, SkipPlan};
+use super::speculate::{run_cycles, SpecRng};
+use super::strategy::{ExitPlan, SkipPlan, SpecPlan};
 use super::{
-    add_busy, cost, Clock, Engine, Executor, Kv, Plan, Progress, Recorder, Request, StageResult,
-    StageResults, StepError, StepTokens,
+    add_busy, cost, Clock, Emitted, Engine, Executor, Kv, Plan, Progress, Recorder, Request,
+    StageResult, StageResults, StepError, StepTokens,
 };
 use bevy_ecs::prelude::*;
 use candle_core::Tensor;
@@ -13,22 +14,22 @@ use exitgraph_compiler::lower::{KvCache, Run, Segment, Task, Want};
 use std::time::Instant;
 
 /// One planned sequence, its state taken out of its components for the step.
-struct Row {
-    entity: Entity,
+pub(super) struct Row {
+    pub(super) entity: Entity,
     /// The tokens it runs: its prompt, or its last token.
-    ids: Vec<u32>,
+    pub(super) ids: Vec<u32>,
     /// Position of `ids[0]`.
-    start: usize,
-    cache: KvCache,
+    pub(super) start: usize,
+    pub(super) cache: KvCache,
     /// The residual stream the previous stage left.
-    carried: Option<Tensor>,
+    pub(super) carried: Option<Tensor>,
     /// The layers its token runs this step.
-    path: Vec<usize>,
+    pub(super) path: Vec<usize>,
     /// The stage it runs.
-    stage: usize,
+    pub(super) stage: usize,
     /// Whether an exit head after the stage may let its token go: it has an exit rule, or
     /// its given exit depth is the stage's end.
-    may_exit: bool,
+    pub(super) may_exit: bool,
 }
 
 impl Row {
@@ -84,6 +85,7 @@ pub(super) fn execute(
     mut recorder: ResMut<Recorder>,
     mut seqs: Query<(&Request, &mut Progress, &mut Kv, Option<&SkipPlan>)>,
     exiting: Query<&ExitPlan>,
+    mut speculating: Query<(&SpecPlan, &mut SpecRng)>,
 ) -> Result<(), StepError> {
     produced.0.clear();
     results.entries.clear();
@@ -283,6 +285,15 @@ pub(super) fn execute(
         return Ok(());
     }
     let started = Instant::now();
+    // A self-speculative request's decode step is a whole cycle (a forced continuation,
+    // which scores every position with the full model, decodes at full depth: the tokens
+    // are the same).
+    let (mut spec_rows, rows): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| {
+        speculating.contains(r.entity)
+            && seqs
+                .get(r.entity)
+                .is_ok_and(|(req, p, _, _)| p.produced > 0 && req.0.forced.is_empty())
+    });
     let (mut skip_rows, mut stage_rows): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| {
         seqs.get(r.entity)
             .is_ok_and(|(_, p, _, skip)| skip.is_some() && p.produced > 0)
@@ -301,6 +312,28 @@ pub(super) fn execute(
     } else {
         run_stage(&engine, &mut stage_rows, wants)
     };
+    let mut setups = Vec::with_capacity(spec_rows.len());
+    let mut rngs = Vec::with_capacity(spec_rows.len());
+    for row in &spec_rows {
+        let budget = seqs.get(row.entity).map_or(0, |(req, p, _, _)| {
+            req.0.max_new_tokens.saturating_sub(p.produced)
+        });
+        let (plan, mut rng) = speculating
+            .get_mut(row.entity)
+            .map_err(|_| StepError::Lost("a speculative request lost its plan"))?;
+        setups.push((plan.spec, budget));
+        rngs.push(rng.0.take());
+    }
+    let cycles = if spec_rows.is_empty() {
+        Ok(Vec::new())
+    } else {
+        run_cycles(&engine, &mut spec_rows, &setups, &mut rngs)
+    };
+    for (row, rng) in spec_rows.iter().zip(rngs) {
+        if let Ok((_, mut slot)) = speculating.get_mut(row.entity) {
+            slot.0 = rng;
+        }
+    }
     let outcome = ran
         .and_then(|mut a| {
             a.extend(run_paths(&engine, &mut skip_rows)?);
@@ -309,10 +342,25 @@ pub(super) fn execute(
         // A GPU queues work: the step's time ends when its work has run.
         .and_then(|a| Ok(engine.program.device().synchronize().map(|_| a)?));
     let elapsed = started.elapsed().as_secs_f64();
-    for row in stage_rows.into_iter().chain(skip_rows) {
+    for row in stage_rows.into_iter().chain(skip_rows).chain(spec_rows) {
         if let Ok((_, _, mut kv, _)) = seqs.get_mut(row.entity) {
             kv.0 = row.cache;
         }
+    }
+    for cycle in cycles? {
+        if let Ok((_, mut p, _, _)) = seqs.get_mut(cycle.entity) {
+            p.spec.add(&cycle.counts);
+            // Every kept token is the full model's: traces record the full depth.
+            p.track.layers = (0..layers).collect();
+            p.track.exit_layer = layers;
+            p.track.final_head = true;
+        }
+        let (tokens, marks): (Vec<u32>, Vec<_>) = cycle.tokens.into_iter().unzip();
+        produced.0.push(Emitted {
+            entity: cycle.entity,
+            tokens: tokens.into_iter().map(Some).collect(),
+            speculated: marks,
+        });
     }
     let mut entries = outcome?;
     // Results (and so tokens and trace records) in plan order.

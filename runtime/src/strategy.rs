@@ -5,15 +5,23 @@
 //!
 //! - no component: every token runs every layer (full depth);
 //! - [`ExitPlan`]: at each exit head the request's rule decides whether the token stops;
-//! - [`SkipPlan`]: each generated token runs SkipDecode's path for its sequence position.
+//! - [`SkipPlan`]: each generated token runs SkipDecode's path for its sequence position;
+//! - [`SpecPlan`]: each decode step is a self-speculative cycle (draft, verify, keep).
 
 use bevy_ecs::prelude::*;
-use exitgraph_compiler::exits::{Depth, ExitRule, SkipDecode};
+use exitgraph_compiler::exits::{Depth, ExitRule, SelfSpeculative, SkipDecode};
 
 /// A request whose tokens may stop at an exit head, decided by `rule`.
 #[derive(Component, Clone, Debug)]
 pub struct ExitPlan {
     pub rule: ExitRule,
+}
+
+/// A request decoding self-speculatively: each of its decode steps drafts with the layers
+/// up to `spec.draft_exit`, verifies with the rest and keeps what the full model agrees with.
+#[derive(Component, Clone, Copy, Debug)]
+pub struct SpecPlan {
+    pub spec: SelfSpeculative,
 }
 
 /// A request following SkipDecode's position-wise schedule.
@@ -42,8 +50,9 @@ impl SkipPlan {
     }
 }
 
-/// Gives a newly admitted request the components of the strategy `depth`.
-pub fn attach(depth: &Depth, entity: &mut EntityCommands<'_>) {
+/// Gives a newly admitted request the components of the strategy `depth`; `seed` is its
+/// sampler's (self-speculation's random stream starts from it).
+pub fn attach(depth: &Depth, seed: u64, entity: &mut EntityCommands<'_>) {
     match depth {
         Depth::Full => {}
         Depth::EarlyExit { rule } => {
@@ -53,6 +62,16 @@ pub fn attach(depth: &Depth, entity: &mut EntityCommands<'_>) {
             entity.insert(SkipPlan {
                 schedule: *schedule,
             });
+        }
+        Depth::SelfSpeculative { .. } => {
+            use rand::SeedableRng;
+            let Some(spec) = depth.speculative() else {
+                return;
+            };
+            entity.insert((
+                SpecPlan { spec },
+                super::speculate::SpecRng(Some(rand::rngs::StdRng::seed_from_u64(seed))),
+            ));
         }
     }
 }

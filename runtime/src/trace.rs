@@ -27,6 +27,10 @@ pub struct TraceRecord {
     pub exit_layer: usize,
     #[serde(default)]
     pub signals: Vec<LayerSignal>,
+    /// Under self-speculative decoding: a kept draft, or the full model's token after a
+    /// rejected draft or after every draft.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculated: Option<crate::metrics::Speculated>,
 }
 
 /// What an exit point saw for one token.
@@ -118,6 +122,7 @@ mod tests {
 
     fn record(seq: usize) -> TraceRecord {
         TraceRecord {
+            speculated: None,
             seq,
             pos: 3,
             token: Some(7),

@@ -13,6 +13,111 @@ pub enum EvalCommand {
     /// Needle-in-a-haystack retrieval by generation, a GemFilter pipeline beside the full
     /// model, per context length and depth of the fact; time to first token and peak KV.
     Needle(NeedleArgs),
+    /// Self-speculative decoding against the full model: losslessness, acceptance, tokens
+    /// per verification, time split and speedup per draft depth, draft length, stop
+    /// threshold and batch, beside the ideal speedup.
+    Speculative(SpeculativeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SpeculativeArgs {
+    /// Pipeline (RON) whose InsertExits pass puts an exit head after every draft depth swept.
+    pipeline: PathBuf,
+    /// Draft depths ℓ (layers the draft runs), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    exits: Vec<usize>,
+    /// Draft lengths γ (most tokens drafted per cycle), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,6,8")]
+    drafts: Vec<usize>,
+    /// Stop thresholds (Kangaroo's stop_below), comma-separated; `none` drafts γ every cycle.
+    #[arg(long, value_delimiter = ',', default_value = "none,0.6")]
+    thresholds: Vec<String>,
+    /// Batch sizes (requests decoded side by side), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batches: Vec<usize>,
+    /// Held-out prompts (corpus examples cut at their first answer).
+    #[arg(long, default_value_t = 16)]
+    examples: usize,
+    /// Corpus tasks of the prompts, comma-separated (all when empty).
+    #[arg(long, value_delimiter = ',')]
+    data: Vec<String>,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Timed repetitions (the median is reported; the range is the noise).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
+    /// Write one line per row as CSV.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn speculative(a: SpeculativeArgs) -> anyhow::Result<()> {
+    use exitgraph::eval::speculative::{parse_thresholds, prompts, sweep, SpecOptions};
+    let pipeline = exitgraph::pipeline::Pipeline::read(&a.pipeline)?;
+    let compiled = exitgraph::pipeline::compile(&pipeline, &a.pipeline)?;
+    let tok_path = compiled.checkpoint.tokenizer.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: eval speculative needs the model's tokenizer.json",
+            compiled.model_dir.display()
+        )
+    })?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let tasks = a
+        .data
+        .iter()
+        .map(|t| t.parse())
+        .collect::<anyhow::Result<Vec<exitgraph::corpus::Task>>>()?;
+    if a.batches.contains(&0) {
+        anyhow::bail!("--batches: a batch holds at least one request");
+    }
+    if a.new_tokens == 0 {
+        anyhow::bail!("--new-tokens must be at least 1");
+    }
+    let opts = SpecOptions {
+        exits: a.exits.clone(),
+        drafts: a.drafts.clone(),
+        thresholds: parse_thresholds(&a.thresholds)?,
+        batches: a.batches.clone(),
+        new_tokens: a.new_tokens,
+        reps: a.reps,
+    };
+    let cases = prompts(&tokenizer, &tasks, a.seed, a.examples)?;
+    let positions = compiled.graph.info.max_positions;
+    if let Some(c) = cases
+        .iter()
+        .find(|c| c.prompt.len() + a.new_tokens > positions)
+    {
+        anyhow::bail!(
+            "--new-tokens {}: a prompt of {} tokens would run past the model's {positions} positions",
+            a.new_tokens,
+            c.prompt.len()
+        );
+    }
+    let program = std::sync::Arc::new(compiled.lower()?);
+    let bar = indicatif::ProgressBar::new_spinner();
+    let report = sweep(program, &cases, &opts, |what| {
+        bar.set_message(what.to_string());
+        bar.tick();
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e:#}", a.pipeline.display()))?;
+    bar.finish_and_clear();
+    out!("{}", report.to_markdown());
+    if let Some(path) = &a.csv {
+        exitgraph::atomic::write_text(path, &report.to_csv())?;
+        outln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.json {
+        exitgraph::atomic::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+        outln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -450,6 +555,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Exits(a) => exits(*a),
         EvalCommand::Recursive(a) => recursive(*a),
         EvalCommand::Needle(a) => needle(a),
+        EvalCommand::Speculative(a) => speculative(a),
         EvalCommand::Layers(a) => {
             let dir = a
                 .model_dir

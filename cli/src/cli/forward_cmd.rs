@@ -4,7 +4,7 @@ use exitgraph::device::{DeviceSpec, DtypeSpec};
 use exitgraph::generate::GenerateOptions;
 use exitgraph::lower::Inputs;
 use exitgraph::pipeline::{compile, Pipeline};
-use exitgraph::runtime::generate_through_runtime;
+use exitgraph::runtime::generate_with_depth;
 use exitgraph::tensor_io::{read_forward_inputs, write_atomic};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -145,8 +145,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "--generate needs unpadded rows of equal length",
         )?;
         let prompts = inputs.input_ids.to_vec2::<u32>()?;
-        let mut out =
-            generate_through_runtime(Arc::new(program), &prompts, &GenerateOptions::greedy(n))?;
+        // The pipeline's depth strategy decodes (self-speculation keeps the full model's
+        // greedy tokens; early exits may change them).
+        let (mut out, _) = generate_with_depth(
+            Arc::new(program),
+            &prompts,
+            &GenerateOptions::greedy(n),
+            &compiled.pipeline.runtime.depth,
+            None,
+        )?;
         if let Some(kept) = &selected {
             // The selected ids, then the new ones (the runtime selects the same way).
             for ((row, prompt), ids) in out.iter_mut().zip(&prompts).zip(kept) {

@@ -52,6 +52,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    exitgraph::cpu::pin_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -4,6 +4,7 @@ use exitgraph::generate::Sampling;
 use exitgraph::lower::{Inputs, Program};
 use exitgraph::pipeline::{compile, Compiled, Pipeline};
 use exitgraph::runtime::generate_with_depth;
+use exitgraph::runtime::metrics::Speculated;
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::tensor_io::write_atomic;
 use std::collections::HashMap;
@@ -194,17 +195,37 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .first()
             .map(|o| o.stats.clone())
             .unwrap_or_default();
-        outln!("token  text            exit layer  layers run");
+        let speculative = stats.iter().any(|s| s.speculated.is_some());
+        outln!(
+            "token  text            exit layer  layers run{}",
+            if speculative { "  speculation" } else { "" }
+        );
         for (t, s) in new.iter().zip(&stats) {
             let text = match &tokenizer {
                 Some(tk) => tk.decode(&[*t], false).unwrap_or_default(),
                 None => t.to_string(),
             };
+            let how = match s.speculated {
+                Some(Speculated::Accepted) => "  draft accepted",
+                Some(Speculated::Rejected) => "  full model (draft rejected)",
+                Some(Speculated::Bonus) => "  full model (after the drafts)",
+                None => "",
+            };
             outln!(
-                "{t:>5}  {:<14}  {:>4} / {layers}  {:>10}",
+                "{t:>5}  {:<14}  {:>4} / {layers}  {:>10}{how}",
                 format!("{text:?}"),
                 s.exit_layer,
                 s.layers_run
+            );
+        }
+        if let Some(c) = outcomes.first().and_then(|o| o.speculative.as_ref()) {
+            outln!(
+                "speculation: {} cycles, {} drafted, {} accepted ({:.1}%), {:.2} tokens per verification",
+                c.cycles,
+                c.drafted,
+                c.accepted,
+                100.0 * c.acceptance(),
+                c.tokens_per_cycle()
             );
         }
         let n = stats.len().max(1) as f64;

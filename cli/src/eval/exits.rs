@@ -289,6 +289,18 @@ fn run_cases(
             depth: None,
         })
         .collect();
+    run_static(program, requests, batch, depth)
+}
+
+/// `requests`, all arriving at once, in static batches of `batch` under `depth`, greedy:
+/// outcomes in request order and the decode-only busy seconds. A failed request fails the
+/// run.
+pub fn run_static(
+    program: &Arc<Program>,
+    requests: Vec<RequestSpec>,
+    batch: usize,
+    depth: &Depth,
+) -> anyhow::Result<(Vec<RequestOutcome>, f64)> {
     let (report, outcomes) = Runtime::new(
         program.clone(),
         Batching::Static {
@@ -442,6 +454,7 @@ impl ExitEval {
         let exit = s.exit_layer as usize;
         let early = exit < self.layers;
         TokenStat {
+            speculated: s.speculated,
             exit_layer: s.exit_layer,
             layers_run: s.exit_layer,
             heads: if s.heads == 0 {
@@ -957,6 +970,7 @@ mod tests {
 
     fn stat(exit: u16, run: u16, heads: u16, filled: u16, final_head: bool) -> TokenStat {
         TokenStat {
+            speculated: None,
             exit_layer: exit,
             layers_run: run,
             heads,

@@ -7,3 +7,4 @@ pub mod needle_gen;
 pub mod plot;
 pub mod quality;
 pub mod recursive;
+pub mod speculative;

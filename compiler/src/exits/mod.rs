@@ -11,20 +11,27 @@
 //!   top `n - warmup` (the lower-middle layers are bypassed). `n` never grows along a
 //!   sequence, so a token never needs a key an earlier token did not write.
 //!
+//! - [`Depth::SelfSpeculative`] (LayerSkip, Kangaroo): the layers up to an exit head draft
+//!   a few tokens, the full model checks them in one call and keeps the prefix it agrees
+//!   with; its output is the full model's (see [`speculative`]).
+//!
 //! The runtime (`crate::runtime`) executes these per token, in batches; `eval exits`
 //! measures speed against quality.
 
 pub mod cost;
 pub mod ltt;
 pub mod rule;
+pub mod speculative;
 
 pub use rule::{ExitRule, ExitView};
+pub use speculative::SelfSpeculative;
 
 use exitgraph_ir::Graph;
 use serde::{Deserialize, Serialize};
 
 /// How deep tokens run, as written in a pipeline's `runtime: (depth: ...)`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Depth {
     /// Every token runs every layer.
     #[default]
@@ -33,6 +40,24 @@ pub enum Depth {
     EarlyExit { rule: ExitRule },
     /// SkipDecode's position-wise schedule, shared by tokens at the same step.
     SkipDecode(SkipDecode),
+    /// Self-speculative decoding: the layers up to an exit head draft, the rest verify;
+    /// the output is the full model's. The fields are [`SelfSpeculative`]'s.
+    SelfSpeculative {
+        draft_exit: usize,
+        max_draft: usize,
+        #[serde(default)]
+        stop_below: Option<f32>,
+    },
+}
+
+impl From<SelfSpeculative> for Depth {
+    fn from(s: SelfSpeculative) -> Self {
+        Depth::SelfSpeculative {
+            draft_exit: s.draft_exit,
+            max_draft: s.max_draft,
+            stop_below: s.stop_below,
+        }
+    }
 }
 
 /// SkipDecode's position-wise schedule.
@@ -131,6 +156,26 @@ impl Depth {
                 Ok(())
             }
             Depth::SkipDecode(s) => s.validate(graph.info.num_layers),
+            Depth::SelfSpeculative { .. } => match self.speculative() {
+                Some(s) => s.validate(graph),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Self-speculation's settings, when this is [`Depth::SelfSpeculative`].
+    pub fn speculative(&self) -> Option<SelfSpeculative> {
+        match *self {
+            Depth::SelfSpeculative {
+                draft_exit,
+                max_draft,
+                stop_below,
+            } => Some(SelfSpeculative {
+                draft_exit,
+                max_draft,
+                stop_below,
+            }),
+            _ => None,
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::serving::{run_prompts, PromptResult, PromptRun};
 use crate::tokens::prompts_from_text;
 use eframe::egui::{self, Color32, RichText, Sense, Stroke, Ui};
 use egui_plot::{Bar, BarChart, Plot};
+use exitgraph::runtime::metrics::Speculated;
 
 /// A finished run, ready to draw.
 pub struct RunData {
@@ -403,6 +404,25 @@ fn histogram(ui: &mut Ui, h: &[u64]) {
         });
 }
 
+/// How a self-speculative token came to be, in words.
+pub fn speculation_label(how: Speculated) -> &'static str {
+    match how {
+        Speculated::Accepted => "draft accepted",
+        Speculated::Rejected => "full model's (draft rejected)",
+        Speculated::Bonus => "full model's (after the drafts)",
+    }
+}
+
+/// The text colour of a self-speculative token: green for a kept draft, orange for the
+/// full model's replacement of a rejected draft, blue for its token after the drafts.
+pub fn speculation_color(how: Speculated) -> Color32 {
+    match how {
+        Speculated::Accepted => Color32::from_rgb(40, 160, 70),
+        Speculated::Rejected => Color32::from_rgb(230, 120, 20),
+        Speculated::Bonus => Color32::from_rgb(60, 110, 220),
+    }
+}
+
 /// A vertical rule between two loop iterations' columns.
 fn loop_separator(ui: &mut Ui, height: f32) {
     let (rect, _) = ui.allocate_exact_size(egui::vec2(3.0, height), Sense::hover());
@@ -449,9 +469,19 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
         } else {
             let (rect, _) = ui.allocate_exact_size(egui::vec2(14.0, 12.0), Sense::hover());
             ui.painter().rect_filled(rect, 0.0, RAN);
-            ui.label("layer ran (this program has no exit heads, so there are no exit signals);");
+            ui.label("layer ran (no exit rule judged these tokens, so there are no exit signals);");
         }
         ui.label("outlined: the exit the token came from. Click a token to see its path.");
+        if h.has_speculation() {
+            ui.label("Self-speculative tokens:");
+            for how in [
+                Speculated::Accepted,
+                Speculated::Rejected,
+                Speculated::Bonus,
+            ] {
+                ui.label(RichText::new(speculation_label(how)).color(speculation_color(how)));
+            }
+        }
         if let Some(l) = &h.looping {
             ui.label(format!(
                 "Columns: loop iteration i, layer L of the shared block ({}).",
@@ -490,10 +520,15 @@ fn heatmap_ui(ui: &mut Ui, h: &Heatmap, selected: &mut Option<usize>) -> Option<
                 ui.horizontal(|ui| {
                     let text = format!("#{} pos {} {:?}", row.seq + 1, row.pos, row.text);
                     let sel = *selected == Some(i);
-                    let r = ui.add_sized(
-                        [label_w, cell.y],
-                        egui::Button::selectable(sel, RichText::new(text).monospace()),
-                    );
+                    let mut label = RichText::new(text).monospace();
+                    if let Some(how) = row.speculated {
+                        label = label.color(speculation_color(how));
+                    }
+                    let r = ui.add_sized([label_w, cell.y], egui::Button::selectable(sel, label));
+                    let r = match row.speculated {
+                        Some(how) => r.on_hover_text(speculation_label(how)),
+                        None => r,
+                    };
                     if r.clicked() {
                         *selected = Some(i);
                         action = Some(RunAction::ShowPath(i));

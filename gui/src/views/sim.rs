@@ -149,6 +149,9 @@ impl SimView {
                 " at full depth (exit rules need the real executor: use the Run tab)"
             }
             exitgraph::exits::Depth::SkipDecode(_) => " with SkipDecode",
+            exitgraph::exits::Depth::SelfSpeculative { .. } => {
+                " at full depth (drafts are judged by the model: use the Run tab)"
+            }
             exitgraph::exits::Depth::Full => "",
         };
         self.source = format!(
