@@ -189,7 +189,7 @@ proptest! {
             requests(&prs, new, |_| None),
             Batching::Continuous { max_batch: 3, token_budget: 64 },
             Decoding::greedy(),
-            &spec(layers, max_draft, Some(0.99)),
+            &spec(layers, max_draft, None),
         );
         for (o, pr) in outcomes.iter().zip(&prs) {
             prop_assert_eq!(&o.tokens, &greedy(&p, pr, new));
@@ -208,106 +208,12 @@ fn softmax(l: &[f32]) -> Vec<f64> {
     e.iter().map(|x| x / s).collect()
 }
 
-/// The full model's next-token distribution after `ids`, from one call on a fresh cache.
-fn next_probs(p: &Program, ids: &[u32]) -> Vec<f64> {
-    let mut cache = p.new_cache();
-    let mut seg = [Segment::new(ids, &mut cache)];
-    let run = Run::outputs(vec![Want::last(p.logits_node().unwrap())]);
-    let out: Tensor = p.run(&mut seg, &run).unwrap().remove(0).remove(0);
-    let row = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    softmax(&row)
-}
-
-#[test]
-fn sampled_tokens_follow_the_full_models_distribution() {
-    // A 6-token vocabulary, the draft after the first of 3 layers, 2 drafts a cycle: the
-    // second and third tokens come from one cycle (accepted drafts, the replacement of a
-    // rejected one, or the token after the drafts).
-    let dir = tempfile::tempdir().unwrap();
-    let vocab = 6;
-    // Weights large enough that the draft's distribution is far from the full model's.
-    let p = model_with(dir.path(), 3, vocab, 7, &[1], 0.6);
-    let prompt: Vec<u32> = vec![1, 4, 2];
-    let n = 3000;
-    let prs = vec![prompt.clone(); n];
-    let decoding = Decoding::new(
-        &Sampling::Temperature {
-            temperature: 1.0,
-            top_p: None,
-        },
-        11,
-        Vec::new(),
-    )
-    .unwrap();
-    let outcomes = serve(
-        &p,
-        requests(&prs, 3, |_| None),
-        Batching::Continuous {
-            max_batch: 64,
-            token_budget: 4096,
-        },
-        decoding,
-        &spec(1, 2, None),
-    );
-    // Exact joint distribution of (t2, t3), summing over t1.
-    let p1 = next_probs(&p, &prompt);
-    let draft = exitgraph::lower::Want::last(p.graph().exit_at(1).unwrap().logits.unwrap());
-    let mut tv = 0.0;
-    for (t1, &a) in p1.iter().enumerate() {
-        let mut ids = prompt.clone();
-        ids.push(t1 as u32);
-        let mut cache = p.new_cache();
-        let mut seg = [Segment::new(&ids, &mut cache)];
-        let q: Tensor = p
-            .run(&mut seg, &Run::outputs(vec![draft]))
-            .unwrap()
-            .remove(0)
-            .remove(0);
-        let q = softmax(&q.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let full = next_probs(&p, &ids);
-        tv += a * 0.5 * q.iter().zip(&full).map(|(x, y)| (x - y).abs()).sum::<f64>();
-    }
-    assert!(
-        tv > 0.1,
-        "the draft is too close to the full model for a test: TV {tv:.3}"
-    );
-    let mut exact = vec![0.0f64; vocab * vocab];
-    for (t1, &a) in p1.iter().enumerate() {
-        let mut ids = prompt.clone();
-        ids.push(t1 as u32);
-        let p2 = next_probs(&p, &ids);
-        for (t2, &b) in p2.iter().enumerate() {
-            let mut ids2 = ids.clone();
-            ids2.push(t2 as u32);
-            let p3 = next_probs(&p, &ids2);
-            for (t3, &c) in p3.iter().enumerate() {
-                exact[t2 * vocab + t3] += a * b * c;
-            }
-        }
-    }
-    let mut counts = vec![0usize; vocab * vocab];
-    let (mut drafted, mut accepted, mut rejected) = (0, 0, 0);
-    for o in &outcomes {
-        assert_eq!(o.tokens.len(), 3);
-        counts[o.tokens[1] as usize * vocab + o.tokens[2] as usize] += 1;
-        let c = o.speculative.unwrap();
-        drafted += c.drafted;
-        accepted += c.accepted;
-        rejected += o
-            .stats
-            .iter()
-            .filter(|s| s.speculated == Some(Speculated::Rejected))
-            .count();
-    }
-    // Both ways of ending a cycle happened many times.
-    assert!(drafted >= n, "{drafted} drafted");
-    assert!(
-        accepted > n / 10 && rejected > n / 10,
-        "{accepted} accepted, {rejected} rejected"
-    );
-    // Pearson's chi-square over cells expected at least 5 times (the rest pooled).
+/// Pearson's chi-square of `counts` against probabilities `exact` (cells expected fewer than
+/// 5 times pooled) below the 0.999 quantile of its degrees of freedom (Wilson–Hilferty).
+fn assert_chi_square(exact: &[f64], counts: &[usize], what: &str) {
+    let n: usize = counts.iter().sum();
     let (mut chi2, mut cells, mut pool_e, mut pool_o) = (0.0, 0usize, 0.0, 0.0);
-    for (e, &o) in exact.iter().zip(&counts) {
+    for (e, &o) in exact.iter().zip(counts) {
         let e = e * n as f64;
         if e >= 5.0 {
             chi2 += (o as f64 - e).powi(2) / e;
@@ -321,15 +227,135 @@ fn sampled_tokens_follow_the_full_models_distribution() {
         chi2 += (pool_o - pool_e).powi(2) / pool_e;
         cells += 1;
     }
-    // The 0.999 quantile of chi-square with `cells - 1` degrees of freedom, by the
-    // Wilson–Hilferty approximation.
+    assert!(
+        cells >= 4,
+        "{what}: only {cells} cells: too peaked a distribution for a test"
+    );
     let k = (cells - 1) as f64;
     let z = 3.090_232;
     let critical = k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3);
     assert!(
         chi2 < critical,
-        "chi-square {chi2:.1} over {cells} cells (critical {critical:.1})"
+        "{what}: chi-square {chi2:.1} over {cells} cells (critical {critical:.1})"
     );
+}
+
+/// The logits `want` gives at the last position of `ids`, from one call on a fresh cache.
+fn last_logits(p: &Program, ids: &[u32], want: Want) -> Vec<f32> {
+    let mut cache = p.new_cache();
+    let mut seg = [Segment::new(ids, &mut cache)];
+    let out: Tensor = p
+        .run(&mut seg, &Run::outputs(vec![want]))
+        .unwrap()
+        .remove(0)
+        .remove(0);
+    out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// 3000 requests sample 4 tokens each with self-speculation (draft after the first of 3
+/// layers, up to 3 drafts a cycle: the first cycle drafts 2, so tokens 2 to 4 come from
+/// accepted drafts, replacements of rejected ones and tokens after the drafts); the joint
+/// distributions of consecutive pairs (t1, t2), (t2, t3), (t3, t4) must be the full
+/// model's, computed exactly by enumerating every 4-token continuation.
+fn check_sampling(temperature: f64, top_p: Option<f64>) {
+    use exitgraph::exits::speculative::distribution;
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = 6;
+    // Weights large enough that the draft's distribution is far from the full model's.
+    let p = model_with(dir.path(), 3, vocab, 7, &[1], 0.6);
+    let prompt: Vec<u32> = vec![1, 4, 2];
+    let sampling = Sampling::Temperature { temperature, top_p };
+    let (n, new) = (3000, 4);
+    let outcomes = serve(
+        &p,
+        requests(&vec![prompt.clone(); n], new, |_| None),
+        Batching::Continuous {
+            max_batch: 64,
+            token_budget: 4096,
+        },
+        Decoding::new(&sampling, 11, Vec::new()).unwrap(),
+        &spec(1, 3, None),
+    );
+    let full = Want::last(p.logits_node().unwrap());
+    let dist = |ids: &[u32]| -> Vec<f64> {
+        distribution(&last_logits(&p, ids, full), &sampling)
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    };
+    // The draft differs from the full model after the first token.
+    let draft = Want::last(p.graph().exit_at(1).unwrap().logits.unwrap());
+    let p1 = dist(&prompt);
+    let mut tv = 0.0;
+    for (t1, &a) in p1.iter().enumerate() {
+        let ids: Vec<u32> = prompt.iter().copied().chain([t1 as u32]).collect();
+        let q = softmax(&last_logits(&p, &ids, draft));
+        tv += a
+            * 0.5
+            * q.iter()
+                .zip(dist(&ids))
+                .map(|(x, y)| (x - y).abs())
+                .sum::<f64>();
+    }
+    assert!(
+        tv > 0.1,
+        "the draft is too close to the full model for a test: TV {tv:.3}"
+    );
+    // Exact probability of every continuation, then its pair marginals.
+    let mut pairs = vec![vec![0.0f64; vocab * vocab]; new - 1];
+    let mut stack: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 1.0)];
+    while let Some((cont, prob)) = stack.pop() {
+        if cont.len() == new {
+            for (i, pair) in pairs.iter_mut().enumerate() {
+                pair[cont[i] as usize * vocab + cont[i + 1] as usize] += prob;
+            }
+            continue;
+        }
+        let ids: Vec<u32> = prompt.iter().chain(&cont).copied().collect();
+        for (t, &pt) in dist(&ids).iter().enumerate() {
+            if pt > 0.0 {
+                let mut next = cont.clone();
+                next.push(t as u32);
+                stack.push((next, prob * pt));
+            }
+        }
+    }
+    let mut counts = vec![vec![0usize; vocab * vocab]; new - 1];
+    let (mut accepted, mut rejected, mut multi) = (0, 0, 0);
+    for o in &outcomes {
+        assert_eq!(o.tokens.len(), new);
+        for (i, pair) in counts.iter_mut().enumerate() {
+            pair[o.tokens[i] as usize * vocab + o.tokens[i + 1] as usize] += 1;
+        }
+        let c = o.speculative.unwrap();
+        accepted += c.accepted;
+        multi += usize::from(c.drafted >= 2);
+        rejected += o
+            .stats
+            .iter()
+            .filter(|s| s.speculated == Some(Speculated::Rejected))
+            .count();
+    }
+    // Every way of ending a cycle happened many times, with cycles of several drafts.
+    assert!(multi == n, "{multi} requests drafted twice or more");
+    assert!(
+        accepted > n / 10 && rejected > n / 10,
+        "{accepted} accepted, {rejected} rejected"
+    );
+    for (i, (e, c)) in pairs.iter().zip(&counts).enumerate() {
+        assert_chi_square(e, c, &format!("tokens {} and {}", i + 1, i + 2));
+    }
+}
+
+#[test]
+fn sampled_tokens_follow_the_full_models_distribution() {
+    check_sampling(1.0, None);
+}
+
+#[test]
+fn sampled_tokens_follow_the_full_models_top_p_distribution() {
+    // A warmer temperature, so that the nucleus holds several tokens.
+    check_sampling(2.0, Some(0.9));
 }
 
 #[test]
@@ -378,6 +404,23 @@ fn bad_settings_name_the_field() {
     .err()
     .expect("refused");
     assert!(format!("{err:#}").contains("real executor"), "{err:#}");
+    // Looped depth-wise batching does not run cycles yet: refused, not run wrongly.
+    let err = Runtime::new(
+        p.clone(),
+        Batching::LoopedDepthWise {
+            max_batch: 4,
+            token_budget: 64,
+            priority: Default::default(),
+        },
+        Executor::Real,
+        Decoding::greedy(),
+        Vec::new(),
+        None,
+    )
+    .with_depth(spec(2, 3, None))
+    .err()
+    .expect("refused");
+    assert!(format!("{err:#}").contains("LoopedDepthWise"), "{err:#}");
 }
 
 /// Keys and values of every slot, `[positions, ..]` flattened per slot.

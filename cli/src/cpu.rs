@@ -105,9 +105,10 @@ pub fn op_threads() -> usize {
 /// thread count on every call, and without `RAYON_NUM_THREADS` set that parses
 /// `/proc/cpuinfo` each time (`num_cpus::get_physical`): on a small model, about a quarter
 /// of decode time went to the kernel formatting that file. Setting `RAYON_NUM_THREADS` once,
-/// to the count candle computes itself, keeps every thread count as it was and removes the
-/// per-call read. Call it first thing in `main`, before any thread starts; a value the user
-/// set is kept.
+/// to the count candle computes itself, keeps candle's thread count and removes the
+/// per-call read. Rayon's global pool, which otherwise starts one thread per logical CPU,
+/// then starts that many too (the same on a machine without simultaneous multithreading).
+/// Call it first thing in `main`, before any thread starts; a value the user set is kept.
 pub fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();

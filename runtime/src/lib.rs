@@ -292,6 +292,11 @@ impl Engine {
                 "the simulated executor runs no model, so drafts cannot be verified; serve \
                  SelfSpeculative with the real executor"
             ),
+            (Depth::SelfSpeculative { .. }, _, b) if b.is_looped() => anyhow::bail!(
+                "SelfSpeculative is not supported under LoopedDepthWise batching yet (a cycle \
+                 runs outside the loop's per-iteration batches); use static, continuous or \
+                 depth-wise batching"
+            ),
             (Depth::SelfSpeculative { .. }, _, _) if self.sim_exits.is_some() => anyhow::bail!(
                 "given exit depths and SelfSpeculative both set how deep tokens run; use one"
             ),
@@ -650,15 +655,8 @@ fn emit(
         let mut kept = emitted.tokens.len();
         for (i, &token) in emitted.tokens.iter().enumerate() {
             if p.done {
-                // A cycle's tokens after an end-of-sequence are dropped: its counts keep
-                // only what the request produced.
-                let dropped = &emitted.speculated[i.min(emitted.speculated.len())..];
-                let accepted = dropped
-                    .iter()
-                    .filter(|&&s| s == Speculated::Accepted)
-                    .count();
-                p.spec.produced -= dropped.len().min(p.spec.produced);
-                p.spec.accepted -= accepted.min(p.spec.accepted);
+                // A cycle's tokens after an end-of-sequence are dropped (its counts, which
+                // describe the cycles, keep them).
                 kept = i;
                 break;
             }

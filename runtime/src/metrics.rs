@@ -85,7 +85,9 @@ pub enum Speculated {
     Bonus,
 }
 
-/// Counts of one request's (or a run's) self-speculative cycles.
+/// Counts of one request's (or a run's) self-speculative cycles. They describe the cycles as
+/// run: a cycle's tokens after an end-of-sequence token, which the request drops, are still
+/// counted in `produced` (and, if drafts, in `accepted`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SpecCounts {
     /// Verification calls (one per cycle).

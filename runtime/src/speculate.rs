@@ -40,10 +40,21 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use std::time::Instant;
 
-/// A request's random stream for drafting and acceptance (sampling only), seeded like its
-/// sampler; taken out for the step that uses it.
+/// A request's random stream for drafting and acceptance (sampling only), taken out for
+/// the step that uses it. Seeded from the request's sampler seed through [`stream_seed`],
+/// so it never replays the draws of the sampler that picked the prompt's token.
 #[derive(Component)]
 pub struct SpecRng(pub Option<rand::rngs::StdRng>);
+
+/// The seed of self-speculation's random stream for a request whose sampler has `seed`: a
+/// SplitMix64 step of `seed` with a tag, so the two streams differ.
+pub fn stream_seed(seed: u64) -> u64 {
+    let mut z = seed ^ 0x5350_4543_554c_4154; // "SPECULAT"
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// What one row's cycle gives.
 pub(super) struct Cycle {
@@ -212,13 +223,11 @@ fn cycle_group(
         if due.is_empty() {
             break;
         }
-        // Rows still drafting want the head; a row's last draft token runs without it.
-        let (heading, plain): (Vec<usize>, Vec<usize>) =
-            due.into_iter().partition(|&i| drafts[i].open);
-        for (members, with_head) in [(heading, true), (plain, false)] {
-            if members.is_empty() {
-                continue;
-            }
+        // One call per round: with the draft head when any row still drafts (rows that
+        // stopped ignore its logits: one extra head row each), without it otherwise.
+        let with_head = due.iter().any(|&i| drafts[i].open);
+        {
+            let members = due;
             let started = Instant::now();
             let ids: Vec<[u32; 1]> = members.iter().map(|&i| [drafts[i].tokens[j]]).collect();
             let mut want = vec![Want::all(stream)];
@@ -257,7 +266,7 @@ fn cycle_group(
                 d.states.push(state);
                 counts[i].shallow_tokens += 1;
                 counts[i].draft_s += seconds / members.len() as f64;
-                if !with_head {
+                if !(with_head && d.open) {
                     continue;
                 }
                 let logits = values

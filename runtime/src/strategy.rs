@@ -70,7 +70,9 @@ pub fn attach(depth: &Depth, seed: u64, entity: &mut EntityCommands<'_>) {
             };
             entity.insert((
                 SpecPlan { spec },
-                super::speculate::SpecRng(Some(rand::rngs::StdRng::seed_from_u64(seed))),
+                super::speculate::SpecRng(Some(rand::rngs::StdRng::seed_from_u64(
+                    super::speculate::stream_seed(seed),
+                ))),
             ));
         }
     }

@@ -21,9 +21,9 @@ pub struct SelfSpeculative {
     pub draft_exit: usize,
     /// Most tokens drafted per cycle (γ).
     pub max_draft: usize,
-    /// Kangaroo's early stop: drafting ends once a drafted token's probability under the
-    /// draft is below this (the token stays in the draft). `None`: always `max_draft` tokens
-    /// (LayerSkip).
+    /// Kangaroo's early stop: drafting ends after a token whose draft distribution's top-1
+    /// probability (softmax at temperature 1, whatever the sampling) is below this; the
+    /// token stays in the draft. `None`: always `max_draft` tokens (LayerSkip).
     #[serde(default)]
     pub stop_below: Option<f32>,
 }
@@ -181,8 +181,9 @@ impl Counted {
     /// The full model's FLOPs over self-speculation's for the same tokens: every drafted
     /// token and each cycle's first token run the draft's layers, every draft the head, and
     /// the same tokens the remaining layers and the head in verification; the full model
-    /// runs every layer and the head per token. Below 1 whenever a draft is rejected:
-    /// self-speculation never saves arithmetic, it saves passes.
+    /// runs every layer and the head per token. Below 1 whenever anything is drafted (the
+    /// draft head's work), and lower the more drafts are rejected: self-speculation never
+    /// saves arithmetic, it saves passes.
     pub fn flop_ratio(&self) -> f64 {
         let (l, e, h) = (self.layers as f64, self.draft_exit as f64, self.head);
         let positions = (self.drafted + self.cycles) as f64;
@@ -196,7 +197,9 @@ impl Counted {
     }
 
     /// The ideal speedup of decoding bound by reading weights (one read of a layer's
-    /// weights per call, whatever its tokens), at one sequence: the full model reads every
+    /// weights per call, whatever its tokens), for one sequence decoded alone (at batch
+    /// sizes above 1 a call reads the weights once for all its rows, so this is the
+    /// per-sequence figure): the full model reads every
     /// layer and the head per token; a cycle reads the draft's layers once per token that
     /// runs them (its own call: drafts are sequential), the head once per draft, and the
     /// remaining layers and the head once for its whole verification.
@@ -324,6 +327,17 @@ mod tests {
         };
         assert!((none.flop_ratio() - 1.0).abs() < 1e-12);
         assert!((none.read_speedup() - 1.0).abs() < 1e-12);
+        // Rejections: 2 cycles drafted 4 and produced 3 (one kept draft, two full-model
+        // tokens). FLOPs: 6 positions × 2 + 4 × 0.5 + 6 × 6.5 = 53 against 3 × 8.5 = 25.5;
+        // reads: 6 × 2 + 4 × 0.5 + 2 × 6.5 = 27.
+        let rejected = Counted {
+            cycles: 2,
+            drafted: 4,
+            produced: 3,
+            ..c
+        };
+        assert!((rejected.flop_ratio() - 25.5 / 53.0).abs() < 1e-12);
+        assert!((rejected.read_speedup() - 25.5 / 27.0).abs() < 1e-12);
     }
 
     #[test]
