@@ -815,7 +815,7 @@ fn eval_speculative_reports_a_lossless_sweep() {
     ]));
     let rows: Vec<&str> = out
         .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| ℓ"))
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| pipeline |"))
         .collect();
     assert_eq!(rows.len(), 4, "{out}");
     for r in &rows {
@@ -823,8 +823,126 @@ fn eval_speculative_reports_a_lossless_sweep() {
     }
     // A draft as deep as the model is always accepted.
     assert!(
-        rows.iter()
-            .any(|r| r.starts_with("| 8 | 3 | none | 1 | yes | 100.0% |")),
+        rows.iter().any(|r| r
+            .starts_with("| demo-speculative.ron | own head | 8 | 3 | none | 1 | yes | 100.0% |")),
         "{out}"
+    );
+}
+
+/// `train exits --objective kangaroo` from the command line writes a pipeline whose adapter
+/// drafts: `run` prints the full model's text with the drafts marked, and `eval speculative
+/// --compare` sweeps it beside the shared head, both lossless, each row naming its head.
+#[test]
+fn kangaroo_adapters_train_and_draft_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("kangaroo");
+    let out = out_dir.display().to_string();
+    let trained = stdout(&exitgraph(&[
+        "train",
+        "exits",
+        "examples/demo-kangaroo-heads.ron",
+        "--objective",
+        "kangaroo",
+        "-o",
+        &out,
+        "--steps",
+        "4",
+        "--examples",
+        "100",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+    ]));
+    assert!(
+        trained.contains("exits after layers [1, 2, 3]"),
+        "{trained}"
+    );
+    let pipeline = out_dir.join("pipeline.ron").display().to_string();
+    let args = |ex: &str| {
+        vec![
+            "run".to_string(),
+            ex.to_string(),
+            "--prompt".into(),
+            "copy: K7F2Q |".into(),
+            "--max-new-tokens".into(),
+            "12".into(),
+            "--show-exits".into(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        stdout(&exitgraph(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+    };
+    let full = run(args("examples/demo.ron"));
+    let spec = run(args(&pipeline));
+    let first = |s: &str| s.lines().next().unwrap_or_default().to_string();
+    assert_eq!(first(&spec), first(&full), "{spec}");
+    assert!(spec.contains("speculation: "), "{spec}");
+    let sweep = stdout(&exitgraph(&[
+        "eval",
+        "speculative",
+        "examples/demo-speculative.ron",
+        "--compare",
+        &pipeline,
+        "--exits",
+        "2",
+        "--drafts",
+        "4",
+        "--thresholds",
+        "0.6",
+        "--batches",
+        "2",
+        "--examples",
+        "4",
+        "--new-tokens",
+        "8",
+        "--reps",
+        "1",
+    ]));
+    let rows: Vec<&str> = sweep
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| pipeline |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{sweep}");
+    assert!(
+        rows[0].starts_with("| demo-speculative.ron | shared | 2 |"),
+        "{sweep}"
+    );
+    assert!(
+        rows[1].starts_with("| pipeline.ron | adapter | 2 |"),
+        "{sweep}"
+    );
+    assert!(rows.iter().all(|r| r.contains("| yes |")), "{sweep}");
+    // A pipeline on another model is refused.
+    let other = dir.path().join("other.ron");
+    std::fs::write(
+        &other,
+        format!(
+            "Pipeline(model: {:?}, passes: [InsertExits(after: [2])])",
+            root()
+                .join("tests/fixtures/tiny-llama")
+                .display()
+                .to_string()
+        ),
+    )
+    .unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_exitgraph"))
+        .args([
+            "eval",
+            "speculative",
+            "examples/demo-speculative.ron",
+            "--compare",
+            &other.display().to_string(),
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("one model") && err.contains("other.ron"),
+        "{err}"
     );
 }

@@ -715,6 +715,7 @@ fn exit_heads_train_and_the_written_pipeline_runs() {
         distill: 1.0,
         train_adapters: false,
         train_shared: false,
+        objective: Default::default(),
         training: exitgraph::train::TrainConfig {
             steps: 16,
             grad_accum: 1,

@@ -494,6 +494,7 @@ fn exit_training(
         distill: 0.5,
         train_adapters,
         train_shared,
+        objective: Default::default(),
         training: u.training,
     }
 }

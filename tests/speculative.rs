@@ -17,16 +17,26 @@ use exitgraph::runtime::metrics::{RequestOutcome, Speculated};
 use exitgraph::runtime::policy::Batching;
 use exitgraph::runtime::workload::RequestSpec;
 use exitgraph::runtime::{Decoding, Executor, Runtime};
-use exitgraph::synth::{write_random_llama, LlamaSpec};
+use exitgraph::synth::{write_random_exit_heads, write_random_llama, LlamaSpec};
 use exitgraph_passes::{HeadKind, InsertExits, Pass, PassContext};
 use proptest::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
 
 fn model(dir: &Path, layers: usize, vocab: usize, seed: u64, exits: &[usize]) -> Arc<Program> {
-    model_with(dir, layers, vocab, seed, exits, LlamaSpec::tiny().init_std)
+    model_with(
+        dir,
+        layers,
+        vocab,
+        seed,
+        exits,
+        LlamaSpec::tiny().init_std,
+        false,
+    )
 }
 
+/// A random Llama with shared-head exits after `exits`, or (`adapters`) Kangaroo adapters
+/// with random weights there.
 fn model_with(
     dir: &Path,
     layers: usize,
@@ -34,6 +44,7 @@ fn model_with(
     seed: u64,
     exits: &[usize],
     init_std: f32,
+    adapters: bool,
 ) -> Arc<Program> {
     let mut spec = LlamaSpec::tiny();
     spec.init_std = init_std;
@@ -42,12 +53,20 @@ fn model_with(
     write_random_llama(dir, &spec, seed).unwrap();
     let mut g = exitgraph_ir::import(dir).unwrap().graph;
     if !exits.is_empty() {
+        let (head, weights) = if adapters {
+            let file = dir.join("adapters.safetensors");
+            let kind = HeadKind::AttentionAdapter;
+            write_random_exit_heads(&file, &g, &kind, exits, seed ^ 0xada, 0.3).unwrap();
+            (kind, Some(file.display().to_string()))
+        } else {
+            (HeadKind::SharedLmHead { norm: true }, None)
+        };
         InsertExits {
             after: exits.to_vec(),
             every: None,
-            head: HeadKind::SharedLmHead { norm: true },
+            head,
             gate: false,
-            weights: None,
+            weights,
         }
         .run(&mut g, &PassContext::detached())
         .unwrap();
@@ -132,6 +151,7 @@ proptest! {
         max_draft in 1usize..7,
         stop in prop_oneof![Just(None), (0.0f32..1.0).prop_map(Some)],
         new in 1usize..12,
+        adapters in any::<bool>(),
         policy in prop_oneof![
             (1usize..5).prop_map(|m| Batching::Static { max_batch: m }),
             (1usize..5).prop_map(|m| Batching::Continuous { max_batch: m, token_budget: 24 }),
@@ -142,7 +162,8 @@ proptest! {
         // A draft depth anywhere from the first layer to the whole model.
         let draft_exit = 1 + ((exit_frac * layers as f64) as usize).min(layers - 1);
         let exits: Vec<usize> = (1..layers).collect();
-        let p = model(dir.path(), layers, 97, seed, &exits);
+        // Shared-head drafts (LayerSkip) or Kangaroo adapters, which keep a cache of their own.
+        let p = model_with(dir.path(), layers, 97, seed, &exits, LlamaSpec::tiny().init_std, adapters);
         let prs = prompts(seed, 5, 97);
         let depth = spec(draft_exit, max_draft, stop);
         // Request 3 decodes at full depth beside the others; request 4 drafts with the first
@@ -262,7 +283,7 @@ fn check_sampling(temperature: f64, top_p: Option<f64>) {
     let dir = tempfile::tempdir().unwrap();
     let vocab = 6;
     // Weights large enough that the draft's distribution is far from the full model's.
-    let p = model_with(dir.path(), 3, vocab, 7, &[1], 0.6);
+    let p = model_with(dir.path(), 3, vocab, 7, &[1], 0.6, false);
     let prompt: Vec<u32> = vec![1, 4, 2];
     let sampling = Sampling::Temperature { temperature, top_p };
     let (n, new) = (3000, 4);
@@ -444,18 +465,25 @@ proptest! {
     /// of one plain pass over the prompt and the kept tokens before the newest: the rejected
     /// drafts left nothing behind, and the kept drafts' keys and values, written while
     /// drafting (shallow layers) and verifying (the rest), are what the full model computes.
+    /// Kangaroo adapters' own slots are held to the same: they hold exactly the kept
+    /// positions, with what one pass computes.
     #[test]
     fn kv_after_rollback_equals_never_drafting(
         seed in any::<u64>(),
         layers in 2usize..5,
         exit_frac in 0.0f64..1.0,
         max_draft in 1usize..6,
+        adapters in any::<bool>(),
     ) {
         use exitgraph::runtime::speculate::greedy_cycle;
         let dir = tempfile::tempdir().unwrap();
         let draft_exit = 1 + ((exit_frac * layers as f64) as usize).min(layers - 1);
         let exits: Vec<usize> = (1..layers).collect();
-        let p = model(dir.path(), layers, 97, seed, &exits);
+        // With Kangaroo adapters, their own slots are compared too.
+        let p = model_with(dir.path(), layers, 97, seed, &exits, LlamaSpec::tiny().init_std, adapters);
+        if adapters {
+            prop_assert_eq!(p.new_cache().slots(), 2 * layers - 1);
+        }
         let prompt = prompts(seed, 1, 97).remove(0);
         let spec = SelfSpeculative { draft_exit, max_draft, stop_below: None };
         // The prompt's pass commits its positions and gives the first token.
@@ -530,4 +558,345 @@ fn the_strategy_reads_from_ron_and_a_misspelt_field_is_located() {
         err.contains("spec.ron:3:") && err.contains("max_drafts"),
         "{err}"
     );
+}
+
+#[path = "common/device.rs"]
+#[allow(dead_code)]
+mod device;
+
+/// The tiny Llama fixture with Kangaroo's adapter after layer 2 (weights from the fixture
+/// made by `scripts/make_kangaroo_fixture.py`, with transformers, from the paper's
+/// description), lowered.
+fn kangaroo_fixture() -> (Program, std::collections::HashMap<String, Tensor>) {
+    let root = device::fixtures();
+    let model = root.join("tiny-llama");
+    let mut g = exitgraph_ir::import(&model).unwrap().graph;
+    InsertExits {
+        after: vec![2],
+        every: None,
+        head: HeadKind::AttentionAdapter,
+        gate: false,
+        weights: Some(
+            root.join("kangaroo/adapter.safetensors")
+                .display()
+                .to_string(),
+        ),
+    }
+    .run(&mut g, &PassContext::detached())
+    .unwrap();
+    let p = Program::lower(&g, &model, &Device::Cpu, DType::F32).unwrap();
+    let case = candle_core::safetensors::load(root.join("kangaroo/case.safetensors"), &Device::Cpu)
+        .unwrap();
+    (p, case)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Kangaroo's draft (the stream after layer 2, then RMSNorm → attention → residual →
+/// RMSNorm → the model's LM head) equals the reference at every position within 1e-4, three
+/// ways: one call over the prompt, a padded batch (the training path), and token by token
+/// after a prefill that only asked for the full model's logits: the adapter's own KV slot
+/// must then already hold the prompt's positions (else the call fails or the logits differ).
+/// The full model's logits are unchanged by the adapter.
+#[test]
+fn kangaroo_adapter_matches_the_reference() {
+    let (p, case) = kangaroo_fixture();
+    let exit = p.graph().exit_at(2).unwrap().clone();
+    assert_eq!(
+        exit.kv_slot,
+        Some(6),
+        "the adapter's slot follows the 6 layers'"
+    );
+    assert_eq!(p.new_cache().slots(), 7);
+    let draft = exit.logits.unwrap();
+    let full = p.logits_node().unwrap();
+    for name in ["long", "short"] {
+        let ids: Vec<u32> = case[&format!("{name}.input_ids")]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want_draft = &case[&format!("{name}.draft_logits")];
+        let want_full = &case[&format!("{name}.logits")];
+        let n = ids.len();
+        // One call.
+        let mut cache = p.new_cache();
+        let out = {
+            let mut seg = [Segment::new(&ids, &mut cache)];
+            p.run(
+                &mut seg,
+                &Run::outputs(vec![Want::all(draft), Want::all(full)]),
+            )
+            .unwrap()
+            .remove(0)
+        };
+        assert!(
+            max_diff(&out[0], want_draft) < 1e-4,
+            "{name}: draft, one call"
+        );
+        assert!(max_diff(&out[1], want_full) < 1e-4, "{name}: full model");
+        // The training path.
+        let inputs = exitgraph::lower::Inputs {
+            input_ids: Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            attention_mask: None,
+            token_type_ids: None,
+            example_ids: None,
+        };
+        let padded = p
+            .forward(&inputs, &mut p.new_cache(), &["exit.2.logits"], false)
+            .unwrap();
+        let padded = padded["exit.2.logits"].squeeze(0).unwrap();
+        assert!(
+            max_diff(&padded, want_draft) < 1e-4,
+            "{name}: draft, padded"
+        );
+        // Token by token after a prefill of the first half that wants only the full logits.
+        let half = n / 2;
+        let mut cache = p.new_cache();
+        {
+            let mut seg = [Segment::new(&ids[..half], &mut cache)];
+            p.run(&mut seg, &Run::outputs(vec![Want::last(full)]))
+                .unwrap();
+        }
+        assert_eq!(
+            cache.slot_len(6),
+            half,
+            "{name}: the prefill filled the adapter"
+        );
+        for i in half..n {
+            let row = {
+                let mut seg = [Segment::new(&ids[i..=i], &mut cache)];
+                p.run(&mut seg, &Run::outputs(vec![Want::last(draft)]))
+                    .unwrap()
+                    .remove(0)
+                    .remove(0)
+            };
+            let want = want_draft.narrow(0, i, 1).unwrap();
+            assert!(max_diff(&row, &want) < 1e-4, "{name}: draft at {i}, cached");
+        }
+        assert_eq!(cache.slot_len(6), n);
+    }
+}
+
+/// An adapter file with a tensor of the wrong shape is refused, naming the tensor and both
+/// shapes; a missing tensor is named; an adapter serves only strategies where every token
+/// runs the layers below it.
+#[test]
+fn bad_adapters_are_refused_with_the_tensor_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = device::fixtures();
+    let model = root.join("tiny-llama");
+    let mut tensors =
+        candle_core::safetensors::load(root.join("kangaroo/adapter.safetensors"), &Device::Cpu)
+            .unwrap();
+    let build = |tensors: &std::collections::HashMap<String, Tensor>| -> String {
+        let file = dir.path().join("bad.safetensors");
+        candle_core::safetensors::save(tensors, &file).unwrap();
+        let mut g = exitgraph_ir::import(&model).unwrap().graph;
+        let pass = InsertExits {
+            after: vec![2],
+            every: None,
+            head: HeadKind::AttentionAdapter,
+            gate: false,
+            weights: Some(file.display().to_string()),
+        };
+        let pm = exitgraph_passes::PassManager::new(vec![Box::new(pass)]);
+        match pm.run(&mut g) {
+            Err(e) => format!("{e:#}"),
+            Ok(_) => match Program::lower(&g, &model, &Device::Cpu, DType::F32) {
+                Err(e) => format!("{e:#}"),
+                Ok(_) => "accepted".into(),
+            },
+        }
+    };
+    tensors.insert(
+        "exits.2.attn.k.weight".into(),
+        Tensor::zeros((16, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let msg = build(&tensors);
+    assert!(
+        msg.contains("exits.2.attn.k.weight") && msg.contains("16") && msg.contains("32"),
+        "{msg}"
+    );
+    tensors.remove("exits.2.attn.k.weight");
+    let msg = build(&tensors);
+    assert!(msg.contains("exits.2.attn.k.weight"), "{msg}");
+    // Early exits cannot keep an adapter's cache whole: refused, not run wrongly.
+    let (p, _) = kangaroo_fixture();
+    let err = Runtime::new(
+        Arc::new(p),
+        Batching::Static { max_batch: 1 },
+        Executor::Real,
+        Decoding::greedy(),
+        Vec::new(),
+        None,
+    )
+    .with_depth(Depth::EarlyExit {
+        rule: exitgraph::exits::rule::ExitRule::Confidence(0.9),
+    })
+    .err()
+    .expect("refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("AttentionAdapter") && msg.contains("SelfSpeculative"),
+        "{msg}"
+    );
+}
+
+/// The ideal figures charge a Kangaroo adapter its projections per shallow token, in layers:
+/// on the tiny Llama (hidden 64, 4 query and 2 key-value heads of 16, MLP 160) the adapter's
+/// q, k, v and o take 2 · (64·64 + 32·64 + 32·64 + 64·64) = 24576 FLOPs per token and a layer
+/// 24576 + 2 · 3 · 64·160 (the gated MLP) + 2 · 5 · 64 (two norms) = 86656; a shared head
+/// costs nothing beyond the LM head.
+#[test]
+fn the_adapters_cost_by_hand() {
+    use exitgraph::eval::speculative::adapter_layers;
+    let (p, _) = kangaroo_fixture();
+    assert!((adapter_layers(&p, 2) - 24576.0 / 86656.0).abs() < 1e-12);
+    assert_eq!(adapter_layers(&p, 6), 0.0, "the model's own head");
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(adapter_layers(&model(dir.path(), 3, 97, 1, &[1]), 1), 0.0);
+}
+
+/// `train exits --objective kangaroo` on the demo model: the adapter after layer 2 starts as
+/// the shared head and its cross-entropy to the full model's distribution falls; only its
+/// six tensors are saved; the written pipeline drafts with it, losslessly, with drafts
+/// accepted. Other head kinds, gates and backbone training are refused under this objective.
+#[test]
+fn kangaroo_adapters_train_and_the_written_pipeline_drafts_losslessly() {
+    use exitgraph::exits::train::{train_exits, ExitTrainSpec, Objective};
+    use exitgraph::pipeline::{compile, Pipeline};
+    let dir = tempfile::tempdir().unwrap();
+    let demo = exitgraph::pipeline::demo_model_dir();
+    let write = |name: &str, head: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "Pipeline(model: {:?}, passes: [InsertExits(after: [2], head: {head})], runtime: (depth: SelfSpeculative(draft_exit: 2, max_draft: 6, stop_below: Some(0.6))))",
+                demo.display().to_string()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let spec = ExitTrainSpec {
+        tasks: Vec::new(),
+        examples: 200,
+        seed: 3,
+        seq_len: 32,
+        batch_size: 4,
+        distill: 0.5,
+        train_adapters: false,
+        train_shared: false,
+        objective: Objective::Kangaroo,
+        training: exitgraph::train::TrainConfig {
+            steps: 16,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-3,
+            warmup_steps: 0,
+            adamw: None,
+            clip_norm: Some(1.0),
+            eval_every: 8,
+            checkpoint_every: 0,
+        },
+    };
+    let out = dir.path().join("out");
+    let report = train_exits(&write("k.ron", "AttentionAdapter"), &out, &spec, false).unwrap();
+    assert_eq!(report.objective, Objective::Kangaroo);
+    let last = report.log.eval_loss.last().unwrap().1;
+    assert!(
+        last < report.eval_before,
+        "the adapter's held-out cross-entropy {last} is not below the shared head's {}",
+        report.eval_before
+    );
+    let saved = candle_core::safetensors::load(&report.heads, &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = saved.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "exits.2.attn.k.weight",
+            "exits.2.attn.o.weight",
+            "exits.2.attn.q.weight",
+            "exits.2.attn.v.weight",
+            "exits.2.attn_norm.weight",
+            "exits.2.norm.weight"
+        ]
+    );
+    // The output projection started at zero (the adapter was the shared head) and learned.
+    let o = &saved["exits.2.attn.o.weight"];
+    assert!(
+        o.abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .max(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+            > 0.0
+    );
+    let p = Pipeline::read(&report.pipeline).unwrap();
+    let compiled = compile(&p, &report.pipeline).unwrap();
+    let program = Arc::new(compiled.lower().unwrap());
+    let prs: Vec<Vec<u32>> = vec![vec![5, 30, 31, 7], vec![9, 12, 40]];
+    let outcomes = serve(
+        &program,
+        requests(&prs, 10, |_| None),
+        Batching::Continuous {
+            max_batch: 2,
+            token_budget: 64,
+        },
+        Decoding::greedy(),
+        &p.runtime.depth,
+    );
+    let mut accepted = 0;
+    for (o, pr) in outcomes.iter().zip(&prs) {
+        assert_eq!(o.tokens, greedy(&program, pr, 10), "request {}", o.id);
+        accepted += o.speculative.unwrap().accepted;
+    }
+    assert!(accepted > 0, "no draft was accepted");
+    // The objective is Kangaroo's adapter alone.
+    let err = train_exits(
+        &write("l.ron", "Linear"),
+        &dir.path().join("o2"),
+        &spec,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("AttentionAdapter") && err.contains("l.ron"),
+        "{err}"
+    );
+    let err = train_exits(
+        &write("a.ron", "AttentionAdapter"),
+        &dir.path().join("o3"),
+        &ExitTrainSpec {
+            train_adapters: true,
+            ..spec.clone()
+        },
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--train-adapters"), "{err}");
 }

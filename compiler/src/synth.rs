@@ -489,3 +489,31 @@ impl SplitMix64 {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 }
+
+/// Writes random weights of `kind` exit heads after the layers `points` of the model `graph`
+/// (as `InsertExits` reads them from its `weights:` file) into the safetensors file `path`:
+/// norm weights near one, every other weight normal with standard deviation `std`.
+pub fn write_random_exit_heads(
+    path: &Path,
+    graph: &exitgraph_ir::Graph,
+    kind: &exitgraph_passes::HeadKind,
+    points: &[usize],
+    seed: u64,
+    std: f32,
+) -> anyhow::Result<()> {
+    use exitgraph_passes::exits::head_weights;
+    let mut rng = Normal::new(seed);
+    let dims = exitgraph_passes::HeadDims::of(graph);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for &k in points {
+        for (name, shape) in head_weights(kind, false, k, &dims) {
+            let tensor = if name.ends_with("norm.weight") {
+                (rng.tensor(&shape, 0.1)? + 1.0)?
+            } else {
+                rng.tensor(&shape, std)?
+            };
+            t.insert(name, tensor);
+        }
+    }
+    Ok(crate::tensor_io::write_atomic(path, &t)?)
+}

@@ -165,11 +165,12 @@ impl Graph {
         d
     }
 
-    /// Number of KV cache slots the graph's blocks use.
+    /// Number of KV cache slots the graph's blocks and exit heads use.
     pub fn kv_slots(&self) -> usize {
         self.blocks
             .iter()
             .filter_map(|b| b.kv_slot)
+            .chain(self.exits.iter().filter_map(|e| e.kv_slot))
             .max()
             .map_or(0, |s| s + 1)
     }

@@ -69,6 +69,11 @@ pub struct Exit {
     pub gate: Option<NodeIndex>,
     /// Every node the exit added (norms, adapter, head, gate, pooling).
     pub nodes: Vec<NodeIndex>,
+    /// KV cache slot of the head's own attention (Kangaroo's adapter), if it has one. Such a
+    /// head keeps keys and values of every position that ran the layers below it, so it is
+    /// run whenever those layers run (see the lowering's schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_slot: Option<usize>,
 }
 
 impl Exit {

@@ -453,16 +453,55 @@ fn check_structure(c: &mut Checker<'_>) {
             }
         }
     }
+    for e in &g.exits {
+        if let Some(s) = e.kv_slot {
+            if !slots.insert(s) {
+                c.report(
+                    &format!("exit after {}", e.after),
+                    format!("KV slot {s} is used by a block or another exit"),
+                );
+            }
+        }
+    }
     for n in g.graph.node_indices() {
         let node = &g.graph[n];
-        if matches!(node.op, Op::Attention(_))
-            && node
-                .layer
-                .and_then(|d| g.blocks.get(d))
-                .and_then(|b| b.kv_slot)
-                .is_none()
-        {
-            c.report(&node.name, "attention outside a block with a KV slot");
+        if !matches!(node.op, Op::Attention(_)) {
+            continue;
+        }
+        let in_block = node
+            .layer
+            .and_then(|d| g.blocks.get(d))
+            .and_then(|b| b.kv_slot)
+            .is_some();
+        let exits_with_it: Vec<&crate::Exit> =
+            g.exits.iter().filter(|e| e.nodes.contains(&n)).collect();
+        let in_exit =
+            node.layer.is_none() && matches!(exits_with_it.as_slice(), [e] if e.kv_slot.is_some());
+        if !in_block && !in_exit {
+            c.report(
+                &node.name,
+                "attention outside a block or an exit head with a KV slot",
+            );
+        }
+    }
+    for e in &g.exits {
+        let attentions = e
+            .nodes
+            .iter()
+            .filter(|&&n| {
+                g.graph
+                    .node_weight(n)
+                    .is_some_and(|node| matches!(node.op, Op::Attention(_)))
+            })
+            .count();
+        if attentions > 1 || (attentions == 0) != e.kv_slot.is_none() {
+            c.report(
+                &format!("exit after {}", e.after),
+                format!(
+                    "has {attentions} attention nodes and {} KV slot (one of each, or neither)",
+                    if e.kv_slot.is_some() { "a" } else { "no" }
+                ),
+            );
         }
     }
     let head_ok = |n: Option<NodeIndex>, ok: fn(&Op) -> bool| {

@@ -10,6 +10,12 @@
 //! - `Linear`: a norm and LM head of its own (`exits.k.norm.weight`, `exits.k.head.weight`).
 //! - `Mlp(hidden: h)`: a residual adapter `x + down(act(up(norm_k(x))))`, then the shared final
 //!   norm and LM head (`exits.k.norm.weight`, `exits.k.mlp.up.weight`, `exits.k.mlp.down.weight`).
+//! - `AttentionAdapter` (alias `Kangaroo`): Kangaroo's adapter (Liu et al., 2024), one
+//!   attention layer with its norms, `norm_k(x + attn(attn_norm_k(x)))`, then the frozen LM
+//!   head (`exits.k.attn_norm.weight`, `exits.k.attn.{q,k,v,o}.weight`, `exits.k.norm.weight`).
+//!   The attention has the model's heads, key-value heads, head size and rotary settings
+//!   (those of layer `k`, the first layer the draft skips), no biases, and a KV cache slot
+//!   of its own (recorded in [`Exit::kv_slot`]).
 //!
 //! Trained weights (own heads, gates `exits.k.gate.weight`/`.bias`) come from the pass's
 //! `weights:` file (resolved by the [`PassContext`], relative to the pipeline), which the
@@ -22,7 +28,7 @@
 //! unchanged, so the full path computes exactly what it did before.
 
 use crate::{Pass, PassContext, PassError, PassReport};
-use exitgraph_ir::op::{Linear, Mlp, Norm, Op};
+use exitgraph_ir::op::{Attention, Linear, Mlp, Norm, Op};
 use exitgraph_ir::{Exit, Graph, Node, NodeIndex, Shape, WeightRef};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +42,40 @@ pub enum HeadKind {
     Linear,
     /// A residual MLP adapter of width `hidden` before the shared final norm and LM head.
     Mlp { hidden: usize },
+    /// Kangaroo's adapter: a norm, one attention layer and a residual, then a norm of its own
+    /// and the shared LM head. The head keeps keys and values (a KV slot of its own).
+    #[serde(alias = "Kangaroo")]
+    AttentionAdapter,
+}
+
+/// The sizes an exit head's own weights take from the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadDims {
+    pub hidden: usize,
+    pub vocab: usize,
+    /// Query heads, key-value heads and head size of the model's attention.
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl HeadDims {
+    /// The sizes of `g`'s exit heads (attention sizes from its first attention op; zero for a
+    /// model with none).
+    pub fn of(g: &Graph) -> Self {
+        let attn = g.graph.node_weights().find_map(|n| match &n.op {
+            Op::Attention(a) => Some((a.heads, a.kv_heads, a.head_dim)),
+            _ => None,
+        });
+        let (heads, kv_heads, head_dim) = attn.unwrap_or((0, 0, 0));
+        HeadDims {
+            hidden: g.info.hidden,
+            vocab: g.info.vocab,
+            heads,
+            kv_heads,
+            head_dim,
+        }
+    }
 }
 
 impl Default for HeadKind {
@@ -49,9 +89,15 @@ pub fn head_weights(
     kind: &HeadKind,
     gate: bool,
     point: usize,
-    hidden: usize,
-    vocab: usize,
+    dims: &HeadDims,
 ) -> Vec<(String, Vec<usize>)> {
+    let HeadDims {
+        hidden,
+        vocab,
+        heads,
+        kv_heads,
+        head_dim,
+    } = *dims;
     let mut out = Vec::new();
     match kind {
         HeadKind::SharedLmHead { .. } => {}
@@ -63,6 +109,24 @@ pub fn head_weights(
             out.push((format!("exits.{point}.norm.weight"), vec![hidden]));
             out.push((format!("exits.{point}.mlp.up.weight"), vec![*h, hidden]));
             out.push((format!("exits.{point}.mlp.down.weight"), vec![hidden, *h]));
+        }
+        HeadKind::AttentionAdapter => {
+            out.push((format!("exits.{point}.attn_norm.weight"), vec![hidden]));
+            out.push((
+                format!("exits.{point}.attn.q.weight"),
+                vec![heads * head_dim, hidden],
+            ));
+            for p in ["k", "v"] {
+                out.push((
+                    format!("exits.{point}.attn.{p}.weight"),
+                    vec![kv_heads * head_dim, hidden],
+                ));
+            }
+            out.push((
+                format!("exits.{point}.attn.o.weight"),
+                vec![hidden, heads * head_dim],
+            ));
+            out.push((format!("exits.{point}.norm.weight"), vec![hidden]));
         }
     }
     if gate {
@@ -146,9 +210,14 @@ impl InsertExits {
         if g.weights.tensors.contains_key(name) {
             Ok(WeightRef::file(name))
         } else {
+            let objective = if self.head == HeadKind::AttentionAdapter {
+                " --objective kangaroo"
+            } else {
+                ""
+            };
             Err(Self::err(format!(
-                "weight {name} is not loaded: train the heads with `exitgraph train exits` and \
-                 name the file in the pass's `weights:`"
+                "weight {name} is not loaded: train the heads with `exitgraph train exits{objective}` \
+                 and name the file in the pass's `weights:`"
             )))
         }
     }
@@ -170,6 +239,8 @@ impl InsertExits {
             idx
         };
         let per_token = Shape::per_token(hidden);
+        let next_slot = g.kv_slots();
+        let mut kv_slot = None;
         let (head_in, head) = match &self.head {
             HeadKind::SharedLmHead { norm } => {
                 let x = match (norm, &final_norm) {
@@ -281,6 +352,102 @@ impl InsertExits {
                 );
                 (out, lm_head.clone())
             }
+            HeadKind::AttentionAdapter => {
+                let base = final_norm.clone().ok_or_else(|| {
+                    Self::err(
+                        "AttentionAdapter heads end in a norm like the model's final one; the \
+                         model has none"
+                            .into(),
+                    )
+                })?;
+                // The attention settings of layer k, the first layer the draft skips.
+                let template = g
+                    .graph
+                    .node_weights()
+                    .find_map(|n| match &n.op {
+                        Op::Attention(a) if n.layer == Some(k) => Some(a.clone()),
+                        _ => None,
+                    })
+                    .ok_or_else(|| Self::err(format!("layer {k} has no attention to copy")))?;
+                let linear = |weight: WeightRef, in_features: usize, out_features: usize| Linear {
+                    weight,
+                    bias: None,
+                    in_features,
+                    out_features,
+                    adapter: None,
+                };
+                let (q_out, kv_out) = (
+                    template.heads * template.head_dim,
+                    template.kv_heads * template.head_dim,
+                );
+                let attention = Attention {
+                    q: linear(
+                        self.own(g, &format!("exits.{k}.attn.q.weight"))?,
+                        hidden,
+                        q_out,
+                    ),
+                    k: linear(
+                        self.own(g, &format!("exits.{k}.attn.k.weight"))?,
+                        hidden,
+                        kv_out,
+                    ),
+                    v: linear(
+                        self.own(g, &format!("exits.{k}.attn.v.weight"))?,
+                        hidden,
+                        kv_out,
+                    ),
+                    o: linear(
+                        self.own(g, &format!("exits.{k}.attn.o.weight"))?,
+                        q_out,
+                        hidden,
+                    ),
+                    ..template
+                };
+                let attn_norm = Norm {
+                    weight: self.own(g, &format!("exits.{k}.attn_norm.weight"))?,
+                    bias: None,
+                    ..base.clone()
+                };
+                let own_norm = Norm {
+                    weight: self.own(g, &format!("exits.{k}.norm.weight"))?,
+                    bias: None,
+                    ..base
+                };
+                let x = push(
+                    g,
+                    node(
+                        format!("exit.{k}.attn_norm"),
+                        Op::Norm(attn_norm),
+                        per_token.clone(),
+                    ),
+                    &[stream],
+                );
+                let a = push(
+                    g,
+                    node(
+                        format!("exit.{k}.attn"),
+                        Op::Attention(attention),
+                        per_token.clone(),
+                    ),
+                    &[x],
+                );
+                let sum = push(
+                    g,
+                    node(format!("exit.{k}.add"), Op::Add, per_token.clone()),
+                    &[stream, a],
+                );
+                let out = push(
+                    g,
+                    node(
+                        format!("exit.{k}.norm"),
+                        Op::Norm(own_norm),
+                        per_token.clone(),
+                    ),
+                    &[sum],
+                );
+                kv_slot = Some(next_slot);
+                (out, lm_head.clone())
+            }
         };
         let vocab = head.out_features;
         let logits = push(
@@ -321,6 +488,7 @@ impl InsertExits {
             embedding: None,
             gate: gate_node,
             nodes,
+            kv_slot,
         })
     }
 
@@ -352,6 +520,7 @@ impl InsertExits {
             embedding: Some(n),
             gate: None,
             nodes: vec![n],
+            kv_slot: None,
         })
     }
 }
@@ -445,13 +614,15 @@ mod tests {
     proptest! {
         /// Only nodes and outputs are added: every original node (name, op with its weights,
         /// layer, shape), edge, output and record is unchanged, on decoders of three families,
-        /// with exits chosen by `after` or `every`, with or without gates.
+        /// with exits chosen by `after` or `every`, with or without gates, shared heads or
+        /// Kangaroo adapters (each with a KV slot of its own, after the blocks').
         #[test]
         fn exits_leave_the_full_path_unchanged(
             name in prop_oneof![Just("tiny-llama"), Just("tiny-qwen2"), Just("tiny-gpt2")],
             mask in 1u32..64,
             every in prop::option::of(1usize..4),
             gate in any::<bool>(),
+            adapter in any::<bool>(),
         ) {
             let mut g = fixture(name);
             let n = g.info.num_layers;
@@ -460,11 +631,14 @@ mod tests {
                 None => (1..n).filter(|k| mask & (1 << (k - 1)) != 0).collect(),
             };
             prop_assume!(!points.is_empty());
-            if gate {
-                // Trained gates, as a `weights:` file would add them to the catalog.
+            // The shared head, or Kangaroo's adapter (GPT-2 has no RMS final norm to copy,
+            // but any final norm serves).
+            let head = if adapter { HeadKind::AttentionAdapter } else { HeadKind::default() };
+            if gate || adapter {
+                // Trained weights, as a `weights:` file would add them to the catalog.
                 let file = g.weights.tensors.values().next().expect("tensors").clone();
                 for &k in &points {
-                    for (tensor, shape) in head_weights(&HeadKind::default(), true, k, g.info.hidden, g.info.vocab) {
+                    for (tensor, shape) in head_weights(&head, gate, k, &HeadDims::of(&g)) {
                         g.weights.tensors.insert(tensor, exitgraph_ir::TensorInfo { shape, ..file.clone() });
                     }
                 }
@@ -473,7 +647,7 @@ mod tests {
             let pass = InsertExits {
                 after: if every.is_some() { Vec::new() } else { points.clone() },
                 every,
-                head: HeadKind::default(),
+                head: head.clone(),
                 gate,
                 weights: None,
             };
@@ -506,7 +680,14 @@ mod tests {
                     panic!("model head is not an LmHead")
                 };
                 prop_assert_eq!(&l.weight, &own.weight);
+                // An adapter has one attention node and a KV slot after every block's and
+                // every earlier exit's; other heads have neither.
+                let attentions = exit.nodes.iter().filter(|&&i| matches!(h.graph[i].op, Op::Attention(_))).count();
+                prop_assert_eq!(attentions, usize::from(adapter));
+                let before = points.iter().filter(|&&p| p < k).count();
+                prop_assert_eq!(exit.kv_slot, adapter.then_some(g.kv_slots() + before));
             }
+            prop_assert_eq!(h.kv_slots(), g.kv_slots() + if adapter { points.len() } else { 0 });
             prop_assert_eq!(h.exit_depths(), points.clone());
             let per_exit = if gate { 2 } else { 1 };
             prop_assert_eq!(h.outputs.len(), g.outputs.len() + per_exit * points.len());

@@ -13,7 +13,7 @@ mod spec;
 pub mod truncate;
 
 pub use context::{FileProblem, PassContext};
-pub use exits::{HeadKind, InsertExits};
+pub use exits::{HeadDims, HeadKind, InsertExits};
 pub use gemfilter::GemFilter;
 pub use manager::{PassManager, PassOutcome};
 pub use recursive::{DepthLora, LoraInit, LoraRank, LoraTarget, TieInit, TieLayers, TieNorms};

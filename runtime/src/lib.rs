@@ -272,6 +272,7 @@ impl Engine {
         depth
             .validate(self.program.graph())
             .map_err(anyhow::Error::msg)?;
+        self.check_stateful_heads(depth)?;
         match (depth, &self.executor, &self.batching) {
             (Depth::SkipDecode(_), _, _) if self.sim_exits.is_some() => {
                 anyhow::bail!(
@@ -305,6 +306,37 @@ impl Engine {
             ),
             _ => self.check_policy(),
         }
+    }
+
+    /// Exit heads with attention of their own (Kangaroo's adapter) keep keys and values of
+    /// every position that ran the layers below them, so they serve only strategies where
+    /// every token runs those layers: self-speculative drafting and the full model.
+    fn check_stateful_heads(&self, depth: &Depth) -> anyhow::Result<()> {
+        let Some(exit) = self
+            .program
+            .graph()
+            .exits
+            .iter()
+            .find(|e| e.kv_slot.is_some())
+        else {
+            return Ok(());
+        };
+        let k = exit.after;
+        let why = "it keeps keys and values of its own, filled only when every token runs the \
+                   layers below it";
+        if !matches!(depth, Depth::Full | Depth::SelfSpeculative { .. }) {
+            anyhow::bail!(
+                "the exit head after layer {k} is an AttentionAdapter: {why}; it drafts for \
+                 SelfSpeculative (or the model runs Full), not for early exits or SkipDecode"
+            );
+        }
+        if self.sim_exits.is_some() || self.batching.is_looped() {
+            anyhow::bail!(
+                "the exit head after layer {k} is an AttentionAdapter: {why}; serve it without \
+                 given exit depths and without LoopedDepthWise batching"
+            );
+        }
+        Ok(())
     }
 
     /// Checks the batching policy against the program: a looped policy needs a looped
@@ -867,15 +899,32 @@ impl Runtime {
 
     /// Runs every request to completion (or failure).
     pub fn run(mut self) -> anyhow::Result<(ServeReport, Vec<RequestOutcome>)> {
+        let mut drafts = Vec::new();
         {
             let engine = self.world.resource::<Engine>();
             engine.check_policy()?;
+            drafts.extend(engine.depth.speculative().map(|s| s.draft_exit));
             for r in &self.world.resource::<Arrivals>().0 {
                 if let Some(depth) = &r.depth {
                     engine
                         .check_depth(depth)
                         .map_err(|e| anyhow::anyhow!("request {}: {e}", r.id))?;
+                    drafts.extend(depth.speculative().map(|s| s.draft_exit));
                 }
+            }
+        }
+        {
+            // Kangaroo adapters keep their caches whole only where some request drafts with
+            // them: the others (and a run that drafts with none) do not pay for them.
+            let mut engine = self.world.resource_mut::<Engine>();
+            if engine
+                .program
+                .graph()
+                .exits
+                .iter()
+                .any(|e| e.kv_slot.is_some())
+            {
+                engine.program = Arc::new(engine.program.sync_heads(&drafts));
             }
         }
         loop {

@@ -7,6 +7,15 @@
 //! over exit points. Heads start as the shared head (`Linear`: copies of the final norm and
 //! LM head) or as the identity (`Mlp`: zero down-projection); gates start at 0.5.
 //!
+//! [`Objective::Kangaroo`] trains Kangaroo's adapters (`AttentionAdapter` heads) as the paper
+//! does: the backbone and the LM head frozen, the loss the cross-entropy to the full model's
+//! soft distribution, `−Σ_v p_final(v) · log p_k(v)`, averaged over positions and exits (no
+//! label term, no gates). An adapter starts as the shared head: its attention's q, k and v
+//! are copies of layer k's (the first layer the draft skips), its input norm is layer k's
+//! attention norm, its output projection is zero (so the residual passes the stream
+//! unchanged) and its last norm is a copy of the final norm. (Kangaroo's code does not
+//! publish its initialisation; this one makes the untrained adapter equal the shared head.)
+//!
 //! On a looped pipeline (`TieLayers`, exits after loop iterations) the same loss trains each
 //! iteration's exit. `train_adapters` also trains the `DepthLora` adapters (`lora.*`) and
 //! `train_shared` the shared block (`tied.*`); the final layer then moves too, so the loss
@@ -28,7 +37,8 @@ use candle_core::{DType, Device, Tensor, D};
 use exitgraph_compiler::lower::{Inputs, LowerOptions, Program, WeightSource, WeightStore};
 use exitgraph_compiler::pipeline::{compile, resolve_model, Pipeline};
 use exitgraph_ir::op::Op;
-use exitgraph_passes::exits::{chosen_depths, head_weights};
+use exitgraph_ir::WeightRef;
+use exitgraph_passes::exits::{chosen_depths, head_weights, HeadDims};
 use exitgraph_passes::recursive::{lora_tensors, tied_tensors, LORA_PREFIX, TIED_PREFIX};
 use exitgraph_passes::{HeadKind, PassSpec, TieNorms};
 use serde::{Deserialize, Serialize};
@@ -49,7 +59,31 @@ pub struct ExitTrainSpec {
     pub train_adapters: bool,
     /// Train the shared block of the pipeline's `TieLayers` with the exits.
     pub train_shared: bool,
+    pub objective: Objective,
     pub training: TrainConfig,
+}
+
+/// What the heads learn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Objective {
+    /// Self-distillation mixed with the label loss (`distill`), gates by BCE.
+    #[default]
+    Distill,
+    /// Kangaroo: the cross-entropy to the full model's soft distribution, adapters only.
+    Kangaroo,
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "distill" => Ok(Objective::Distill),
+            "kangaroo" => Ok(Objective::Kangaroo),
+            other => Err(format!(
+                "unknown objective {other:?} (use distill or kangaroo)"
+            )),
+        }
+    }
 }
 
 /// What a run produced.
@@ -66,6 +100,13 @@ pub struct ExitTrainReport {
     /// When the adapters or the shared block trained: the final layer's held-out next-token
     /// cross-entropy before and after (the exits' agreement is with a final layer that moved).
     pub final_loss: Option<(f64, f64)>,
+    /// What the heads learned.
+    #[serde(default)]
+    pub objective: Objective,
+    /// The held-out loss of the heads before training (an adapter or MLP head starts as the
+    /// shared head).
+    #[serde(default)]
+    pub eval_before: f64,
     pub log: TrainLog,
 }
 
@@ -91,8 +132,6 @@ fn initial_heads(
     seed: u64,
 ) -> anyhow::Result<HashMap<String, Tensor>> {
     let device = Device::Cpu;
-    let hidden = graph.info.hidden;
-    let vocab = graph.info.vocab;
     let head = graph.head.logits.context("the model has no LM head")?;
     let Op::LmHead(lm) = &graph.graph[head].op else {
         bail!("the logits output is not an LM head");
@@ -106,9 +145,43 @@ fn initial_heads(
         });
     let mut store = WeightStore::open(&graph.weights, model_dir, &device, DType::F32)?;
     let mut out = HashMap::new();
+    let dims = HeadDims::of(graph);
     for &k in points {
-        for (name, shape) in head_weights(kind, gate, k, hidden, vocab) {
-            let t = if name.ends_with(".norm.weight") {
+        // Layer k's attention and the norm before it (an adapter starts from them).
+        let layer_attention = || -> anyhow::Result<(exitgraph_ir::op::Attention, WeightRef)> {
+            let node = graph
+                .graph
+                .node_indices()
+                .find(|&n| {
+                    graph.graph[n].layer == Some(k) && matches!(graph.graph[n].op, Op::Attention(_))
+                })
+                .with_context(|| format!("layer {k} has no attention"))?;
+            let Op::Attention(a) = &graph.graph[node].op else {
+                bail!("unreachable: matched an attention op above");
+            };
+            let norm = graph
+                .inputs(node)
+                .first()
+                .and_then(|&i| match &graph.graph[i].op {
+                    Op::Norm(n) => Some(n.weight.clone()),
+                    _ => None,
+                })
+                .with_context(|| format!("layer {k}'s attention has no norm before it"))?;
+            Ok((a.clone(), norm))
+        };
+        for (name, shape) in head_weights(kind, gate, k, &dims) {
+            let attn = name.strip_prefix(&format!("exits.{k}.attn."));
+            let t = if name.ends_with(".attn_norm.weight") {
+                store.get(&layer_attention()?.1)?.copy()?
+            } else if let Some(part @ ("q.weight" | "k.weight" | "v.weight")) = attn {
+                let (a, _) = layer_attention()?;
+                let w = match part {
+                    "q.weight" => &a.q.weight,
+                    "k.weight" => &a.k.weight,
+                    _ => &a.v.weight,
+                };
+                store.get(w)?.copy()?
+            } else if name.ends_with(".norm.weight") {
                 match &norm {
                     Some(w) => store.get(w)?.copy()?,
                     None => Tensor::ones(shape.as_slice(), DType::F32, &device)?,
@@ -139,6 +212,12 @@ fn kl(log_p: &Tensor, log_q: &Tensor) -> candle_core::Result<Tensor> {
     (log_p.exp()? * (log_p - log_q)?)?
         .sum(D::Minus1)?
         .mean_all()
+}
+
+/// Mean over positions of the cross-entropy `−Σ p · log q` of `[n, vocab]`
+/// log-probabilities (Kangaroo's adapter loss: `p` the full model's soft distribution).
+fn soft_cross_entropy(log_p: &Tensor, log_q: &Tensor) -> candle_core::Result<Tensor> {
+    (log_p.exp()? * log_q)?.sum(D::Minus1)?.mean_all()?.neg()
 }
 
 /// Mean binary cross-entropy of logits `x` against 0/1 targets `t` (stable form).
@@ -196,6 +275,21 @@ pub fn train_exits(
         bail!(
             "{shown}: the DepthLora adapters were fitted to the shared block as it is: train them with it (--train-adapters --train-shared)"
         );
+    }
+    let kangaroo = spec.objective == Objective::Kangaroo;
+    if kangaroo {
+        if head != HeadKind::AttentionAdapter {
+            bail!(
+                "{shown}: --objective kangaroo trains Kangaroo's adapter: set the InsertExits \
+                 pass's head to AttentionAdapter (it is {head:?})"
+            );
+        }
+        if gate || spec.train_adapters || spec.train_shared {
+            bail!(
+                "{shown}: --objective kangaroo trains the adapters alone (backbone and LM head \
+                 frozen): drop gate: true, --train-adapters and --train-shared"
+            );
+        }
     }
     let backbone_trains = spec.train_adapters || spec.train_shared;
     let heads_train = !matches!(head, HeadKind::SharedLmHead { .. }) || gate;
@@ -353,8 +447,11 @@ pub fn train_exits(
         for (_, g) in &heads {
             let logits = outs.next().context("no exit logits")?;
             let lp = candle_nn::ops::log_softmax(&logits.reshape((b * s, v))?, D::Minus1)?;
-            let mut loss =
-                ((kl(&final_lp, &lp)? * distill)? + (lm_loss(&logits, y)? * (1.0 - distill))?)?;
+            let mut loss = if kangaroo {
+                soft_cross_entropy(&final_lp, &lp)?
+            } else {
+                ((kl(&final_lp, &lp)? * distill)? + (lm_loss(&logits, y)? * (1.0 - distill))?)?
+            };
             if gate && g.is_some() {
                 let g = outs.next().context("no gate")?.reshape((b, s))?;
                 let target = logits
@@ -399,6 +496,8 @@ pub fn train_exits(
         }
         Ok(total / count.max(1) as f64)
     };
+    // The loss of the heads as they start (for Kangaroo's adapters: the shared head's).
+    let eval_before = evaluate()?;
     let final_before = if backbone_trains {
         Some(held_out_loss(&program, &eval_batches)?)
     } else {
@@ -439,6 +538,8 @@ pub fn train_exits(
         adapters: spec.train_adapters.then(|| out.join(LORA_FILE)),
         shared: spec.train_shared.then(|| out.join(TIED_FILE)),
         final_loss,
+        objective: spec.objective,
+        eval_before,
         log,
     };
     exitgraph_compiler::atomic::write_text(

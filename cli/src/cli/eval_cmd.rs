@@ -23,6 +23,10 @@ pub enum EvalCommand {
 pub struct SpeculativeArgs {
     /// Pipeline (RON) whose InsertExits pass puts an exit head after every draft depth swept.
     pipeline: PathBuf,
+    /// Further pipelines on the same model (e.g. trained Kangaroo adapters beside the shared
+    /// head), swept setting by setting beside the first.
+    #[arg(long)]
+    compare: Vec<PathBuf>,
     /// Draft depths ℓ (layers the draft runs), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     exits: Vec<usize>,
@@ -100,9 +104,29 @@ fn speculative(a: SpeculativeArgs) -> anyhow::Result<()> {
             c.prompt.len()
         );
     }
-    let program = std::sync::Arc::new(compiled.lower()?);
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+    };
+    let mut programs = vec![(name(&a.pipeline), std::sync::Arc::new(compiled.lower()?))];
+    let model = std::fs::canonicalize(&compiled.model_dir).unwrap_or(compiled.model_dir.clone());
+    for other in &a.compare {
+        let pipeline = exitgraph::pipeline::Pipeline::read(other)?;
+        let c = exitgraph::pipeline::compile(&pipeline, other)?;
+        let theirs = std::fs::canonicalize(&c.model_dir).unwrap_or(c.model_dir.clone());
+        if theirs != model {
+            anyhow::bail!(
+                "--compare {}: it runs the model in {}, and {} the one in {}; compare drafts on one model",
+                other.display(),
+                theirs.display(),
+                a.pipeline.display(),
+                model.display()
+            );
+        }
+        programs.push((name(other), std::sync::Arc::new(c.lower()?)));
+    }
     let bar = indicatif::ProgressBar::new_spinner();
-    let report = sweep(program, &cases, &opts, |what| {
+    let report = sweep(&programs, &cases, &opts, |what| {
         bar.set_message(what.to_string());
         bar.tick();
     })

@@ -48,7 +48,8 @@ pub struct RecursiveArgs {
 
 #[derive(clap::Args)]
 pub struct ExitsArgs {
-    /// Pipeline (RON) with an InsertExits pass of Linear or Mlp heads, or gates.
+    /// Pipeline (RON) with an InsertExits pass of Linear, Mlp or AttentionAdapter heads, or
+    /// gates.
     pipeline: PathBuf,
     /// Output folder: heads.safetensors, pipeline.ron (referencing them), training.json.
     #[arg(long, short)]
@@ -77,6 +78,11 @@ pub struct ExitsArgs {
     /// --train-adapters when the pipeline has adapters).
     #[arg(long)]
     train_shared: bool,
+    /// `distill` (the --distill mix of KL and label loss) or `kangaroo` (AttentionAdapter
+    /// heads only: cross-entropy to the full model's soft distribution, backbone and LM head
+    /// frozen).
+    #[arg(long, default_value = "distill")]
+    objective: exitgraph::exits::train::Objective,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -153,16 +159,18 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 distill: a.distill,
                 train_adapters: a.train_adapters,
                 train_shared: a.train_shared,
+                objective: a.objective,
                 training: short_run(a.steps, a.lr),
             };
             let report = train_exits(&a.pipeline, &a.out, &spec, true)?;
             let last_eval = report.log.eval_loss.last().map_or(f64::NAN, |e| e.1);
             outln!(
-                "trained {} parameters of exits after layers {:?} for {} steps in {:.0} s; eval loss {last_eval:.4}",
+                "trained {} parameters of exits after layers {:?} for {} steps in {:.0} s; held-out loss {:.4} -> {last_eval:.4}",
                 report.trainable,
                 report.exits,
                 report.log.train_loss.len(),
-                report.log.seconds
+                report.log.seconds,
+                report.eval_before
             );
             if let Some((before, after)) = report.final_loss {
                 outln!("the final layer's held-out loss {before:.4} -> {after:.4}");

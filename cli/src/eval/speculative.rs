@@ -45,6 +45,11 @@ pub struct SpecOptions {
 /// One setting at one batch size.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SpecRow {
+    /// The pipeline (its file name) and the kind of its draft head ([`draft_head`]).
+    #[serde(default)]
+    pub pipeline: String,
+    #[serde(default)]
+    pub draft_head: String,
     pub draft_exit: usize,
     pub max_draft: usize,
     pub stop_below: Option<f32>,
@@ -136,9 +141,66 @@ pub fn head_layers(program: &Program) -> f64 {
     }
 }
 
-/// Runs the sweep on `cases`; `progress` hears what runs.
+/// The per-token FLOPs of the draft head's own layers after `draft_exit` layers (a Kangaroo
+/// adapter's projections), in layers' per-token FLOPs; 0 for a shared head or the model's own.
+pub fn adapter_layers(program: &Program, draft_exit: usize) -> f64 {
+    let g = program.graph();
+    let (per_token, _) = crate::bench_gemfilter::layer_flops(g);
+    let Some(exit) = g.exit_at(draft_exit).filter(|e| e.kv_slot.is_some()) else {
+        return 0.0;
+    };
+    let flops: f64 = exit
+        .nodes
+        .iter()
+        .filter_map(|&n| match &g.graph[n].op {
+            op @ exitgraph_ir::op::Op::Attention(_) => Some(op.flops_per_token() as f64),
+            _ => None,
+        })
+        .sum();
+    if per_token > 0.0 {
+        flops / per_token
+    } else {
+        0.0
+    }
+}
+
+/// What drafts after `draft_exit` layers: `own head` (the model's, at its full depth),
+/// `adapter` (Kangaroo's attention adapter), `mlp` (a residual MLP adapter), `shared` (the
+/// model's final norm and LM head read early) or `linear` (a norm and head of its own).
+pub fn draft_head(program: &Program, draft_exit: usize) -> &'static str {
+    use exitgraph_ir::op::Op;
+    let g = program.graph();
+    if draft_exit >= g.info.num_layers {
+        return "own head";
+    }
+    let Some(exit) = g.exit_at(draft_exit) else {
+        return "none";
+    };
+    if exit.kv_slot.is_some() {
+        return "adapter";
+    }
+    if exit
+        .nodes
+        .iter()
+        .any(|&n| matches!(g.graph[n].op, Op::Mlp(_)))
+    {
+        return "mlp";
+    }
+    let weight = |n: Option<exitgraph_ir::NodeIndex>| match n.map(|n| &g.graph[n].op) {
+        Some(Op::LmHead(l)) => Some(l.weight.clone()),
+        _ => None,
+    };
+    if weight(exit.logits).is_some() && weight(exit.logits) == weight(g.head.logits) {
+        "shared"
+    } else {
+        "linear"
+    }
+}
+
+/// Runs the sweep on `cases` for each of `programs` (a name and a pipeline's program, all on
+/// one model), setting by setting side by side; `progress` hears what runs.
 pub fn sweep(
-    program: Arc<Program>,
+    programs: &[(String, Arc<Program>)],
     cases: &[Case],
     opts: &SpecOptions,
     mut progress: impl FnMut(&str),
@@ -146,81 +208,90 @@ pub fn sweep(
     if opts.reps == 0 {
         bail!("--reps must be at least 1");
     }
-    let layers = program.graph().info.num_layers;
-    let head = head_layers(&program);
+    let Some((_, first)) = programs.first() else {
+        bail!("no pipeline to sweep");
+    };
+    let layers = first.graph().info.num_layers;
+    let head = head_layers(first);
     let mut rows = Vec::new();
     for &batch in &opts.batches {
         progress(&format!("full model, batch {batch}"));
-        let (reference, _) = run(&program, cases, opts.new_tokens, batch, &Depth::Full)?;
+        let (reference, _) = run(first, cases, opts.new_tokens, batch, &Depth::Full)?;
         for &draft_exit in &opts.exits {
             for &max_draft in &opts.drafts {
                 for &stop_below in &opts.thresholds {
-                    let spec = SelfSpeculative {
-                        draft_exit,
-                        max_draft,
-                        stop_below,
-                    };
-                    spec.validate(program.graph()).map_err(anyhow::Error::msg)?;
-                    let depth = Depth::from(spec);
-                    progress(&format!(
-                        "ℓ {draft_exit}, γ {max_draft}, threshold {stop_below:?}, batch {batch}"
+                    for (name, program) in programs {
+                        let spec = SelfSpeculative {
+                            draft_exit,
+                            max_draft,
+                            stop_below,
+                        };
+                        spec.validate(program.graph())
+                            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                        let depth = Depth::from(spec);
+                        progress(&format!(
+                        "{name}: ℓ {draft_exit}, γ {max_draft}, threshold {stop_below:?}, batch {batch}"
                     ));
-                    let mut full_rates = Vec::new();
-                    let mut spec_rates = Vec::new();
-                    let mut ratios = Vec::new();
-                    let mut last = Vec::new();
-                    for rep in 0..opts.reps {
-                        let time = |d: &Depth| -> anyhow::Result<(f64, Vec<RequestOutcome>)> {
-                            let (outs, busy) = run(&program, cases, opts.new_tokens, batch, d)?;
-                            Ok((decode_rate(&outs, busy), outs))
-                        };
-                        let (full, (fast, outs)) = if rep % 2 == 0 {
-                            let f = time(&Depth::Full)?.0;
-                            (f, time(&depth)?)
-                        } else {
-                            let s = time(&depth)?;
-                            (time(&Depth::Full)?.0, s)
-                        };
-                        full_rates.push(full);
-                        spec_rates.push(fast);
-                        ratios.push(fast / full.max(1e-12));
-                        last = outs;
-                    }
-                    let mismatched = last
-                        .iter()
-                        .zip(&reference)
-                        .filter(|(a, b)| a.tokens != b.tokens)
-                        .count();
-                    let mut counts = SpecCounts::default();
-                    for o in &last {
-                        if let Some(c) = &o.speculative {
-                            counts.add(c);
+                        let mut full_rates = Vec::new();
+                        let mut spec_rates = Vec::new();
+                        let mut ratios = Vec::new();
+                        let mut last = Vec::new();
+                        for rep in 0..opts.reps {
+                            let time = |d: &Depth| -> anyhow::Result<(f64, Vec<RequestOutcome>)> {
+                                let (outs, busy) = run(program, cases, opts.new_tokens, batch, d)?;
+                                Ok((decode_rate(&outs, busy), outs))
+                            };
+                            let (full, (fast, outs)) = if rep % 2 == 0 {
+                                let f = time(&Depth::Full)?.0;
+                                (f, time(&depth)?)
+                            } else {
+                                let s = time(&depth)?;
+                                (time(&Depth::Full)?.0, s)
+                            };
+                            full_rates.push(full);
+                            spec_rates.push(fast);
+                            ratios.push(fast / full.max(1e-12));
+                            last = outs;
                         }
+                        let mismatched = last
+                            .iter()
+                            .zip(&reference)
+                            .filter(|(a, b)| a.tokens != b.tokens)
+                            .count();
+                        let mut counts = SpecCounts::default();
+                        for o in &last {
+                            if let Some(c) = &o.speculative {
+                                counts.add(c);
+                            }
+                        }
+                        let counted = Counted {
+                            layers,
+                            draft_exit,
+                            head,
+                            adapter: adapter_layers(program, draft_exit),
+                            cycles: counts.cycles,
+                            drafted: counts.drafted,
+                            produced: counts.produced,
+                        };
+                        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        rows.push(SpecRow {
+                            pipeline: name.clone(),
+                            draft_head: draft_head(program, draft_exit).to_string(),
+                            draft_exit,
+                            max_draft,
+                            stop_below,
+                            batch,
+                            mismatched,
+                            counts,
+                            full_tok_s: crate::bench_exits::median(full_rates),
+                            spec_tok_s: crate::bench_exits::median(spec_rates),
+                            speedup: crate::bench_exits::median(ratios),
+                            speedup_range: (lo, hi),
+                            ideal: counted.read_speedup(),
+                            flop_ratio: counted.flop_ratio(),
+                        });
                     }
-                    let counted = Counted {
-                        layers,
-                        draft_exit,
-                        head,
-                        cycles: counts.cycles,
-                        drafted: counts.drafted,
-                        produced: counts.produced,
-                    };
-                    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-                    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    rows.push(SpecRow {
-                        draft_exit,
-                        max_draft,
-                        stop_below,
-                        batch,
-                        mismatched,
-                        counts,
-                        full_tok_s: crate::bench_exits::median(full_rates),
-                        spec_tok_s: crate::bench_exits::median(spec_rates),
-                        speedup: crate::bench_exits::median(ratios),
-                        speedup_range: (lo, hi),
-                        ideal: counted.read_speedup(),
-                        flop_ratio: counted.flop_ratio(),
-                    });
                 }
             }
         }
@@ -263,16 +334,18 @@ impl SpecReport {
         );
         let _ = writeln!(
             s,
-            "| ℓ | γ | stop below | batch | lossless | accepted | tokens / verification | draft / verify s | full tok/s | spec tok/s | speedup | ideal (reads) | FLOPs full / spec |"
+            "| pipeline | draft head | ℓ | γ | stop below | batch | lossless | accepted | tokens / verification | draft / verify s | full tok/s | spec tok/s | speedup | ideal (reads) | FLOPs full / spec |"
         );
         let _ = writeln!(
             s,
-            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.1}% | {:.2} | {:.2} / {:.2} | {:.1} | {:.1} | {:.2}x [{:.2}–{:.2}] | {:.2}x | {:.2} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.1}% | {:.2} | {:.2} / {:.2} | {:.1} | {:.1} | {:.2}x [{:.2}–{:.2}] | {:.2}x | {:.2} |",
+                r.pipeline,
+                r.draft_head,
                 r.draft_exit,
                 r.max_draft,
                 threshold(r.stop_below),
@@ -300,13 +373,15 @@ impl SpecReport {
 
     pub fn to_csv(&self) -> String {
         let mut s = String::from(
-            "draft_exit,max_draft,stop_below,batch,mismatched,drafted,accepted,cycles,produced,acceptance,tokens_per_verification,draft_s,verify_s,full_tok_s,spec_tok_s,speedup,speedup_min,speedup_max,ideal_reads,flop_ratio\n",
+            "pipeline,draft_head,draft_exit,max_draft,stop_below,batch,mismatched,drafted,accepted,cycles,produced,acceptance,tokens_per_verification,draft_s,verify_s,full_tok_s,spec_tok_s,speedup,speedup_min,speedup_max,ideal_reads,flop_ratio\n",
         );
         for r in &self.rows {
             let c = &r.counts;
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.4},{:.4},{:.4},{:.4},{:.4}",
+                "{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.4},{:.4},{:.4},{:.4},{:.4}",
+                r.pipeline.replace(',', ";"),
+                r.draft_head,
                 r.draft_exit,
                 r.max_draft,
                 threshold(r.stop_below),
@@ -339,6 +414,8 @@ mod tests {
 
     fn row() -> SpecRow {
         SpecRow {
+            pipeline: "kangaroo.ron".into(),
+            draft_head: "adapter".into(),
             draft_exit: 2,
             max_draft: 4,
             stop_below: Some(0.6),
@@ -374,13 +451,13 @@ mod tests {
         };
         let md = report.to_markdown();
         // 9 of 12 accepted = 75%; 13 tokens over 4 verifications = 3.25.
-        assert!(md.contains("| 2 | 4 | 0.6 | 1 | yes | 75.0% | 3.25 | 0.50 / 0.25 | 100.0 | 150.0 | 1.50x [1.40–1.60] | 1.80x | 0.90 |"), "{md}");
+        assert!(md.contains("| kangaroo.ron | adapter | 2 | 4 | 0.6 | 1 | yes | 75.0% | 3.25 | 0.50 / 0.25 | 100.0 | 150.0 | 1.50x [1.40–1.60] | 1.80x | 0.90 |"), "{md}");
         let csv = report.to_csv();
         assert!(
             csv.lines()
                 .nth(1)
                 .unwrap()
-                .starts_with("2,4,0.6,1,0,12,9,4,13,0.7500,3.2500,"),
+                .starts_with("kangaroo.ron,adapter,2,4,0.6,1,0,12,9,4,13,0.7500,3.2500,"),
             "{csv}"
         );
     }

@@ -166,12 +166,15 @@ pub fn residual(p: &[f32], q: &[f32]) -> Vec<f32> {
 /// Work of self-speculation against the full model's, per generated token, from measured
 /// counts: `cycles` verifications produced `produced` tokens from `drafted` drafts; the draft
 /// runs `draft_exit` of the `layers` layers; `head` is the LM head's per-token FLOPs in
-/// layers.
+/// layers; `adapter` the draft head's own layers' (Kangaroo's attention adapter: its
+/// projections, which run for every token that runs the draft's layers; 0 for a shared
+/// head).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Counted {
     pub layers: usize,
     pub draft_exit: usize,
     pub head: f64,
+    pub adapter: f64,
     pub cycles: usize,
     pub drafted: usize,
     pub produced: usize,
@@ -187,7 +190,8 @@ impl Counted {
     pub fn flop_ratio(&self) -> f64 {
         let (l, e, h) = (self.layers as f64, self.draft_exit as f64, self.head);
         let positions = (self.drafted + self.cycles) as f64;
-        let spec = positions * e + self.drafted as f64 * h + positions * (l - e + h);
+        let spec =
+            positions * (e + self.adapter) + self.drafted as f64 * h + positions * (l - e + h);
         let full = self.produced as f64 * (l + h);
         if spec > 0.0 {
             full / spec
@@ -206,7 +210,9 @@ impl Counted {
     pub fn read_speedup(&self) -> f64 {
         let (l, e, h) = (self.layers as f64, self.draft_exit as f64, self.head);
         let shallow_calls = (self.drafted + self.cycles) as f64;
-        let spec = shallow_calls * e + self.drafted as f64 * h + self.cycles as f64 * (l - e + h);
+        let spec = shallow_calls * (e + self.adapter)
+            + self.drafted as f64 * h
+            + self.cycles as f64 * (l - e + h);
         let full = self.produced as f64 * (l + h);
         if spec > 0.0 {
             full / spec
@@ -308,6 +314,7 @@ mod tests {
             layers: 8,
             draft_exit: 2,
             head: 0.5,
+            adapter: 0.0,
             cycles: 1,
             drafted: 4,
             produced: 5,
@@ -338,6 +345,12 @@ mod tests {
         };
         assert!((rejected.flop_ratio() - 25.5 / 53.0).abs() < 1e-12);
         assert!((rejected.read_speedup() - 25.5 / 27.0).abs() < 1e-12);
+        // A Kangaroo adapter of 0.25 layer runs with every shallow token: the first case's
+        // 5 shallow tokens add 1.25 to both the FLOPs (44.5 + 1.25) and the reads
+        // (18.5 + 1.25).
+        let adapted = Counted { adapter: 0.25, ..c };
+        assert!((adapted.flop_ratio() - 42.5 / 45.75).abs() < 1e-12);
+        assert!((adapted.read_speedup() - 42.5 / 19.75).abs() < 1e-12);
     }
 
     #[test]

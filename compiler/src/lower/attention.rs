@@ -109,9 +109,15 @@ impl AttnCtx {
     }
 }
 
-/// A sequence in a ragged call: offset of its tokens, their count, its call context and its
-/// layer cache.
-pub type RaggedPart<'a> = (usize, usize, AttnCtx, &'a mut Option<(Tensor, Tensor)>);
+/// A sequence in a ragged call: offset of its tokens, their count, its call context (one per
+/// sequence and call, shared by every layer, so masks and RoPE tables are built once) and
+/// its layer cache.
+pub type RaggedPart<'a> = (
+    usize,
+    usize,
+    &'a mut AttnCtx,
+    &'a mut Option<(Tensor, Tensor)>,
+);
 
 /// One attention layer's stored weights, lowered once per weight identity. The KV slot and
 /// any adapters belong to the place that runs it and are arguments of each call.

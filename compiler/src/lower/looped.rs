@@ -509,13 +509,17 @@ fn apply(
         Kernel::Norm(n) => n.forward(arg(0)?),
         Kernel::Add => arg(0)? + arg(1)?,
         Kernel::Mlp(m) => m.forward(arg(0)?, adapters),
-        Kernel::LmHead(l) => adapters.project(0, l, arg(0)?),
+        Kernel::LmHead(l) => adapters.project(0, l.as_ref(), arg(0)?),
         Kernel::Attention(a) => {
             // Each segment attends on the slot of the block it is at.
             let mut slots: Vec<(usize, usize)> = Vec::with_capacity(members.len());
             for (i, s) in members {
                 slots.push((*i, s.slot()?));
             }
+            let mut contexts: Vec<AttnCtx> = slots
+                .iter()
+                .map(|&(i, _)| AttnCtx::new(segments[i].start, segments[i].ids.len(), None))
+                .collect();
             let mut parts: Vec<RaggedPart> = Vec::with_capacity(members.len());
             let mut offset = 0;
             // Borrow each member's cache once: members are distinct segments.
@@ -524,19 +528,14 @@ fn apply(
                 .enumerate()
                 .filter(|(i, _)| slots.iter().any(|(j, _)| j == i))
                 .collect();
-            for &(i, slot) in &slots {
+            for (&(i, slot), ctx) in slots.iter().zip(contexts.iter_mut()) {
                 let k = caches
                     .iter()
                     .position(|(j, _)| *j == i)
                     .ok_or_else(|| candle_core::Error::Msg("a segment is missing".into()))?;
                 let (_, seg) = caches.swap_remove(k);
-                let (start, len) = (seg.start, seg.ids.len());
-                parts.push((
-                    offset,
-                    len,
-                    AttnCtx::new(start, len, None),
-                    seg.cache.slot_mut(slot)?,
-                ));
+                let len = seg.ids.len();
+                parts.push((offset, len, ctx, seg.cache.slot_mut(slot)?));
                 offset += len;
             }
             a.forward_ragged(arg(0)?, &mut parts, adapters)

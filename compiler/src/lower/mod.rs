@@ -134,6 +134,11 @@ pub struct Program {
     /// Step of each graph node.
     node_step: HashMap<NodeIndex, usize>,
     outputs: BTreeMap<String, usize>,
+    /// Exit heads with attention of their own (Kangaroo's adapters) kept in sync: (the step
+    /// of the stream each reads, its attention step). A call that computes the stream also
+    /// runs the attention, so the head's KV slot holds every position the layers below it
+    /// hold. Every such head by default; see [`Program::sync_heads`].
+    stateful_heads: Vec<(usize, usize)>,
     kv_slots: usize,
     device: Device,
     dtype: DType,
@@ -405,6 +410,12 @@ impl Program {
             };
             let slot = match (&kernel, node.layer) {
                 (Kernel::Attention(_), Some(d)) => graph.blocks.get(d).and_then(|b| b.kv_slot),
+                // An exit head's own attention (Kangaroo's adapter) has the exit's slot.
+                (Kernel::Attention(_), None) => graph
+                    .exits
+                    .iter()
+                    .find(|e| e.nodes.contains(&n))
+                    .and_then(|e| e.kv_slot),
                 _ => None,
             };
             let inputs = graph.inputs(n).iter().map(|i| node_step[i]).collect();
@@ -423,11 +434,24 @@ impl Program {
             .iter()
             .map(|(name, n)| (name.clone(), node_step[n]))
             .collect();
+        let stateful_heads = graph
+            .exits
+            .iter()
+            .filter(|e| e.kv_slot.is_some())
+            .filter_map(|e| {
+                let attention = e
+                    .nodes
+                    .iter()
+                    .find(|n| matches!(graph.graph[**n].op, Op::Attention(_)))?;
+                Some((node_step[&e.reads], node_step[attention]))
+            })
+            .collect();
         Ok(Program {
             graph: graph.clone(),
             steps,
             node_step,
             outputs,
+            stateful_heads,
             kv_slots: graph.kv_slots(),
             device: device.clone(),
             dtype,
@@ -436,6 +460,29 @@ impl Program {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// The same program keeping only the stateful exit heads after `depths` in sync (see
+    /// [`Exit::kv_slot`](exitgraph_ir::Exit::kv_slot)). The others then run only when an
+    /// output needs them, so a caller that drafts with none of them (the full model, say)
+    /// does not pay for their attention; their slots are not kept whole, and a later call
+    /// that continues one from a cache fails with the slot's length named.
+    pub fn sync_heads(&self, depths: &[usize]) -> Program {
+        let mut p = self.clone();
+        p.stateful_heads = self
+            .graph
+            .exits
+            .iter()
+            .filter(|e| e.kv_slot.is_some() && depths.contains(&e.after))
+            .filter_map(|e| {
+                let attention = e
+                    .nodes
+                    .iter()
+                    .find(|n| matches!(self.graph.graph[**n].op, Op::Attention(_)))?;
+                Some((self.node_step[&e.reads], self.node_step[attention]))
+            })
+            .collect();
+        p
     }
 
     pub fn device(&self) -> &Device {

@@ -207,19 +207,22 @@ impl Program {
     fn parts<'s>(
         segments: &'s mut [Segment<'_>],
         spans: &[Span],
+        contexts: &'s mut [AttnCtx],
         slot: usize,
     ) -> Result<Vec<RaggedPart<'s>>, candle_core::Error> {
         segments
             .iter_mut()
             .zip(spans)
-            .map(|(seg, sp)| {
-                Ok((
-                    sp.offset,
-                    sp.len,
-                    AttnCtx::new(sp.start, sp.len, None),
-                    seg.cache.slot_mut(slot)?,
-                ))
-            })
+            .zip(contexts.iter_mut())
+            .map(|((seg, sp), ctx)| Ok((sp.offset, sp.len, ctx, seg.cache.slot_mut(slot)?)))
+            .collect()
+    }
+
+    /// One attention context per segment, for every attention step of a call.
+    fn contexts(spans: &[Span]) -> Vec<AttnCtx> {
+        spans
+            .iter()
+            .map(|sp| AttnCtx::new(sp.start, sp.len, None))
             .collect()
     }
 
@@ -285,6 +288,7 @@ impl Program {
             .iter()
             .map(|s| (s.offset + s.len - 1) as u32)
             .collect();
+        let mut contexts = Self::contexts(spans);
         for &i in &plan.needed {
             let step = &self.steps[i];
             let wrap = |cause| RunError::Step {
@@ -300,7 +304,7 @@ impl Program {
                 Kernel::Mlp(m) => m.forward(args[0], Adapters::Uniform(&step.adapters)),
                 Kernel::Add => args[0] + args[1],
                 Kernel::Attention(a) => step.slot().and_then(|slot| {
-                    let mut parts = Self::parts(segments, spans, slot)?;
+                    let mut parts = Self::parts(segments, spans, &mut contexts, slot)?;
                     a.forward_ragged(args[0], &mut parts, Adapters::Uniform(&step.adapters))
                 }),
                 Kernel::Scores(a) => {
@@ -367,6 +371,7 @@ impl Program {
         from: usize,
         x: &Tensor,
     ) -> Result<(), RunError> {
+        let mut contexts = Self::contexts(spans);
         for step in &self.steps {
             let Kernel::Attention(a) = &step.kernel else {
                 continue;
@@ -390,7 +395,7 @@ impl Program {
             };
             step.slot()
                 .and_then(|slot| {
-                    let mut parts = Self::parts(segments, spans, slot)?;
+                    let mut parts = Self::parts(segments, spans, &mut contexts, slot)?;
                     a.append_kv_ragged(&normed, &mut parts, Adapters::Uniform(&step.adapters))
                 })
                 .map_err(wrap)?;

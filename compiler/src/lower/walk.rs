@@ -21,15 +21,28 @@ impl Program {
     /// Steps needed for `targets` when the values of `given` are supplied by the caller
     /// (an entry state): the walk back from the targets stops there. Targets are kept to
     /// the end.
+    ///
+    /// An exit head with attention of its own (Kangaroo's adapter) runs its attention
+    /// whenever the call computes the stream it reads (not when the stream is given): its KV
+    /// slot then holds every position the layers below it hold, whatever the call wants.
     pub(super) fn schedule(&self, targets: &[usize], given: &[usize]) -> Schedule {
         let mut needed = BTreeSet::new();
         let mut stack = targets.to_vec();
-        while let Some(i) = stack.pop() {
-            if given.contains(&i) {
-                continue;
+        let walk = |stack: &mut Vec<usize>, needed: &mut BTreeSet<usize>| {
+            while let Some(i) = stack.pop() {
+                if given.contains(&i) {
+                    continue;
+                }
+                if needed.insert(i) {
+                    stack.extend(self.steps[i].inputs.iter().copied());
+                }
             }
-            if needed.insert(i) {
-                stack.extend(self.steps[i].inputs.iter().copied());
+        };
+        walk(&mut stack, &mut needed);
+        for &(stream, attention) in &self.stateful_heads {
+            if needed.contains(&stream) && !needed.contains(&attention) {
+                stack.push(attention);
+                walk(&mut stack, &mut needed);
             }
         }
         let mut last_use = vec![0usize; self.steps.len()];
