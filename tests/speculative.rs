@@ -900,3 +900,40 @@ fn kangaroo_adapters_train_and_the_written_pipeline_drafts_losslessly() {
     .to_string();
     assert!(err.contains("--train-adapters"), "{err}");
 }
+
+/// Under continuous batching a token budget counts a speculative row as the tokens its
+/// verification may run (its last token and up to γ drafts, no more than it may still
+/// produce): with a budget of 8 and γ = 6, a second request's 7-token prompt joins only in
+/// the first request's last step (1 token to go, no drafts: 1 + 7 tokens); with plain
+/// decoding (1 token a row) it joins at once.
+#[test]
+fn a_token_budget_counts_the_tokens_a_cycle_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = model(dir.path(), 3, 97, 5, &[1]);
+    let prs: Vec<Vec<u32>> = vec![(3..10).collect(), (10..17).collect()];
+    let mut reqs = requests(&prs, 12, |_| None);
+    reqs[1].arrival_s = reqs[0].arrival_s;
+    let policy = Batching::Continuous {
+        max_batch: 4,
+        token_budget: 8,
+    };
+    let spec_out = serve(
+        &p,
+        reqs.clone(),
+        policy.clone(),
+        Decoding::greedy(),
+        &spec(1, 6, None),
+    );
+    let first = |o: &RequestOutcome| o.first_token_s.unwrap();
+    let finish = |o: &RequestOutcome| o.finish_s.unwrap();
+    assert!(spec_out[0].speculative.unwrap().drafted > 0);
+    assert!(
+        first(&spec_out[1]) >= finish(&spec_out[0]),
+        "the second prompt joined while the first request's cycles filled the budget"
+    );
+    let plain = serve(&p, reqs, policy, Decoding::greedy(), &Depth::Full);
+    assert!(
+        first(&plain[1]) < finish(&plain[0]),
+        "with one token a row the second prompt joins at once"
+    );
+}

@@ -31,7 +31,7 @@ pub mod workload;
 use bevy_ecs::prelude::*;
 /// The batching policies, configured in a pipeline's `runtime.batching`.
 pub use exitgraph_compiler::batching as policy;
-use exitgraph_compiler::exits::Depth;
+use exitgraph_compiler::exits::{Depth, SelfSpeculative};
 use exitgraph_compiler::generate::{GenerateError, GenerateOptions};
 use exitgraph_compiler::lower::{KvCache, Program};
 use metrics::{RequestOutcome, ServeReport, SpecCounts, Speculated, TokenStat};
@@ -576,19 +576,35 @@ fn admit(
     }
 }
 
+/// The tokens a running request's row runs in its next step, as a token budget counts
+/// them: its prompt before anything is produced, then one token, or for a self-speculative
+/// cycle the most its verification runs (its last token and the drafts it may still make:
+/// `max_draft`, and no more than the tokens it may still produce after one).
+fn step_tokens(r: &RequestSpec, produced: usize, spec: Option<&SelfSpeculative>) -> usize {
+    match spec {
+        _ if produced == 0 => r.prompt.len(),
+        Some(s) if r.forced.is_empty() => {
+            1 + s
+                .max_draft
+                .min(r.max_new_tokens.saturating_sub(produced + 1))
+        }
+        _ => 1,
+    }
+}
+
 fn plan(
     mut commands: Commands,
     engine: Res<Engine>,
     mut out: ResMut<Plan>,
     mut queue: ResMut<WaitQueue>,
-    running: Query<(Entity, &Request, &Progress), With<Running>>,
+    running: Query<(Entity, &Request, &Progress, Option<&strategy::SpecPlan>), With<Running>>,
 ) {
     let mut live: Vec<(usize, Entity, Candidate)> = running
         .iter()
-        .map(|(e, r, p)| {
+        .map(|(e, r, p, spec)| {
             let c = Candidate {
                 id: r.0.id,
-                tokens: if p.produced == 0 { r.0.prompt.len() } else { 1 },
+                tokens: step_tokens(&r.0, p.produced, spec.map(|s| &s.spec)),
                 running: true,
                 stage: p.stage,
             };
@@ -1108,4 +1124,39 @@ pub fn generate(
     opts.sampling.to_candle()?;
     generate_through_runtime(Arc::new(program.clone()), prompts, opts)
         .map_err(GenerateError::Runtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// By hand: a prompt of 5 counts 5; a plain decode row 1; a speculative row its last
+    /// token and up to `max_draft` drafts, no more than the tokens it may still produce
+    /// after one (10 new tokens, 7 produced: 2 drafts at most); a forced request 1.
+    #[test]
+    fn a_budget_counts_a_speculative_row_as_its_verification() {
+        let r = RequestSpec {
+            id: 0,
+            arrival_s: 0.0,
+            prompt: vec![1, 2, 3, 4, 5],
+            max_new_tokens: 10,
+            forced: Vec::new(),
+            depth: None,
+        };
+        let s = SelfSpeculative {
+            draft_exit: 2,
+            max_draft: 6,
+            stop_below: Some(0.6),
+        };
+        assert_eq!(step_tokens(&r, 0, Some(&s)), 5);
+        assert_eq!(step_tokens(&r, 3, None), 1);
+        assert_eq!(step_tokens(&r, 1, Some(&s)), 7);
+        assert_eq!(step_tokens(&r, 7, Some(&s)), 3);
+        assert_eq!(step_tokens(&r, 9, Some(&s)), 1);
+        let forced = RequestSpec {
+            forced: vec![7, 8],
+            ..r
+        };
+        assert_eq!(step_tokens(&forced, 1, Some(&s)), 1);
+    }
 }
