@@ -541,3 +541,39 @@ fn graph_view_draws_a_looped_block_once_with_its_adapters_until_unfolded() {
     h.get_by_label_contains("path: 2 of 2 iterations");
     h.get_by_label_contains("· 2 of 2 iterations");
 }
+
+/// A Kangaroo adapter (the tiny Llama of the fixtures with the reference adapter after layer
+/// 2): the compiled graph draws its attention in the exit head, and its node details name
+/// the adapter's own weights.
+#[test]
+fn graph_view_draws_a_kangaroo_adapter_in_its_exit_head() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kangaroo.ron");
+    std::fs::write(
+        &path,
+        format!(
+            "Pipeline(model: {:?}, passes: [InsertExits(after: [2], head: AttentionAdapter, weights: {:?})], runtime: (depth: SelfSpeculative(draft_exit: 2, max_draft: 6, stop_below: Some(0.6))))",
+            root.join("tiny-llama").display().to_string(),
+            root.join("kangaroo/adapter.safetensors").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut h = harness(ExplorerApp::open(&path));
+    h.run_steps(3);
+    assert!(h.state().loaded.is_some(), "{:?}", h.state().compile_error);
+    let g = &h.state().loaded.as_ref().unwrap().after;
+    let adapter = g.find("exit.2.attn").expect("the adapter's attention");
+    h.state_mut().graph.selected = Some(Selection::Node(Side::After, adapter));
+    h.run_steps(2);
+    h.get_all_by_label_contains("exits.2.attn.q.weight")
+        .next()
+        .expect("the adapter's own q weight is listed");
+    // Its file by name (the whole path on hover): q and o are 64 × 64, k and v 32 × 64 (two
+    // key-value heads of 16).
+    for shape in ["[64, 64]", "[32, 64]"] {
+        let label = format!("  from adapter.safetensors (F32 {shape})");
+        assert_eq!(h.get_all_by_label(&label).count(), 2, "{label}");
+    }
+    h.snapshot_options("graph_kangaroo", &snapshot_options());
+}

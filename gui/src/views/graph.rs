@@ -485,13 +485,22 @@ impl GraphView {
                                 .small(),
                         );
                         for t in &w.tensors {
-                            let from = match &t.stored {
+                            // A file beside the checkpoint's (trained heads, adapters) by its
+                            // name; the whole path on hover.
+                            let (from, path) = match &t.stored {
                                 Some((file, dtype, shape)) => {
-                                    format!("  from {file} ({dtype} {shape:?})")
+                                    let name = std::path::Path::new(file).file_name().map_or_else(
+                                        || file.clone(),
+                                        |n| n.to_string_lossy().into(),
+                                    );
+                                    (format!("  from {name} ({dtype} {shape:?})"), Some(file))
                                 }
-                                None => "  not in the checkpoint".to_string(),
+                                None => ("  not in the checkpoint".to_string(), None),
                             };
-                            ui.label(RichText::new(from).small().weak());
+                            let label = ui.label(RichText::new(from).small().weak());
+                            if let Some(path) = path {
+                                label.on_hover_text(path);
+                            }
                         }
                     }
                 }
