@@ -755,6 +755,65 @@ fn bad_adapters_are_refused_with_the_tensor_named() {
         msg.contains("AttentionAdapter") && msg.contains("SelfSpeculative"),
         "{msg}"
     );
+    // SkipDecode bypasses middle layers for some tokens: refused too.
+    let (p, _) = kangaroo_fixture();
+    let err = Runtime::new(
+        Arc::new(p),
+        Batching::Static { max_batch: 1 },
+        Executor::Real,
+        Decoding::greedy(),
+        Vec::new(),
+        None,
+    )
+    .with_depth(Depth::SkipDecode(exitgraph::exits::SkipDecode {
+        max_layers: 6,
+        min_layers: 3,
+        warmup: 1,
+        max_length: None,
+    }))
+    .err()
+    .expect("refused");
+    assert!(format!("{err:#}").contains("AttentionAdapter"), "{err:#}");
+}
+
+/// `Program::sync_heads` keeps only the adapters a run drafts with in sync: after a plain
+/// prefill, the adapter after layer 2 holds the prompt's positions and the one after layer
+/// 1 holds none (it did not run); by default both are kept whole.
+#[test]
+fn only_the_adapters_a_run_drafts_with_are_kept_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = model_with(
+        dir.path(),
+        3,
+        97,
+        9,
+        &[1, 2],
+        LlamaSpec::tiny().init_std,
+        true,
+    );
+    let slot = |depth: usize| p.graph().exit_at(depth).unwrap().kv_slot.unwrap();
+    let prompt: Vec<u32> = vec![4, 8, 15, 16, 23];
+    let prefill = |q: &Program| {
+        let mut cache = q.new_cache();
+        {
+            let mut seg = [Segment::new(&prompt, &mut cache)];
+            q.run(
+                &mut seg,
+                &Run::outputs(vec![Want::last(q.logits_node().unwrap())]),
+            )
+            .unwrap();
+        }
+        cache
+    };
+    let all = prefill(&p);
+    assert_eq!((all.slot_len(slot(1)), all.slot_len(slot(2))), (5, 5));
+    let only_two = prefill(&p.sync_heads(&[2]));
+    assert_eq!(
+        (only_two.slot_len(slot(1)), only_two.slot_len(slot(2))),
+        (0, 5)
+    );
+    let none = prefill(&p.sync_heads(&[]));
+    assert_eq!((none.slot_len(slot(1)), none.slot_len(slot(2))), (0, 0));
 }
 
 /// The ideal figures charge a Kangaroo adapter its projections per shallow token, in layers:

@@ -13,9 +13,10 @@
 //! - `AttentionAdapter` (alias `Kangaroo`): Kangaroo's adapter (Liu et al., 2024), one
 //!   attention layer with its norms, `norm_k(x + attn(attn_norm_k(x)))`, then the frozen LM
 //!   head (`exits.k.attn_norm.weight`, `exits.k.attn.{q,k,v,o}.weight`, `exits.k.norm.weight`).
-//!   The attention has the model's heads, key-value heads, head size and rotary settings
-//!   (those of layer `k`, the first layer the draft skips), no biases, and a KV cache slot
-//!   of its own (recorded in [`Exit::kv_slot`]).
+//!   The attention has layer `k`'s settings (the first layer the draft skips: heads,
+//!   key-value heads, head size, rotary embedding, scale, sliding window), no biases, and a
+//!   KV cache slot of its own (recorded in [`Exit::kv_slot`]); the norms are of the final
+//!   norm's kind without a bias.
 //!
 //! Trained weights (own heads, gates `exits.k.gate.weight`/`.bias`) come from the pass's
 //! `weights:` file (resolved by the [`PassContext`], relative to the pipeline), which the

@@ -365,6 +365,8 @@ pub fn profile(
     max_batch: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> anyhow::Result<CostModel> {
+    // The simulator serves no self-speculative drafts: Kangaroo adapters do not run.
+    let program = &program.sync_heads(&[]);
     let max_ctx = program.graph().info.max_positions.min(1024);
     let mut shapes: Vec<Vec<(usize, usize)>> = Vec::new();
     let mut t = 1;

@@ -919,6 +919,7 @@ impl Runtime {
         {
             let engine = self.world.resource::<Engine>();
             engine.check_policy()?;
+            engine.check_stateful_heads(&engine.depth)?;
             drafts.extend(engine.depth.speculative().map(|s| s.draft_exit));
             for r in &self.world.resource::<Arrivals>().0 {
                 if let Some(depth) = &r.depth {

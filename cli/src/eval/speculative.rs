@@ -216,11 +216,16 @@ pub fn sweep(
     let mut rows = Vec::new();
     for &batch in &opts.batches {
         progress(&format!("full model, batch {batch}"));
-        let (reference, _) = run(first, cases, opts.new_tokens, batch, &Depth::Full)?;
+        // Each pipeline's own full-depth tokens are its reference (pipelines compared share
+        // the model, not necessarily every pass).
+        let references = programs
+            .iter()
+            .map(|(_, p)| Ok(run(p, cases, opts.new_tokens, batch, &Depth::Full)?.0))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         for &draft_exit in &opts.exits {
             for &max_draft in &opts.drafts {
                 for &stop_below in &opts.thresholds {
-                    for (name, program) in programs {
+                    for ((name, program), reference) in programs.iter().zip(&references) {
                         let spec = SelfSpeculative {
                             draft_exit,
                             max_draft,
@@ -255,7 +260,7 @@ pub fn sweep(
                         }
                         let mismatched = last
                             .iter()
-                            .zip(&reference)
+                            .zip(reference)
                             .filter(|(a, b)| a.tokens != b.tokens)
                             .count();
                         let mut counts = SpecCounts::default();

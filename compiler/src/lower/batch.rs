@@ -131,7 +131,7 @@ impl Program {
             values[i] = Some(h.clone());
             given.push(i);
         }
-        let plan = self.schedule(&targets, &given);
+        let plan = self.schedule_call(&targets, &given);
         // Callers build inputs on the host; the program may run on a GPU.
         let on_device = |t: &Tensor, what: &str| {
             t.to_device(&self.device)

@@ -246,7 +246,7 @@ impl Program {
             values[i] = Some(x);
             given.push(i);
         }
-        let plan = self.schedule(&targets, &given);
+        let plan = self.schedule_call(&targets, &given);
         // Nothing below the entry depth may run: the outputs must be reachable from it.
         if let Some(&bad) = plan.needed.iter().find(|&&i| {
             let s = &self.steps[i];

@@ -20,12 +20,21 @@ impl Schedule {
 impl Program {
     /// Steps needed for `targets` when the values of `given` are supplied by the caller
     /// (an entry state): the walk back from the targets stops there. Targets are kept to
-    /// the end.
-    ///
-    /// An exit head with attention of its own (Kangaroo's adapter) runs its attention
-    /// whenever the call computes the stream it reads (not when the stream is given): its KV
-    /// slot then holds every position the layers below it hold, whatever the call wants.
+    /// the end. (The looped runner plans a block's steps with this alone.)
     pub(super) fn schedule(&self, targets: &[usize], given: &[usize]) -> Schedule {
+        self.schedule_with(targets, given, false)
+    }
+
+    /// [`Program::schedule`] for a call of [`Program::run`] or [`Program::forward_nodes`]:
+    /// an exit head with attention of its own (Kangaroo's adapter) kept in sync runs its
+    /// attention whenever the call computes the stream it reads (not when the stream is
+    /// given): its KV slot then holds every position the layers below it hold, whatever the
+    /// call wants.
+    pub(super) fn schedule_call(&self, targets: &[usize], given: &[usize]) -> Schedule {
+        self.schedule_with(targets, given, true)
+    }
+
+    fn schedule_with(&self, targets: &[usize], given: &[usize], stateful: bool) -> Schedule {
         let mut needed = BTreeSet::new();
         let mut stack = targets.to_vec();
         let walk = |stack: &mut Vec<usize>, needed: &mut BTreeSet<usize>| {
@@ -39,7 +48,12 @@ impl Program {
             }
         };
         walk(&mut stack, &mut needed);
-        for &(stream, attention) in &self.stateful_heads {
+        let heads = if stateful {
+            self.stateful_heads.as_slice()
+        } else {
+            &[]
+        };
+        for &(stream, attention) in heads {
             if needed.contains(&stream) && !needed.contains(&attention) {
                 stack.push(attention);
                 walk(&mut stack, &mut needed);
