@@ -933,6 +933,28 @@ fn kangaroo_adapters_train_and_the_written_pipeline_drafts_losslessly() {
         accepted += o.speculative.unwrap().accepted;
     }
     assert!(accepted > 0, "no draft was accepted");
+    // The heads record the backbone they were trained on, and are refused on another (here
+    // the same checkpoint truncated to 6 layers).
+    let meta = exitgraph_ir::import::read_metadata(&report.heads).unwrap();
+    assert!(meta.contains_key("exitgraph.base"), "{meta:?}");
+    let other = dir.path().join("other.ron");
+    std::fs::write(
+        &other,
+        format!(
+            "Pipeline(model: {:?}, passes: [TruncateLayers(keep: 6), InsertExits(after: [2], head: AttentionAdapter, weights: {:?})])",
+            demo.display().to_string(),
+            report.heads.display().to_string()
+        ),
+    )
+    .unwrap();
+    let err = compile(&Pipeline::read(&other).unwrap(), &other)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("weights") && err.contains("another model or backbone"),
+        "{err}"
+    );
     // The objective is Kangaroo's adapter alone.
     let err = train_exits(
         &write("l.ron", "Linear"),

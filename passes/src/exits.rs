@@ -20,7 +20,10 @@
 //!
 //! Trained weights (own heads, gates `exits.k.gate.weight`/`.bias`) come from the pass's
 //! `weights:` file (resolved by the [`PassContext`], relative to the pipeline), which the
-//! pass adds to the weight catalog; its tensors may replace only `exits.*` entries.
+//! pass adds to the weight catalog; its tensors may replace only `exits.*` entries. A file
+//! `train exits` wrote records the backbone it was trained on (the graph's
+//! [`base_fingerprint`] before the exits) and is refused on another; a file without one
+//! (made by hand) is taken as it is.
 //! Each exit is recorded as a typed [`Exit`] in the graph (the stream it reads, its logits or
 //! pooled embedding, its gate, every node it added); output names are for users only.
 //! Encoders pool each exit's stream the way the model pools its last one; they take no head.
@@ -28,6 +31,7 @@
 //! **Invariant**: the pass only adds nodes and outputs; every existing node, edge and output is
 //! unchanged, so the full path computes exactly what it did before.
 
+use crate::recursive::{base_fingerprint, check_fingerprint, BASE_KEY};
 use crate::{Pass, PassContext, PassError, PassReport};
 use exitgraph_ir::op::{Attention, Linear, Mlp, Norm, Op};
 use exitgraph_ir::{Exit, Graph, Node, NodeIndex, Shape, WeightRef};
@@ -540,12 +544,22 @@ impl Pass for InsertExits {
             )));
         }
         if let Some(file) = &self.weights {
+            let field = |message: String| PassError::Field {
+                pass: "InsertExits",
+                field: "weights",
+                message,
+            };
+            // Heads `train exits` wrote record the backbone they were trained on.
+            check_fingerprint(
+                cx,
+                file,
+                BASE_KEY,
+                &base_fingerprint(g),
+                "another model or backbone",
+            )
+            .map_err(field)?;
             cx.add_weights(g, file, |name| name.starts_with("exits."))
-                .map_err(|p| PassError::Field {
-                    pass: "InsertExits",
-                    field: "weights",
-                    message: p.0,
-                })?;
+                .map_err(|p| field(p.0))?;
         }
         let mut added = Vec::new();
         for &k in &points {

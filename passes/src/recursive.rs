@@ -104,7 +104,7 @@ pub fn base_fingerprint(g: &Graph) -> String {
 
 /// Checks a weights file's fingerprint `key` against `expected`; files without one (made by
 /// hand) are taken as they are. Returns whether it was checked.
-fn check_fingerprint(
+pub(crate) fn check_fingerprint(
     cx: &PassContext,
     file: &str,
     key: &str,

@@ -40,7 +40,9 @@ use exitgraph_compiler::pipeline::{compile, resolve_model, Pipeline};
 use exitgraph_ir::op::Op;
 use exitgraph_ir::WeightRef;
 use exitgraph_passes::exits::{chosen_depths, head_weights, HeadDims};
-use exitgraph_passes::recursive::{lora_tensors, tied_tensors, LORA_PREFIX, TIED_PREFIX};
+use exitgraph_passes::recursive::{
+    base_fingerprint, lora_tensors, tied_tensors, BASE_KEY, LORA_PREFIX, TIED_PREFIX,
+};
 use exitgraph_passes::{HeadKind, PassSpec, TieNorms};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -531,6 +533,15 @@ pub fn train_exits(
         spec.train_shared,
         &backbone,
     )?;
+    // The heads record the backbone they were trained on (the written pipeline's passes
+    // before the exits, with any backbone file just written), so they are refused on another.
+    let saved = out.join("pipeline.ron");
+    let mut upto = pipeline.clone();
+    upto.passes.truncate(index);
+    let base = base_fingerprint(&compile(&upto, &saved)?.graph);
+    let meta = [(BASE_KEY.to_string(), base)].into_iter().collect();
+    exitgraph_compiler::tensor_io::write_atomic_with(&heads_path, &heads, &meta)?;
+    compile(&pipeline, &saved)?;
     let report = ExitTrainReport {
         heads: heads_path,
         pipeline: saved_pipeline,
