@@ -13,9 +13,11 @@
 //! label term, no gates). An adapter starts as the shared head: its attention's q, k and v
 //! are copies of layer k's (the first layer the draft skips), its input norm is layer k's
 //! attention norm, its output projection is zero (so the residual passes the stream
-//! unchanged) and its last norm is a copy of the final norm's weight. (Kangaroo's code does
-//! not publish its initialisation; this one makes the untrained adapter equal the shared
-//! head when the final norm has no bias, as in Llama-family models.)
+//! unchanged) and its last norm is a copy of the final norm's weight. (A deviation: Kangaroo's
+//! training code starts from a fresh module's default random initialisation; this one makes
+//! the untrained adapter equal the shared head when the final norm has no bias, as in
+//! Llama-family models. Kangaroo also masks the loss to response tokens; here every position
+//! counts.)
 //!
 //! On a looped pipeline (`TieLayers`, exits after loop iterations) the same loss trains each
 //! iteration's exit. `train_adapters` also trains the `DepthLora` adapters (`lora.*`) and
