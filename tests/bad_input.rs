@@ -1297,6 +1297,16 @@ fn bench_shapes_and_save_folder_are_checked() {
     assert_mentions(&e, &["--dtype", "--exits"]);
     let e = exitgraph_fails(&["bench", "--batch", "0"]);
     assert_mentions(&e, &["--batch 0"]);
+    let e = exitgraph_fails(&["bench", "--projections", "--shapes", "128"]);
+    assert_mentions(&e, &["--shapes", "IN x OUT"]);
+    let e = exitgraph_fails(&["bench", "--projections", "--shapes", "128x0"]);
+    assert_mentions(&e, &["output features `0`"]);
+    let e = exitgraph_fails(&["bench", "--projections", "--rows", "1,0"]);
+    assert_mentions(&e, &["--rows 0"]);
+    let e = exitgraph_fails(&["bench", "--projections", "--torch"]);
+    assert_mentions(&e, &["--torch", "--projections"]);
+    let e = exitgraph_fails(&["bench", "--projections", "--exits"]);
+    assert_mentions(&e, &["--projections", "--exits"]);
 }
 
 /// `--cuda N` on a build without the `cuda` feature says which feature and how to build it,

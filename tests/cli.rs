@@ -793,6 +793,38 @@ fn self_speculative_run_prints_the_full_models_text_and_its_drafts() {
 }
 
 #[test]
+fn bench_projections_times_each_form_and_names_the_lowerings_choice() {
+    let out = stdout(&exitgraph(&[
+        "bench",
+        "--projections",
+        "--shapes",
+        "16x24,1100x1000",
+        "--rows",
+        "1,3",
+        "--calls",
+        "2",
+        "--reps",
+        "1",
+    ]));
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| in × out"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    // A small weight is stored transposed; one over 2^20 elements keeps its layout, and a
+    // call of 3 rows puts the weight first.
+    assert!(
+        rows[1].starts_with("| 16 × 24 | 3 |") && rows[1].contains("| x·Wᵀ (stored) |"),
+        "{out}"
+    );
+    assert!(
+        rows[2].starts_with("| 1100 × 1000 | 1 |") && rows[2].contains("| x·Wᵀ (view) |"),
+        "{out}"
+    );
+    assert!(rows[3].contains("| (W·xᵀ)ᵀ |"), "{out}");
+}
+
+#[test]
 fn eval_speculative_reports_a_lossless_sweep() {
     let out = stdout(&exitgraph(&[
         "eval",

@@ -32,5 +32,6 @@ pub mod generate {
 pub mod bench;
 pub mod bench_exits;
 pub mod bench_gemfilter;
+pub mod bench_projections;
 pub mod cpu;
 pub mod eval;

@@ -79,9 +79,26 @@ pub struct Args {
     /// With --gemfilter: the scores' average-pool kernel.
     #[arg(long, default_value_t = 5)]
     pool: usize,
+    /// Benchmark one projection x·Wᵀ instead, per --shapes and --rows, in each form the CPU
+    /// GEMM can run it, beside the form the lowering chooses.
+    #[arg(long, conflicts_with_all = ["exits", "gemfilter"])]
+    projections: bool,
+    /// With --projections: shapes IN x OUT, comma-separated [default: the demo model's and
+    /// the random bench model's projections].
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<exitgraph::bench_projections::Shape>,
+    /// With --projections: rows per call, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,64")]
+    rows: Vec<usize>,
+    /// With --projections: calls per timed repetition.
+    #[arg(long, default_value_t = 50)]
+    calls: usize,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.projections {
+        return projections(&a);
+    }
     let mut spec = LlamaSpec::bench_100m();
     spec.layers = a.layers;
     spec.hidden = a.hidden;
@@ -199,6 +216,46 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     bar.set_message("bench");
     let report = run_bench(&opts, |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    out!("{}", report.to_markdown());
+    Ok(())
+}
+
+fn projections(a: &Args) -> anyhow::Result<()> {
+    use exitgraph::bench_projections::{run, Shape, DEFAULT_SHAPES};
+    for (given, flag) in [
+        (a.torch, "--torch"),
+        (a.profile, "--profile"),
+        (a.save_model.is_some(), "--save-model"),
+        (a.model.is_some(), "--model"),
+        (a.cuda.is_some(), "--cuda"),
+        (a.batch != 1, "--batch"),
+        (a.dtype != "f32", "--dtype"),
+    ] {
+        if given {
+            anyhow::bail!("bench {flag} does not apply to --projections (f32 on the CPU)");
+        }
+    }
+    if let Some(r) = a.rows.iter().find(|&&r| r == 0) {
+        anyhow::bail!("bench --rows {r}: a call has at least one row");
+    }
+    if a.calls == 0 {
+        anyhow::bail!("bench --calls 0: at least one call per repetition");
+    }
+    let shapes: Vec<Shape> = if a.shapes.is_empty() {
+        DEFAULT_SHAPES
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?
+    } else {
+        a.shapes.clone()
+    };
+    let bar = ProgressBar::new_spinner();
+    let report = run(&shapes, &a.rows, a.reps.max(1), a.calls, |what| {
+        bar.set_message(what.to_string());
+        bar.tick();
+    })?;
     bar.finish_and_clear();
     out!("{}", report.to_markdown());
     Ok(())

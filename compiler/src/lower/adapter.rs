@@ -1,24 +1,34 @@
 //! Low-rank adapters applied at run time: `y = x W^T + scale · (x A^T) B^T`, the stored
 //! weight `W` shared by every place that uses it and never merged with an adapter.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::Linear;
+use super::dense::Dense;
+use candle_core::{Result, Tensor};
 
 /// One projection's adapter, lowered: `A: [rank, in]`, `B: [out, rank]`.
 #[derive(Clone)]
 pub struct Lora {
-    pub down: Linear,
-    pub up: Linear,
+    pub down: Dense,
+    pub up: Dense,
     pub scale: f64,
 }
 
 impl Lora {
+    /// Keeps `a` and `b` as the source's own tensors (training: see [`Dense::source`]).
     pub fn new(a: Tensor, b: Tensor, scale: f64) -> Self {
         Lora {
-            down: Linear::new(a, None),
-            up: Linear::new(b, None),
+            down: Dense::source(a, None),
+            up: Dense::source(b, None),
             scale,
         }
+    }
+
+    /// For inference (see [`Dense::inference`]).
+    pub fn inference(a: Tensor, b: Tensor, scale: f64) -> Result<Self> {
+        Ok(Lora {
+            down: Dense::inference(a, None)?,
+            up: Dense::inference(b, None)?,
+            scale,
+        })
     }
 
     /// `y + scale · (x A^T) B^T`.
@@ -36,8 +46,10 @@ impl Lora {
         }
     }
 
-    pub fn tensors(&self) -> [&Tensor; 2] {
-        [self.down.weight(), self.up.weight()]
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut t = self.down.tensors();
+        t.extend(self.up.tensors());
+        t
     }
 }
 
@@ -50,7 +62,7 @@ pub fn adapt(lora: Option<&Lora>, x: &Tensor, y: Tensor) -> Result<Tensor> {
 }
 
 /// A projection `x → x W^T + b`, then its adapter.
-pub fn project(linear: &Linear, lora: Option<&Lora>, x: &Tensor) -> Result<Tensor> {
+pub fn project(linear: &Dense, lora: Option<&Lora>, x: &Tensor) -> Result<Tensor> {
     adapt(lora, x, linear.forward(x)?)
 }
 
@@ -105,7 +117,7 @@ impl Adapters<'_> {
     }
 
     /// Projection `i`: `x W^T + b`, then its adapters.
-    pub fn project(&self, i: usize, linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    pub fn project(&self, i: usize, linear: &Dense, x: &Tensor) -> Result<Tensor> {
         self.adapt(i, x, linear.forward(x)?)
     }
 }

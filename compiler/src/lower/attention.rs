@@ -2,11 +2,11 @@
 //! (causal, sliding window, padding).
 
 use super::adapter::Adapters;
+use super::dense::Dense;
 use super::fused::FusedLinear;
 use super::rope::RopeKernel;
 use crate::op_profile::{shape, time as timed};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::Linear;
 use std::collections::HashMap;
 
 /// Per-call facts every attention layer needs.
@@ -124,7 +124,7 @@ pub type RaggedPart<'a> = (
 pub struct AttentionKernel {
     /// q, k and v projections, fused.
     pub qkv: FusedLinear,
-    pub o: Linear,
+    pub o: Dense,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -392,8 +392,7 @@ impl AttentionKernel {
     /// Every stored tensor the kernel holds.
     pub fn tensors(&self) -> Vec<&Tensor> {
         let mut t = self.qkv.tensors();
-        t.push(self.o.weight());
-        t.extend(self.o.bias());
+        t.extend(self.o.tensors());
         t
     }
 
@@ -603,7 +602,7 @@ mod tests {
                 w(hidden, hidden).unwrap_or_else(|e| panic!("{e}")),
                 None,
             )]),
-            o: Linear::new(w(hidden, hidden).unwrap_or_else(|e| panic!("{e}")), None),
+            o: Dense::source(w(hidden, hidden).unwrap_or_else(|e| panic!("{e}")), None),
             heads,
             kv_heads,
             head_dim: d,

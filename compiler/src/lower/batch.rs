@@ -230,8 +230,7 @@ impl Program {
                 Kernel::LmHead(l) => {
                     let x = arg(0);
                     if last_logits_only && seq > 1 {
-                        // Contiguous: candle's `Linear` multiplies a strided input by a
-                        // broadcast copy of the weight (the `gemm` crate took 2.4× as long).
+                        // The last position of each sequence, as one contiguous row each.
                         x.narrow(1, seq - 1, 1)
                             .and_then(|x| x.contiguous())
                             .and_then(|x| {

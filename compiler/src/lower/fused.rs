@@ -1,25 +1,30 @@
 //! Several projections of the same input as one matmul (q/k/v, gate/up): one pass over the
 //! input and one larger GEMM instead of several small ones.
 
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::Linear;
+use super::dense::Dense;
+use candle_core::{Result, Tensor, D};
 
 pub enum FusedLinear {
     /// One matmul, outputs split by width.
     Stacked {
-        linear: Linear,
+        linear: Dense,
         /// Output width of each part, in order.
         sizes: Vec<usize>,
     },
     /// One matmul per part (training: each weight stays a leaf of the autograd graph, and
     /// an optimizer update is seen without re-stacking).
-    Separate(Vec<Linear>),
+    Separate(Vec<Dense>),
 }
 
 impl FusedLinear {
     /// Keeps the parts as separate matmuls.
     pub fn separate(parts: Vec<(Tensor, Option<Tensor>)>) -> Self {
-        FusedLinear::Separate(parts.into_iter().map(|(w, b)| Linear::new(w, b)).collect())
+        FusedLinear::Separate(
+            parts
+                .into_iter()
+                .map(|(w, b)| Dense::source(w, b))
+                .collect(),
+        )
     }
 
     /// Stacks `[out_i, in]` weights (and biases; a missing bias counts as zeros when another
@@ -45,7 +50,7 @@ impl FusedLinear {
             None
         };
         Ok(FusedLinear::Stacked {
-            linear: Linear::new(weight, bias),
+            linear: Dense::inference(weight, bias)?,
             sizes,
         })
     }
@@ -53,15 +58,8 @@ impl FusedLinear {
     /// Every stored tensor.
     pub fn tensors(&self) -> Vec<&Tensor> {
         match self {
-            FusedLinear::Stacked { linear, .. } => {
-                let mut t = vec![linear.weight()];
-                t.extend(linear.bias());
-                t
-            }
-            FusedLinear::Separate(parts) => parts
-                .iter()
-                .flat_map(|l| std::iter::once(l.weight()).chain(l.bias()))
-                .collect(),
+            FusedLinear::Stacked { linear, .. } => linear.tensors(),
+            FusedLinear::Separate(parts) => parts.iter().flat_map(Dense::tensors).collect(),
         }
     }
 
@@ -91,9 +89,7 @@ impl FusedLinear {
                     candle_core::bail!("a fused projection has no part {i}");
                 };
                 let start: usize = sizes.iter().take(i).sum();
-                let w = linear.weight().narrow(0, start, n)?;
-                let b = linear.bias().map(|b| b.narrow(0, start, n)).transpose()?;
-                Linear::new(w, b).forward(x)
+                linear.narrow(start, n)?.forward(x)
             }
             FusedLinear::Separate(parts) => match parts.get(i) {
                 Some(l) => l.forward(x),
@@ -109,12 +105,7 @@ impl FusedLinear {
             FusedLinear::Stacked { linear, sizes } => {
                 let start: usize = sizes.iter().take(skip).sum();
                 let rest: usize = sizes.iter().skip(skip).sum();
-                let w = linear.weight().narrow(0, start, rest)?;
-                let b = linear
-                    .bias()
-                    .map(|b| b.narrow(0, start, rest))
-                    .transpose()?;
-                let y = Linear::new(w, b).forward(x)?;
+                let y = linear.narrow(start, rest)?.forward(x)?;
                 let mut at = 0;
                 let mut out = Vec::with_capacity(sizes.len().saturating_sub(skip));
                 for &n in sizes.iter().skip(skip) {

@@ -1,10 +1,10 @@
 //! Lowered forms of the ops other than attention.
 
 use super::adapter::Adapters;
+use super::dense::Dense;
 use super::fused::FusedLinear;
 use crate::op_profile::{shape, time as timed};
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::Linear;
 use exitgraph_ir::op::{Activation, NormKind, PoolMode};
 
 pub struct EmbeddingKernel {
@@ -134,13 +134,13 @@ pub enum MlpIn {
     /// `act(gate(x)) * up(x)`, gate and up fused.
     Gated(FusedLinear),
     /// `act(up(x))`.
-    Plain(Linear),
+    Plain(Dense),
 }
 
 pub struct MlpKernel {
     pub act: Activation,
     pub input: MlpIn,
-    pub down: Linear,
+    pub down: Dense,
 }
 
 impl MlpKernel {
@@ -186,10 +186,9 @@ impl MlpKernel {
     pub fn tensors(&self) -> Vec<&Tensor> {
         let mut t = match &self.input {
             MlpIn::Gated(f) => f.tensors(),
-            MlpIn::Plain(l) => std::iter::once(l.weight()).chain(l.bias()).collect(),
+            MlpIn::Plain(l) => l.tensors(),
         };
-        t.push(self.down.weight());
-        t.extend(self.down.bias());
+        t.extend(self.down.tensors());
         t
     }
 }

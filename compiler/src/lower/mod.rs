@@ -15,6 +15,7 @@ mod adapter;
 mod attention;
 mod batch;
 mod cache;
+mod dense;
 mod fused;
 mod kernels;
 mod looped;
@@ -28,6 +29,7 @@ mod weights;
 pub use adapter::{Adapters, Lora, RowGroup};
 pub use batch::Inputs;
 pub use cache::KvCache;
+pub use dense::{Dense, Form as DenseForm, COLUMNS_MAX, FEW_ROWS_MAX};
 pub use looped::BlockOutput;
 pub use ragged::StageOutput;
 pub use rope::inv_freq;
@@ -36,7 +38,6 @@ pub use weights::{WeightLoadError, WeightSource, WeightStore};
 
 use attention::AttentionKernel;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Linear;
 use exitgraph_ir::op::{Linear as IrLinear, Op};
 use exitgraph_ir::{Graph, NodeIndex, WeightRef};
 use fused::FusedLinear;
@@ -82,7 +83,7 @@ enum Kernel {
     Attention(Arc<AttentionKernel>),
     Mlp(Arc<MlpKernel>),
     Add,
-    LmHead(Arc<Linear>),
+    LmHead(Arc<Dense>),
     Pool(PoolKernel),
     /// GemFilter's last-query scores with the filter layer's attention kernel (q and k).
     Scores(Arc<AttentionKernel>),
@@ -99,7 +100,7 @@ impl Kernel {
             // The attention step of the same layer holds these weights.
             Kernel::Scores(_) => Vec::new(),
             Kernel::Mlp(m) => m.tensors(),
-            Kernel::LmHead(l) => std::iter::once(l.weight()).chain(l.bias()).collect(),
+            Kernel::LmHead(l) => l.tensors(),
         }
     }
 }
@@ -206,7 +207,7 @@ fn attention_kernel(
     };
     Ok(Arc::new(AttentionKernel {
         qkv: fused(store, &[&a.q, &a.k, &a.v], opts)?,
-        o: linear(store, &a.o)?,
+        o: linear(store, &a.o, opts)?,
         heads: a.heads,
         kv_heads: a.kv_heads,
         head_dim: a.head_dim,
@@ -218,23 +219,50 @@ fn attention_kernel(
     }))
 }
 
-fn linear(store: &mut dyn WeightSource, l: &IrLinear) -> Result<Linear, WeightLoadError> {
+/// A projection's weights: the source's own tensors for training, laid out for inference
+/// otherwise ([`Dense::inference`]).
+fn linear(
+    store: &mut dyn WeightSource,
+    l: &IrLinear,
+    opts: &LowerOptions,
+) -> Result<Dense, LowerError> {
     let w = store.get(&l.weight)?;
     let b = match &l.bias {
         Some(b) => Some(store.get(b)?),
         None => None,
     };
-    Ok(Linear::new(w, b))
+    if opts.differentiable {
+        Ok(Dense::source(w, b))
+    } else {
+        Dense::inference(w, b).map_err(|cause| LowerError::Build {
+            node: l.weight.to_string(),
+            cause,
+        })
+    }
 }
 
 /// The adapters of an op's projections, lowered (kept low-rank).
-fn adapters(store: &mut dyn WeightSource, op: &Op) -> Result<Vec<Option<Lora>>, LowerError> {
+fn adapters(
+    store: &mut dyn WeightSource,
+    op: &Op,
+    opts: &LowerOptions,
+) -> Result<Vec<Option<Lora>>, LowerError> {
     op.linears()
         .into_iter()
         .map(|l| {
             l.adapter
                 .as_ref()
-                .map(|a| Ok(Lora::new(store.get(&a.a)?, store.get(&a.b)?, a.scale)))
+                .map(|a| {
+                    let (down, up) = (store.get(&a.a)?, store.get(&a.b)?);
+                    if opts.differentiable {
+                        Ok(Lora::new(down, up, a.scale))
+                    } else {
+                        Lora::inference(down, up, a.scale).map_err(|cause| LowerError::Build {
+                            node: a.a.to_string(),
+                            cause,
+                        })
+                    }
+                })
                 .transpose()
         })
         .collect()
@@ -393,12 +421,12 @@ impl Program {
                             act: m.act,
                             input: match &m.gate {
                                 Some(g) => MlpIn::Gated(fused(store, &[g, &m.up], &opts)?),
-                                None => MlpIn::Plain(linear(store, &m.up)?),
+                                None => MlpIn::Plain(linear(store, &m.up, &opts)?),
                             },
-                            down: linear(store, &m.down)?,
+                            down: linear(store, &m.down, &opts)?,
                         })),
                         Op::Add => Kernel::Add,
-                        Op::LmHead(l) => Kernel::LmHead(Arc::new(linear(store, l)?)),
+                        Op::LmHead(l) => Kernel::LmHead(Arc::new(linear(store, l, &opts)?)),
                         Op::Pool(p) => Kernel::Pool(PoolKernel {
                             mode: p.mode,
                             normalize: p.normalize,
@@ -426,7 +454,7 @@ impl Program {
                 kernel,
                 inputs,
                 slot,
-                adapters: adapters(store, &node.op)?,
+                adapters: adapters(store, &node.op, &opts)?,
             });
         }
         let outputs = graph
