@@ -1309,6 +1309,50 @@ fn bench_shapes_and_save_folder_are_checked() {
     assert_mentions(&e, &["--projections", "--exits"]);
 }
 
+/// A roofline needs its machine, and a positive one; leaving skipped keys and values absent
+/// is for the simulated executor's given exits only.
+#[test]
+fn roofline_and_skipped_kv_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let demo = root.join("examples/demo.ron");
+    let demo = demo.to_str().unwrap();
+    let burst = root.join("examples/workloads/burst.ron");
+    let burst = burst.to_str().unwrap();
+    let cost = dir.path().join("c.ron");
+    let c = cost.to_str().unwrap();
+    let e = exitgraph_fails(&["profile", demo, "--roofline", "-o", c]);
+    assert_mentions(&e, &["--bandwidth-gbs", "--peak-tflops"]);
+    let e = exitgraph_fails(&[
+        "profile",
+        demo,
+        "--roofline",
+        "--bandwidth-gbs",
+        "0",
+        "--peak-tflops",
+        "1",
+        "-o",
+        c,
+    ]);
+    assert_mentions(&e, &["--roofline", "positive bandwidth"]);
+    assert!(!cost.exists(), "a refused roofline wrote {c}");
+    let e = exitgraph_fails(&["serve", demo, "--workload", burst, "--skipped-kv", "absent"]);
+    assert_mentions(&e, &["--sim-exits"]);
+    let exits = dir.path().join("exits.ron");
+    std::fs::write(&exits, "Distribution(exits: [(8, 1.0)], seed: 0)").unwrap();
+    let e = exitgraph_fails(&[
+        "serve",
+        demo,
+        "--workload",
+        burst,
+        "--sim-exits",
+        exits.to_str().unwrap(),
+        "--skipped-kv",
+        "absent",
+    ]);
+    assert_mentions(&e, &["--skipped-kv absent", "real runtime fills"]);
+}
+
 /// `--cuda N` on a build without the `cuda` feature says which feature and how to build it,
 /// from every command that takes it and from a pipeline's `device: Cuda(N)`.
 #[cfg(not(feature = "cuda"))]

@@ -341,3 +341,29 @@ proptest! {
         prop_assert!(max_diff(&la, &lp) > 1e-4);
     }
 }
+
+/// A program holds each checkpoint tensor once, tied or not: an LM head tied to the
+/// embedding reads the embedding's matrix (no transposed copy of it), and the fused q/k/v and
+/// gate/up matrices replace their parts.
+#[test]
+fn a_program_holds_each_checkpoint_tensor_once_tied_or_not() {
+    for tie in [false, true] {
+        let mut s = spec("llama", 2, 2);
+        s.tie_embeddings = tie;
+        let dir = tempfile::tempdir().unwrap();
+        write_random_llama(dir.path(), &s, 3).unwrap();
+        let g = exitgraph_ir::import(dir.path()).unwrap().graph;
+        let file_bytes: usize = load(dir.path()).values().map(|t| t.elem_count() * 4).sum();
+        // The tied checkpoint stores no LM head of its own.
+        assert_eq!(
+            load(dir.path()).contains_key("lm_head.weight"),
+            !tie,
+            "tied: {tie}"
+        );
+        assert_eq!(
+            lower(&g, dir.path()).weight_bytes(),
+            file_bytes,
+            "tied: {tie}"
+        );
+    }
+}

@@ -260,6 +260,8 @@ proptest! {
             per_layers: 1e-3,
             per_sequence_layers: 1e-4,
             per_group: 0.0,
+            kv_fill_per_layers: None,
+            roofline: None,
             samples: Vec::new(),
         };
         let (sim, outcomes) = Runtime::new(program.clone(), policy, Executor::Sim(cost), Decoding::greedy(), requests.clone(), None)
@@ -344,6 +346,8 @@ fn simulated_gemfilter_charges_the_select_phase_and_the_kept_prefill() {
         per_layers: 0.0,
         per_sequence_layers: 0.0,
         per_group: 0.0,
+        kv_fill_per_layers: None,
+        roofline: None,
         samples: Vec::new(),
     };
     let request = RequestSpec {

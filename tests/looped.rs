@@ -567,6 +567,8 @@ fn simulated_looped_steps_pay_the_per_group_work() {
             per_layers: 2e-3,
             per_sequence_layers: 3e-4,
             per_group,
+            kv_fill_per_layers: None,
+            roofline: None,
             samples: Vec::new(),
         };
         let requests = w.requests(97, Path::new(".")).unwrap();

@@ -351,6 +351,8 @@ fn simulated_skipdecode_scales_only_the_layer_terms() {
         per_layers: 0.0,
         per_sequence_layers: 0.0,
         per_group: 0.0,
+        kv_fill_per_layers: None,
+        roofline: None,
         samples: Vec::new(),
     };
     // 3 layers, n(p) = round(3 - p/7) over 8 positions (min 2, warm-up 1).
@@ -422,6 +424,8 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
         per_layers: pl,
         per_sequence_layers: ps,
         per_group: 0.0,
+        kv_fill_per_layers: None,
+        roofline: None,
         samples: Vec::new(),
     };
     let exits = SimulatedExits::Distribution {
@@ -437,18 +441,24 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
         forced: Vec::new(),
         depth: None,
     };
-    let (report, outcomes) = Runtime::new(
-        p.clone(),
-        Batching::Static { max_batch: 1 },
-        Executor::Sim(cost),
-        Decoding::greedy(),
-        vec![request],
-        None,
-    )
-    .with_simulated_exits(source)
-    .unwrap()
-    .run()
-    .unwrap();
+    use exitgraph::runtime::sim_exits::SkippedKv;
+    let serve = |cost: CostModel, skipped: SkippedKv| {
+        Runtime::new(
+            p.clone(),
+            Batching::Static { max_batch: 1 },
+            Executor::Sim(cost),
+            Decoding::greedy(),
+            vec![request.clone()],
+            None,
+        )
+        .with_simulated_exits(source.clone())
+        .unwrap()
+        .with_skipped_kv(skipped)
+        .unwrap()
+        .run()
+        .unwrap()
+    };
+    let (report, outcomes) = serve(cost.clone(), SkippedKv::Filled);
     assert_eq!(outcomes[0].produced, 2);
     // Filling layers 1 and 2 from the exit state costs their key and value projections.
     let d = DepthCost::of(p.graph());
@@ -478,6 +488,49 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
         .simulated_exits
         .as_deref()
         .is_some_and(|l| l.contains("drawn")));
+
+    // Skipped layers' keys and values left absent: no state copying is charged or recorded,
+    // and the report says so.
+    let (absent, outcomes) = serve(cost.clone(), SkippedKv::Absent);
+    let busy_absent = absent.busy_share * absent.makespan_s;
+    let copying = c0 + c1 * fill + pl * 2.0 / 3.0;
+    assert!(
+        (busy_absent - (want - copying)).abs() < 1e-12,
+        "{busy_absent}"
+    );
+    assert_eq!(outcomes[0].stats[1].filled, 0);
+    assert_eq!(outcomes[0].stats[1].exit_layer, 1);
+    assert!(absent
+        .simulated_exits
+        .as_deref()
+        .is_some_and(|l| l.contains("absent")));
+    // A model with its own fill cost (a roofline's k and v weights) charges that instead of
+    // the intercept and the per-layer work.
+    let kf = 7e-4;
+    let (own, _) = serve(
+        CostModel {
+            kv_fill_per_layers: Some(kf),
+            ..cost.clone()
+        },
+        SkippedKv::Filled,
+    );
+    let busy_own = own.busy_share * own.makespan_s;
+    let own_copying = c1 * fill + kf * 2.0 / 3.0;
+    assert!((busy_own - (want - copying + own_copying)).abs() < 1e-12);
+    // The real executor only fills.
+    let e = Runtime::new(
+        p.clone(),
+        Batching::Static { max_batch: 1 },
+        Executor::Real,
+        Decoding::greedy(),
+        vec![request.clone()],
+        None,
+    )
+    .with_skipped_kv(SkippedKv::Absent)
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("real runtime fills"), "{e}");
 }
 
 proptest! {
@@ -494,7 +547,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(model(dir.path(), "llama", 2, seed));
         let layers = p.graph().info.num_layers;
-        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], per_layers: 2e-3, per_sequence_layers: 3e-4, per_group: 0.0, samples: Vec::new() };
+        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], per_layers: 2e-3, per_sequence_layers: 3e-4, per_group: 0.0, kv_fill_per_layers: None, roofline: None, samples: Vec::new() };
         let workload = Workload {
             requests: 6,
             arrivals: Arrivals::Poisson { rate_per_s: 500.0 },

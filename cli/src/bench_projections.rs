@@ -113,21 +113,27 @@ pub fn run(
             });
         }
     }
-    // The forms must agree on what they compute; a wrong form would make fast rows meaningless.
-    if let Some(&shape) = shapes.first() {
+    // The lowered projection must compute x·Wᵀ at every shape and row count timed; a wrong
+    // form would make fast rows meaningless.
+    for &shape in shapes {
         let w = Tensor::randn(0f32, 0.02, (shape.outputs, shape.inputs), &dev)?;
-        let x = Tensor::randn(0f32, 1.0, (3, shape.inputs), &dev)?;
-        let want = x.matmul(&w.t()?)?;
-        let got = Dense::inference(w, None)?.forward(&x)?;
-        let diff = (want - got)?
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        anyhow::ensure!(
-            diff < 1e-3,
-            "the lowered projection differs from x·Wᵀ by {diff}"
-        );
+        let ours = Dense::inference(w.clone(), None)?;
+        for &n in row_counts {
+            let x = Tensor::randn(0f32, 1.0, (n, shape.inputs), &dev)?;
+            let want = x.matmul(&w.t()?)?;
+            let got = ours.forward(&x)?;
+            let diff = (want - got)?
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            anyhow::ensure!(
+                diff < 1e-3,
+                "{}x{}, {n} rows: the lowered projection differs from x·Wᵀ by {diff}",
+                shape.inputs,
+                shape.outputs
+            );
+        }
     }
     Ok(ProjectionReport {
         rows,

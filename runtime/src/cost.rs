@@ -95,7 +95,30 @@ pub struct CostModel {
     /// looped calls in the profile).
     #[serde(default)]
     pub per_group: f64,
+    /// Seconds of the fixed work of a call that fills the keys and values of every layer
+    /// from copied states (CALM's state copying), scaled by the share of the layers it fills,
+    /// charged instead of the intercept and `per_layers`. Absent in profiled models, which
+    /// charge such a call like any other; a roofline model reads only the k and v weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_fill_per_layers: Option<f64>,
+    /// The machine a roofline model describes (absent in profiled models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roofline: Option<Roofline>,
     pub samples: Vec<Sample>,
+}
+
+/// A machine described by its memory bandwidth and arithmetic peak, for a cost model that is
+/// derived rather than measured ([`CostModel::roofline`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Roofline {
+    /// Bytes per second read from memory.
+    pub bandwidth: f64,
+    /// FLOPs per second.
+    pub peak: f64,
+    /// Bytes of one weight (2 for bf16, 4 for f32).
+    pub weight_bytes: f64,
+    /// Bytes of one cached key or value element.
+    pub kv_bytes: f64,
 }
 
 /// Number of features of the full fit.
@@ -267,6 +290,8 @@ impl CostModel {
             per_layers: c[4],
             per_sequence_layers: c[5],
             per_group: c[6],
+            kv_fill_per_layers: None,
+            roofline: None,
             samples,
         })
     }
@@ -292,6 +317,109 @@ impl CostModel {
             heads,
             share,
         ) + self.group_work(s.groups, share)
+    }
+
+    /// Predicted seconds of a call filling keys and values from copied states: `tokens` is
+    /// weighted by the share of a layer's work the filling does in the layers it fills,
+    /// `layers_share` is the share of the layers filled.
+    pub fn predict_fill(&self, tokens: f64, layers_share: f64) -> f64 {
+        match self.kv_fill_per_layers {
+            Some(fixed) => self.coefficients[1] * tokens + fixed * layers_share,
+            None => self.predict_layers(tokens, 0.0, 0.0, 0, layers_share),
+        }
+    }
+
+    /// The cost model of a machine that is bound by reading memory or by arithmetic, derived
+    /// from the graph: every call reads the weights of the layers it runs once, whatever
+    /// its rows (`per_layers`: each block's projections and adapters, a looped block's once
+    /// per iteration, as a GPU whose caches cannot hold a layer re-reads it), and the final
+    /// norm and LM head once (the intercept); each token costs its FLOPs at the peak
+    /// (`c1`, and `c3` for the LM head at a sequence's last position); each (query, cached
+    /// key) pair costs attention's FLOPs and reading the key and value (`c2`); each group of
+    /// rows at one loop iteration reads its own adapters (`per_group`); filling a skipped
+    /// layer's keys and values reads its k and v weights (`kv_fill_per_layers`).
+    ///
+    /// Memory and arithmetic times add (a roofline takes their maximum): the sum is at most
+    /// twice the roofline, and close to it wherever one side dominates, as reading weights
+    /// does in decoding. Not counted: norms' and embeddings' reads, exit heads' own weights,
+    /// activations' traffic, kernel launches and the host. Overcharged: every call pays the
+    /// LM head's read, also one that runs no head (a stage that ends early, GemFilter's
+    /// select phase); a prompt's queries share one read of their cache and attend causally,
+    /// but the step's attention work counts every query against the whole context, so
+    /// prefill's attention is charged about twice; `per_layers` includes the adapters, so a
+    /// looped call pays its share of every iteration's adapters besides each group's own
+    /// (rank-16 adapters on a 768-wide model: 3% of a layer's bytes).
+    pub fn roofline(graph: &exitgraph_ir::Graph, machine: Roofline) -> anyhow::Result<Self> {
+        use exitgraph_ir::op::Op;
+        if !(machine.bandwidth > 0.0
+            && machine.peak > 0.0
+            && machine.weight_bytes > 0.0
+            && machine.kv_bytes > 0.0)
+        {
+            bail!(
+                "a roofline needs a positive bandwidth, peak, weight size and cache element size"
+            );
+        }
+        let layers = graph.info.num_layers;
+        let (mut layer_bytes, mut adapter_bytes, mut kv_weight_bytes) = (0.0, 0.0, 0.0);
+        let (mut token_flops, mut pair_flops, mut kv_position_bytes) = (0.0, 0.0, 0.0);
+        let (mut head_bytes, mut head_flops) = (0.0, 0.0);
+        let exit_nodes: std::collections::HashSet<NodeIndex> = graph
+            .exits
+            .iter()
+            .flat_map(|e| e.nodes.iter().copied())
+            .collect();
+        for idx in graph.graph.node_indices() {
+            let n = &graph.graph[idx];
+            if matches!(n.op, Op::QueryKeyScores(_)) || exit_nodes.contains(&idx) {
+                continue;
+            }
+            let params: usize = n.op.linears().iter().map(|l| l.params()).sum();
+            let adapters: usize =
+                n.op.linears()
+                    .iter()
+                    .filter_map(|l| {
+                        l.adapter
+                            .as_ref()
+                            .map(|a| a.rank * (l.in_features + l.out_features))
+                    })
+                    .sum();
+            match (n.layer, &n.op) {
+                (Some(l), op) if l < layers => {
+                    layer_bytes += params as f64 * machine.weight_bytes;
+                    adapter_bytes += adapters as f64 * machine.weight_bytes;
+                    token_flops += op.flops_per_token() as f64;
+                    if let Op::Attention(a) = op {
+                        pair_flops += op.attention_flops_per_context_token() as f64;
+                        kv_position_bytes +=
+                            2.0 * (a.kv_heads * a.head_dim) as f64 * machine.kv_bytes;
+                        kv_weight_bytes +=
+                            (a.k.params() + a.v.params()) as f64 * machine.weight_bytes;
+                    }
+                }
+                (None, Op::LmHead(l)) => {
+                    head_bytes += l.params() as f64 * machine.weight_bytes;
+                    head_flops += l.flops_per_token() as f64;
+                }
+                _ => {}
+            }
+        }
+        let (bw, peak) = (machine.bandwidth, machine.peak);
+        Ok(CostModel {
+            version: 2,
+            coefficients: [
+                head_bytes / bw,
+                token_flops / peak,
+                pair_flops / peak + kv_position_bytes / bw,
+                head_flops / peak,
+            ],
+            per_layers: layer_bytes / bw,
+            per_sequence_layers: 0.0,
+            per_group: adapter_bytes / bw,
+            kv_fill_per_layers: Some(kv_weight_bytes / bw),
+            roofline: Some(machine),
+            samples: Vec::new(),
+        })
     }
 
     /// Predicted seconds of the per-group work of a looped call whose rows sit at `groups`
@@ -585,6 +713,80 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_roofline_model_charges_weights_read_flops_and_cache_reads_by_hand() {
+        use exitgraph_compiler::synth::{write_random_llama, LlamaSpec};
+        use exitgraph_ir::op::LowRank;
+        let dir = tempfile::tempdir().unwrap();
+        // Hidden 32, 3 layers, 4 heads of 8, 2 key-value heads, intermediate 64, vocabulary
+        // 97, no biases.
+        write_random_llama(dir.path(), &LlamaSpec::tiny(), 0).unwrap();
+        let mut graph = exitgraph_ir::import::import(dir.path()).unwrap().graph;
+        // A rank-2 adapter on one projection of layer 1 (q: 32 → 32).
+        let q = graph
+            .graph
+            .node_indices()
+            .find(|&i| {
+                graph.graph[i].layer == Some(1)
+                    && matches!(graph.graph[i].op, exitgraph_ir::op::Op::Attention(_))
+            })
+            .unwrap();
+        let w = graph.graph[q].op.linears()[0].weight.clone();
+        graph.graph[q].op.linears_mut()[0].adapter = Some(LowRank {
+            a: w.clone(),
+            b: w,
+            rank: 2,
+            scale: 1.0,
+        });
+        let machine = Roofline {
+            bandwidth: 1000.0,
+            peak: 100.0,
+            weight_bytes: 2.0,
+            kv_bytes: 4.0,
+        };
+        let m = CostModel::roofline(&graph, machine).unwrap();
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9 * b.max(1.0), "{a} vs {b}");
+        // A layer: q 1024 + k 512 + v 512 + o 1024 + gate, up, down 2048 each = 9216
+        // weights; 3 layers and the adapter's 2 × (32 + 32) = 27776, at 2 bytes per 1000 B/s.
+        close(m.per_layers, 27776.0 * 2.0 / 1000.0);
+        // Per token 2 FLOPs per weight (the adapter's too) and 5 per element of each of a
+        // layer's two norms, at 100 FLOP/s.
+        close(
+            m.coefficients[1],
+            (2.0 * 27776.0 + 3.0 * 2.0 * 5.0 * 32.0) / 100.0,
+        );
+        // Per (query, cached key) pair and layer: q·k and the weighted sum of v, 2 × 2 × 32
+        // FLOPs, and one key and one value of 2 heads × 8 at 4 bytes.
+        close(
+            m.coefficients[2],
+            3.0 * 128.0 / 100.0 + 3.0 * 128.0 / 1000.0,
+        );
+        // The LM head (32 × 97 = 3104 weights): read once per call, its FLOPs per sequence.
+        close(m.coefficients[0], 3104.0 * 2.0 / 1000.0);
+        close(m.coefficients[3], 2.0 * 3104.0 / 100.0);
+        // Each group of rows reads its adapters; filling reads k and v of each layer.
+        close(m.per_group, 128.0 * 2.0 / 1000.0);
+        close(m.kv_fill_per_layers.unwrap(), 3.0 * 1024.0 * 2.0 / 1000.0);
+        assert_eq!(m.per_sequence_layers, 0.0);
+        // A decode step of 4 sequences at contexts 10: weights once, tokens and pairs each.
+        close(
+            m.predict(4, 40, 4),
+            6.208 + 4.0 * 565.12 + 40.0 * 4.224 + 4.0 * 62.08 + 55.552,
+        );
+        // A fill of half the layers: no head read, half the k and v weights.
+        close(m.predict_fill(2.0, 0.5), 2.0 * 565.12 + 0.5 * 6.144);
+        // The model writes and reads back as RON, the machine with it.
+        let file = dir.path().join("cost.ron");
+        m.write(&file).unwrap();
+        assert_eq!(CostModel::read(&file).unwrap(), m);
+        let zero = Roofline {
+            bandwidth: 0.0,
+            ..machine
+        };
+        let e = CostModel::roofline(&graph, zero).unwrap_err().to_string();
+        assert!(e.contains("positive bandwidth"), "{e}");
+    }
+
+    #[test]
     fn partial_depth_scales_only_the_layer_terms() {
         let mut m = CostModel {
             version: 1,
@@ -592,6 +794,8 @@ mod tests {
             per_layers: 0.0,
             per_sequence_layers: 0.0,
             per_group: 0.0,
+            kv_fill_per_layers: None,
+            roofline: None,
             samples: Vec::new(),
         };
         // One decode token at context 10 running half the layers: tokens 0.5, attention

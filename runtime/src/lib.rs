@@ -243,6 +243,8 @@ pub struct Engine {
 pub struct SimExits {
     pub source: sim_exits::ExitSource,
     pub fill_share: Vec<f64>,
+    /// What the simulated runtime does about the layers a token skipped.
+    pub skipped_kv: sim_exits::SkippedKv,
 }
 
 impl Engine {
@@ -905,10 +907,38 @@ impl Runtime {
                 .zip(&cost.kv_fill)
                 .map(|(l, f)| if *l > 0.0 { f / l } else { 0.0 })
                 .collect();
-            engine.sim_exits = Some(SimExits { source, fill_share });
+            engine.sim_exits = Some(SimExits {
+                source,
+                fill_share,
+                skipped_kv: sim_exits::SkippedKv::Filled,
+            });
             let depth = engine.depth.clone();
             engine.check_depth(&depth)?;
             engine.compute_boundaries();
+        }
+        Ok(self)
+    }
+
+    /// What the simulated executor does about the keys and values of the layers a token
+    /// skipped (after [`Runtime::with_simulated_exits`]): filled from its exit state, as the
+    /// real runtime does (the default), or absent. The real executor only fills.
+    pub fn with_skipped_kv(mut self, skipped: sim_exits::SkippedKv) -> anyhow::Result<Self> {
+        {
+            let mut engine = self.world.resource_mut::<Engine>();
+            if matches!(engine.executor, Executor::Real) && skipped != sim_exits::SkippedKv::Filled
+            {
+                anyhow::bail!(
+                    "skipped keys and values {skipped:?}: the real runtime fills the layers a token \
+                     skipped from its exit state; only the simulated executor can leave them absent"
+                );
+            }
+            match engine.sim_exits.as_mut() {
+                Some(sim) => sim.skipped_kv = skipped,
+                None => anyhow::bail!(
+                    "skipped keys and values {skipped:?}: only simulated exits (given exit depths) \
+                     have a choice"
+                ),
+            }
         }
         Ok(self)
     }
@@ -997,10 +1027,13 @@ impl Runtime {
             Executor::Real => "real".into(),
             Executor::Sim(_) => "simulated".into(),
         };
-        report.simulated_exits = engine
-            .sim_exits
-            .as_ref()
-            .map(|sim| sim.source.label().to_string());
+        report.simulated_exits = engine.sim_exits.as_ref().map(|sim| match sim.skipped_kv {
+            sim_exits::SkippedKv::Filled => sim.source.label().to_string(),
+            sim_exits::SkippedKv::Absent => format!(
+                "{}; skipped layers' keys and values absent, not filled",
+                sim.source.label()
+            ),
+        });
         report.policy = format!("{:?}", engine.batching);
         let stages = engine.stages();
         let total: f64 = stage_busy.iter().sum();

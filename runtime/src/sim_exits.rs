@@ -33,6 +33,22 @@ pub enum SimulatedExits {
     Distribution { exits: Vec<(usize, f64)>, seed: u64 },
 }
 
+/// The keys and values of the layers a token skipped by leaving early.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SkippedKv {
+    /// Computed from the token's exit state in a separate call (CALM's state copying), so
+    /// later tokens attend to every position in every layer: what the real runtime does.
+    #[default]
+    Filled,
+    /// Never computed: later tokens would attend, in those layers, only to the positions
+    /// that reached them (Mixture-of-Recursions' recursion-wise caching; the Relaxed
+    /// Recursive Transformers' throughput simulation charges nothing for them either).
+    /// Simulated only: no real runtime path attends that way. The simulator drops the
+    /// state-copying call but still charges attention over every position in every layer,
+    /// so it overcharges attention there (an upper bound on this choice's cost).
+    Absent,
+}
+
 /// Checked exit depths for a model of `layers` layers.
 #[derive(Clone, Debug)]
 pub struct ExitSource {

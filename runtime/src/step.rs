@@ -247,7 +247,11 @@ pub(super) fn execute(
             };
             if exit_at <= range.end || last_stage {
                 let exit_at = exit_at.min(layers);
-                if let Some(sim) = &engine.sim_exits {
+                if let Some(sim) = engine
+                    .sim_exits
+                    .as_ref()
+                    .filter(|s| s.skipped_kv == crate::sim_exits::SkippedKv::Filled)
+                {
                     let skipped =
                         sim.fill_share[exit_at..].iter().sum::<f64>() / layers.max(1) as f64;
                     filled += skipped * new_tokens as f64;
@@ -275,7 +279,7 @@ pub(super) fn execute(
         }
         if filled > 0.0 {
             // A separate call, as the real runtime's state copying is.
-            step_s += model.predict_layers(filled, 0.0, 0.0, 0, fill_layers);
+            step_s += model.predict_fill(filled, fill_layers);
         }
         produced.0 = done
             .into_iter()

@@ -19,11 +19,30 @@ pub struct Args {
     /// Largest decode batch measured, in sequences.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
+    /// Measure nothing: derive the cost model of a machine bound by its memory bandwidth and
+    /// arithmetic peak (--bandwidth-gbs, --peak-tflops) from the pipeline's graph.
+    #[arg(long, requires_all = ["bandwidth_gbs", "peak_tflops"])]
+    roofline: bool,
+    /// With --roofline: memory bandwidth, GB/s (e.g. 1555 for an A100 40GB).
+    #[arg(long, requires = "roofline")]
+    bandwidth_gbs: Option<f64>,
+    /// With --roofline: arithmetic peak, TFLOP/s (e.g. 312 for an A100's bf16 tensor cores).
+    #[arg(long, requires = "roofline")]
+    peak_tflops: Option<f64>,
+    /// With --roofline: bytes per weight (2 for bf16, 4 for f32).
+    #[arg(long, default_value_t = 2.0, requires = "roofline")]
+    weight_bytes: f64,
+    /// With --roofline: bytes per cached key or value element.
+    #[arg(long, default_value_t = 2.0, requires = "roofline")]
+    kv_bytes: f64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let (pipeline, pipeline_path) = Pipeline::open(&a.pipeline)?;
     let compiled = compile(&pipeline, &pipeline_path)?;
+    if a.roofline {
+        return roofline(&a, &compiled.graph);
+    }
     let program = compiled.lower()?;
     let bar = ProgressBar::new(0);
     let model = profile(
@@ -68,6 +87,46 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.reps.max(1),
         100.0 * spread.median,
         100.0 * spread.max
+    );
+    outln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+/// `profile --roofline`: the derived cost model, written and summarised.
+fn roofline(a: &Args, graph: &exitgraph_ir::Graph) -> anyhow::Result<()> {
+    use exitgraph::runtime::cost::{CostModel, Roofline};
+    let machine = Roofline {
+        bandwidth: a.bandwidth_gbs.unwrap_or(0.0) * 1e9,
+        peak: a.peak_tflops.unwrap_or(0.0) * 1e12,
+        weight_bytes: a.weight_bytes,
+        kv_bytes: a.kv_bytes,
+    };
+    let model = CostModel::roofline(graph, machine).map_err(|e| {
+        anyhow::anyhow!(
+            "profile --roofline (--bandwidth-gbs {:?}, --peak-tflops {:?}, --weight-bytes {}, \
+             --kv-bytes {}): {e}",
+            a.bandwidth_gbs,
+            a.peak_tflops,
+            a.weight_bytes,
+            a.kv_bytes
+        )
+    })?;
+    model.write(&a.output)?;
+    let [c0, c1, c2, c3] = model.coefficients;
+    outln!(
+        "roofline of {:.0} GB/s and {:.0} TFLOP/s ({} bytes per weight): a call reads every \
+         layer's weights in {:.4} ms x s and the LM head in {:.4} ms; {:.6} ms per token x s, \
+         {:.8} ms per (token x context) x s, {:.6} ms per head, {:.6} ms per group of rows at \
+         one iteration x s; s = share of the layers run",
+        machine.bandwidth / 1e9,
+        machine.peak / 1e12,
+        machine.weight_bytes,
+        model.per_layers * 1e3,
+        c0 * 1e3,
+        c1 * 1e3,
+        c2 * 1e3,
+        c3 * 1e3,
+        model.per_group * 1e3,
     );
     outln!("wrote {}", a.output.display());
     Ok(())

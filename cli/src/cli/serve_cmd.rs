@@ -9,6 +9,12 @@ use exitgraph::runtime::{Decoding, Executor, Runtime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SkippedKvArg {
+    Filled,
+    Absent,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ExecutorArg {
     /// Run the model with candle; the clock advances by measured step times.
@@ -35,6 +41,12 @@ pub struct Args {
     /// one runs it, taking each token from the exit head at its depth.
     #[arg(long, alias = "exit-depths")]
     sim_exits: Option<PathBuf>,
+    /// With --sim-exits and --executor sim: the keys and values of the layers a token skipped
+    /// are `filled` from its exit state in a separate call (the real runtime's way), or
+    /// `absent` (never computed: recursion-wise caching, as the Relaxed Recursive
+    /// Transformers' throughput simulation assumes; simulated only).
+    #[arg(long, value_enum, default_value = "filled", requires = "sim_exits")]
+    skipped_kv: SkippedKvArg,
     /// Stream one JSON record per generated token to this file (JSON Lines).
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -152,6 +164,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         if let Some(src) = &sim_exits {
             runtime = runtime.with_simulated_exits(src.clone())?;
+            if a.skipped_kv == SkippedKvArg::Absent {
+                runtime = runtime
+                    .with_skipped_kv(exitgraph::runtime::sim_exits::SkippedKv::Absent)
+                    .map_err(|e| anyhow::anyhow!("--skipped-kv absent: {e}"))?;
+            }
         }
         let (report, _) = runtime.with_depth(pipeline.runtime.depth.clone())?.run()?;
         reports.push(report);

@@ -242,10 +242,13 @@ fn linear(
 }
 
 /// The adapters of an op's projections, lowered (kept low-rank).
+/// Each adapter is lowered once (`built`, by its two weights): places that share one (a
+/// GemFilter select step and its layer's attention) share its tensors.
 fn adapters(
     store: &mut dyn WeightSource,
     op: &Op,
     opts: &LowerOptions,
+    built: &mut HashMap<(WeightRef, WeightRef), Lora>,
 ) -> Result<Vec<Option<Lora>>, LowerError> {
     op.linears()
         .into_iter()
@@ -253,15 +256,23 @@ fn adapters(
             l.adapter
                 .as_ref()
                 .map(|a| {
+                    let key = (a.a.clone(), a.b.clone());
+                    if let Some(lora) = built.get(&key) {
+                        if lora.scale == a.scale {
+                            return Ok(lora.clone());
+                        }
+                    }
                     let (down, up) = (store.get(&a.a)?, store.get(&a.b)?);
-                    if opts.differentiable {
-                        Ok(Lora::new(down, up, a.scale))
+                    let lora = if opts.differentiable {
+                        Lora::new(down, up, a.scale)
                     } else {
                         Lora::inference(down, up, a.scale).map_err(|cause| LowerError::Build {
                             node: a.a.to_string(),
                             cause,
-                        })
-                    }
+                        })?
+                    };
+                    built.insert(key, lora.clone());
+                    Ok(lora)
                 })
                 .transpose()
         })
@@ -351,6 +362,16 @@ impl Program {
         let mut steps = Vec::with_capacity(order.len());
         let mut rope_ids: Vec<(exitgraph_ir::op::Rope, usize)> = Vec::new();
         let mut kernels = KernelCache::default();
+        // Weights an embedding reads: an LM head reading one of them is tied to it.
+        let tied: std::collections::HashSet<WeightRef> = graph
+            .graph
+            .node_weights()
+            .filter_map(|n| match &n.op {
+                Op::Embedding(e) => Some(e.tokens.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut loras: HashMap<(WeightRef, WeightRef), Lora> = HashMap::new();
         for n in order {
             let node = &graph.graph[n];
             let build = |cause| LowerError::Build {
@@ -426,6 +447,13 @@ impl Program {
                             down: linear(store, &m.down, &opts)?,
                         })),
                         Op::Add => Kernel::Add,
+                        // A head tied to the embedding keeps the embedding's tensor (one
+                        // copy of the matrix, as `weight_bytes` counts it).
+                        Op::LmHead(l) if tied.contains(&l.weight) => {
+                            let w = store.get(&l.weight)?;
+                            let b = l.bias.as_ref().map(|b| store.get(b)).transpose()?;
+                            Kernel::LmHead(Arc::new(Dense::source(w, b)))
+                        }
                         Op::LmHead(l) => Kernel::LmHead(Arc::new(linear(store, l, &opts)?)),
                         Op::Pool(p) => Kernel::Pool(PoolKernel {
                             mode: p.mode,
@@ -454,7 +482,7 @@ impl Program {
                 kernel,
                 inputs,
                 slot,
-                adapters: adapters(store, &node.op, &opts)?,
+                adapters: adapters(store, &node.op, &opts, &mut loras)?,
             });
         }
         let outputs = graph
