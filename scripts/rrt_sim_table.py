@@ -53,7 +53,7 @@ def main():
         print(f"\n{title}\n")
         print("| model | batching | exits (share after iteration 1) | skipped KV | tok/s | "
               "e2e p50 (s) | mean rows/step | vs vanilla static | vs vanilla continuous | "
-              "looped / recursive continuous: predicted from the step costs |")
+              "looped / recursive continuous without exits: predicted from the step costs |")
         print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
         rows = [("vanilla", "static", "none", "", "vanilla-static"),
                 ("vanilla", "continuous", "none", "", "vanilla-continuous"),
