@@ -533,6 +533,90 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
     assert!(e.contains("real runtime fills"), "{e}");
 }
 
+/// With skipped keys and values absent, a token that ran deeper than an earlier one that
+/// left early attends, in the layers the earlier one skipped, to one position fewer; with
+/// them filled, to every position, plus the state copying.
+#[test]
+fn absent_keys_and_values_shorten_later_tokens_attention_in_skipped_layers() {
+    use exitgraph::runtime::cost::CostModel;
+    use exitgraph::runtime::sim_exits::{ExitSource, SimulatedExits, SkippedKv};
+    use exitgraph::runtime::workload::RequestSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Arc::new(model(dir.path(), "llama", 2, 4));
+    let layers = p.graph().info.num_layers;
+    assert_eq!(layers, 3);
+    let (c0, c1, c2, c3, pl, ps) = (2e-3, 1e-4, 3e-7, 5e-5, 1.2e-3, 4e-4);
+    let cost = CostModel {
+        version: 1,
+        coefficients: [c0, c1, c2, c3],
+        per_layers: pl,
+        per_sequence_layers: ps,
+        per_group: 0.0,
+        kv_fill_per_layers: None,
+        roofline: None,
+        samples: Vec::new(),
+    };
+    // A seed whose draws send the second token out after layer 1 and the third through all
+    // 3 (a token's depth is drawn at the position it is produced at: 6 and 7; its input
+    // sits one position earlier, at 5 and 6).
+    let (_, source) = (0..1000)
+        .map(|seed| {
+            let e = SimulatedExits::Distribution {
+                exits: vec![(1, 0.5), (3, 0.5)],
+                seed,
+            };
+            let s = ExitSource::new(&e, Path::new("."), layers).unwrap();
+            (e, s)
+        })
+        .find(|(_, s)| s.depth(0, 6).unwrap() == 1 && s.depth(0, 7).unwrap() == 3)
+        .expect("some seed draws depths 1 then 3");
+    let request = RequestSpec {
+        id: 0,
+        arrival_s: 0.0,
+        prompt: vec![1, 2, 3, 4, 5],
+        max_new_tokens: 3,
+        forced: Vec::new(),
+        depth: None,
+    };
+    let busy = |skipped: SkippedKv| {
+        let (report, outcomes) = Runtime::new(
+            p.clone(),
+            Batching::Static { max_batch: 1 },
+            Executor::Sim(cost.clone()),
+            Decoding::greedy(),
+            vec![request.clone()],
+            None,
+        )
+        .with_simulated_exits(source.clone())
+        .unwrap()
+        .with_skipped_kv(skipped)
+        .unwrap()
+        .run()
+        .unwrap();
+        let depths: Vec<u16> = outcomes[0].stats.iter().map(|s| s.exit_layer).collect();
+        assert_eq!(depths, [3, 1, 3], "the drawn depths");
+        report.busy_share * report.makespan_s
+    };
+    // The prompt's two stages and position 5's first stage, as in the test above.
+    let common = (c0 + c1 * 5.0 / 3.0 + c2 * 25.0 / 3.0 + c3 + pl / 3.0 + ps / 3.0)
+        + (c0 + c1 * 10.0 / 3.0 + c2 * 50.0 / 3.0 + c3 + pl * 2.0 / 3.0 + ps * 2.0 / 3.0)
+        + (c0 + c1 / 3.0 + c2 * 6.0 / 3.0 + c3 + pl / 3.0 + ps / 3.0);
+    // Position 6: layer 0 with 7 keys and the exit head, then layers 1 and 2 with the final
+    // head, where position 5 has keys and values only when they were filled.
+    let first = c0 + c1 / 3.0 + c2 * 7.0 / 3.0 + c3 + pl / 3.0 + ps / 3.0;
+    let rest = |keys: f64| {
+        c0 + c1 * 2.0 / 3.0 + c2 * keys * 2.0 / 3.0 + c3 + pl * 2.0 / 3.0 + ps * 2.0 / 3.0
+    };
+    let absent = busy(SkippedKv::Absent);
+    let want = common + first + rest(6.0);
+    assert!((absent - want).abs() < 1e-12, "absent: {absent} vs {want}");
+    let d = exitgraph::exits::cost::DepthCost::of(p.graph());
+    let fill: f64 = (1..3).map(|l| d.kv_fill[l] / d.layer[l]).sum::<f64>() / 3.0;
+    let filled = busy(SkippedKv::Filled);
+    let want = common + (c0 + c1 * fill + pl * 2.0 / 3.0) + first + rest(7.0);
+    assert!((filled - want).abs() < 1e-12, "filled: {filled} vs {want}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(8))]
 

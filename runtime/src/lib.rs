@@ -69,6 +69,10 @@ pub struct Progress {
     pub first_nll: f64,
     /// The simulated executor's exit depth for the token on its way down.
     pub sim_exit: Option<usize>,
+    /// Under simulated exits with skipped keys and values absent: per layer, how many of the
+    /// sequence's positions have none there (they left before it), which later tokens do
+    /// not attend to. Empty otherwise.
+    pub absent_kv: Vec<usize>,
     /// Self-speculative cycles so far.
     pub spec: SpecCounts,
 }

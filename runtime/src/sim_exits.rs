@@ -44,8 +44,8 @@ pub enum SkippedKv {
     /// that reached them (Mixture-of-Recursions' recursion-wise caching; the Relaxed
     /// Recursive Transformers' throughput simulation charges nothing for them either).
     /// Simulated only: no real runtime path attends that way. The simulator drops the
-    /// state-copying call but still charges attention over every position in every layer,
-    /// so it overcharges attention there (an upper bound on this choice's cost).
+    /// state-copying call and charges each later token's attention, layer by layer, over
+    /// the positions that have keys and values there.
     Absent,
 }
 

@@ -217,7 +217,20 @@ pub(super) fn execute(
             let share = row.path.len() as f64 / layers.max(1) as f64;
             tokens += share * shape.0 as f64;
             sequences += share;
-            attention += share * cost::attention_work(&[shape]) as f64;
+            attention += if p.absent_kv.is_empty() {
+                share * cost::attention_work(&[shape]) as f64
+            } else {
+                // Each layer attends to the positions that have keys and values there.
+                row.path
+                    .iter()
+                    .map(|&l| {
+                        let absent = p.absent_kv.get(l).copied().unwrap_or(0);
+                        let cached = shape.1.saturating_sub(absent);
+                        cost::attention_work(&[(shape.0, cached)]) as f64
+                    })
+                    .sum::<f64>()
+                    / layers.max(1) as f64
+            };
             let exit_at = match &engine.sim_exits {
                 Some(sim) => {
                     if stage == 0 {
@@ -257,6 +270,20 @@ pub(super) fn execute(
                     filled += skipped * new_tokens as f64;
                     fill_layers = fill_layers.max((layers - exit_at) as f64 / layers.max(1) as f64);
                     p.track.filled = layers - exit_at;
+                }
+                if exit_at < layers
+                    && engine
+                        .sim_exits
+                        .as_ref()
+                        .is_some_and(|s| s.skipped_kv == crate::sim_exits::SkippedKv::Absent)
+                {
+                    // The token's keys and values exist only in the layers it ran.
+                    if p.absent_kv.is_empty() {
+                        p.absent_kv = vec![0; layers];
+                    }
+                    for a in &mut p.absent_kv[exit_at..] {
+                        *a += 1;
+                    }
                 }
                 headed += usize::from(exit_at == layers);
                 p.track.exit_layer = exit_at;
