@@ -326,7 +326,12 @@ impl ServeReport {
             "generated        {} tokens in {} steps",
             self.generated_tokens, self.steps
         );
-        let _ = writeln!(s, "makespan         {:.3} s", self.makespan_s);
+        // A simulated fast machine can serve a workload in well under a millisecond.
+        let _ = if self.makespan_s > 0.0 && self.makespan_s < 0.1 {
+            writeln!(s, "makespan         {:.3} ms", self.makespan_s * 1e3)
+        } else {
+            writeln!(s, "makespan         {:.3} s", self.makespan_s)
+        };
         if self.mean_layers_run > 0.0 {
             let _ = writeln!(
                 s,
@@ -524,6 +529,23 @@ mod tests {
         r.set_stage_rows(vec![vec![2, 1], vec![0, 3], vec![4]]);
         assert_eq!(r.mean_stage_rows, vec![2.0, 4.0 / 3.0]);
         assert!(r.to_table().contains("rows per stage   0: 2.00, 1: 1.33"));
+    }
+
+    #[test]
+    fn a_short_makespan_prints_in_milliseconds() {
+        let mut r = ServeReport::from_outcomes(&[], 0, 0.0, Vec::new());
+        r.makespan_s = 1.8e-4;
+        assert!(
+            r.to_table().contains("makespan         0.180 ms"),
+            "{}",
+            r.to_table()
+        );
+        r.makespan_s = 2.5;
+        assert!(
+            r.to_table().contains("makespan         2.500 s"),
+            "{}",
+            r.to_table()
+        );
     }
 
     #[test]
