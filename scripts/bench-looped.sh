@@ -6,6 +6,9 @@
 #   (b) a random 124.7M-parameter Llama (12 layers) tied into 6 layers looped twice, rank-16
 #       adapters, an exit head after the first iteration, served without exits, with the RRT-like
 #       distribution and with the exit share (a)'s real exits had.
+# Every served configuration with exits runs twice: the skipped layers' keys and values filled
+# from the exit state (CALM's state copying, the default) and absent (--skipped-kv absent:
+# later tokens attend there only to the positions present, recursion-wise caching).
 # Each real configuration is served --reps times (medians and ranges in the output); each is
 # also simulated with the cost model `exitgraph profile` fitted to that pipeline.
 # Usage: scripts/bench-looped.sh OUT_DIR   (files already in OUT_DIR are reused)
@@ -97,6 +100,8 @@ for policy in continuous looped; do
 done
 serve a-full "$out/a/full.ron" "$heavy" "$out/a/cost.ron"
 serve a-rrt "$out/a/heads.ron" "$heavy" "$out/a/cost.ron" --sim-exits "$out/a/rrt-like.ron"
+serve a-rrt-absent "$out/a/heads.ron" "$heavy" "$out/a/cost.ron" --sim-exits "$out/a/rrt-like.ron" \
+  --skipped-kv absent
 
 # (b): no exits, the RRT-like share, and the share of tokens (a)'s real exits let go.
 share=$(python3 -c "
@@ -109,3 +114,7 @@ echo "(a)'s real exits let $share of its tokens go after the first iteration"
 serve b-full "$out/b/heads.ron" "$out/b/workload.ron" "$out/b/cost.ron"
 serve b-rrt "$out/b/heads.ron" "$out/b/workload.ron" "$out/b/cost.ron" --sim-exits "$out/b/rrt-like.ron"
 serve b-a-share "$out/b/heads.ron" "$out/b/workload.ron" "$out/b/cost.ron" --sim-exits "$out/b/a-share.ron"
+serve b-rrt-absent "$out/b/heads.ron" "$out/b/workload.ron" "$out/b/cost.ron" \
+  --sim-exits "$out/b/rrt-like.ron" --skipped-kv absent
+serve b-a-share-absent "$out/b/heads.ron" "$out/b/workload.ron" "$out/b/cost.ron" \
+  --sim-exits "$out/b/a-share.ron" --skipped-kv absent

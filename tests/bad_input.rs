@@ -1309,8 +1309,8 @@ fn bench_shapes_and_save_folder_are_checked() {
     assert_mentions(&e, &["--projections", "--exits"]);
 }
 
-/// A roofline needs its machine, and a positive one; leaving skipped keys and values absent
-/// is for the simulated executor's given exits only.
+/// A roofline needs its machine, and a positive one; skipped keys and values cannot be left
+/// absent under self-speculation.
 #[test]
 fn roofline_and_skipped_kv_bad_input() {
     let dir = tempfile::tempdir().unwrap();
@@ -1336,21 +1336,18 @@ fn roofline_and_skipped_kv_bad_input() {
     ]);
     assert_mentions(&e, &["--roofline", "positive bandwidth"]);
     assert!(!cost.exists(), "a refused roofline wrote {c}");
-    let e = exitgraph_fails(&["serve", demo, "--workload", burst, "--skipped-kv", "absent"]);
-    assert_mentions(&e, &["--sim-exits"]);
-    let exits = dir.path().join("exits.ron");
-    std::fs::write(&exits, "Distribution(exits: [(8, 1.0)], seed: 0)").unwrap();
+    // Self-speculation verifies several tokens per call and rolls back: it needs every
+    // layer's keys and values.
+    let spec = root.join("examples/demo-speculative.ron");
     let e = exitgraph_fails(&[
         "serve",
-        demo,
+        spec.to_str().unwrap(),
         "--workload",
         burst,
-        "--sim-exits",
-        exits.to_str().unwrap(),
         "--skipped-kv",
         "absent",
     ]);
-    assert_mentions(&e, &["--skipped-kv absent", "real runtime fills"]);
+    assert_mentions(&e, &["--skipped-kv absent", "SelfSpeculative", "fill them"]);
 }
 
 /// `--cuda N` on a build without the `cuda` feature says which feature and how to build it,

@@ -627,6 +627,42 @@ fn a_roofline_cost_model_simulates_exits_with_and_without_state_copying() {
     assert!(absent_s < filled_s, "{absent_s} vs {filled_s}");
 }
 
+/// The real executor serves an early-exit pipeline with the skipped layers' keys and values
+/// absent: every request completes, tokens do exit early, and the report and JSON name the
+/// mode.
+#[test]
+fn serve_real_exits_with_absent_keys_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("absent.json");
+    let trace = dir.path().join("absent.jsonl");
+    let out = stdout(&exitgraph(&[
+        "serve",
+        "examples/demo-exits.ron",
+        "--workload",
+        "examples/workloads/burst.ron",
+        "--skipped-kv",
+        "absent",
+        "--json",
+        json.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    assert!(out.contains("32 completed, 0 failed"), "{out}");
+    assert!(out.contains("absent, not filled"), "{out}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(m["skipped_kv"], "Absent");
+    let early = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            r["exit_layer"].as_u64().unwrap() < 8
+        })
+        .count();
+    assert!(early > 0, "no token exited early");
+}
+
 /// A model folder where a pipeline is expected runs the model as imported.
 #[test]
 fn run_accepts_a_model_folder() {

@@ -177,7 +177,7 @@ fn decide_rows(
             if p.sim_exit == Some(end) {
                 let token = choose(req, &mut p, exit_logits, samplers.get_mut(r.entity).ok())?;
                 p.track.exit_layer = end;
-                p.track.filled = layers - end;
+                p.track.filled = filled(engine, layers - end);
                 p.stage = 0;
                 p.sim_exit = None;
                 produced.0.push(Emitted::one(r.entity, Some(token)));
@@ -191,7 +191,7 @@ fn decide_rows(
             if consult(plan, &mut p, max_tokens, end, &r, exit_logits, &hidden)? {
                 let token = choose(req, &mut p, exit_logits, samplers.get_mut(r.entity).ok())?;
                 p.track.exit_layer = end;
-                p.track.filled = layers - end;
+                p.track.filled = filled(engine, layers - end);
                 p.stage = 0;
                 produced.0.push(Emitted::one(r.entity, Some(token)));
                 exited.states.push((r.entity, hidden, end));
@@ -223,9 +223,10 @@ pub(super) fn copy_state(
     states.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
     let started = Instant::now();
     let mut outcome = Ok(());
+    let absent = engine.skipped_kv == crate::sim_exits::SkippedKv::Absent;
     for group in states.chunk_by(|a, b| a.2 == b.2) {
         if outcome.is_ok() {
-            outcome = fill_group(&engine, group, &mut seqs);
+            outcome = fill_group(&engine, group, &mut seqs, absent);
         }
     }
     // A GPU queues work: the calls' time ends when their work has run.
@@ -237,11 +238,13 @@ pub(super) fn copy_state(
     Ok(())
 }
 
-/// State copying for tokens that left after the same layer, in one batch.
+/// State copying for tokens that left after the same layer, in one batch; with `absent`,
+/// their positions are instead counted as absent in the layers they skipped (nothing runs).
 fn fill_group(
     engine: &Engine,
     group: &[(Entity, Tensor, usize)],
     seqs: &mut Query<(&Request, &Progress, &mut Kv)>,
+    absent: bool,
 ) -> Result<(), StepError> {
     struct Row {
         entity: Entity,
@@ -281,7 +284,7 @@ fn fill_group(
         .collect();
     let run = Run {
         from: after,
-        task: Task::FillKv,
+        task: if absent { Task::AbsentKv } else { Task::FillKv },
         commit: true,
     };
     let result = engine.program.run(&mut segments, &run);
@@ -293,4 +296,12 @@ fn fill_group(
     }
     result?;
     Ok(())
+}
+
+/// Layers whose keys and values a token leaving with `skipped` layers to go gets filled.
+fn filled(engine: &Engine, skipped: usize) -> usize {
+    match engine.skipped_kv {
+        crate::sim_exits::SkippedKv::Filled => skipped,
+        crate::sim_exits::SkippedKv::Absent => 0,
+    }
 }

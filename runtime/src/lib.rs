@@ -240,6 +240,9 @@ pub struct Engine {
     pub boundaries: Vec<usize>,
     /// The simulated executor's exit depths, when it simulates early exits.
     pub sim_exits: Option<SimExits>,
+    /// What happens to the keys and values of the layers a token skipped by leaving early,
+    /// under either executor.
+    pub skipped_kv: sim_exits::SkippedKv,
 }
 
 /// Simulated early exits: where depths come from, and per layer the share of its work that
@@ -247,8 +250,6 @@ pub struct Engine {
 pub struct SimExits {
     pub source: sim_exits::ExitSource,
     pub fill_share: Vec<f64>,
-    /// What the simulated runtime does about the layers a token skipped.
-    pub skipped_kv: sim_exits::SkippedKv,
 }
 
 impl Engine {
@@ -279,6 +280,7 @@ impl Engine {
             .validate(self.program.graph())
             .map_err(anyhow::Error::msg)?;
         self.check_stateful_heads(depth)?;
+        self.check_skipped_kv(depth)?;
         match (depth, &self.executor, &self.batching) {
             (Depth::SkipDecode(_), _, _) if self.sim_exits.is_some() => {
                 anyhow::bail!(
@@ -312,6 +314,39 @@ impl Engine {
             ),
             _ => self.check_policy(),
         }
+    }
+
+    /// Absent keys and values of skipped layers serve one token per call at positions counted
+    /// in order: not self-speculation (several tokens per verification, rolled back) nor
+    /// SkipDecode (its own skipped layers), nor a sliding window (it counts positions).
+    fn check_skipped_kv(&self, depth: &Depth) -> anyhow::Result<()> {
+        if self.skipped_kv != sim_exits::SkippedKv::Absent {
+            return Ok(());
+        }
+        match depth {
+            Depth::SelfSpeculative { .. } => anyhow::bail!(
+                "skipped keys and values absent: SelfSpeculative verifies several tokens per call \
+                 and rolls rejected ones back, which needs every layer's keys and values; fill \
+                 them (the default)"
+            ),
+            Depth::SkipDecode(_) => anyhow::bail!(
+                "skipped keys and values absent: they concern tokens that exit early; SkipDecode \
+                 decides its own skipped layers"
+            ),
+            _ => {}
+        }
+        let g = self.program.graph();
+        if let Some(node) = g.graph.node_weights().find(
+            |n| matches!(&n.op, exitgraph_ir::op::Op::Attention(a) if a.sliding_window.is_some()),
+        ) {
+            anyhow::bail!(
+                "skipped keys and values absent: {} attends within a sliding window, which counts \
+                 positions, so it cannot attend over a layer with absent ones; fill them (the \
+                 default)",
+                node.name
+            );
+        }
+        Ok(())
     }
 
     /// Exit heads with attention of their own (Kangaroo's adapter) keep keys and values of
@@ -838,6 +873,7 @@ impl Runtime {
             request_exits,
             boundaries: Vec::new(),
             sim_exits: None,
+            skipped_kv: sim_exits::SkippedKv::Filled,
         };
         engine.compute_boundaries();
         world.insert_resource(engine);
@@ -911,11 +947,7 @@ impl Runtime {
                 .zip(&cost.kv_fill)
                 .map(|(l, f)| if *l > 0.0 { f / l } else { 0.0 })
                 .collect();
-            engine.sim_exits = Some(SimExits {
-                source,
-                fill_share,
-                skipped_kv: sim_exits::SkippedKv::Filled,
-            });
+            engine.sim_exits = Some(SimExits { source, fill_share });
             let depth = engine.depth.clone();
             engine.check_depth(&depth)?;
             engine.compute_boundaries();
@@ -923,26 +955,17 @@ impl Runtime {
         Ok(self)
     }
 
-    /// What the simulated executor does about the keys and values of the layers a token
-    /// skipped (after [`Runtime::with_simulated_exits`]): filled from its exit state, as the
-    /// real runtime does (the default), or absent. The real executor only fills.
+    /// What happens to the keys and values of the layers a token skipped by leaving early:
+    /// filled from its exit state (CALM's state copying, the default) or left absent, so
+    /// later tokens attend in those layers only to the positions that reached them. Both
+    /// executors do either. Absent keys and values serve one token per call, so strategies
+    /// that verify several (self-speculation) and sliding-window attention refuse them.
     pub fn with_skipped_kv(mut self, skipped: sim_exits::SkippedKv) -> anyhow::Result<Self> {
         {
             let mut engine = self.world.resource_mut::<Engine>();
-            if matches!(engine.executor, Executor::Real) && skipped != sim_exits::SkippedKv::Filled
-            {
-                anyhow::bail!(
-                    "skipped keys and values {skipped:?}: the real runtime fills the layers a token \
-                     skipped from its exit state; only the simulated executor can leave them absent"
-                );
-            }
-            match engine.sim_exits.as_mut() {
-                Some(sim) => sim.skipped_kv = skipped,
-                None => anyhow::bail!(
-                    "skipped keys and values {skipped:?}: only simulated exits (given exit depths) \
-                     have a choice"
-                ),
-            }
+            engine.skipped_kv = skipped;
+            let depth = engine.depth.clone();
+            engine.check_depth(&depth)?;
         }
         Ok(self)
     }
@@ -1031,13 +1054,11 @@ impl Runtime {
             Executor::Real => "real".into(),
             Executor::Sim(_) => "simulated".into(),
         };
-        report.simulated_exits = engine.sim_exits.as_ref().map(|sim| match sim.skipped_kv {
-            sim_exits::SkippedKv::Filled => sim.source.label().to_string(),
-            sim_exits::SkippedKv::Absent => format!(
-                "{}; skipped layers' keys and values absent, not filled",
-                sim.source.label()
-            ),
-        });
+        report.simulated_exits = engine
+            .sim_exits
+            .as_ref()
+            .map(|sim| sim.source.label().to_string());
+        report.skipped_kv = engine.skipped_kv;
         report.policy = format!("{:?}", engine.batching);
         let stages = engine.stages();
         let total: f64 = stage_busy.iter().sum();

@@ -166,6 +166,9 @@ pub struct ServeReport {
     /// (simulated exits, not decided by a model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulated_exits: Option<String>,
+    /// The keys and values of the layers an exiting token skipped: filled or absent.
+    #[serde(default)]
+    pub skipped_kv: crate::sim_exits::SkippedKv,
     pub requests: usize,
     pub completed: usize,
     pub failed: usize,
@@ -244,6 +247,7 @@ impl ServeReport {
             policy: String::new(),
             executor: String::new(),
             simulated_exits: None,
+            skipped_kv: crate::sim_exits::SkippedKv::Filled,
             requests: outcomes.len(),
             completed: done.len(),
             failed: outcomes.len() - done.len(),
@@ -315,6 +319,13 @@ impl ServeReport {
                 "simulated"
             };
             let _ = writeln!(s, "exits            {given}: {exits}");
+        }
+        if self.skipped_kv == crate::sim_exits::SkippedKv::Absent {
+            let _ = writeln!(
+                s,
+                "skipped layers   keys and values absent, not filled (later tokens attend \
+                 there to the positions present)"
+            );
         }
         let _ = writeln!(
             s,

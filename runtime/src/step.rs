@@ -263,7 +263,7 @@ pub(super) fn execute(
                 if let Some(sim) = engine
                     .sim_exits
                     .as_ref()
-                    .filter(|s| s.skipped_kv == crate::sim_exits::SkippedKv::Filled)
+                    .filter(|_| engine.skipped_kv == crate::sim_exits::SkippedKv::Filled)
                 {
                     let skipped =
                         sim.fill_share[exit_at..].iter().sum::<f64>() / layers.max(1) as f64;
@@ -272,10 +272,8 @@ pub(super) fn execute(
                     p.track.filled = layers - exit_at;
                 }
                 if exit_at < layers
-                    && engine
-                        .sim_exits
-                        .as_ref()
-                        .is_some_and(|s| s.skipped_kv == crate::sim_exits::SkippedKv::Absent)
+                    && engine.sim_exits.is_some()
+                    && engine.skipped_kv == crate::sim_exits::SkippedKv::Absent
                 {
                     // The token's keys and values exist only in the layers it ran.
                     if p.absent_kv.is_empty() {

@@ -41,11 +41,13 @@ pub struct Args {
     /// one runs it, taking each token from the exit head at its depth.
     #[arg(long, alias = "exit-depths")]
     sim_exits: Option<PathBuf>,
-    /// With --sim-exits and --executor sim: the keys and values of the layers a token skipped
-    /// are `filled` from its exit state in a separate call (the real runtime's way), or
-    /// `absent` (never computed: recursion-wise caching, as the Relaxed Recursive
-    /// Transformers' throughput simulation assumes; simulated only).
-    #[arg(long, value_enum, default_value = "filled", requires = "sim_exits")]
+    /// The keys and values of the layers a token skipped by exiting early (an EarlyExit
+    /// pipeline or --sim-exits): `filled` from its exit state in a separate call (CALM's
+    /// state copying), or `absent`: never computed, later tokens attend in those layers only
+    /// to the positions that reached them (recursion-wise caching, as Mixture-of-Recursions
+    /// and the Relaxed Recursive Transformers' throughput simulation assume). Both
+    /// executors do either.
+    #[arg(long, value_enum, default_value = "filled")]
     skipped_kv: SkippedKvArg,
     /// Stream one JSON record per generated token to this file (JSON Lines).
     #[arg(long)]
@@ -164,13 +166,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         if let Some(src) = &sim_exits {
             runtime = runtime.with_simulated_exits(src.clone())?;
-            if a.skipped_kv == SkippedKvArg::Absent {
-                runtime = runtime
-                    .with_skipped_kv(exitgraph::runtime::sim_exits::SkippedKv::Absent)
-                    .map_err(|e| anyhow::anyhow!("--skipped-kv absent: {e}"))?;
-            }
         }
-        let (report, _) = runtime.with_depth(pipeline.runtime.depth.clone())?.run()?;
+        runtime = runtime.with_depth(pipeline.runtime.depth.clone())?;
+        if a.skipped_kv == SkippedKvArg::Absent {
+            runtime = runtime
+                .with_skipped_kv(exitgraph::runtime::sim_exits::SkippedKv::Absent)
+                .map_err(|e| anyhow::anyhow!("--skipped-kv absent: {e}"))?;
+        }
+        let (report, _) = runtime.run()?;
         reports.push(report);
     }
     if a.reps == 1 {

@@ -2,6 +2,7 @@
 //! (causal, sliding window, padding).
 
 use super::adapter::Adapters;
+use super::cache::Slot;
 use super::dense::Dense;
 use super::fused::FusedLinear;
 use super::rope::RopeKernel;
@@ -112,12 +113,7 @@ impl AttnCtx {
 /// A sequence in a ragged call: offset of its tokens, their count, its call context (one per
 /// sequence and call, shared by every layer, so masks and RoPE tables are built once) and
 /// its layer cache.
-pub type RaggedPart<'a> = (
-    usize,
-    usize,
-    &'a mut AttnCtx,
-    &'a mut Option<(Tensor, Tensor)>,
-);
+pub type RaggedPart<'a> = (usize, usize, &'a mut AttnCtx, &'a mut Slot);
 
 /// One attention layer's stored weights, lowered once per weight identity. The KV slot and
 /// any adapters belong to the place that runs it and are arguments of each call.
@@ -189,7 +185,7 @@ impl AttentionKernel {
         &self,
         x: &Tensor,
         ctx: &mut AttnCtx,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Slot,
         adapters: Adapters<'_>,
     ) -> Result<Tensor> {
         let qkv = timed(
@@ -326,25 +322,32 @@ impl AttentionKernel {
         Ok((q, k, v))
     }
 
-    /// Appends this call's keys and values to the cache; returns every position's.
-    fn append(
-        k: Tensor,
-        v: Tensor,
-        ctx: &AttnCtx,
-        cache: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<(Tensor, Tensor)> {
-        let cached = cache.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?;
-        if cached != ctx.start {
+    /// Appends this call's keys and values to the slot; returns every present position's.
+    /// A slot with absent positions (tokens that left before this layer) takes only
+    /// one-token calls without a window: the keys it returns are then exactly those the
+    /// query may see, with no mask.
+    fn append(k: Tensor, v: Tensor, ctx: &AttnCtx, slot: &mut Slot) -> Result<(Tensor, Tensor)> {
+        let end = slot.end()?;
+        if end != ctx.start {
             candle_core::bail!(
-                "KV slot holds {cached} positions but the call starts at position {}: a slot is appended to in order (truncate the cache to roll back)",
+                "KV slot holds {end} positions but the call starts at position {}: a slot is appended to in order (truncate the cache to roll back)",
                 ctx.start
             );
         }
-        let (k, v) = match cache.take() {
+        if slot.absent > 0 && (ctx.seq > 1 || ctx.key_mask.is_some()) {
+            candle_core::bail!(
+                "this layer's KV slot lacks {} positions (tokens that left earlier with their \
+                 skipped keys and values absent); a call of {} tokens or with a key mask cannot \
+                 attend over it (decode one token at a time, or fill skipped keys and values)",
+                slot.absent,
+                ctx.seq
+            );
+        }
+        let (k, v) = match slot.kv.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
         };
-        *cache = Some((k.clone(), v.clone()));
+        slot.kv = Some((k.clone(), v.clone()));
         Ok((k, v))
     }
 
@@ -404,8 +407,15 @@ impl AttentionKernel {
         k: &Tensor,
         v: &Tensor,
         ctx: &mut AttnCtx,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Slot,
     ) -> Result<Tensor> {
+        if cache.absent > 0 && self.window.is_some() {
+            candle_core::bail!(
+                "this layer's KV slot lacks {} positions (skipped keys and values absent); a \
+                 sliding window counts positions, so it cannot attend over them",
+                cache.absent
+            );
+        }
         let (q, k, v) = self.heads_with_rope(q, k, v, ctx)?;
         let (k, v) = timed(
             || "KV cache append (copy)".to_string(),

@@ -55,6 +55,12 @@ pub enum Task {
     /// Keys and values of every block from the entry depth on, computed from the entry
     /// state without attending (CALM's state copying for a token that exited early).
     FillKv,
+    /// No keys and values at all in the blocks from the entry depth on: the new positions
+    /// are counted there as absent, and later tokens attend in those blocks only to the
+    /// positions present (a token that exited early, its skipped layers' keys and values
+    /// absent, as in Mixture-of-Recursions' recursion-wise caching). Computes nothing;
+    /// needs no entry state.
+    AbsentKv,
 }
 
 /// How a call runs.
@@ -118,7 +124,7 @@ struct Span {
 impl Program {
     /// Runs `segments` as `run` says. For [`Task::Outputs`], returns per segment the wanted
     /// values in order, each `[rows, width]` (1 row for [`Positions::Last`], one per new
-    /// token for [`Positions::All`]); for [`Task::FillKv`], nothing.
+    /// token for [`Positions::All`]); for [`Task::FillKv`] and [`Task::AbsentKv`], nothing.
     pub fn run(
         &self,
         segments: &mut [Segment<'_>],
@@ -129,7 +135,7 @@ impl Program {
         }
         let spans = self.spans(segments, run.from)?;
         let total: usize = spans.iter().map(|s| s.len).sum();
-        let entry_state = if run.from > 0 {
+        let entry_state = if run.from > 0 && run.task != Task::AbsentKv {
             let states = segments
                 .iter()
                 .map(|s| s.state.clone())
@@ -159,6 +165,10 @@ impl Program {
                 self.fill(segments, &spans, run.from, &x)?;
                 Vec::new()
             }
+            Task::AbsentKv => {
+                self.leave_absent(segments, &spans, run.from)?;
+                Vec::new()
+            }
         };
         if run.commit {
             for (seg, span) in segments.iter_mut().zip(&spans) {
@@ -166,6 +176,13 @@ impl Program {
             }
         }
         Ok(out)
+    }
+
+    /// Whether any attention of the graph attends within a sliding window.
+    fn has_sliding_window(&self) -> bool {
+        self.graph.graph.node_weights().any(
+            |n| matches!(&n.op, exitgraph_ir::op::Op::Attention(a) if a.sliding_window.is_some()),
+        )
     }
 
     /// Checks the segments and lays them out in the flat stream.
@@ -185,6 +202,19 @@ impl Program {
             }
             self.check_ids(seg.ids)?;
             let len = seg.ids.len();
+            // Checked before anything runs, so a refused call leaves every cache as it was.
+            if seg.cache.has_absent() && (len > 1 || self.has_sliding_window()) {
+                return Err(RunError::Input(format!(
+                    "a cache with absent positions (tokens that left early, their skipped \
+                     layers' keys and values absent) takes one token per call without a \
+                     sliding window; this call brings {len} tokens{}",
+                    if len == 1 {
+                        " to a model with sliding-window attention"
+                    } else {
+                        ""
+                    }
+                )));
+            }
             if let (true, Some(s)) = (from > 0, &seg.state) {
                 if s.dims() != [len, hidden] {
                     return Err(RunError::Input(format!(
@@ -399,6 +429,34 @@ impl Program {
                     a.append_kv_ragged(&normed, &mut parts, Adapters::Uniform(&step.adapters))
                 })
                 .map_err(wrap)?;
+        }
+        Ok(())
+    }
+
+    /// Counts each segment's new positions as absent in every attention slot of a block at
+    /// depth `from` or deeper.
+    fn leave_absent(
+        &self,
+        segments: &mut [Segment<'_>],
+        spans: &[Span],
+        from: usize,
+    ) -> Result<(), RunError> {
+        for step in &self.steps {
+            if !matches!(step.kernel, Kernel::Attention(_)) || step.layer.is_none_or(|l| l < from) {
+                continue;
+            }
+            let slot = step.slot().map_err(|cause| RunError::Step {
+                step: step.name.clone(),
+                cause,
+            })?;
+            for (seg, sp) in segments.iter_mut().zip(spans) {
+                seg.cache
+                    .leave_absent(slot, sp.start, sp.len)
+                    .map_err(|cause| RunError::Step {
+                        step: step.name.clone(),
+                        cause,
+                    })?;
+            }
         }
         Ok(())
     }
