@@ -567,6 +567,8 @@ fn simulated_looped_steps_pay_the_per_group_work() {
             per_layers: 2e-3,
             per_sequence_layers: 3e-4,
             per_group,
+            per_layers_rows: 0.0,
+            per_head_call: 0.0,
             kv_fill_per_layers: None,
             roofline: None,
             samples: Vec::new(),

@@ -351,6 +351,8 @@ fn simulated_skipdecode_scales_only_the_layer_terms() {
         per_layers: 0.0,
         per_sequence_layers: 0.0,
         per_group: 0.0,
+        per_layers_rows: 0.0,
+        per_head_call: 0.0,
         kv_fill_per_layers: None,
         roofline: None,
         samples: Vec::new(),
@@ -424,6 +426,8 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
         per_layers: pl,
         per_sequence_layers: ps,
         per_group: 0.0,
+        per_layers_rows: 0.0,
+        per_head_call: 0.0,
         kv_fill_per_layers: None,
         roofline: None,
         samples: Vec::new(),
@@ -468,11 +472,12 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
     // a third of the per-layer and per-sequence work, the exit head after layer 1), then
     // stage 1..3 (two thirds, the final head). The decode token at position 5 (1 token, 6
     // keys) leaves after layer 1, then the state copying of layers 1 and 2 (their key and
-    // value FLOP share of the token work, two thirds of the per-layer fixed work).
+    // value FLOP share of the token work, and the same share of the per-layer fixed work:
+    // a fill reads only the k and v weights of the layers it fills).
     let mut want = c0 + c1 * 5.0 / 3.0 + c2 * 25.0 / 3.0 + c3 + pl / 3.0 + ps / 3.0;
     want += c0 + c1 * 10.0 / 3.0 + c2 * 50.0 / 3.0 + c3 + pl * 2.0 / 3.0 + ps * 2.0 / 3.0;
     want += c0 + c1 / 3.0 + c2 * 6.0 / 3.0 + c3 + pl / 3.0 + ps / 3.0;
-    want += c0 + c1 * fill + pl * 2.0 / 3.0;
+    want += c0 + c1 * fill + pl * fill;
     let busy = report.busy_share * report.makespan_s;
     assert!(
         (busy - want).abs() < 1e-12,
@@ -488,12 +493,31 @@ fn simulated_exits_charge_the_path_heads_and_state_copying() {
         .simulated_exits
         .as_deref()
         .is_some_and(|l| l.contains("drawn")));
+    // The call-shape terms: the prompt's two stage calls have 5 rows (a third and two thirds
+    // of the layers) and the decode call one; each of the three runs a head; the state
+    // copying pays neither.
+    let (r, h) = (2e-4, 3e-4);
+    let (shaped, _) = serve(
+        CostModel {
+            per_layers_rows: r,
+            per_head_call: h,
+            ..cost.clone()
+        },
+        SkippedKv::Filled,
+    );
+    let busy_shaped = shaped.busy_share * shaped.makespan_s;
+    let extra = r * (1.0 / 3.0 + 2.0 / 3.0) + 3.0 * h;
+    assert!(
+        (busy_shaped - (want + extra)).abs() < 1e-12,
+        "{busy_shaped} vs {}",
+        want + extra
+    );
 
     // Skipped layers' keys and values left absent: no state copying is charged or recorded,
     // and the report says so.
     let (absent, outcomes) = serve(cost.clone(), SkippedKv::Absent);
     let busy_absent = absent.busy_share * absent.makespan_s;
-    let copying = c0 + c1 * fill + pl * 2.0 / 3.0;
+    let copying = c0 + c1 * fill + pl * fill;
     assert!(
         (busy_absent - (want - copying)).abs() < 1e-12,
         "{busy_absent}"
@@ -537,6 +561,8 @@ fn absent_keys_and_values_shorten_later_tokens_attention_in_skipped_layers() {
         per_layers: pl,
         per_sequence_layers: ps,
         per_group: 0.0,
+        per_layers_rows: 0.0,
+        per_head_call: 0.0,
         kv_fill_per_layers: None,
         roofline: None,
         samples: Vec::new(),
@@ -598,7 +624,7 @@ fn absent_keys_and_values_shorten_later_tokens_attention_in_skipped_layers() {
     let d = exitgraph::exits::cost::DepthCost::of(p.graph());
     let fill: f64 = (1..3).map(|l| d.kv_fill[l] / d.layer[l]).sum::<f64>() / 3.0;
     let filled = busy(SkippedKv::Filled);
-    let want = common + (c0 + c1 * fill + pl * 2.0 / 3.0) + first + rest(7.0);
+    let want = common + (c0 + c1 * fill + pl * fill) + first + rest(7.0);
     assert!((filled - want).abs() < 1e-12, "filled: {filled} vs {want}");
 }
 
@@ -616,7 +642,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let p = Arc::new(model(dir.path(), "llama", 2, seed));
         let layers = p.graph().info.num_layers;
-        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], per_layers: 2e-3, per_sequence_layers: 3e-4, per_group: 0.0, kv_fill_per_layers: None, roofline: None, samples: Vec::new() };
+        let cost = CostModel { version: 1, coefficients: [1e-3, 1e-4, 1e-6, 5e-5], per_layers: 2e-3, per_sequence_layers: 3e-4, per_group: 0.0, per_layers_rows: 0.0, per_head_call: 0.0, kv_fill_per_layers: None, roofline: None, samples: Vec::new() };
         let workload = Workload {
             requests: 6,
             arrivals: Arrivals::Poisson { rate_per_s: 500.0 },

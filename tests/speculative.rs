@@ -415,6 +415,8 @@ fn bad_settings_name_the_field() {
             per_layers: 1e-3,
             per_sequence_layers: 1e-4,
             per_group: 0.0,
+            per_layers_rows: 0.0,
+            per_head_call: 0.0,
             kv_fill_per_layers: None,
             roofline: None,
             samples: Vec::new(),

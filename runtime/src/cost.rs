@@ -95,6 +95,15 @@ pub struct CostModel {
     /// looped calls in the profile).
     #[serde(default)]
     pub per_group: f64,
+    /// Seconds of the extra fixed work of a call of two or more rows (new tokens) over a
+    /// one-row call, scaled by the share of the layers it runs: on a CPU a matrix product
+    /// packs its operands where a one-row product does not (0 in files fitted without it).
+    #[serde(default)]
+    pub per_layers_rows: f64,
+    /// Seconds of running a head at all in a call, whatever its rows: reading the LM head's
+    /// weights once (0 in files fitted without it, whose per-head term holds it).
+    #[serde(default)]
+    pub per_head_call: f64,
     /// Seconds of the fixed work of a call that fills the keys and values of every layer
     /// from copied states (CALM's state copying), scaled by the share of the layers it fills,
     /// charged instead of the intercept and `per_layers`. Absent in profiled models, which
@@ -122,17 +131,23 @@ pub struct Roofline {
 }
 
 /// Number of features of the full fit.
-const FEATURES: usize = 7;
+const FEATURES: usize = 9;
 
-/// The fit's features of a sample: intercept, share-weighted tokens and attention, heads,
-/// share, share-weighted sequences, share-weighted groups.
-fn features(s: &Sample) -> [f64; FEATURES] {
-    let share = s.layers_share;
-    let heads = if share >= 1.0 || s.exit_head {
+/// The heads a sample's call runs: one per sequence at full depth or at an exit head.
+fn sample_heads(s: &Sample) -> usize {
+    if s.layers_share >= 1.0 || s.exit_head {
         s.sequences
     } else {
         0
-    };
+    }
+}
+
+/// The fit's features of a sample: intercept, share-weighted tokens and attention, heads,
+/// share, share-weighted sequences, share-weighted groups, share if the call has two or
+/// more rows, and whether it runs a head.
+fn features(s: &Sample) -> [f64; FEATURES] {
+    let share = s.layers_share;
+    let heads = sample_heads(s);
     [
         1.0,
         share * s.tokens as f64,
@@ -141,33 +156,9 @@ fn features(s: &Sample) -> [f64; FEATURES] {
         share,
         share * s.sequences as f64,
         share * s.groups as f64,
+        share * f64::from(u8::from(s.tokens >= 2)),
+        f64::from(u8::from(heads >= 1)),
     ]
-}
-
-/// Solves `N`×`N` normal equations by Gaussian elimination with partial pivoting.
-fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> Option<[f64; N]> {
-    for col in 0..N {
-        let pivot = (col..N).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
-        if a[pivot][col].abs() < 1e-18 {
-            return None;
-        }
-        a.swap(col, pivot);
-        b.swap(col, pivot);
-        let pivot_row = a[col];
-        for row in col + 1..N {
-            let f = a[row][col] / pivot_row[col];
-            for (v, p) in a[row].iter_mut().zip(pivot_row).skip(col) {
-                *v -= f * p;
-            }
-            b[row] -= f * b[col];
-        }
-    }
-    let mut x = [0.0; N];
-    for row in (0..N).rev() {
-        let s: f64 = (row + 1..N).map(|k| a[row][k] * x[k]).sum();
-        x[row] = (b[row] - s) / a[row][row];
-    }
-    Some(x)
 }
 
 /// Non-negative least squares from the normal equations (`ata = XᵀWX`, `atb = XᵀWy`, `yty =
@@ -262,34 +253,52 @@ impl CostModel {
                 atb[i] += w * f[i] * s.seconds;
             }
         }
-        // The leading `N` features' normal equations: they must determine the model; the
-        // fit is their non-negative least-squares solution.
-        fn leading<const N: usize>(
-            ata: &[[f64; FEATURES]; FEATURES],
-            atb: &[f64; FEATURES],
-            yty: f64,
-        ) -> anyhow::Result<[f64; N]> {
-            let a: [[f64; N]; N] = std::array::from_fn(|i| std::array::from_fn(|j| ata[i][j]));
-            let b: [f64; N] = std::array::from_fn(|i| atb[i]);
-            solve(a, b).context("profile samples do not determine the cost model")?;
-            let x = nnls(&a.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &b, yty);
-            Ok(std::array::from_fn(|i| x[i]))
-        }
-        let c: [f64; FEATURES] = if partial && looped {
-            leading::<7>(&ata, &atb, yty)?
-        } else if partial {
-            let c = leading::<6>(&ata, &atb, yty)?;
-            std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0))
-        } else {
-            let c = leading::<4>(&ata, &atb, yty)?;
-            std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0))
+        // The chosen features' normal equations must determine the model; the fit is their
+        // non-negative least-squares solution. Without partial-depth samples the per-layer
+        // and per-sequence-layer terms cannot be told from the intercept and others, nor
+        // the per-group term without looped calls; the row-count and head-call terms join
+        // when the samples tell them apart from the rest.
+        let sub = |cols: &[usize]| -> (Vec<Vec<f64>>, Vec<f64>) {
+            (
+                cols.iter()
+                    .map(|&i| cols.iter().map(|&j| ata[i][j]).collect())
+                    .collect(),
+                cols.iter().map(|&i| atb[i]).collect(),
+            )
         };
+        let mut cols: Vec<usize> = vec![0, 1, 2, 3];
+        if partial {
+            cols.extend([4, 5]);
+        }
+        if partial && looped {
+            cols.push(6);
+        }
+        let (a, b) = sub(&cols);
+        solve_dyn(a, b).context("profile samples do not determine the cost model")?;
+        if partial {
+            for extra in [7, 8] {
+                let mut with = cols.clone();
+                with.push(extra);
+                let (a, b) = sub(&with);
+                if solve_dyn(a, b).is_some() {
+                    cols = with;
+                }
+            }
+        }
+        let (a, b) = sub(&cols);
+        let x = nnls(&a, &b, yty);
+        let mut c = [0.0; FEATURES];
+        for (&i, v) in cols.iter().zip(x) {
+            c[i] = v;
+        }
         Ok(CostModel {
             version: 2,
             coefficients: [c[0], c[1], c[2], c[3]],
             per_layers: c[4],
             per_sequence_layers: c[5],
             per_group: c[6],
+            per_layers_rows: c[7],
+            per_head_call: c[8],
             kv_fill_per_layers: None,
             roofline: None,
             samples,
@@ -300,32 +309,36 @@ impl CostModel {
     pub fn predict(&self, tokens: usize, attention: usize, sequences: usize) -> f64 {
         let n = sequences as f64;
         self.predict_layers(tokens as f64, attention as f64, n, sequences, 1.0)
+            + self.call_work(tokens, sequences, 1.0)
     }
 
     /// Predicted seconds of a sample's call.
     pub fn predict_sample(&self, s: &Sample) -> f64 {
         let share = s.layers_share;
-        let heads = if share >= 1.0 || s.exit_head {
-            s.sequences
-        } else {
-            0
-        };
-        self.predict_layers(
-            share * s.tokens as f64,
-            share * s.attention as f64,
-            share * s.sequences as f64,
-            heads,
-            share,
-        ) + self.group_work(s.groups, share)
+        let heads = sample_heads(s);
+        self.call_work(s.tokens, heads, share)
+            + self.predict_layers(
+                share * s.tokens as f64,
+                share * s.attention as f64,
+                share * s.sequences as f64,
+                heads,
+                share,
+            )
+            + self.group_work(s.groups, share)
     }
 
     /// Predicted seconds of a call filling keys and values from copied states: `tokens` is
     /// weighted by the share of a layer's work the filling does in the layers it fills,
-    /// `layers_share` is the share of the layers filled.
-    pub fn predict_fill(&self, tokens: f64, layers_share: f64) -> f64 {
+    /// `layers_share` is the share of the layers filled, and `kv_share` the same layers'
+    /// share of the whole model's layer work that filling does (their key and value
+    /// projections). A profiled model charges the intercept and that share of the per-layer
+    /// fixed work (a fill runs only the norms and the k and v projections of the layers it
+    /// fills, so it reads that share of their weights); a roofline, the k and v weights of
+    /// the layers filled.
+    pub fn predict_fill(&self, tokens: f64, layers_share: f64, kv_share: f64) -> f64 {
         match self.kv_fill_per_layers {
             Some(fixed) => self.coefficients[1] * tokens + fixed * layers_share,
-            None => self.predict_layers(tokens, 0.0, 0.0, 0, layers_share),
+            None => self.predict_layers(tokens, 0.0, 0.0, 0, kv_share),
         }
     }
 
@@ -416,10 +429,21 @@ impl CostModel {
             per_layers: layer_bytes / bw,
             per_sequence_layers: 0.0,
             per_group: adapter_bytes / bw,
+            per_layers_rows: 0.0,
+            per_head_call: 0.0,
             kv_fill_per_layers: Some(kv_weight_bytes / bw),
             roofline: Some(machine),
             samples: Vec::new(),
         })
+    }
+
+    /// Predicted seconds of the work a call pays by its shape: the extra fixed work of
+    /// `rows ≥ 2` new tokens, scaled by the share of the layers it runs, and one head read
+    /// if it runs any of its `heads`.
+    pub fn call_work(&self, rows: usize, heads: usize, layers_share: f64) -> f64 {
+        let several = if rows >= 2 { layers_share } else { 0.0 };
+        let head = if heads >= 1 { 1.0 } else { 0.0 };
+        self.per_layers_rows * several + self.per_head_call * head
     }
 
     /// Predicted seconds of the per-group work of a looped call whose rows sit at `groups`
@@ -773,7 +797,7 @@ mod tests {
             6.208 + 4.0 * 565.12 + 40.0 * 4.224 + 4.0 * 62.08 + 55.552,
         );
         // A fill of half the layers: no head read, half the k and v weights.
-        close(m.predict_fill(2.0, 0.5), 2.0 * 565.12 + 0.5 * 6.144);
+        close(m.predict_fill(2.0, 0.5, 0.1), 2.0 * 565.12 + 0.5 * 6.144);
         // The model writes and reads back as RON, the machine with it.
         let file = dir.path().join("cost.ron");
         m.write(&file).unwrap();
@@ -794,6 +818,8 @@ mod tests {
             per_layers: 0.0,
             per_sequence_layers: 0.0,
             per_group: 0.0,
+            per_layers_rows: 0.0,
+            per_head_call: 0.0,
             kv_fill_per_layers: None,
             roofline: None,
             samples: Vec::new(),
@@ -812,36 +838,48 @@ mod tests {
         assert!((m.predict(1, 11, 1) - 3.7533e-3).abs() < 1e-12);
     }
 
-    #[test]
-    fn fit_recovers_the_per_layer_term_from_partial_calls() {
-        let (c, per_layers, per_seq) = ([2e-3, 1e-4, 3e-7, 5e-5], 1.5e-3, 2e-4);
+    /// Calls at each layer share, token count and sequence count (at most one sequence per
+    /// token), partial ones with and without the exit head there, timed by `seconds`.
+    fn partial_samples(
+        shares: &[f64],
+        tokens: &[usize],
+        seqs: &[usize],
+        seconds: impl Fn(&Sample) -> f64,
+    ) -> Vec<Sample> {
         let mut samples = Vec::new();
-        for share in [1.0, 0.5, 1.0 / 6.0] {
-            for tokens in [1, 4, 16, 64] {
-                for seqs in [1, 2, 8] {
-                    let attention = tokens * tokens * 3 + seqs * tokens * 11 + 5;
-                    // Partial calls with and without the exit head there.
+        for &share in shares {
+            for &tokens in tokens {
+                for &seqs in seqs {
+                    let seqs = seqs.min(tokens);
                     for exit_head in [false, true] {
-                        let heads = if share >= 1.0 || exit_head { seqs } else { 0 } as f64;
-                        let seconds = c[0]
-                            + share * (c[1] * tokens as f64 + c[2] * attention as f64)
-                            + c[3] * heads
-                            + per_layers * share
-                            + per_seq * share * seqs as f64;
-                        samples.push(Sample {
+                        let mut s = Sample {
                             tokens,
-                            attention,
+                            attention: tokens * tokens * 3 + seqs * tokens * 11 + 5,
                             sequences: seqs,
-                            seconds,
+                            seconds: 0.0,
                             spread: 0.0,
                             layers_share: share,
                             exit_head: exit_head && share < 1.0,
                             groups: 0,
-                        });
+                        };
+                        s.seconds = seconds(&s);
+                        samples.push(s);
                     }
                 }
             }
         }
+        samples
+    }
+
+    #[test]
+    fn fit_recovers_the_per_layer_term_from_partial_calls() {
+        let (c, per_layers, per_seq) = ([2e-3, 1e-4, 3e-7, 5e-5], 1.5e-3, 2e-4);
+        let samples = partial_samples(&[1.0, 0.5, 1.0 / 6.0], &[1, 4, 16, 64], &[1, 2, 8], |s| {
+            c[0] + s.layers_share * (c[1] * s.tokens as f64 + c[2] * s.attention as f64)
+                + c[3] * sample_heads(s) as f64
+                + per_layers * s.layers_share
+                + per_seq * s.layers_share * s.sequences as f64
+        });
         let m = CostModel::fit(samples).unwrap();
         assert_eq!(m.version, 2);
         let fitted = m
@@ -854,6 +892,46 @@ mod tests {
         for s in &m.samples {
             assert!((m.predict_sample(s) / s.seconds - 1.0).abs() < 1e-9);
         }
+    }
+
+    /// Samples made with a multi-row term and a head-call term are fitted exactly, every
+    /// coefficient recovered, and a call's shape is charged by hand: two or more rows pay
+    /// the multi-row work scaled by the layers' share, a call with any head pays one head
+    /// read.
+    #[test]
+    fn fit_recovers_the_row_and_head_call_terms() {
+        let (c, per_layers, per_seq) = ([2e-3, 1e-4, 3e-7, 5e-5], 1.5e-3, 2e-4);
+        let (rows_term, head_call) = (4e-3, 6e-3);
+        let samples = partial_samples(&[1.0, 0.5, 0.25], &[1, 2, 5, 16], &[1, 2, 4], |s| {
+            let heads = sample_heads(s);
+            c[0] + s.layers_share * (c[1] * s.tokens as f64 + c[2] * s.attention as f64)
+                + c[3] * heads as f64
+                + per_layers * s.layers_share
+                + per_seq * s.layers_share * s.sequences as f64
+                + if s.tokens >= 2 {
+                    rows_term * s.layers_share
+                } else {
+                    0.0
+                }
+                + if heads >= 1 { head_call } else { 0.0 }
+        });
+        let m = CostModel::fit(samples).unwrap();
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9 + 1e-6 * b, "{a} vs {b}");
+        close(m.per_layers_rows, rows_term);
+        close(m.per_head_call, head_call);
+        close(m.per_layers, per_layers);
+        close(m.coefficients[3], c[3]);
+        for s in &m.samples {
+            assert!((m.predict_sample(s) / s.seconds - 1.0).abs() < 1e-9);
+        }
+        // By hand: one row, no head: neither term; 3 rows at half depth with a head: half
+        // the multi-row work and one head read; a full decode step of 4 sequences: both.
+        assert_eq!(m.call_work(1, 0, 0.5), 0.0);
+        close(m.call_work(3, 1, 0.5), 0.5 * 4e-3 + 6e-3);
+        close(
+            m.predict(4, 40, 4),
+            2e-3 + 4.0 * 1e-4 + 40.0 * 3e-7 + 4.0 * 5e-5 + 1.5e-3 + 4.0 * 2e-4 + 4e-3 + 6e-3,
+        );
     }
 
     #[test]

@@ -95,7 +95,9 @@ pub(super) fn select(
                 r.0.prompt.truncate(filter.keep.count(n));
                 lengths.push((e, n));
             }
-            let seconds = model.predict_layers(tokens, attention, sequences, 0, share);
+            let rows: usize = lengths.iter().map(|(_, n)| n).sum();
+            let seconds = model.predict_layers(tokens, attention, sequences, 0, share)
+                + model.call_work(rows, 0, share);
             add_busy(&mut clock, &mut recorder, 0, seconds);
             for (e, n) in lengths {
                 commands.entity(e).insert(Selected {

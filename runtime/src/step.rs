@@ -171,10 +171,12 @@ pub(super) fn execute(
         // position) is paid by every head a row evaluates: the model's own at the last layer,
         // and, under simulated exits, the exit head at each exit point its token passes.
         let (mut tokens, mut attention, mut sequences, mut headed) = (0.0, 0.0, 0.0, 0);
+        // The call's rows (new tokens), for the work that depends on its shape.
+        let mut call_rows = 0;
         // Simulated exits: token-equivalents of filling skipped layers' keys and values (their
         // key and value projections' share of the layers' FLOPs), and the largest share of
-        // the layers one fill runs (its per-layer fixed work).
-        let (mut filled, mut fill_layers) = (0.0, 0.0f64);
+        // the layers one fill runs and of their work it does (its fixed work).
+        let (mut filled, mut fill_layers, mut fill_kv) = (0.0, 0.0f64, 0.0f64);
         // The per-layer fixed work is paid once per distinct path of weights the step runs:
         // rows at different iterations of a looped block read the same weights.
         // (Other policies run distinct layer paths in separate calls.)
@@ -215,6 +217,7 @@ pub(super) fn execute(
                 (1, req.0.prompt.len() + p.produced - 1)
             };
             let share = row.path.len() as f64 / layers.max(1) as f64;
+            call_rows += shape.0;
             tokens += share * shape.0 as f64;
             sequences += share;
             attention += if p.absent_kv.is_empty() {
@@ -269,6 +272,7 @@ pub(super) fn execute(
                         sim.fill_share[exit_at..].iter().sum::<f64>() / layers.max(1) as f64;
                     filled += skipped * new_tokens as f64;
                     fill_layers = fill_layers.max((layers - exit_at) as f64 / layers.max(1) as f64);
+                    fill_kv = fill_kv.max(skipped);
                     p.track.filled = layers - exit_at;
                 }
                 if exit_at < layers
@@ -293,7 +297,8 @@ pub(super) fn execute(
                 p.stage = stage + 1;
             }
         }
-        let mut step_s = model.predict_layers(tokens, attention, sequences, headed, layer_share);
+        let mut step_s = model.predict_layers(tokens, attention, sequences, headed, layer_share)
+            + model.call_work(call_rows, headed, layer_share);
         if looped {
             // Each group of rows at one iteration runs its own adapters (and per-iteration
             // norms) in the looped call.
@@ -304,7 +309,7 @@ pub(super) fn execute(
         }
         if filled > 0.0 {
             // A separate call, as the real runtime's state copying is.
-            step_s += model.predict_fill(filled, fill_layers);
+            step_s += model.predict_fill(filled, fill_layers, fill_kv);
         }
         produced.0 = done
             .into_iter()

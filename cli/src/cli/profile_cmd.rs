@@ -1,5 +1,5 @@
 use exitgraph::pipeline::{compile, Pipeline};
-use exitgraph::runtime::cost::profile;
+use exitgraph::runtime::cost::{profile, CostModel};
 use indicatif::ProgressBar;
 use std::path::PathBuf;
 
@@ -35,6 +35,10 @@ pub struct Args {
     /// With --roofline: bytes per cached key or value element.
     #[arg(long, default_value_t = 2.0, requires = "roofline")]
     kv_bytes: f64,
+    /// Measure nothing: fit the cost model again to the step samples in this cost model
+    /// file (one `profile` wrote), with this version's terms.
+    #[arg(long, conflicts_with = "roofline")]
+    refit: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -43,19 +47,35 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.roofline {
         return roofline(&a, &compiled.graph);
     }
-    let program = compiled.lower()?;
-    let bar = ProgressBar::new(0);
-    let model = profile(
-        &program,
-        a.reps,
-        a.max_tokens,
-        a.max_batch,
-        |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
+    let model = match &a.refit {
+        Some(path) => {
+            let old = CostModel::read(path)?;
+            if old.samples.is_empty() {
+                anyhow::bail!(
+                    "--refit {}: the cost model holds no measured samples to fit",
+                    path.display()
+                );
+            }
+            CostModel::fit(old.samples)
+                .map_err(|e| anyhow::anyhow!("--refit {}: {e}", path.display()))?
+        }
+        None => {
+            let program = compiled.lower()?;
+            let bar = ProgressBar::new(0);
+            let model = profile(
+                &program,
+                a.reps,
+                a.max_tokens,
+                a.max_batch,
+                |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )?;
+            bar.finish_and_clear();
+            model
+        }
+    };
     model.write(&a.output)?;
     let [c0, c1, c2, c3] = model.coefficients;
     outln!(
@@ -68,23 +88,36 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model.per_layers * 1e3,
         c3 * 1e3,
     );
-    let worst = model
+    if model.per_layers_rows > 0.0 || model.per_head_call > 0.0 {
+        outln!(
+            "  + {:.3} ms x s for a call of two or more rows + {:.3} ms for a call that runs a head",
+            model.per_layers_rows * 1e3,
+            model.per_head_call * 1e3,
+        );
+    }
+    let errors: Vec<f64> = model
         .samples
         .iter()
-        .map(|s| (model.predict_sample(s) / s.seconds - 1.0).abs())
-        .fold(0.0, f64::max);
+        .map(|s| model.predict_sample(s) / s.seconds - 1.0)
+        .collect();
+    let worst = errors.iter().fold(0.0f64, |w, e| w.max(e.abs()));
+    let rms = (errors.iter().map(|e| e * e).sum::<f64>() / errors.len().max(1) as f64).sqrt();
     outln!(
-        "{} step shapes measured; largest relative error of the fit {:.1}%",
+        "{} step shapes measured; largest relative error of the fit {:.1}%, root mean square \
+         {:.1}%",
         model.samples.len(),
-        100.0 * worst
+        100.0 * worst,
+        100.0 * rms
     );
     let spread = exitgraph::runtime::metrics::Spread::of(
         &model.samples.iter().map(|s| s.spread).collect::<Vec<_>>(),
     );
+    let reps = match &a.refit {
+        Some(_) => "repetitions".to_string(),
+        None => format!("{} repetitions", a.reps.max(1)),
+    };
     outln!(
-        "range of the {} repetitions per shape, relative to their median: median {:.1}%, \
-         largest {:.1}%",
-        a.reps.max(1),
+        "range of the {reps} per shape, relative to their median: median {:.1}%, largest {:.1}%",
         100.0 * spread.median,
         100.0 * spread.max
     );
