@@ -1348,6 +1348,20 @@ fn roofline_and_skipped_kv_bad_input() {
         "absent",
     ]);
     assert_mentions(&e, &["--skipped-kv absent", "SelfSpeculative", "fill them"]);
+    // SkipDecode skips layers its own way.
+    let skip = root.join("examples/demo-skipdecode.ron");
+    let e = exitgraph_fails(&[
+        "serve",
+        skip.to_str().unwrap(),
+        "--workload",
+        burst,
+        "--skipped-kv",
+        "absent",
+    ]);
+    assert_mentions(&e, &["--skipped-kv absent", "SkipDecode"]);
+    // Nothing exits early: no layer is skipped.
+    let e = exitgraph_fails(&["serve", demo, "--workload", burst, "--skipped-kv", "absent"]);
+    assert_mentions(&e, &["--skipped-kv absent", "no token exits early"]);
 }
 
 /// `--cuda N` on a build without the `cuda` feature says which feature and how to build it,

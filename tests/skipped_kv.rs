@@ -8,7 +8,8 @@
 //!   `Task::FillKv` and by the real runtime with replayed exit depths, in both modes;
 //! - invariant (proptest, random flat and looped models, random exit depths): under every
 //!   batching policy each request gets, with absent keys and values, exactly the tokens it
-//!   gets served alone, and the absent positions are counted in the skipped layers' slots;
+//!   gets served alone, which equal a decode by hand with `Task::AbsentKv` at the drawn
+//!   depths, and every token leaves at its drawn depth;
 //! - a slot with absent positions refuses what it cannot serve: several tokens per call,
 //!   rollback.
 
@@ -325,8 +326,8 @@ fn the_runtime_with_replayed_depths_matches_the_reference() {
     }
 }
 
-/// A slot with absent positions takes one token per call and cannot be rolled back; the
-/// runtime refuses absent keys and values under self-speculation.
+/// A slot with absent positions takes one token per call and cannot be rolled back (the
+/// runtime's refusals are in `tests/bad_input.rs`).
 #[test]
 fn absent_slots_refuse_several_tokens_and_rollback() {
     let (p, ..) = reference();
@@ -348,7 +349,7 @@ fn absent_slots_refuse_several_tokens_and_rollback() {
     // Two tokens in one call over the slots with an absent position: refused.
     let e = run_full(&p, &mut cache, &[8, 9]).err().unwrap().to_string();
     assert!(
-        e.contains("absent positions") && e.contains("brings 2 tokens"),
+        e.contains("absent positions") && e.contains("this call brings 2"),
         "{e}"
     );
     // Refused before anything ran: no slot took the two tokens.
@@ -491,6 +492,15 @@ proptest! {
                     .tokens
             })
             .collect();
+        // Alone, each equals a decode by hand with the drawn depths and absent keys (a
+        // runtime that filled them would differ wherever filling changes a token).
+        for (r, tokens) in requests.iter().zip(&alone) {
+            let depths: Vec<usize> = (1..r.max_new_tokens)
+                .map(|i| source.depth(r.id, r.prompt.len() + i).unwrap())
+                .collect();
+            let (by_hand, _) = decode_by_hand(&p, &r.prompt, &depths, SkippedKv::Absent);
+            prop_assert_eq!(tokens, &by_hand, "request {} alone against a decode by hand", r.id);
+        }
         for policy in policies {
             let got = serve(&p, policy.clone(), requests.clone(), &source);
             for ((o, want), r) in got.iter().zip(&alone).zip(&requests) {
@@ -506,4 +516,67 @@ proptest! {
             }
         }
     }
+}
+
+/// A model with sliding-window attention cannot leave skipped keys and values absent (a
+/// window counts positions): the runtime refuses it, and so does a call on a cache with
+/// absent positions, before anything runs.
+#[test]
+fn sliding_windows_refuse_absent_keys_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = device::fixtures().join("tiny-qwen2");
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["use_sliding_window"] = serde_json::json!(true);
+    cfg["sliding_window"] = serde_json::json!(4);
+    cfg["max_window_layers"] = serde_json::json!(2);
+    cfg["layer_types"] = serde_json::json!([
+        "full_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention"
+    ]);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let mut g = exitgraph_ir::import(dir.path()).unwrap().graph;
+    shared_exits(vec![1])
+        .run(&mut g, &PassContext::detached())
+        .unwrap();
+    let p = Arc::new(Program::lower(&g, dir.path(), &Device::Cpu, DType::F32).unwrap());
+    let request = RequestSpec {
+        id: 0,
+        arrival_s: 0.0,
+        prompt: vec![5, 6, 7],
+        max_new_tokens: 3,
+        forced: Vec::new(),
+        depth: None,
+    };
+    let e = Runtime::new(
+        p.clone(),
+        Batching::Static { max_batch: 1 },
+        Executor::Real,
+        Decoding::greedy(),
+        vec![request],
+        None,
+    )
+    .with_skipped_kv(SkippedKv::Absent)
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("sliding window") && e.contains("layers.2"),
+        "{e}"
+    );
+    // By hand: after a position is left absent, even a one-token call is refused, and the
+    // cache is unchanged.
+    let mut cache = p.new_cache();
+    run_full(&p, &mut cache, &[5, 6, 7]).unwrap();
+    leave_absent(&p, &mut cache, &[8], 3, 1);
+    let e = run_full(&p, &mut cache, &[9]).err().unwrap().to_string();
+    assert!(e.contains("sliding-window"), "{e}");
+    assert_eq!((cache.len(), cache.slot_len(0)), (4, 3));
 }

@@ -15,6 +15,11 @@
 //! iterations ([`Program::run_blocks`]: the shared weights once, each group of rows with its
 //! own adapters, per-iteration norms and KV slots), and a term `c6·s·g` for that per-group
 //! work (0 in files without such calls).
+//!
+//! Two terms depend on a call's shape: `c7·s` when it has two or more rows (new tokens; on
+//! a CPU a matrix product packs its operands, a one-row product does not) and `c8` when it
+//! runs any head (the LM head's weights read once, whatever its rows). They join the fit
+//! when its samples tell them apart from the other terms (0 in older files).
 
 use anyhow::{bail, Context};
 use exitgraph_compiler::lower::{Positions, Program, Run, Segment, Task, Want};
@@ -107,7 +112,8 @@ pub struct CostModel {
     /// Seconds of the fixed work of a call that fills the keys and values of every layer
     /// from copied states (CALM's state copying), scaled by the share of the layers it fills,
     /// charged instead of the intercept and `per_layers`. Absent in profiled models, which
-    /// charge such a call like any other; a roofline model reads only the k and v weights.
+    /// charge such a call the intercept and the k and v share of `per_layers`
+    /// ([`CostModel::predict_fill`]); a roofline model reads only the k and v weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_fill_per_layers: Option<f64>,
     /// The machine a roofline model describes (absent in profiled models).
@@ -163,7 +169,7 @@ fn features(s: &Sample) -> [f64; FEATURES] {
 
 /// Non-negative least squares from the normal equations (`ata = XᵀWX`, `atb = XᵀWy`, `yty =
 /// yᵀWy`): the `x ≥ 0` minimising `yty − 2·atbᵀx + xᵀ·ata·x`. Every subset of the features
-/// is tried free with the rest at 0 (at most 2⁷ small solves); the optimum is the best
+/// is tried free with the rest at 0 (at most 2⁹ small solves); the optimum is the best
 /// feasible one, since at it the free coefficients solve their own normal equations.
 fn nnls(ata: &[Vec<f64>], atb: &[f64], yty: f64) -> Vec<f64> {
     let n = atb.len();
@@ -201,6 +207,42 @@ fn nnls(ata: &[Vec<f64>], atb: &[f64], yty: f64) -> Vec<f64> {
         }
     }
     best.0
+}
+
+/// Whether the samples tell the features `cols` apart: Gaussian elimination on their
+/// normal equations scaled to unit diagonal (a correlation matrix) finds every pivot above
+/// 1e-6, i.e. no feature is explained to within one part in a million by the others.
+fn determined(ata: &[[f64; FEATURES]; FEATURES], cols: &[usize]) -> bool {
+    let n = cols.len();
+    let d: Vec<f64> = cols.iter().map(|&i| ata[i][i]).collect();
+    if d.iter().any(|&v| v <= 0.0 || !v.is_finite()) {
+        return false;
+    }
+    let mut a: Vec<Vec<f64>> = (0..n)
+        .map(|r| {
+            (0..n)
+                .map(|c| ata[cols[r]][cols[c]] / (d[r] * d[c]).sqrt())
+                .collect()
+        })
+        .collect();
+    for col in 0..n {
+        let Some(pivot) = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
+        else {
+            return false;
+        };
+        if a[pivot][col].abs() < 1e-6 {
+            return false;
+        }
+        a.swap(col, pivot);
+        let pivot_row = a[col].clone();
+        for row in a.iter_mut().skip(col + 1) {
+            let f = row[col] / pivot_row[col];
+            for (v, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                *v -= f * p;
+            }
+        }
+    }
+    true
 }
 
 /// Gaussian elimination with partial pivoting on a square system of any size.
@@ -279,8 +321,7 @@ impl CostModel {
             for extra in [7, 8] {
                 let mut with = cols.clone();
                 with.push(extra);
-                let (a, b) = sub(&with);
-                if solve_dyn(a, b).is_some() {
+                if determined(&ata, &with) {
                     cols = with;
                 }
             }
@@ -923,6 +964,20 @@ mod tests {
         close(m.coefficients[3], c[3]);
         for s in &m.samples {
             assert!((m.predict_sample(s) / s.seconds - 1.0).abs() < 1e-9);
+        }
+        // Samples whose calls all have several rows cannot tell the multi-row work from the
+        // per-layer work: the term stays out of the fit (0), and the fit is still exact.
+        let several: Vec<Sample> = m
+            .samples
+            .iter()
+            .filter(|s| s.tokens >= 2)
+            .copied()
+            .collect();
+        let without = CostModel::fit(several).unwrap();
+        assert_eq!(without.per_layers_rows, 0.0);
+        close(without.per_layers, per_layers + rows_term);
+        for s in &without.samples {
+            assert!((without.predict_sample(s) / s.seconds - 1.0).abs() < 1e-9);
         }
         // By hand: one row, no head: neither term; 3 rows at half depth with a head: half
         // the multi-row work and one head read; a full decode step of 4 sequences: both.

@@ -1,8 +1,8 @@
 //! The decide systems: turn a step's results into tokens. At the last layer the model's own
 //! head speaks; at an exit head a request with an [`ExitPlan`] asks its rule whether the
 //! token stops there. Exited tokens leave the batch: `copy_state` gives their skipped
-//! layers keys and values from the exit state (CALM's state copying); the rest carry their
-//! hidden state to the next stage.
+//! layers keys and values from the exit state (CALM's state copying), or counts them absent
+//! there (`SkippedKv::Absent`); the rest carry their hidden state to the next stage.
 
 use super::strategy::ExitPlan;
 use super::trace::LayerSignal;

@@ -325,13 +325,13 @@ impl Engine {
         }
         match depth {
             Depth::SelfSpeculative { .. } => anyhow::bail!(
-                "skipped keys and values absent: SelfSpeculative verifies several tokens per call \
-                 and rolls rejected ones back, which needs every layer's keys and values; fill \
+                "SelfSpeculative verifies several tokens per call and rolls rejected ones back, \
+                 which needs every layer's keys and values: they cannot be left absent; fill \
                  them (the default)"
             ),
             Depth::SkipDecode(_) => anyhow::bail!(
-                "skipped keys and values absent: they concern tokens that exit early; SkipDecode \
-                 decides its own skipped layers"
+                "SkipDecode decides its own skipped layers; leaving keys and values absent \
+                 concerns tokens that exit early"
             ),
             _ => {}
         }
@@ -340,9 +340,8 @@ impl Engine {
             |n| matches!(&n.op, exitgraph_ir::op::Op::Attention(a) if a.sliding_window.is_some()),
         ) {
             anyhow::bail!(
-                "skipped keys and values absent: {} attends within a sliding window, which counts \
-                 positions, so it cannot attend over a layer with absent ones; fill them (the \
-                 default)",
+                "{} attends within a sliding window, which counts positions, so skipped layers' \
+                 keys and values cannot be left absent; fill them (the default)",
                 node.name
             );
         }
@@ -920,7 +919,7 @@ impl Runtime {
     /// Exits tokens at the depths `source` gives instead of by an exit rule (see
     /// [`sim_exits`]). The simulated executor runs no model, so it cannot evaluate a rule;
     /// the real one runs the exit head at a token's given depth and takes the token from it
-    /// (its keys and values above are filled from the exit state), so one exit
+    /// (its keys and values above are filled from the exit state, or left absent), so one exit
     /// distribution can be served for real and simulated on any model with exit heads.
     pub fn with_simulated_exits(mut self, source: sim_exits::ExitSource) -> anyhow::Result<Self> {
         {

@@ -176,7 +176,8 @@ pub(super) fn execute(
         // Simulated exits: token-equivalents of filling skipped layers' keys and values (their
         // key and value projections' share of the layers' FLOPs), and the largest share of
         // the layers one fill runs and of their work it does (its fixed work).
-        let (mut filled, mut fill_layers, mut fill_kv) = (0.0, 0.0f64, 0.0f64);
+        // One fill call per exit depth, as the real runtime makes: (tokens, layers, share).
+        let mut fills: std::collections::BTreeMap<usize, (f64, f64, f64)> = Default::default();
         // The per-layer fixed work is paid once per distinct path of weights the step runs:
         // rows at different iterations of a looped block read the same weights.
         // (Other policies run distinct layer paths in separate calls.)
@@ -270,9 +271,12 @@ pub(super) fn execute(
                 {
                     let skipped =
                         sim.fill_share[exit_at..].iter().sum::<f64>() / layers.max(1) as f64;
-                    filled += skipped * new_tokens as f64;
-                    fill_layers = fill_layers.max((layers - exit_at) as f64 / layers.max(1) as f64);
-                    fill_kv = fill_kv.max(skipped);
+                    if exit_at < layers {
+                        let fill = fills.entry(exit_at).or_default();
+                        fill.0 += skipped * new_tokens as f64;
+                        fill.1 = (layers - exit_at) as f64 / layers.max(1) as f64;
+                        fill.2 = skipped;
+                    }
                     p.track.filled = layers - exit_at;
                 }
                 if exit_at < layers
@@ -307,8 +311,8 @@ pub(super) fn execute(
             iterations.dedup();
             step_s += model.group_work(iterations.len(), layer_share);
         }
-        if filled > 0.0 {
-            // A separate call, as the real runtime's state copying is.
+        // Separate calls, one per exit depth, as the real runtime's state copying makes.
+        for (filled, fill_layers, fill_kv) in fills.into_values() {
             step_s += model.predict_fill(filled, fill_layers, fill_kv);
         }
         produced.0 = done

@@ -36,7 +36,8 @@ pub struct Args {
     #[arg(long, default_value_t = 2.0, requires = "roofline")]
     kv_bytes: f64,
     /// Measure nothing: fit the cost model again to the step samples in this cost model
-    /// file (one `profile` wrote), with this version's terms.
+    /// file (one `profile` wrote), with this version's terms (--reps, --max-tokens and
+    /// --max-batch then do not apply).
     #[arg(long, conflicts_with = "roofline")]
     refit: Option<PathBuf>,
 }

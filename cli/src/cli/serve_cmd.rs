@@ -169,6 +169,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         runtime = runtime.with_depth(pipeline.runtime.depth.clone())?;
         if a.skipped_kv == SkippedKvArg::Absent {
+            if sim_exits.is_none()
+                && matches!(pipeline.runtime.depth, exitgraph::exits::Depth::Full)
+            {
+                anyhow::bail!(
+                    "--skipped-kv absent: no token exits early here (the pipeline's depth is Full \
+                     and no --sim-exits is given), so no layer is skipped"
+                );
+            }
             runtime = runtime
                 .with_skipped_kv(exitgraph::runtime::sim_exits::SkippedKv::Absent)
                 .map_err(|e| anyhow::anyhow!("--skipped-kv absent: {e}"))?;

@@ -3,7 +3,9 @@
 //! - [`Depth::EarlyExit`]: after each exit point (see the `InsertExits` pass) an
 //!   [`ExitRule`] decides whether the token stops there. The layers it skipped get keys and
 //!   values computed from its exit hidden state (CALM's state copying), so later tokens can
-//!   attend at every layer. Prompts always run the full depth.
+//!   attend at every layer, or (the runtime's `SkippedKv::Absent`) none, and later tokens
+//!   attend there only to the positions that reached them. Prompts always run the full
+//!   depth.
 //! - [`Depth::SkipDecode`] (Del Corro et al., 2023): the exit point is a function of the
 //!   *sequence position* alone, shared by every sequence at that position: the token at
 //!   position `p` runs `n(p)` layers, decaying linearly from `max_layers` at position 0 to

@@ -330,7 +330,9 @@ impl AttentionKernel {
         let end = slot.end()?;
         if end != ctx.start {
             candle_core::bail!(
-                "KV slot holds {end} positions but the call starts at position {}: a slot is appended to in order (truncate the cache to roll back)",
+                "KV slot accounts for {end} positions ({} stored, {} absent) but the call starts at position {}: a slot is appended to in order (truncate the cache to roll back)",
+                end - slot.absent,
+                slot.absent,
                 ctx.start
             );
         }

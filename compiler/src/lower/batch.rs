@@ -103,6 +103,7 @@ impl Program {
             .map_err(|e| RunError::Input(format!("input_ids: {e}")))?;
         self.check_ids(&ids)?;
         let start = cache.len();
+        self.check_absent_call(cache, seq)?;
         if let Some(m) = &inputs.attention_mask {
             if m.dims() != [batch, start + seq] {
                 return Err(RunError::Input(format!(

@@ -97,10 +97,15 @@ impl KvCache {
         })
     }
 
-    /// Counts `n` positions starting at `start` in slot `i` without keys and values: a
-    /// token that left before the slot's layer, its skipped keys and values absent.
-    pub(crate) fn leave_absent(&mut self, i: usize, start: usize, n: usize) -> Result<()> {
-        let slot = self.slot_mut(i)?;
+    /// Checks that absent positions starting at `start` may be counted in slot `i`: the slot
+    /// exists and accounts for exactly the positions before `start`.
+    pub(crate) fn check_absent(&self, i: usize, start: usize) -> Result<()> {
+        let n = self.slots.len();
+        let slot = self.slots.get(i).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "KV slot {i} does not exist (the cache has {n} slots)"
+            ))
+        })?;
         let end = slot.end()?;
         if end != start {
             candle_core::bail!(
@@ -108,8 +113,16 @@ impl KvCache {
                  {start}: a slot is appended to in order"
             );
         }
-        slot.absent += n;
         Ok(())
+    }
+
+    /// Counts `n` more positions in slot `i` without keys and values (a token that left
+    /// before the slot's layer, its skipped keys and values absent); check first with
+    /// [`KvCache::check_absent`]. A slot that does not exist is left alone.
+    pub(crate) fn leave_absent(&mut self, i: usize, n: usize) {
+        if let Some(slot) = self.slots.get_mut(i) {
+            slot.absent += n;
+        }
     }
 
     /// Marks `n` positions as committed.

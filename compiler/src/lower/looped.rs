@@ -374,6 +374,7 @@ impl Program {
                 return Err(RunError::Input("a segment has no tokens".into()));
             }
             self.check_ids(seg.ids)?;
+            self.check_absent_call(seg.cache, seg.ids.len())?;
             states.push(seg.state.clone());
         }
         // Segments starting at depth 0 with tokens only: their embeddings first.

@@ -178,6 +178,30 @@ impl Program {
         Ok(out)
     }
 
+    /// A cache with absent positions takes one token per call, on a model without sliding
+    /// windows. Checked before a call runs anything, so a refused call leaves every cache
+    /// as it was.
+    pub(crate) fn check_absent_call(&self, cache: &KvCache, tokens: usize) -> Result<(), RunError> {
+        if !cache.has_absent() {
+            return Ok(());
+        }
+        if tokens > 1 {
+            return Err(RunError::Input(format!(
+                "a cache with absent positions (tokens that left early, their skipped layers' \
+                 keys and values absent) takes one token per call; this call brings {tokens}"
+            )));
+        }
+        if self.has_sliding_window() {
+            return Err(RunError::Input(
+                "a cache with absent positions (tokens that left early, their skipped layers' \
+                 keys and values absent) cannot serve sliding-window attention, which counts \
+                 positions"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether any attention of the graph attends within a sliding window.
     fn has_sliding_window(&self) -> bool {
         self.graph.graph.node_weights().any(
@@ -202,19 +226,7 @@ impl Program {
             }
             self.check_ids(seg.ids)?;
             let len = seg.ids.len();
-            // Checked before anything runs, so a refused call leaves every cache as it was.
-            if seg.cache.has_absent() && (len > 1 || self.has_sliding_window()) {
-                return Err(RunError::Input(format!(
-                    "a cache with absent positions (tokens that left early, their skipped \
-                     layers' keys and values absent) takes one token per call without a \
-                     sliding window; this call brings {len} tokens{}",
-                    if len == 1 {
-                        " to a model with sliding-window attention"
-                    } else {
-                        ""
-                    }
-                )));
-            }
+            self.check_absent_call(seg.cache, seg.ids.len())?;
             if let (true, Some(s)) = (from > 0, &seg.state) {
                 if s.dims() != [len, hidden] {
                     return Err(RunError::Input(format!(
@@ -434,28 +446,36 @@ impl Program {
     }
 
     /// Counts each segment's new positions as absent in every attention slot of a block at
-    /// depth `from` or deeper.
+    /// depth `from` or deeper. Every slot is checked first, so a refused call changes none.
     fn leave_absent(
         &self,
         segments: &mut [Segment<'_>],
         spans: &[Span],
         from: usize,
     ) -> Result<(), RunError> {
+        let mut slots = Vec::new();
         for step in &self.steps {
             if !matches!(step.kernel, Kernel::Attention(_)) || step.layer.is_none_or(|l| l < from) {
                 continue;
             }
-            let slot = step.slot().map_err(|cause| RunError::Step {
+            let wrap = |cause| RunError::Step {
                 step: step.name.clone(),
                 cause,
-            })?;
-            for (seg, sp) in segments.iter_mut().zip(spans) {
+            };
+            let slot = step.slot().map_err(wrap)?;
+            for (seg, sp) in segments.iter().zip(spans) {
                 seg.cache
-                    .leave_absent(slot, sp.start, sp.len)
+                    .check_absent(slot, sp.start)
                     .map_err(|cause| RunError::Step {
                         step: step.name.clone(),
                         cause,
                     })?;
+            }
+            slots.push(slot);
+        }
+        for slot in slots {
+            for (seg, sp) in segments.iter_mut().zip(spans) {
+                seg.cache.leave_absent(slot, sp.len);
             }
         }
         Ok(())
