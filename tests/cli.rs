@@ -661,6 +661,29 @@ fn serve_real_exits_with_absent_keys_and_values() {
         })
         .count();
     assert!(early > 0, "no token exited early");
+    // The same from the pipeline's `runtime.skipped_kv`, and the flag overrides it.
+    let pipeline = dir.path().join("absent.ron");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("examples/demo-exits.ron"))
+        .unwrap()
+        .replace(
+            "depth: EarlyExit(rule: Confidence(0.9)),",
+            "depth: EarlyExit(rule: Confidence(0.9)),\n        skipped_kv: Absent,",
+        );
+    assert!(text.contains("skipped_kv: Absent"));
+    std::fs::write(&pipeline, text).unwrap();
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            "serve",
+            pipeline.to_str().unwrap(),
+            "--workload",
+            "examples/workloads/burst.ron",
+        ];
+        args.extend_from_slice(extra);
+        stdout(&exitgraph(&args))
+    };
+    assert!(serve(&[]).contains("absent, not filled"));
+    assert!(!serve(&["--skipped-kv", "filled"]).contains("absent"));
 }
 
 /// A model folder where a pipeline is expected runs the model as imported.

@@ -580,3 +580,49 @@ fn sliding_windows_refuse_absent_keys_and_values() {
     assert!(e.contains("sliding-window"), "{e}");
     assert_eq!((cache.len(), cache.slot_len(0)), (4, 3));
 }
+
+/// A pipeline's `runtime: (skipped_kv: Absent)` reaches generation (`run`, `forward
+/// --generate`) through `generate_with_strategy`: with a rule that always exits at the
+/// first exit point, every generated token after the first leaves after layer 2 and has
+/// nothing filled, where the default fills its 4 skipped layers. The field parses from RON.
+#[test]
+fn generation_follows_the_pipelines_skipped_kv() {
+    use exitgraph::exits::ExitRule;
+    use exitgraph::generate::GenerateOptions;
+    let (p, ..) = reference();
+    let depth = Depth::EarlyExit {
+        rule: ExitRule::Confidence(0.0),
+    };
+    let mut opts = GenerateOptions::greedy(6);
+    opts.stop_at_eos = false;
+    let prompts = vec![vec![5u32, 6, 7, 8]];
+    let generate = |skipped| {
+        exitgraph::runtime::generate_with_strategy(
+            p.clone(),
+            &prompts,
+            &opts,
+            &depth,
+            skipped,
+            None,
+        )
+        .unwrap()
+        .1
+        .remove(0)
+    };
+    for (skipped, filled) in [(SkippedKv::Absent, 0), (SkippedKv::Filled, 4)] {
+        let o = generate(skipped);
+        assert_eq!(o.stats.len(), 6);
+        for s in &o.stats[1..] {
+            assert_eq!(
+                (s.exit_layer, s.filled as usize),
+                (2, filled),
+                "{skipped:?}"
+            );
+        }
+    }
+    let spec: exitgraph::pipeline::RuntimeSpec =
+        ron::from_str("(depth: EarlyExit(rule: Confidence(0.9)), skipped_kv: Absent)").unwrap();
+    assert_eq!(spec.skipped_kv, SkippedKv::Absent);
+    let default: exitgraph::pipeline::RuntimeSpec = ron::from_str("()").unwrap();
+    assert_eq!(default.skipped_kv, SkippedKv::Filled);
+}

@@ -77,6 +77,10 @@ pub struct RuntimeSpec {
     /// pass) or `SkipDecode((max_layers: .., min_layers: .., warmup: ..))`.
     #[serde(default)]
     pub depth: crate::exits::Depth,
+    /// What becomes of the keys and values of the layers an early-exiting token skipped:
+    /// `Filled` from its exit state (the default) or `Absent`.
+    #[serde(default)]
+    pub skipped_kv: crate::exits::SkippedKv,
 }
 
 fn default_batching() -> crate::batching::Batching {
@@ -95,6 +99,7 @@ impl Default for RuntimeSpec {
             stop_at_eos: true,
             batching: default_batching(),
             depth: crate::exits::Depth::Full,
+            skipped_kv: crate::exits::SkippedKv::Filled,
         }
     }
 }

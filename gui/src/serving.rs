@@ -3,6 +3,7 @@
 use crate::jobs::Reporter;
 use exitgraph::device::{DeviceSpec, DtypeSpec};
 use exitgraph::exits::Depth;
+use exitgraph::exits::SkippedKv;
 use exitgraph::generate::Sampling;
 use exitgraph::lower::Program;
 use exitgraph::runtime::cost::CostModel;
@@ -47,6 +48,9 @@ pub struct PromptRun {
     pub stop_ids: Vec<u32>,
     /// How deep tokens run (the pipeline's `runtime.depth`).
     pub depth: Depth,
+    /// What becomes of an exited token's skipped layers (the pipeline's
+    /// `runtime.skipped_kv`).
+    pub skipped_kv: SkippedKv,
 }
 
 /// What a prompt run produced.
@@ -75,6 +79,7 @@ fn run_traced(
     decoding: Decoding,
     requests: Vec<RequestSpec>,
     depth: &Depth,
+    skipped_kv: SkippedKv,
 ) -> anyhow::Result<(
     ServeReport,
     Vec<exitgraph::runtime::metrics::RequestOutcome>,
@@ -92,6 +97,7 @@ fn run_traced(
         Some(writer),
     )
     .with_depth(depth.clone())?
+    .with_skipped_kv(skipped_kv)?
     .run()?;
     let records = read_trace(&path)?.collect::<anyhow::Result<Vec<_>>>()?;
     Ok((report, outcomes, records))
@@ -131,6 +137,7 @@ pub fn run_prompts(
             decoding.clone(),
             vec![request],
             &run.depth,
+            run.skipped_kv,
         )?;
         if let Some(f) = outcomes.iter().find_map(|o| o.failed.clone()) {
             anyhow::bail!("prompt {}: {f}", i + 1);
@@ -217,6 +224,7 @@ pub fn simulate(
             Depth::EarlyExit { .. } | Depth::SelfSpeculative { .. } => Depth::Full,
             other => other.clone(),
         },
+        SkippedKv::Filled,
     )?;
     report(1.0, "done");
     Ok((serve, records))

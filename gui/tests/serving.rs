@@ -31,6 +31,7 @@ fn prompts_run_through_the_runtime_with_one_record_per_token() {
         seed: 0,
         stop_ids: Vec::new(),
         depth: exitgraph::exits::Depth::Full,
+        skipped_kv: exitgraph::exits::SkippedKv::Filled,
     };
     let out = run_prompts(&l.source(), &run, None).unwrap();
     assert_eq!(out.outputs.len(), 2);

@@ -1088,12 +1088,32 @@ pub fn generate_through_runtime(
 }
 
 /// [`generate_through_runtime`] with adaptive depth, a trace, and each request's outcome
-/// (per-token depth statistics).
+/// (per-token depth statistics); skipped layers' keys and values are filled.
 pub fn generate_with_depth(
     program: Arc<Program>,
     prompts: &[Vec<u32>],
     opts: &exitgraph_compiler::generate::GenerateOptions,
     depth: &Depth,
+    trace: Option<TraceWriter>,
+) -> anyhow::Result<(Vec<Vec<u32>>, Vec<RequestOutcome>)> {
+    generate_with_strategy(
+        program,
+        prompts,
+        opts,
+        depth,
+        sim_exits::SkippedKv::Filled,
+        trace,
+    )
+}
+
+/// [`generate_with_depth`] with what becomes of the keys and values of the layers an
+/// early-exiting token skipped (a pipeline's `runtime.skipped_kv`).
+pub fn generate_with_strategy(
+    program: Arc<Program>,
+    prompts: &[Vec<u32>],
+    opts: &exitgraph_compiler::generate::GenerateOptions,
+    depth: &Depth,
+    skipped_kv: sim_exits::SkippedKv,
     trace: Option<TraceWriter>,
 ) -> anyhow::Result<(Vec<Vec<u32>>, Vec<RequestOutcome>)> {
     let info = program.graph().info.clone();
@@ -1130,6 +1150,7 @@ pub fn generate_with_depth(
     };
     let (_, outcomes) = Runtime::new(program, batching, Executor::Real, decoding, requests, trace)
         .with_depth(depth.clone())?
+        .with_skipped_kv(skipped_kv)?
         .run()?;
     if let Some(f) = outcomes.iter().find_map(|o| o.failed.as_ref()) {
         anyhow::bail!("{f}");

@@ -4,7 +4,7 @@ use exitgraph::device::{DeviceSpec, DtypeSpec};
 use exitgraph::generate::GenerateOptions;
 use exitgraph::lower::Inputs;
 use exitgraph::pipeline::{compile, Pipeline};
-use exitgraph::runtime::generate_with_depth;
+use exitgraph::runtime::generate_with_strategy;
 use exitgraph::tensor_io::{read_forward_inputs, write_atomic};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -147,11 +147,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let prompts = inputs.input_ids.to_vec2::<u32>()?;
         // The pipeline's depth strategy decodes (self-speculation keeps the full model's
         // greedy tokens; early exits may change them).
-        let (mut out, _) = generate_with_depth(
+        let (mut out, _) = generate_with_strategy(
             Arc::new(program),
             &prompts,
             &GenerateOptions::greedy(n),
             &compiled.pipeline.runtime.depth,
+            compiled.pipeline.runtime.skipped_kv,
             None,
         )?;
         if let Some(kept) = &selected {

@@ -3,7 +3,7 @@ use candle_core::{DType, Tensor};
 use exitgraph::generate::Sampling;
 use exitgraph::lower::{Inputs, Program};
 use exitgraph::pipeline::{compile, Compiled, Pipeline};
-use exitgraph::runtime::generate_with_depth;
+use exitgraph::runtime::generate_with_strategy;
 use exitgraph::runtime::metrics::Speculated;
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::tensor_io::write_atomic;
@@ -141,11 +141,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let depth = compiled.pipeline.runtime.depth.clone();
     let trace = a.trace.as_deref().map(TraceWriter::create).transpose()?;
     let layers = compiled.graph.info.num_layers;
-    let (out, outcomes) = generate_with_depth(
+    let (out, outcomes) = generate_with_strategy(
         Arc::new(program),
         std::slice::from_ref(&prompt),
         &opts,
         &depth,
+        compiled.pipeline.runtime.skipped_kv,
         trace,
     )?;
     let new: Vec<u32> = out

@@ -2,7 +2,7 @@ use exitgraph::pipeline::{compile, Pipeline};
 use exitgraph::runtime::cost::CostModel;
 use exitgraph::runtime::metrics::RepeatedReport;
 use exitgraph::runtime::policy::{Batching, Priority};
-use exitgraph::runtime::sim_exits::ExitSource;
+use exitgraph::runtime::sim_exits::{ExitSource, SkippedKv};
 use exitgraph::runtime::trace::TraceWriter;
 use exitgraph::runtime::workload::Workload;
 use exitgraph::runtime::{Decoding, Executor, Runtime};
@@ -46,9 +46,9 @@ pub struct Args {
     /// state copying), or `absent`: never computed, later tokens attend in those layers only
     /// to the positions that reached them (recursion-wise caching, as Mixture-of-Recursions
     /// and the Relaxed Recursive Transformers' throughput simulation assume). Both
-    /// executors do either.
-    #[arg(long, value_enum, default_value = "filled")]
-    skipped_kv: SkippedKvArg,
+    /// executors do either. Default: the pipeline's `runtime.skipped_kv` (filled).
+    #[arg(long, value_enum)]
+    skipped_kv: Option<SkippedKvArg>,
     /// Stream one JSON record per generated token to this file (JSON Lines).
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -168,18 +168,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             runtime = runtime.with_simulated_exits(src.clone())?;
         }
         runtime = runtime.with_depth(pipeline.runtime.depth.clone())?;
-        if a.skipped_kv == SkippedKvArg::Absent {
+        let skipped_kv = match a.skipped_kv {
+            Some(SkippedKvArg::Filled) => SkippedKv::Filled,
+            Some(SkippedKvArg::Absent) => SkippedKv::Absent,
+            None => pipeline.runtime.skipped_kv,
+        };
+        if skipped_kv == SkippedKv::Absent {
+            let said = if a.skipped_kv.is_some() {
+                "--skipped-kv absent"
+            } else {
+                "the pipeline's runtime.skipped_kv: Absent"
+            };
             if sim_exits.is_none()
                 && matches!(pipeline.runtime.depth, exitgraph::exits::Depth::Full)
             {
                 anyhow::bail!(
-                    "--skipped-kv absent: no token exits early here (the pipeline's depth is Full \
-                     and no --sim-exits is given), so no layer is skipped"
+                    "{said}: no token exits early here (the pipeline's depth is Full and no \
+                     --sim-exits is given), so no layer is skipped"
                 );
             }
             runtime = runtime
-                .with_skipped_kv(exitgraph::runtime::sim_exits::SkippedKv::Absent)
-                .map_err(|e| anyhow::anyhow!("--skipped-kv absent: {e}"))?;
+                .with_skipped_kv(SkippedKv::Absent)
+                .map_err(|e| anyhow::anyhow!("{said}: {e}"))?;
         }
         let (report, _) = runtime.run()?;
         reports.push(report);

@@ -31,6 +31,25 @@ pub use speculative::SelfSpeculative;
 use exitgraph_ir::Graph;
 use serde::{Deserialize, Serialize};
 
+/// The keys and values of the layers a token skipped by leaving early.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SkippedKv {
+    /// Computed from the token's exit state in a separate call (CALM's state copying), so
+    /// later tokens attend to every position in every layer (the default).
+    #[default]
+    Filled,
+    /// Never computed: later tokens attend, in those layers, only to the positions that
+    /// reached them (Mixture-of-Recursions' recursion-wise caching; the Relaxed Recursive
+    /// Transformers' throughput simulation charges nothing for them either). The real
+    /// runtime (`exitgraph-runtime`) counts the positions as absent in those layers' KV slots
+    /// ([`crate::lower::Task::AbsentKv`]) and attends over the ones present;
+    /// the simulator drops the state-copying call and charges each later token's
+    /// attention, layer by layer, over the positions that have keys and values there. A
+    /// slot with absent positions takes one token per call, so self-speculation (several
+    /// tokens per verification, rollback) and sliding-window attention cannot use it.
+    Absent,
+}
+
 /// How deep tokens run, as written in a pipeline's `runtime: (depth: ...)`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

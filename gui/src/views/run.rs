@@ -198,6 +198,7 @@ impl RunView {
                 Vec::new()
             },
             depth: rt.depth.clone(),
+            skipped_kv: rt.skipped_kv,
         };
         let source = loaded.source();
         self.error = None;
