@@ -648,3 +648,42 @@ fn packed_examples_attend_only_within_themselves() {
         );
     }
 }
+
+/// The demo recipe's longest needle haystacks (`haystack_sentences: 280` in
+/// `examples/demo-train.ron`) against the evaluation's 2048-token ones, with the demo model's
+/// tokenizer: the README's explanation of the far-depth misses at 2048 rests on these lengths
+/// (about 1,650 tokens trained, about 345 sentences to fill 2048). Fails when the sentence
+/// generator, the needle format or the demo tokenizer moves them.
+#[test]
+fn demo_needle_haystacks_stop_short_of_the_context() {
+    use exitgraph::corpus::{encode, needle};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo/tokenizer.json");
+    let tok = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let len = |seed: u64, sentences: usize| {
+        encode(&tok, &needle::at_depth(seed, sentences, 0.0))
+            .unwrap()
+            .ids
+            .len()
+    };
+    let trained: Vec<usize> = (0..20).map(|seed| len(1000 + seed, 280)).collect();
+    let mean = trained.iter().sum::<usize>() as f64 / trained.len() as f64;
+    // The evaluation's haystack for 2048 positions: the most sentences that fit (`eval
+    // layers --needle 2048`, seed 1000 at depth 0).
+    let fill = (280..1000)
+        .take_while(|&n| len(1000, n) <= 2048)
+        .last()
+        .unwrap();
+    println!(
+        "280 sentences: mean {mean:.1} tokens ({}–{}); 2048 tokens hold {fill} sentences",
+        trained.iter().min().unwrap(),
+        trained.iter().max().unwrap()
+    );
+    assert!(
+        (1550.0..1750.0).contains(&mean),
+        "280-sentence haystacks average {mean} tokens"
+    );
+    assert!(
+        (320..380).contains(&fill),
+        "2048 tokens hold {fill} sentences"
+    );
+}

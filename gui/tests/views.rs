@@ -410,7 +410,7 @@ fn run_view_shows_real_exits_of_the_demo_exits_pipeline() {
     assert!(h.state().run.error.is_none(), "{:?}", h.state().run.error);
     let r = h.state().run.result.as_ref().unwrap();
     assert!(r.heatmap.has_signals());
-    // " ." after "some birds are not green" is certain after one layer.
+    // The sentence's closing " ." is certain early (after layer 2 on the demo model).
     assert!(
         r.heatmap.rows.iter().any(|row| row.exit_layer < 8),
         "some token exits early"

@@ -216,8 +216,8 @@ pub struct CorpusSpec {
     /// by at most one example), so listing a task twice doubles its share.
     #[serde(default)]
     pub tasks: Vec<Task>,
-    /// Longest [`Task::Needle`] haystack, in grammar sentences (about seven tokens each);
-    /// lengths are drawn log-uniformly between 2 and this.
+    /// Longest [`Task::Needle`] haystack, in grammar sentences (about six tokens each with
+    /// the demo model's tokenizer); lengths are drawn log-uniformly between 2 and this.
     #[serde(default = "default_haystack_sentences")]
     pub haystack_sentences: usize,
 }

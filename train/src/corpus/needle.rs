@@ -6,8 +6,8 @@
 //! value (`K47 .`), placed between sentences at independent random depths. The question at
 //! the end repeats one fact's key after `; `, and the two value digits are the answers. The
 //! haystack length in sentences is log-uniform between 2 and the corpus's
-//! `haystack_sentences` (a grammar sentence is about seven tokens), so most examples are
-//! short and some fill the trained context. [`at_depth`] builds the evaluation's single-fact
+//! `haystack_sentences` (a grammar sentence is about six tokens with the demo model's
+//! tokenizer), so most examples are short and a few long. [`at_depth`] builds the evaluation's single-fact
 //! haystacks with the fact at a chosen depth.
 
 use super::{grammar, Builder, Example, Rng, Task};
