@@ -421,6 +421,12 @@ fn train_lm_writes_a_checkpoint_that_loads_and_evaluates() {
     ] {
         assert!(model.join(f).exists(), "{f} missing");
     }
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("training.json")).unwrap()).unwrap();
+    assert_eq!(
+        record["output"], "model",
+        "training.json names the output as the config does, not as an absolute path"
+    );
     assert!(
         !dir.path().join("model.run").exists(),
         "the run folder (initialisation, checkpoints) is removed after a finished run"

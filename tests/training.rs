@@ -649,24 +649,41 @@ fn packed_examples_attend_only_within_themselves() {
     }
 }
 
-/// The demo recipe's longest needle haystacks (`haystack_sentences: 280` in
-/// `examples/demo-train.ron`) against the evaluation's 2048-token ones, with the demo model's
-/// tokenizer: the README's explanation of the far-depth misses at 2048 rests on these lengths
-/// (about 1,650 tokens trained, about 345 sentences to fill 2048). Fails when the sentence
-/// generator, the needle format or the demo tokenizer moves them.
+/// The needle haystacks of the demo recipe (`examples/demo-train.ron`) and of its
+/// full-haystack experiment (`examples/demo-full-haystack-train.ron`), read from the configs,
+/// against the evaluation's 2048-token ones, with the demo model's tokenizer: the README's
+/// explanation of the far-depth misses at 2048 rests on these lengths (about 1,650 tokens
+/// trained by the shipped recipe, about 2,000 by the experiment, about 345 sentences to fill
+/// 2048). Fails when the sentence generator, the needle format, the demo tokenizer or either
+/// config moves them.
 #[test]
-fn demo_needle_haystacks_stop_short_of_the_context() {
+fn demo_needle_haystacks_against_the_context() {
     use exitgraph::corpus::{encode, needle};
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo/tokenizer.json");
-    let tok = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tok = tokenizers::Tokenizer::from_file(root.join("models/demo/tokenizer.json")).unwrap();
     let len = |seed: u64, sentences: usize| {
         encode(&tok, &needle::at_depth(seed, sentences, 0.0))
             .unwrap()
             .ids
             .len()
     };
-    let trained: Vec<usize> = (0..20).map(|seed| len(1000 + seed, 280)).collect();
-    let mean = trained.iter().sum::<usize>() as f64 / trained.len() as f64;
+    let sentences = |config: &str| {
+        exitgraph::train::lm::LmTrainSpec::read(&root.join("examples").join(config))
+            .unwrap()
+            .corpus
+            .haystack_sentences
+    };
+    // Mean, shortest and longest of 20 haystacks of the most sentences a config allows.
+    let lengths = |sentences: usize| {
+        let l: Vec<usize> = (0..20).map(|seed| len(1000 + seed, sentences)).collect();
+        let mean = l.iter().sum::<usize>() as f64 / l.len() as f64;
+        (mean, *l.iter().min().unwrap(), *l.iter().max().unwrap())
+    };
+    let shipped = sentences("demo-train.ron");
+    let experiment = sentences("demo-full-haystack-train.ron");
+    assert_eq!((shipped, experiment), (280, 340));
+    let (mean, lo, hi) = lengths(shipped);
+    let (mean_x, lo_x, hi_x) = lengths(experiment);
     // The evaluation's haystack for 2048 positions: the most sentences that fit (`eval
     // layers --needle 2048`, seed 1000 at depth 0).
     let fill = (280..1000)
@@ -674,13 +691,16 @@ fn demo_needle_haystacks_stop_short_of_the_context() {
         .last()
         .unwrap();
     println!(
-        "280 sentences: mean {mean:.1} tokens ({}–{}); 2048 tokens hold {fill} sentences",
-        trained.iter().min().unwrap(),
-        trained.iter().max().unwrap()
+        "{shipped} sentences: mean {mean:.1} tokens ({lo}–{hi}); {experiment}: mean \
+         {mean_x:.1} ({lo_x}–{hi_x}); 2048 tokens hold {fill} sentences"
     );
     assert!(
         (1550.0..1750.0).contains(&mean),
-        "280-sentence haystacks average {mean} tokens"
+        "{shipped}-sentence haystacks average {mean} tokens"
+    );
+    assert!(
+        (1900.0..2048.0).contains(&mean_x) && hi_x <= 2048,
+        "{experiment}-sentence haystacks average {mean_x} tokens, the longest {hi_x}"
     );
     assert!(
         (320..380).contains(&fill),

@@ -155,6 +155,8 @@ impl LmTrainSpec {
 /// What a run produced.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LmReport {
+    /// The folder written; `training.json` holds it as the config names it (relative to the
+    /// config file).
     pub output: PathBuf,
     pub params: usize,
     pub vocab: usize,
@@ -617,9 +619,15 @@ pub fn train_lm_spec(
         eval_rows: eval.rows(),
         log,
     };
+    // The record names the output as the config does (relative to it), so a shipped
+    // `training.json` carries no folder of the machine that trained it.
+    let record = LmReport {
+        output: PathBuf::from(&spec.output),
+        ..report.clone()
+    };
     exitgraph_compiler::atomic::write_text(
         &out.join("training.json"),
-        &serde_json::to_string_pretty(&report)?,
+        &serde_json::to_string_pretty(&record)?,
     )?;
     let _ = std::fs::remove_dir_all(&run);
     Ok(report)
