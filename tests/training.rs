@@ -528,6 +528,90 @@ fn length_curriculum_switches_row_length_at_its_steps() {
     assert!(led.stages[1].examples > led.stages[1].rows);
     assert!(led.stages[1].examples < staged.stages[1].examples);
     assert!(weights("led") != weights("staged"));
+    // Generated needles lead rows of their own after the corpus's leads (one row each: they
+    // fit), with the same tokens a step; without lead_tokens they are the only leads.
+    let needles_stage = |extra: &str, needles: &str| {
+        format!(
+            "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2, {extra} \
+             lead_needles: Some((seed: 9, examples: 40, {needles})))],"
+        )
+    };
+    let short = "sentences: (2, 4), facts: [(0.0, 0.3)]";
+    let generated = train_lm(
+        &write("generated", &needles_stage("lead_tokens: 30,", short)),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    assert_eq!(generated.log.tokens, staged.log.tokens);
+    let made = generated.stages[1].lead_needles;
+    // Exactly the generated examples that fit a 49-token row (inputs and targets) lead rows.
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(dir.path().join("generated").join("tokenizer.json"))
+            .unwrap();
+    let lengths: Vec<usize> = exitgraph::train::corpus::NeedleLeads {
+        seed: 9,
+        examples: 40,
+        sentences: (2, 4),
+        facts: vec![(0.0, 0.3)],
+    }
+    .generate()
+    .iter()
+    .map(|e| {
+        exitgraph::train::corpus::encode(&tokenizer, e)
+            .unwrap()
+            .ids
+            .len()
+    })
+    .collect();
+    let fitting = lengths.iter().filter(|&&n| n <= 49).count();
+    assert!(fitting > 0 && fitting < 40, "{lengths:?}");
+    assert_eq!(made, fitting, "{lengths:?}");
+    assert_eq!(generated.stages[1].rows, led.stages[1].rows + made);
+    assert_eq!(led.stages[1].lead_needles, 0);
+    assert!(weights("generated") != weights("led"));
+    let only = train_lm(
+        &write("only", &needles_stage("", short)),
+        false,
+        false,
+        false,
+    )
+    .unwrap();
+    assert_eq!(only.stages[1].rows, made);
+    assert_eq!(only.stages[1].lead_needles, made);
+    let e = train_lm(
+        &write(
+            "toolong",
+            &needles_stage("", "sentences: (40, 50), facts: [(0.0, 0.3)]"),
+        ),
+        false,
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("toolong.ron")
+            && e.contains("length_curriculum[0].lead_needles")
+            && e.contains("fits a row"),
+        "{e}"
+    );
+    let e = train_lm(
+        &write(
+            "deep",
+            &needles_stage("", "sentences: (2, 4), facts: [(0.5, 0.2)]"),
+        ),
+        false,
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("deep.ron") && e.contains("length_curriculum[0].lead_needles: facts[0]"),
+        "{e}"
+    );
     let absent = write(
         "absent",
         "length_curriculum: [(from_step: 2, seq_len: 48, batch_size: 2, tasks: [addition])],",

@@ -116,9 +116,16 @@ pub struct LengthStage {
     /// rows), and the room it leaves is filled with the stage's shorter examples, first fit,
     /// each at most once ([`corpus::pack_led`]). So the long rows carry a long-range lookup
     /// each and the short tasks are still trained in the rest. 0 when omitted: rows packed
-    /// from all the stage's examples in order.
+    /// from all the stage's examples in order (or, with `lead_needles`, led by those).
     #[serde(default)]
     pub lead_tokens: usize,
+    /// Needle examples generated for this stage (with their own seed, lengths and fact
+    /// depths), each leading a row of its own beside the corpus's leads; the ones longer than
+    /// a row (`seq_len + 1` tokens) are left out, never cut. Without `lead_tokens` they are the
+    /// only leads, and the stage's corpus examples only fill the room they leave (first fit,
+    /// the rest unused). None when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lead_needles: Option<corpus::NeedleLeads>,
 }
 
 impl LmTrainSpec {
@@ -133,15 +140,19 @@ impl LmTrainSpec {
         stages
     }
 
-    /// The tasks (empty: all) and the lead length (0: none) of every stage, the top-level one
-    /// first.
-    fn stage_filters(&self) -> Vec<(&[corpus::Task], usize)> {
-        let mut filters: Vec<(&[corpus::Task], usize)> = vec![(&[], 0)];
-        filters.extend(
-            self.length_curriculum
-                .iter()
-                .map(|s| (s.tasks.as_slice(), s.lead_tokens)),
-        );
+    /// The tasks (empty: all), the lead length (0: none) and the generated leads of every
+    /// stage, the top-level one first.
+    fn stage_filters(&self) -> Vec<StageLeads<'_>> {
+        let mut filters = vec![StageLeads {
+            tasks: &[],
+            lead_tokens: 0,
+            needles: None,
+        }];
+        filters.extend(self.length_curriculum.iter().map(|s| StageLeads {
+            tasks: s.tasks.as_slice(),
+            lead_tokens: s.lead_tokens,
+            needles: s.lead_needles.as_ref(),
+        }));
         filters
     }
 }
@@ -150,6 +161,14 @@ impl LmTrainSpec {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         exitgraph_compiler::ron_file::read(path)
     }
+}
+
+/// A stage's choice of examples: [`LengthStage::tasks`], [`LengthStage::lead_tokens`] and
+/// [`LengthStage::lead_needles`].
+struct StageLeads<'a> {
+    tasks: &'a [corpus::Task],
+    lead_tokens: usize,
+    needles: Option<&'a corpus::NeedleLeads>,
 }
 
 /// What a run produced.
@@ -178,6 +197,9 @@ pub struct StageReport {
     /// Corpus examples the stage's filters keep.
     pub examples: usize,
     pub rows: usize,
+    /// Generated needle examples ([`LengthStage::lead_needles`]) that fit a row and lead one.
+    #[serde(default)]
+    pub lead_needles: usize,
 }
 
 /// The folder a run trains in, beside the output: `OUTPUT.run`.
@@ -288,6 +310,18 @@ pub fn train_lm_spec(
                 }
             );
         }
+        if let Some(problem) = i
+            .checked_sub(1)
+            .and_then(|j| spec.length_curriculum.get(j))
+            .and_then(|s| s.lead_needles.as_ref())
+            .and_then(|n| n.problem())
+        {
+            bail!(
+                "{}: length_curriculum[{}].lead_needles: {problem}",
+                config_path.display(),
+                i - 1
+            );
+        }
         if i > 0 && from <= spec.stages()[i - 1].0 {
             bail!(
                 "{}: length_curriculum[{}].from_step {from} must be after the previous stage's \
@@ -351,9 +385,14 @@ pub fn train_lm_spec(
         .unwrap_or(spec.seq_len);
     let mut stage_rows = Vec::new();
     let mut stage_reports = Vec::new();
-    for (i, (&(from, seq_len, batch), (tasks, lead_tokens))) in
+    for (i, (&(from, seq_len, batch), filter)) in
         spec.stages().iter().zip(spec.stage_filters()).enumerate()
     {
+        let StageLeads {
+            tasks,
+            lead_tokens,
+            needles,
+        } = filter;
         let fitting = stage_examples(
             &encoded,
             &train_examples,
@@ -364,15 +403,35 @@ pub fn train_lm_spec(
             },
         );
         // With `lead_tokens`, the examples that long lead the rows and the rest fill them.
-        let (leads, fill): (Vec<corpus::Encoded>, Vec<corpus::Encoded>) = if lead_tokens > 0 {
+        let (mut leads, fill): (Vec<corpus::Encoded>, Vec<corpus::Encoded>) = if lead_tokens > 0 {
             fitting
                 .into_iter()
                 .partition(|e| e.ids.len() >= lead_tokens)
         } else {
             (Vec::new(), fitting)
         };
+        let generated = match needles {
+            Some(needles) => generated_leads(&tokenizer, needles, seq_len)?,
+            None => Vec::new(),
+        };
+        if let (Some(needles), true) = (needles, generated.is_empty()) {
+            bail!(
+                "{}: length_curriculum[{}].lead_needles: none of its {} examples fits a row of \
+                 {} tokens (seq_len + 1); fewer sentences would",
+                config_path.display(),
+                i - 1,
+                needles.examples,
+                seq_len + 1
+            );
+        }
+        let led = lead_tokens > 0 || needles.is_some();
         let fitting = if lead_tokens > 0 { &leads } else { &fill };
-        if i > 0 && fitting.is_empty() {
+        // A stage led only by generated needles has rows even without a corpus example, but
+        // tasks the corpus does not have are still an error.
+        if i > 0
+            && fitting.is_empty()
+            && (lead_tokens > 0 || needles.is_none() || !tasks.is_empty())
+        {
             let which = if tasks.is_empty() {
                 "no example of the corpus".to_string()
             } else {
@@ -395,9 +454,12 @@ pub fn train_lm_spec(
                 i - 1
             );
         }
-        let (rows, examples) = if lead_tokens > 0 {
+        let corpus_leads = leads.len();
+        let lead_needles = generated.len();
+        leads.extend(generated);
+        let (rows, examples) = if led {
             let (rows, used) = corpus::pack_led(&leads, &fill, seq_len, eos)?;
-            (rows, leads.len() + used)
+            (rows, corpus_leads + used)
         } else {
             (corpus::pack_encoded(&fill, seq_len, eos)?, fill.len())
         };
@@ -408,6 +470,7 @@ pub fn train_lm_spec(
             batch_size: batch,
             examples,
             rows: rows.len(),
+            lead_needles,
         });
         stage_rows.push((from, rows, batch));
     }
@@ -641,6 +704,22 @@ struct StageFilter<'a> {
     longest: bool,
     /// Only these tasks' examples (every task when empty).
     tasks: &'a [corpus::Task],
+}
+
+/// The stage's generated needle examples, encoded, that fit a row of `seq_len + 1` tokens.
+fn generated_leads(
+    tokenizer: &tokenizers::Tokenizer,
+    needles: &corpus::NeedleLeads,
+    seq_len: usize,
+) -> anyhow::Result<Vec<corpus::Encoded>> {
+    let mut fitting = Vec::new();
+    for example in needles.generate() {
+        let encoded = corpus::encode(tokenizer, &example)?;
+        if encoded.ids.len() <= seq_len + 1 {
+            fitting.push(encoded);
+        }
+    }
+    Ok(fitting)
 }
 
 /// The encoded examples (`encoded[i]` encodes `examples[i]`) a stage trains on, in order.

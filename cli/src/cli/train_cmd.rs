@@ -197,8 +197,13 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 report.log.tokens
             );
             for stage in &report.stages {
+                let generated = if stage.lead_needles > 0 {
+                    format!(" and {} generated needles", stage.lead_needles)
+                } else {
+                    String::new()
+                };
                 outln!(
-                    "  from step {}: {} examples in {} rows of {} tokens, batches of {}",
+                    "  from step {}: {} examples{generated} in {} rows of {} tokens, batches of {}",
                     stage.from_step,
                     stage.examples,
                     stage.rows,

@@ -256,6 +256,62 @@ pub fn generate(spec: &CorpusSpec) -> Vec<Example> {
         .collect()
 }
 
+/// Needle examples generated for one training stage, beside the corpus: haystacks in the
+/// evaluation's format (see [`needle::at_depth`]) whose length and fact depths the stage
+/// chooses, e.g. long haystacks with a fact near the start, the distances the corpus's
+/// log-uniform lengths and uniform depths rarely reach.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeedleLeads {
+    pub seed: u64,
+    /// How many to generate.
+    pub examples: usize,
+    /// Haystack length in grammar sentences, uniform in `(min, max)`, both included.
+    pub sentences: (usize, usize),
+    /// One fact per interval `(from, to)`, its depth uniform in it as a fraction of the
+    /// haystack (0 first, 1 just before the question), each with its own key; the question
+    /// asks for one of them, chosen uniformly. `[(0.0, 0.25)]`: one fact in the first quarter.
+    pub facts: Vec<(f64, f64)>,
+}
+
+impl NeedleLeads {
+    /// Why the spec cannot generate, naming the field; `None` when it can.
+    pub fn problem(&self) -> Option<String> {
+        let (lo, hi) = self.sentences;
+        if self.examples == 0 {
+            return Some("examples must be positive".into());
+        }
+        if lo == 0 || lo > hi {
+            return Some(format!(
+                "sentences ({lo}, {hi}) must be a range (min, max) with 1 <= min <= max"
+            ));
+        }
+        if self.facts.is_empty() || self.facts.len() > 26 {
+            return Some(format!(
+                "facts has {} intervals; 1 to 26 (one key letter each)",
+                self.facts.len()
+            ));
+        }
+        self.facts.iter().enumerate().find_map(|(i, &(from, to))| {
+            (!(0.0..=1.0).contains(&from) || !(0.0..=1.0).contains(&to) || from > to).then(|| {
+                format!(
+                    "facts[{i}] ({from}, {to}) must be a depth interval (from, to) with \
+                     0 <= from <= to <= 1"
+                )
+            })
+        })
+    }
+
+    /// The examples, deterministic for the spec. Call only when [`Self::problem`] is `None`.
+    pub fn generate(&self) -> Vec<Example> {
+        debug_assert!(self.problem().is_none(), "{:?}", self.problem());
+        let mut rng = Rng::new(self.seed);
+        (0..self.examples)
+            .map(|_| needle::placed(&mut rng, self.sentences, &self.facts))
+            .collect()
+    }
+}
+
 /// SplitMix64: tiny, seedable, good enough for synthetic data.
 #[derive(Clone, Debug)]
 struct Rng(u64);

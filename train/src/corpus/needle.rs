@@ -59,3 +59,32 @@ fn build(rng: &mut Rng, sentences: usize, facts: &[(usize, Fact)], query: Fact) 
         .answer_symbols(&query.1)
         .build()
 }
+
+/// A haystack in [`at_depth`]'s format whose length (in sentences) is drawn uniformly from
+/// the inclusive `sentences` range, with one fact for each interval of `depths`, its depth
+/// drawn uniformly in it (distinct keys), asking for one of them chosen uniformly: the
+/// long-range lookups a training stage adds on purpose ([`super::NeedleLeads`]).
+pub(super) fn placed(rng: &mut Rng, sentences: (usize, usize), depths: &[(f64, f64)]) -> Example {
+    let n = rng.between(sentences.0, sentences.1);
+    let at: Vec<usize> = depths
+        .iter()
+        .map(|&(from, to)| {
+            let u = rng.below(1 << 20) as f64 / f64::from(1u32 << 20);
+            let d = (from + u * (to - from)).clamp(0.0, 1.0);
+            (d * n as f64).round() as usize
+        })
+        .collect();
+    let keys = rng.distinct_letters(depths.len());
+    let facts: Vec<(usize, Fact)> = at
+        .into_iter()
+        .zip(keys)
+        .map(|(at, key)| (at, (key, [rng.digit(), rng.digit()])))
+        .collect();
+    // One fact is asked for without a draw (the stream stays that of a single-fact spec).
+    let query = if facts.len() == 1 {
+        facts[0].1
+    } else {
+        facts[rng.below(facts.len())].1
+    };
+    build(rng, n, &facts, query)
+}

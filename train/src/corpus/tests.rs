@@ -512,3 +512,170 @@ proptest::proptest! {
         }
     }
 }
+
+/// The sentences of a needle haystack before its fact and in all (a grammar sentence ends
+/// with ` .`, and so does the fact `K47 .`).
+fn fact_place(text: &str) -> (usize, usize) {
+    let (hay, _) = text["needle: ".len()..].rsplit_once(" ; ").unwrap();
+    let parts: Vec<&str> = hay.split(" . ").collect();
+    let fact = parts
+        .iter()
+        .position(|p| p.starts_with(|c: char| c.is_ascii_uppercase()))
+        .unwrap();
+    // Every part but the fact is a sentence (the last one keeps its trailing ` .`).
+    (fact, parts.len() - 1)
+}
+
+/// A stage's generated needles hold one fact, at a depth inside the spec's interval, in a
+/// haystack whose length is inside the spec's range; they cover the range (not one length,
+/// not one depth); the same spec gives the same examples and another seed others.
+#[test]
+fn needle_leads_have_the_lengths_and_depths_asked_for() {
+    let spec = NeedleLeads {
+        seed: 4,
+        examples: 200,
+        sentences: (20, 30),
+        facts: vec![(0.0, 0.25)],
+    };
+    assert_eq!(spec.problem(), None);
+    let examples = spec.generate();
+    assert_eq!(examples.len(), 200);
+    let mut lengths = BTreeSet::new();
+    let mut places = BTreeSet::new();
+    for ex in &examples {
+        assert_eq!(ex.task, Task::Needle);
+        let t = &ex.text;
+        let (hay, query) = t["needle: ".len()..].rsplit_once(" ; ").unwrap();
+        let facts: Vec<&str> = hay
+            .split(' ')
+            .filter(|w| w.starts_with(|c: char| c.is_ascii_uppercase()))
+            .collect();
+        assert_eq!(facts, [query], "one fact, the one asked for: {t}");
+        assert_eq!(ex.answers.len(), 2);
+        assert_eq!(&t[ex.answers[0].start..ex.answers[1].end], &query[1..]);
+        let (before, sentences) = fact_place(t);
+        assert!((20..=30).contains(&sentences), "{sentences} sentences: {t}");
+        // round(depth * sentences) with depth <= 0.25.
+        assert!(
+            before as f64 <= (0.25 * sentences as f64).round(),
+            "{before}/{sentences}"
+        );
+        lengths.insert(sentences);
+        places.insert(before);
+    }
+    assert!(lengths.len() >= 8, "{lengths:?}");
+    assert!(places.contains(&0) && places.len() >= 5, "{places:?}");
+    assert_eq!(spec.generate(), examples);
+    assert_ne!(
+        NeedleLeads {
+            seed: 5,
+            ..spec.clone()
+        }
+        .generate(),
+        examples
+    );
+    // A depth interval away from 0 keeps the fact between its bounds.
+    let deep = NeedleLeads {
+        facts: vec![(0.5, 0.75)],
+        ..spec.clone()
+    };
+    for ex in deep.generate() {
+        let (before, sentences) = fact_place(&ex.text);
+        let n = sentences as f64;
+        assert!(
+            (0.5 * n).round() as usize <= before && before as f64 <= (0.75 * n).round(),
+            "{before}/{sentences}"
+        );
+    }
+    // The evaluation's format: at_depth's haystack of the same shape parses the same way.
+    let eval = needle::at_depth(1000, 25, 0.2);
+    assert_eq!(fact_place(&eval.text), (5, 25));
+}
+
+/// With several depth intervals, every example has one fact in each (in order, distinct
+/// keys) and asks for one of them; over many examples each is asked for.
+#[test]
+fn needle_leads_place_one_fact_per_interval_and_ask_for_any() {
+    let spec = NeedleLeads {
+        seed: 8,
+        examples: 150,
+        sentences: (20, 30),
+        facts: vec![(0.0, 0.2), (0.4, 0.6), (0.8, 1.0)],
+    };
+    let mut asked = [0; 3];
+    for ex in spec.generate() {
+        let t = &ex.text;
+        let (hay, query) = t["needle: ".len()..].rsplit_once(" ; ").unwrap();
+        let parts: Vec<&str> = hay.split(" . ").collect();
+        let sentences = parts.len() - 3;
+        let facts: Vec<(usize, &str)> = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.starts_with(|c: char| c.is_ascii_uppercase()))
+            // Sentences before the fact: its index less the facts before it.
+            .enumerate()
+            .map(|(k, (i, p))| (i - k, p.trim_end_matches(" .")))
+            .collect();
+        assert_eq!(facts.len(), 3, "{t}");
+        let keys: BTreeSet<char> = facts.iter().map(|f| f.1.chars().next().unwrap()).collect();
+        assert_eq!(keys.len(), 3, "distinct keys: {t}");
+        for (&(before, _), &(from, to)) in facts.iter().zip(&spec.facts) {
+            let n = sentences as f64;
+            assert!(
+                (from * n).round() as usize <= before && before as f64 <= (to * n).round(),
+                "{before}/{sentences} outside ({from}, {to}): {t}"
+            );
+        }
+        let which = facts.iter().position(|f| f.1 == query).unwrap();
+        asked[which] += 1;
+        assert_eq!(&t[ex.answers[0].start..ex.answers[1].end], &query[1..]);
+    }
+    assert!(asked.iter().all(|&a| a >= 30), "{asked:?}");
+}
+
+/// Every field of a spec that cannot generate is named.
+#[test]
+fn needle_leads_name_what_cannot_generate() {
+    let ok = NeedleLeads {
+        seed: 0,
+        examples: 3,
+        sentences: (5, 9),
+        facts: vec![(0.1, 0.3)],
+    };
+    let problem = |n: NeedleLeads| n.problem().unwrap_or_default();
+    assert!(problem(NeedleLeads {
+        examples: 0,
+        ..ok.clone()
+    })
+    .contains("examples"));
+    assert!(problem(NeedleLeads {
+        sentences: (9, 5),
+        ..ok.clone()
+    })
+    .contains("sentences"));
+    assert!(problem(NeedleLeads {
+        sentences: (0, 5),
+        ..ok.clone()
+    })
+    .contains("sentences"));
+    assert!(problem(NeedleLeads {
+        facts: vec![],
+        ..ok.clone()
+    })
+    .contains("facts"));
+    assert!(problem(NeedleLeads {
+        facts: vec![(0.0, 1.0); 27],
+        ..ok.clone()
+    })
+    .contains("facts"));
+    let bad = |facts: Vec<(f64, f64)>| {
+        problem(NeedleLeads {
+            facts,
+            ..ok.clone()
+        })
+    };
+    assert!(bad(vec![(0.0, 0.1), (0.3, 0.1)]).contains("facts[1]"));
+    assert!(bad(vec![(0.0, 1.5)]).contains("facts[0]"));
+    assert!(bad(vec![(f64::NAN, 0.5)]).contains("facts[0]"));
+    assert_eq!(ok.problem(), None);
+}
