@@ -738,8 +738,9 @@ fn packed_examples_attend_only_within_themselves() {
 /// against the evaluation's 2048-token ones, with the demo model's tokenizer: the README's
 /// explanation of the far-depth misses at 2048 rests on these lengths (about 1,650 tokens
 /// trained by the shipped recipe, about 2,000 by the experiment, about 345 sentences to fill
-/// 2048). Fails when the sentence generator, the needle format, the demo tokenizer or either
-/// config moves them.
+/// 2048), and on the far-needle experiment's generated haystacks (about 1,750 to 2,000).
+/// Fails when the sentence generator, the needle format, the demo tokenizer or a config
+/// moves them.
 #[test]
 fn demo_needle_haystacks_against_the_context() {
     use exitgraph::corpus::{encode, needle};
@@ -789,5 +790,27 @@ fn demo_needle_haystacks_against_the_context() {
     assert!(
         (320..380).contains(&fill),
         "2048 tokens hold {fill} sentences"
+    );
+    // The far-needle experiment's generated haystacks (`lead_needles`): from about 1,750
+    // tokens to about 2,000, short of the 2048 haystack's depth-0% distance.
+    let spec =
+        exitgraph::train::lm::LmTrainSpec::read(&root.join("examples/demo-far-needles-train.ron"))
+            .unwrap();
+    let needles = spec
+        .length_curriculum
+        .iter()
+        .find_map(|s| s.lead_needles.as_ref())
+        .unwrap();
+    assert_eq!(needles.sentences, (300, 340));
+    let (mean_lo, _, _) = lengths(needles.sentences.0);
+    let (mean_hi, _, hi_hi) = lengths(needles.sentences.1);
+    println!(
+        "far needles: {} sentences mean {mean_lo:.1} tokens, {} mean {mean_hi:.1} (longest {hi_hi})",
+        needles.sentences.0, needles.sentences.1
+    );
+    assert!((1700.0..1850.0).contains(&mean_lo), "{mean_lo}");
+    assert!(
+        (1950.0..2048.0).contains(&mean_hi) && hi_hi <= 2048,
+        "{mean_hi} {hi_hi}"
     );
 }
