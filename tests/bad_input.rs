@@ -559,6 +559,18 @@ fn gemfilter_fields_have_line_and_column() {
     assert_pipeline_fails(&path, &["pipeline.ron:4:", "\"keep_fraction\"", "(0, 1]"]);
     let (_dir, path) = pass("GemFilter(filter_layer: 1, keep: 8, keep_fraction: 0.5)");
     assert_pipeline_fails(&path, &["pipeline.ron:4:", "GemFilter", "not both"]);
+    let (_dir, path) = pass("GemFilter(filter_layer: 1, keep: 8, keep_first: 4, keep_last: 5)");
+    assert_pipeline_fails(
+        &path,
+        &[
+            "pipeline.ron:4:45:",
+            "\"keep_first\"",
+            "(4 + 5)",
+            "keep (8)",
+        ],
+    );
+    let (_dir, path) = pass("GemFilter(filter_layer: 1, keep: 8, keep_last: 9)");
+    assert_pipeline_fails(&path, &["pipeline.ron:4:45:", "\"keep_last\"", "(0 + 9)"]);
     let (_dir, path) = pass("GemFilter(filter_layer: 1, kep: 8)");
     assert_pipeline_fails(&path, &["pipeline.ron:4:", "kep"]);
     let (_dir, path) = pass("TieLayers(loops: 2), GemFilter(filter_layer: 1, keep: 8)");

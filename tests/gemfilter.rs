@@ -6,7 +6,7 @@
 //! through the runtime; then the invariants on random models (proptests).
 
 use candle_core::{DType, Device, Tensor};
-use exitgraph::gemfilter::{pool_scores, select, select_positions};
+use exitgraph::gemfilter::{pool_scores, select, select_positions, select_positions_forcing};
 use exitgraph::generate::GenerateOptions;
 use exitgraph::lower::Program;
 use exitgraph::passes::{GemFilter, PassManager};
@@ -119,10 +119,13 @@ fn filtered(
     keep: Keep,
     pool: usize,
 ) -> Arc<Program> {
+    filtered_by(graph, dir, GemFilter::new(r, keep, pool))
+}
+
+/// `graph` with the given GemFilter pass, lowered on the CPU from `dir`'s weights.
+fn filtered_by(graph: &Graph, dir: &std::path::Path, pass: GemFilter) -> Arc<Program> {
     let mut g = graph.clone();
-    PassManager::new(vec![Box::new(GemFilter::new(r, keep, pool))])
-        .run(&mut g)
-        .unwrap();
+    PassManager::new(vec![Box::new(pass)]).run(&mut g).unwrap();
     Arc::new(Program::lower(&g, dir, &test_device(), DType::F32).unwrap())
 }
 
@@ -326,6 +329,59 @@ proptest! {
                 prop_assert!(a[0].len() > p.len());
                 prop_assert_eq!(a, b);
             }
+        }
+    }
+
+    /// With `keep_first: a, keep_last: b` the select phase keeps min(k, n) positions in order,
+    /// among them the prompt's last min(b, k') and first min(a, k' - b) (k' = min(k, n)), and
+    /// every other kept position scores (pooled) at least as high as every dropped position
+    /// between the forced ones; without forcing, the same model keeps the reference's
+    /// selection of the same scores.
+    #[test]
+    fn forced_positions_are_kept_on_random_models(
+        seed in 0u64..1000,
+        keep in 1usize..16,
+        first_share in 0.0f64..1.0,
+        last_share in 0.0f64..1.0,
+        pool in prop_oneof![Just(1usize), Just(3), Just(5)],
+        lens in proptest::collection::vec(1usize..40, 1..4),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = random_llama(dir.path(), seed);
+        let r = (seed as usize) % graph.info.num_layers;
+        let last = (keep as f64 * last_share) as usize;
+        let first = ((keep - last) as f64 * first_share) as usize;
+        let pass = GemFilter::new(r, Keep::Tokens(keep), pool).forcing(first, last);
+        let program = filtered_by(&graph, dir.path(), pass);
+        let plain = filtered(&graph, dir.path(), r, Keep::Tokens(keep), pool);
+        let vocab = graph.info.vocab as u64;
+        let prompts: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| ((seed * 13 + i as u64 * 29 + j as u64 * 11) % vocab) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let forced = select(&program, &refs).unwrap();
+        let unforced = select(&plain, &refs).unwrap();
+        for ((p, sel), free) in prompts.iter().zip(&forced).zip(&unforced) {
+            let n = p.len();
+            let k = keep.min(n);
+            prop_assert_eq!(sel.kept.len(), k);
+            prop_assert!(sel.kept.windows(2).all(|w| w[0] < w[1]));
+            let b = last.min(k);
+            let a = first.min(k - b);
+            let must: Vec<usize> = (0..a).chain(n - b..n).collect();
+            prop_assert!(must.iter().all(|i| sel.kept.contains(i)), "{:?} misses {:?}", sel.kept, must);
+            let pooled = pool_scores(&sel.scores, pool);
+            let chosen: Vec<usize> = sel.kept.iter().copied().filter(|i| !must.contains(i)).collect();
+            let dropped: Vec<usize> = (a..n - b).filter(|i| !sel.kept.contains(i)).collect();
+            for &i in &chosen {
+                for &j in &dropped {
+                    prop_assert!(pooled[i] >= pooled[j], "kept {} ({}) under dropped {} ({})", i, pooled[i], j, pooled[j]);
+                }
+            }
+            prop_assert_eq!(&sel.kept, &select_positions_forcing(&sel.scores, keep, pool, first, last));
+            prop_assert_eq!(&free.kept, &select_positions(&free.scores, keep, pool));
         }
     }
 }

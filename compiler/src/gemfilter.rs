@@ -11,6 +11,10 @@
 //! into prompt order. Nothing is forced in or out (the last position is kept only if it
 //! scores). Ties between equal pooled scores go to the earlier position (PyTorch's `topk`
 //! leaves their order unspecified).
+//!
+//! A deviation the reference does not have, off by default: [`select_positions_forcing`]
+//! reserves part of the kept count for the prompt's first and last positions (`keep_first`,
+//! `keep_last`) and fills the rest by score from the positions between them.
 
 use crate::lower::{Program, Run, RunError, Segment, Task, Want};
 use candle_core::DType;
@@ -66,7 +70,13 @@ pub fn select(program: &Program, prompts: &[&[u32]]) -> Result<Vec<Selection>, R
                 .and_then(|t| t.to_dtype(DType::F32))
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|e| RunError::Input(format!("GemFilter scores: {e}")))?;
-            let kept = select_positions(&scores, filter.keep.count(prompt.len()), filter.pool);
+            let kept = select_positions_forcing(
+                &scores,
+                filter.keep.count(prompt.len()),
+                filter.pool,
+                filter.keep_first,
+                filter.keep_last,
+            );
             Ok(Selection { scores, kept })
         })
         .collect()
@@ -91,8 +101,26 @@ pub fn pool_scores(scores: &[f32], pool: usize) -> Vec<f32> {
 /// The prompt positions GemFilter keeps: the `min(keep, n)` highest pooled scores (see
 /// [`pool_scores`]), in prompt order.
 pub fn select_positions(scores: &[f32], keep: usize, pool: usize) -> Vec<usize> {
+    select_positions_forcing(scores, keep, pool, 0, 0)
+}
+
+/// [`select_positions`] with `min(keep, n)` positions of which the last `last` and the first
+/// `first` are always kept (the last ones first where the count cannot hold both); the rest
+/// of the count goes to the highest pooled scores (pooled over the whole prompt) among the
+/// positions between them. With `first = last = 0` it is the reference's selection.
+pub fn select_positions_forcing(
+    scores: &[f32],
+    keep: usize,
+    pool: usize,
+    first: usize,
+    last: usize,
+) -> Vec<usize> {
+    let n = scores.len();
+    let keep = keep.min(n);
+    let last = last.min(keep);
+    let first = first.min(keep - last);
     let pooled = pool_scores(scores, pool);
-    let mut order: Vec<usize> = (0..pooled.len()).collect();
+    let mut order: Vec<usize> = (first..n - last).collect();
     // Highest first; equal scores (and NaN, which a finite model never gives) by position.
     order.sort_by(|&a, &b| {
         pooled[b]
@@ -100,7 +128,8 @@ pub fn select_positions(scores: &[f32], keep: usize, pool: usize) -> Vec<usize> 
             .unwrap_or(std::cmp::Ordering::Equal)
             .then(a.cmp(&b))
     });
-    order.truncate(keep.min(pooled.len()));
+    order.truncate(keep - first - last);
+    order.extend((0..first).chain(n - last..n));
     order.sort_unstable();
     order
 }
@@ -138,6 +167,34 @@ mod tests {
         // keep ≥ n keeps everything.
         assert_eq!(select_positions(&s, 9, 3), vec![0, 1, 2, 3, 4]);
         assert!(select_positions(&[], 4, 5).is_empty());
+    }
+
+    #[test]
+    fn forced_positions_take_their_share_of_the_count() {
+        // Pooled with kernel 3: [1, 2, 4, 8/3, 5/3]; unforced, keep 2 takes 2 and 3.
+        let s = [1.0, 2.0, 3.0, 7.0, -2.0];
+        // The last position forced: one slot left, the best of positions 0..4 (2).
+        assert_eq!(select_positions_forcing(&s, 2, 3, 0, 1), vec![2, 4]);
+        // The first forced too: no slot left for scores.
+        assert_eq!(select_positions_forcing(&s, 2, 3, 1, 1), vec![0, 4]);
+        // Keep 3, first 1: the best two of positions 1..5 (2 and 3).
+        assert_eq!(select_positions_forcing(&s, 3, 3, 1, 0), vec![0, 2, 3]);
+        // Scores pool over the whole prompt: forcing the last two leaves position 2 the best
+        // of 0..3 (its window still counts position 3's 7).
+        assert_eq!(select_positions_forcing(&s, 3, 3, 0, 2), vec![2, 3, 4]);
+        // More forced than the count: the last positions first, then the first.
+        assert_eq!(select_positions_forcing(&s, 2, 3, 2, 2), vec![3, 4]);
+        assert_eq!(select_positions_forcing(&s, 3, 3, 2, 2), vec![0, 3, 4]);
+        // keep ≥ n keeps everything; nothing forced is the reference.
+        assert_eq!(
+            select_positions_forcing(&s, 9, 3, 2, 2),
+            vec![0, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            select_positions_forcing(&s, 3, 3, 0, 0),
+            select_positions(&s, 3, 3)
+        );
+        assert!(select_positions_forcing(&[], 4, 5, 1, 1).is_empty());
     }
 
     #[test]

@@ -86,7 +86,9 @@ impl Exit {
 /// GemFilter's token selection (Shi et al., 2024): a select phase runs the layers up to
 /// `layer` on the whole prompt, scores every position by the last position's query at
 /// `layer` (the `scores` node), keeps the top `keep` after average pooling with kernel
-/// `pool`, and the full model runs afresh on the kept tokens.
+/// `pool`, and the full model runs afresh on the kept tokens. `keep_first` and `keep_last`
+/// (0 in the reference implementation, which forces nothing) reserve that many of the kept
+/// tokens for the prompt's first and last positions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Filter {
     /// 0-based index of the layer whose attention selects (the reference implementation's
@@ -98,6 +100,12 @@ pub struct Filter {
     pub pool: usize,
     /// The [`crate::op::Op::QueryKeyScores`] node.
     pub scores: NodeIndex,
+    /// Prompt positions `0..keep_first` are always kept (a deviation from the reference).
+    #[serde(default)]
+    pub keep_first: usize,
+    /// The last `keep_last` prompt positions are always kept (a deviation from the reference).
+    #[serde(default)]
+    pub keep_last: usize,
 }
 
 /// How many prompt tokens GemFilter keeps.
@@ -124,9 +132,24 @@ impl Keep {
 }
 
 impl Filter {
-    /// Checks `keep` and `pool`: a positive count or a fraction in (0, 1], an odd pool.
+    /// Checks `keep` and `pool`: a positive count or a fraction in (0, 1], an odd pool; and
+    /// that `keep_first` and `keep_last` fit in a `keep` count.
     pub fn check(&self) -> Result<(), String> {
-        check_keep_and_pool(&self.keep, self.pool)
+        check_keep_and_pool(&self.keep, self.pool)?;
+        check_forced(&self.keep, self.keep_first, self.keep_last)
+    }
+}
+
+/// Checks that `keep_first + keep_last` forced tokens fit in a `keep` count. With a
+/// `keep_fraction` the count depends on the prompt: where it is smaller, the last positions
+/// take the count first, then the first ones.
+pub fn check_forced(keep: &Keep, first: usize, last: usize) -> Result<(), String> {
+    match *keep {
+        Keep::Tokens(k) if first.saturating_add(last) > k => Err(format!(
+            "keep_first + keep_last ({first} + {last}) must not exceed keep ({k}): the forced \
+             positions are part of the kept tokens"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -162,6 +185,17 @@ mod tests {
         assert_eq!(Keep::Fraction(0.5).count(0), 0);
         assert_eq!(Keep::Fraction(0.07).count(100), 7);
         assert_eq!(Keep::Fraction(0.125).count(2048), 256);
+    }
+
+    #[test]
+    fn forced_positions_must_fit_in_a_keep_count() {
+        assert!(check_forced(&Keep::Tokens(8), 3, 5).is_ok());
+        assert!(check_forced(&Keep::Tokens(8), 0, 0).is_ok());
+        let e = check_forced(&Keep::Tokens(8), 4, 5).unwrap_err();
+        assert!(e.contains("keep_first + keep_last (4 + 5)"), "{e}");
+        assert!(check_forced(&Keep::Tokens(8), usize::MAX, 1).is_err());
+        // A fraction's count is per prompt: nothing to check ahead.
+        assert!(check_forced(&Keep::Fraction(0.01), 40, 40).is_ok());
     }
 
     #[test]

@@ -8,21 +8,25 @@
 //! runtime read: a request's prompt first runs layers `0..filter_layer` and that layer's norm,
 //! q and k; the `keep` best-scoring positions after average pooling (kernel `pool`) are kept
 //! in prompt order, and the full model runs afresh on those tokens (positions `0..k`, a fresh
-//! KV cache), then decodes as usual.
+//! KV cache), then decodes as usual. `keep_first` / `keep_last` (0 by default, as in the
+//! reference, which forces nothing) reserve kept tokens for the prompt's first and last
+//! positions: a documented deviation for models whose filter layer does not score its own
+//! question or its start token.
 //!
 //! **Invariant**: every existing node, edge, output and record is unchanged (the graph gains
 //! one node and one output), so a prompt no longer than `keep` runs exactly as in the original
 //! model.
 
 use crate::{Pass, PassContext, PassError, PassReport};
-use exitgraph_ir::structure::check_keep_and_pool;
+use exitgraph_ir::structure::{check_forced, check_keep_and_pool};
 use exitgraph_ir::{Filter, Graph, Keep, Node, Op, Shape};
 
 /// Name of the scores node and output.
 pub const SCORES: &str = "gemfilter.scores";
 
 /// The pass, as a pipeline names it: `GemFilter(filter_layer: r, keep: k, pool: 5)` or with
-/// `keep_fraction: f` instead of `keep` (exactly one of the two).
+/// `keep_fraction: f` instead of `keep` (exactly one of the two), and optionally
+/// `keep_first: a, keep_last: b`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GemFilter {
     pub filter_layer: usize,
@@ -31,6 +35,10 @@ pub struct GemFilter {
     /// Share of the prompt's tokens kept, rounded up.
     pub keep_fraction: Option<f64>,
     pub pool: usize,
+    /// Kept tokens reserved for the prompt's first positions (0 in the reference).
+    pub keep_first: usize,
+    /// Kept tokens reserved for the prompt's last positions (0 in the reference).
+    pub keep_last: usize,
 }
 
 impl GemFilter {
@@ -45,6 +53,17 @@ impl GemFilter {
             keep: tokens,
             keep_fraction: fraction,
             pool,
+            keep_first: 0,
+            keep_last: 0,
+        }
+    }
+
+    /// The same filter, always keeping the prompt's first `first` and last `last` positions.
+    pub fn forcing(self, first: usize, last: usize) -> Self {
+        GemFilter {
+            keep_first: first,
+            keep_last: last,
+            ..self
         }
     }
 
@@ -97,6 +116,13 @@ impl Pass for GemFilter {
         }
         if let Err(message) = check_keep_and_pool(&Keep::Tokens(1), self.pool) {
             return Err(field("pool", message));
+        }
+        if let Err(message) = check_forced(&keep, self.keep_first, self.keep_last) {
+            let name = match keep {
+                Keep::Tokens(k) if self.keep_last > k => "keep_last",
+                _ => "keep_first",
+            };
+            return Err(field(name, message));
         }
         let layers = g.blocks.len();
         if self.filter_layer >= layers {
@@ -162,15 +188,21 @@ impl Pass for GemFilter {
             keep,
             pool: self.pool,
             scores,
+            keep_first: self.keep_first,
+            keep_last: self.keep_last,
         });
         let keep = match keep {
             Keep::Tokens(k) => format!("{k} tokens"),
             Keep::Fraction(f) => format!("{:.1}% of the tokens", f * 100.0),
         };
+        let forced = match (self.keep_first, self.keep_last) {
+            (0, 0) => String::new(),
+            (a, b) => format!(", always keeping its first {a} and last {b}"),
+        };
         Ok(PassReport {
             summary: format!(
-                "select the prompt's top {keep} by layer {r}'s last-query scores (pool {}); the \
-                 full model runs on those",
+                "select the prompt's top {keep} by layer {r}'s last-query scores (pool {}){forced}; \
+                 the full model runs on those",
                 self.pool
             ),
             added: vec![SCORES.to_string()],
@@ -211,18 +243,27 @@ mod tests {
         assert!(e("tiny-llama", gemfilter(2, Keep::Tokens(0), 5)).contains("keep"));
         assert!(e("tiny-llama", gemfilter(2, Keep::Fraction(2.0), 5)).contains("keep_fraction"));
         assert!(e("tiny-llama", gemfilter(2, Keep::Tokens(8), 4)).contains("pool"));
+        let forced = |a, b| Box::new(GemFilter::new(1, Keep::Tokens(8), 5).forcing(a, b));
+        assert!(e("tiny-llama", forced(2, 9)).contains("keep_last"));
+        let e45 = e("tiny-llama", forced(4, 5));
+        assert!(
+            e45.contains("keep_first") && e45.contains("(4 + 5)"),
+            "{e45}"
+        );
+        let mut g = fixture("tiny-llama");
+        PassManager::new(vec![forced(3, 5) as Box<dyn Pass>])
+            .run(&mut g)
+            .expect("3 + 5 forced of 8 fit");
+        let f = g.filter.expect("a filter record");
+        assert_eq!((f.keep_first, f.keep_last), (3, 5));
         let both = GemFilter {
-            filter_layer: 1,
-            keep: Some(8),
             keep_fraction: Some(0.5),
-            pool: 5,
+            ..GemFilter::new(1, Keep::Tokens(8), 5)
         };
         assert!(e("tiny-llama", Box::new(both)).contains("not both"));
         let neither = GemFilter {
-            filter_layer: 1,
             keep: None,
-            keep_fraction: None,
-            pool: 5,
+            ..GemFilter::new(1, Keep::Tokens(8), 5)
         };
         assert!(e("tiny-llama", Box::new(neither)).contains("keep_fraction"));
         let mut g = fixture("tiny-llama");
@@ -289,6 +330,7 @@ mod tests {
                 .expect("verifies");
             let f = h.filter.clone().expect("a filter record");
             prop_assert_eq!((f.layer, f.keep, f.pool), (r, Keep::Tokens(keep), pool));
+            prop_assert_eq!((f.keep_first, f.keep_last), (0, 0));
             prop_assert_eq!(h.graph.node_count(), g.graph.node_count() + 1);
             prop_assert_eq!(h.graph.edge_count(), g.graph.edge_count() + 1);
             for idx in g.graph.node_indices() {

@@ -46,7 +46,9 @@ pub enum PassSpec {
     },
     /// GemFilter: layers `0..=filter_layer` (0-based) score the prompt's tokens by the last
     /// position's query, and the full model runs on the `keep` best (or the `keep_fraction`
-    /// best share) after an average pool of kernel `pool` (odd, 5 by default).
+    /// best share) after an average pool of kernel `pool` (odd, 5 by default); `keep_first`
+    /// and `keep_last` (0 by default, as in the reference) reserve kept tokens for the
+    /// prompt's first and last positions.
     GemFilter {
         filter_layer: usize,
         #[serde(default)]
@@ -55,6 +57,10 @@ pub enum PassSpec {
         keep_fraction: Option<f64>,
         #[serde(default = "default_pool")]
         pool: usize,
+        #[serde(default)]
+        keep_first: usize,
+        #[serde(default)]
+        keep_last: usize,
     },
     /// A low-rank adapter per loop iteration and layer position on the tied block's
     /// projections (`targets`, all by default), initialised by truncated SVD of each original
@@ -114,11 +120,15 @@ impl PassSpec {
                 keep,
                 keep_fraction,
                 pool,
+                keep_first,
+                keep_last,
             } => Box::new(GemFilter {
                 filter_layer: *filter_layer,
                 keep: *keep,
                 keep_fraction: *keep_fraction,
                 pool: *pool,
+                keep_first: *keep_first,
+                keep_last: *keep_last,
             }),
             PassSpec::DepthLora {
                 rank,
@@ -185,7 +195,9 @@ mod tests {
                 filter_layer: 3,
                 keep: Some(1024),
                 keep_fraction: None,
-                pool: 5
+                pool: 5,
+                keep_first: 0,
+                keep_last: 0,
             }
         );
         assert_eq!(
@@ -196,7 +208,24 @@ mod tests {
                 filter_layer: 0,
                 keep: None,
                 keep_fraction: Some(0.125),
-                pool: 3
+                pool: 3,
+                keep_first: 0,
+                keep_last: 0,
+            }
+        );
+        assert_eq!(
+            implicit
+                .from_str::<PassSpec>(
+                    "GemFilter(filter_layer: 1, keep: 256, keep_first: 1, keep_last: 4)"
+                )
+                .unwrap(),
+            PassSpec::GemFilter {
+                filter_layer: 1,
+                keep: Some(256),
+                keep_fraction: None,
+                pool: 5,
+                keep_first: 1,
+                keep_last: 4,
             }
         );
         assert!(

@@ -184,8 +184,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             }
             None => format!("{kept:?}"),
         };
+        let forced = match (f.keep_first, f.keep_last) {
+            (0, 0) => String::new(),
+            (a, b) => format!(", the first {a} and last {b} always"),
+        };
         outln!(
-            "GemFilter kept {} of {} prompt tokens (layer {}'s scores): {text}",
+            "GemFilter kept {} of {} prompt tokens (layer {}'s scores{forced}): {text}",
             kept.len(),
             prompt.len(),
             f.layer

@@ -136,7 +136,14 @@ fn load(pipeline: &Pipeline, path: &Path, name: Option<String>) -> anyhow::Resul
                 exitgraph_ir::Keep::Tokens(k) => format!("keep {k}"),
                 exitgraph_ir::Keep::Fraction(x) => format!("keep {x}"),
             };
-            format!("GemFilter(layer {}, {keep}, pool {})", f.layer, f.pool)
+            let forced = match (f.keep_first, f.keep_last) {
+                (0, 0) => String::new(),
+                (a, b) => format!(", first {a}, last {b}"),
+            };
+            format!(
+                "GemFilter(layer {}, {keep}, pool {}{forced})",
+                f.layer, f.pool
+            )
         }
         None => "full".to_string(),
     });

@@ -33,6 +33,9 @@ pub struct SelectionView {
     pub layer: usize,
     /// The average pool's kernel.
     pub pool: usize,
+    /// Prompt positions always kept at the start and at the end (`keep_first`, `keep_last`;
+    /// 0 and 0 in the reference method).
+    pub forced: (usize, usize),
     /// Per prompt token: its text, whether it was kept, its score, its pooled score (what
     /// the selection ranks).
     pub tokens: Vec<(String, bool, f32, f32)>,
@@ -66,11 +69,9 @@ impl RunData {
             .zip(&result.outputs)
             .map(|(p, ids)| (p.clone(), tokens.text(ids)))
             .collect();
-        let (layer, pool) = loaded
-            .after
-            .filter
-            .as_ref()
-            .map_or((0, 1), |f| (f.layer, f.pool));
+        let (layer, pool, forced) = loaded.after.filter.as_ref().map_or((0, 1, (0, 0)), |f| {
+            (f.layer, f.pool, (f.keep_first, f.keep_last))
+        });
         let selections = result
             .selections
             .iter()
@@ -95,6 +96,7 @@ impl RunData {
                     prompt: i,
                     layer,
                     pool,
+                    forced,
                     tokens,
                 })
             })
@@ -342,8 +344,12 @@ impl RunView {
 /// the selection ranks), the dropped ones grey; hovering a token shows its position, score
 /// and pooled score.
 fn selection_ui(ui: &mut Ui, s: &SelectionView) {
+    let forced = match s.forced {
+        (0, 0) => String::new(),
+        (a, b) => format!("; the first {a} and last {b} always kept"),
+    };
     ui.label(format!(
-        "#{} kept {} of {} prompt tokens (layer {}'s last-query scores, pooled over {})",
+        "#{} kept {} of {} prompt tokens (layer {}'s last-query scores, pooled over {}{forced})",
         s.prompt + 1,
         s.kept(),
         s.tokens.len(),
