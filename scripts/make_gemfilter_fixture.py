@@ -11,7 +11,10 @@ Hugging Face transformers, written from the method's description (Shi et al., 20
      scale, no softmax, key-value heads repeated to the query heads, summed over heads;
   3. average-pool the scores over the sequence (kernel `pool`, stride 1, padding pool // 2,
      the zero padding counted in the average: torch's avg_pool1d defaults);
-  4. keep the top min(k, n) positions, sorted into their original order;
+  4. keep the top min(k, n) positions, sorted into their original order; with exitgraph's
+     `keep_first: a, keep_last: b` (a deviation the reference does not have: the
+     `forced_*` case), the last b and the first a positions are kept whatever they score and
+     the top k - a - b pooled scores among the positions a..n-b-1 fill the rest;
   5. run the full model afresh on the kept token ids (positions 0..k-1, no cache) and decode
      greedily from there.
 
@@ -38,12 +41,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "
 MODEL = os.path.join(ROOT, "tiny-llama")
 OUT = os.path.join(ROOT, "gemfilter")
 
-# (name, prompt length, filter layer r, keep k, pool, new tokens, seed of the prompt)
+# (name, prompt length, filter layer r, keep k, pool, new tokens, seed of the prompt,
+#  keep_first, keep_last)
 CASES = [
-    ("r2_k64_pool5", 300, 2, 64, 5, 6, 0),
-    ("r0_k40_pool3", 137, 0, 40, 3, 4, 1),
-    ("r5_k17_pool1", 90, 5, 17, 1, 4, 2),
-    ("keep_all", 50, 1, 64, 5, 6, 3),
+    ("r2_k64_pool5", 300, 2, 64, 5, 6, 0, 0, 0),
+    ("r0_k40_pool3", 137, 0, 40, 3, 4, 1, 0, 0),
+    ("r5_k17_pool1", 90, 5, 17, 1, 4, 2, 0, 0),
+    ("keep_all", 50, 1, 64, 5, 6, 3, 0, 0),
+    ("forced_r1_k24_first3_last6", 260, 1, 24, 5, 6, 4, 3, 6),
 ]
 
 
@@ -68,15 +73,20 @@ def scores_at(model, ids, r):
         return inner.sum(dim=1)
 
 
-def select(raw, keep, pool):
+def select(raw, keep, pool, first=0, last=0):
     pooled = F.avg_pool1d(raw.unsqueeze(1), kernel_size=pool, padding=pool // 2, stride=1)[:, 0, :]
     n = raw.shape[-1]
     k = min(keep, n)
-    top = torch.topk(pooled, k, dim=-1)
-    selected = torch.sort(top.indices, dim=-1).values
-    if k < n:
-        ordered = torch.sort(pooled, dim=-1, descending=True).values
-        gap = (ordered[:, k - 1] - ordered[:, k]).abs().min().item()
+    assert first + last <= k
+    # The positions left to the scores: a..n-b-1; the forced ones are added back after topk.
+    middle = pooled[:, first:n - last]
+    free = k - first - last
+    top = torch.topk(middle, free, dim=-1)
+    forced = torch.cat([torch.arange(first), torch.arange(n - last, n)]).unsqueeze(0)
+    selected = torch.sort(torch.cat([top.indices + first, forced], dim=-1), dim=-1).values
+    if free < middle.shape[-1]:
+        ordered = torch.sort(middle, dim=-1, descending=True).values
+        gap = (ordered[:, free - 1] - ordered[:, free]).abs().min().item()
         scale = pooled.abs().max().item()
         assert gap > 1e-4 * scale, f"k-th and (k+1)-th scores too close: {gap} (scale {scale})"
     return pooled, selected
@@ -88,11 +98,11 @@ def main():
     vocab = model.config.vocab_size
     os.makedirs(OUT, exist_ok=True)
     described = []
-    for name, n, r, keep, pool, new, seed in CASES:
+    for name, n, r, keep, pool, new, seed, first, last in CASES:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, vocab, (1, n), generator=g)
         raw = scores_at(model, ids, r)
-        pooled, selected = select(raw, keep, pool)
+        pooled, selected = select(raw, keep, pool, first, last)
         kept_ids = torch.gather(ids, 1, selected)
         with torch.no_grad():
             out = model(input_ids=kept_ids, output_hidden_states=True)
@@ -111,7 +121,7 @@ def main():
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, f"{name}.safetensors"))
         described.append({
             "name": name, "prompt_tokens": n, "filter_layer": r, "keep": keep, "pool": pool,
-            "new_tokens": new, "kept": int(selected.shape[1]),
+            "new_tokens": new, "kept": int(selected.shape[1]), "keep_first": first, "keep_last": last,
         })
         print(f"{name}: n {n}, r {r}, keep {keep}, pool {pool} -> {selected.shape[1]} kept, "
               f"first {selected[0, :8].tolist()}")

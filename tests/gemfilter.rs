@@ -31,6 +31,10 @@ struct Case {
     pool: usize,
     new_tokens: usize,
     kept: usize,
+    #[serde(default)]
+    keep_first: usize,
+    #[serde(default)]
+    keep_last: usize,
 }
 
 #[derive(serde::Deserialize)]
@@ -61,12 +65,14 @@ fn row_f32(t: &Tensor) -> Vec<f32> {
 }
 
 /// The reference's raw scores, pooled and ranked by our code, keep exactly the reference's
-/// positions, in prompt order; the cases cover keep < n with pools 5, 3 and 1 and keep ≥ n.
+/// positions, in prompt order; the cases cover keep < n with pools 5, 3 and 1, keep ≥ n, and
+/// the first and last positions forced in (`keep_first`, `keep_last`, our deviation).
 #[test]
 fn selection_from_the_reference_scores_equals_the_reference() {
     let all = cases();
-    assert_eq!(all.len(), 4);
+    assert_eq!(all.len(), 5);
     assert!(all.iter().any(|(c, _)| c.keep >= c.prompt_tokens));
+    assert!(all.iter().any(|(c, _)| c.keep_first > 0 && c.keep_last > 0));
     for (case, t) in all {
         let raw = row_f32(&t["scores_raw"]);
         assert_eq!(raw.len(), case.prompt_tokens, "{}", case.name);
@@ -93,11 +99,22 @@ fn selection_from_the_reference_scores_equals_the_reference() {
             .collect();
         assert_eq!(want.len(), case.kept, "{}", case.name);
         assert_eq!(
-            select_positions(&raw, case.keep, case.pool),
+            select_positions_forcing(&raw, case.keep, case.pool, case.keep_first, case.keep_last),
             want,
             "{}",
             case.name
         );
+        if case.keep_first > 0 && case.keep_last > 0 {
+            // Forcing either end alone selects otherwise: both did something.
+            for (a, b) in [(0, case.keep_last), (case.keep_first, 0), (0, 0)] {
+                assert_ne!(
+                    select_positions_forcing(&raw, case.keep, case.pool, a, b),
+                    want,
+                    "{}: first {a}, last {b}",
+                    case.name
+                );
+            }
+        }
     }
 }
 
@@ -138,13 +155,9 @@ fn select_phase_and_continuation_equal_the_reference() {
     let dir = fixtures().join("tiny-llama");
     let graph = exitgraph_ir::import(&dir).unwrap().graph;
     for (case, t) in cases() {
-        let program = filtered(
-            &graph,
-            &dir,
-            case.filter_layer,
-            Keep::Tokens(case.keep),
-            case.pool,
-        );
+        let pass = GemFilter::new(case.filter_layer, Keep::Tokens(case.keep), case.pool)
+            .forcing(case.keep_first, case.keep_last);
+        let program = filtered_by(&graph, &dir, pass);
         let prompt = ids_of(&t["input_ids"]);
         let sel = select(&program, &[prompt.as_slice()]).unwrap().remove(0);
         let want_raw = row_f32(&t["scores_raw"]);
@@ -341,16 +354,17 @@ proptest! {
     fn forced_positions_are_kept_on_random_models(
         seed in 0u64..1000,
         keep in 1usize..16,
-        first_share in 0.0f64..1.0,
-        last_share in 0.0f64..1.0,
+        first_share in 0.0f64..=1.0,
+        last_share in 0.0f64..=1.0,
         pool in prop_oneof![Just(1usize), Just(3), Just(5)],
         lens in proptest::collection::vec(1usize..40, 1..4),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let graph = random_llama(dir.path(), seed);
         let r = (seed as usize) % graph.info.num_layers;
-        let last = (keep as f64 * last_share) as usize;
-        let first = ((keep - last) as f64 * first_share) as usize;
+        // Every split from nothing forced to a + b = k (no slot left to the scores).
+        let last = (keep as f64 * last_share).round() as usize;
+        let first = ((keep - last) as f64 * first_share).round() as usize;
         let pass = GemFilter::new(r, Keep::Tokens(keep), pool).forcing(first, last);
         let program = filtered_by(&graph, dir.path(), pass);
         let plain = filtered(&graph, dir.path(), r, Keep::Tokens(keep), pool);

@@ -118,6 +118,8 @@ impl Pass for GemFilter {
             return Err(field("pool", message));
         }
         if let Err(message) = check_forced(&keep, self.keep_first, self.keep_last) {
+            // The field over the count on its own, else (the sum over it) keep_first: the
+            // message names both numbers either way.
             let name = match keep {
                 Keep::Tokens(k) if self.keep_last > k => "keep_last",
                 _ => "keep_first",
