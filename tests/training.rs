@@ -555,6 +555,7 @@ fn length_curriculum_switches_row_length_at_its_steps() {
         examples: 40,
         sentences: (2, 4),
         facts: vec![(0.0, 0.3)],
+        ask_all: false,
     }
     .generate()
     .iter()

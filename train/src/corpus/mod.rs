@@ -272,6 +272,12 @@ pub struct NeedleLeads {
     /// haystack (0 first, 1 just before the question), each with its own key; the question
     /// asks for one of them, chosen uniformly. `[(0.0, 0.25)]`: one fact in the first quarter.
     pub facts: Vec<(f64, f64)>,
+    /// Ask for every fact instead of one: after the haystack, one question per fact in a
+    /// random order, each followed by its answer (`… ; K47 ; B12`), so a haystack carries one
+    /// supervised long-range lookup per fact. The first question sits where the evaluation's
+    /// single question does. Off by default (one question, the evaluation's format).
+    #[serde(default)]
+    pub ask_all: bool,
 }
 
 impl NeedleLeads {
@@ -307,7 +313,7 @@ impl NeedleLeads {
         debug_assert!(self.problem().is_none(), "{:?}", self.problem());
         let mut rng = Rng::new(self.seed);
         (0..self.examples)
-            .map(|_| needle::placed(&mut rng, self.sentences, &self.facts))
+            .map(|_| needle::placed(&mut rng, self.sentences, &self.facts, self.ask_all))
             .collect()
     }
 }

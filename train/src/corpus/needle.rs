@@ -27,7 +27,7 @@ pub(super) fn sample(rng: &mut Rng, max_sentences: usize) -> Example {
         .map(|&k| (rng.between(0, sentences), (k, [rng.digit(), rng.digit()])))
         .collect();
     let query = facts[rng.below(facts.len())].1;
-    build(rng, sentences, &facts, query)
+    build(rng, sentences, &facts, &[query])
 }
 
 /// A haystack of `sentences` grammar sentences with one fact before sentence
@@ -38,12 +38,13 @@ pub fn at_depth(seed: u64, sentences: usize, depth: f64) -> Example {
     let key = rng.distinct_letters(1)[0];
     let fact = (key, [rng.digit(), rng.digit()]);
     let at = (depth.clamp(0.0, 1.0) * sentences as f64).round() as usize;
-    build(&mut rng, sentences, &[(at, fact)], fact)
+    build(&mut rng, sentences, &[(at, fact)], &[fact])
 }
 
 /// The text: `needle: `, the sentences with each fact placed before the sentence of its index
-/// (index `sentences`: after the last one), then `; `, the query key and its value.
-fn build(rng: &mut Rng, sentences: usize, facts: &[(usize, Fact)], query: Fact) -> Example {
+/// (index `sentences`: after the last one), then for each query ` ; `, its key and its value
+/// (the value digits are the answers).
+fn build(rng: &mut Rng, sentences: usize, facts: &[(usize, Fact)], queries: &[Fact]) -> Example {
     let mut b = Builder::new(Task::Needle);
     b.push("needle:");
     for s in 0..=sentences {
@@ -54,17 +55,23 @@ fn build(rng: &mut Rng, sentences: usize, facts: &[(usize, Fact)], query: Fact) 
             b.push(" ").push(&grammar::sample(rng).text);
         }
     }
-    b.push(" ; ")
-        .symbols(&[query.0])
-        .answer_symbols(&query.1)
-        .build()
+    for query in queries {
+        b.push(" ; ").symbols(&[query.0]).answer_symbols(&query.1);
+    }
+    b.build()
 }
 
 /// A haystack in [`at_depth`]'s format whose length (in sentences) is drawn uniformly from
 /// the inclusive `sentences` range, with one fact for each interval of `depths`, its depth
-/// drawn uniformly in it (distinct keys), asking for one of them chosen uniformly: the
-/// long-range lookups a training stage adds on purpose ([`super::NeedleLeads`]).
-pub(super) fn placed(rng: &mut Rng, sentences: (usize, usize), depths: &[(f64, f64)]) -> Example {
+/// drawn uniformly in it (distinct keys), asking for one of them chosen uniformly, or with
+/// `ask_all` for every one in a uniformly shuffled order: the long-range lookups a training
+/// stage adds on purpose ([`super::NeedleLeads`]).
+pub(super) fn placed(
+    rng: &mut Rng,
+    sentences: (usize, usize),
+    depths: &[(f64, f64)],
+    ask_all: bool,
+) -> Example {
     let n = rng.between(sentences.0, sentences.1);
     let at: Vec<usize> = depths
         .iter()
@@ -81,10 +88,14 @@ pub(super) fn placed(rng: &mut Rng, sentences: (usize, usize), depths: &[(f64, f
         .map(|(at, key)| (at, (key, [rng.digit(), rng.digit()])))
         .collect();
     // One fact is asked for without a draw (the stream stays that of a single-fact spec).
-    let query = if facts.len() == 1 {
-        facts[0].1
+    let queries = if ask_all {
+        let mut all: Vec<Fact> = facts.iter().map(|f| f.1).collect();
+        rng.shuffle(&mut all);
+        all
+    } else if facts.len() == 1 {
+        vec![facts[0].1]
     } else {
-        facts[rng.below(facts.len())].1
+        vec![facts[rng.below(facts.len())].1]
     };
-    build(rng, n, &facts, query)
+    build(rng, n, &facts, &queries)
 }

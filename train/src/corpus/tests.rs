@@ -536,6 +536,7 @@ fn needle_leads_have_the_lengths_and_depths_asked_for() {
         examples: 200,
         sentences: (20, 30),
         facts: vec![(0.0, 0.25)],
+        ask_all: false,
     };
     assert_eq!(spec.problem(), None);
     let examples = spec.generate();
@@ -601,6 +602,7 @@ fn needle_leads_place_one_fact_per_interval_and_ask_for_any() {
         examples: 150,
         sentences: (20, 30),
         facts: vec![(0.0, 0.2), (0.4, 0.6), (0.8, 1.0)],
+        ask_all: false,
     };
     let mut asked = [0; 3];
     for ex in spec.generate() {
@@ -633,6 +635,53 @@ fn needle_leads_place_one_fact_per_interval_and_ask_for_any() {
     assert!(asked.iter().all(|&a| a >= 30), "{asked:?}");
 }
 
+/// With `ask_all`, every fact is asked for exactly once after the haystack, each question
+/// followed by its own value as the two answers, in an order that varies (not always the
+/// facts' order); the haystack is the one the single-question spec would place facts in.
+#[test]
+fn needle_leads_ask_all_asks_every_fact_once_with_its_value() {
+    let spec = NeedleLeads {
+        seed: 8,
+        examples: 100,
+        sentences: (20, 30),
+        facts: vec![(0.0, 0.2), (0.4, 0.6), (0.8, 1.0)],
+        ask_all: true,
+    };
+    assert_eq!(spec.problem(), None);
+    let mut reordered = 0;
+    for ex in spec.generate() {
+        let t = &ex.text;
+        let (hay, questions) = t["needle: ".len()..].split_once(" ; ").unwrap();
+        let facts: Vec<&str> = hay
+            .split(' ')
+            .filter(|w| w.starts_with(|c: char| c.is_ascii_uppercase()))
+            .collect();
+        assert_eq!(facts.len(), 3, "{t}");
+        let asked: Vec<&str> = questions.split(" ; ").collect();
+        assert_eq!(asked.len(), 3, "{t}");
+        let mut sorted = asked.clone();
+        sorted.sort_unstable();
+        let mut placed = facts.clone();
+        placed.sort_unstable();
+        assert_eq!(sorted, placed, "each fact asked once with its value: {t}");
+        reordered += usize::from(asked != facts);
+        // Two answers a question, the value digits after its key, in the text's order.
+        assert_eq!(ex.answers.len(), 6, "{t}");
+        let start = t.len() - questions.len();
+        for (k, q) in asked.iter().enumerate() {
+            let key_at =
+                start + k * " ; ".len() + asked[..k].iter().map(|a| a.len()).sum::<usize>();
+            assert_eq!(&t[key_at..key_at + 3], *q);
+            assert_eq!(ex.answers[2 * k], key_at + 1..key_at + 2, "{t}");
+            assert_eq!(ex.answers[2 * k + 1], key_at + 2..key_at + 3, "{t}");
+        }
+    }
+    assert!(
+        reordered >= 50,
+        "the question order follows the facts' order: {reordered}"
+    );
+}
+
 /// Every field of a spec that cannot generate is named.
 #[test]
 fn needle_leads_name_what_cannot_generate() {
@@ -641,6 +690,7 @@ fn needle_leads_name_what_cannot_generate() {
         examples: 3,
         sentences: (5, 9),
         facts: vec![(0.1, 0.3)],
+        ask_all: false,
     };
     let problem = |n: NeedleLeads| n.problem().unwrap_or_default();
     assert!(problem(NeedleLeads {
