@@ -152,7 +152,7 @@ fn softmax_rows(att: &Tensor, masked: bool) -> Result<Tensor> {
         let sum = e.sum_keepdim(candle_core::D::Minus1)?;
         e.broadcast_div(&sum)
     } else {
-        candle_nn::ops::softmax_last_dim(att)
+        super::serial::softmax_last_dim(att)
     }
 }
 
@@ -278,6 +278,13 @@ impl AttentionKernel {
     }
 
     /// Splits projected `[batch, seq, heads * head_dim]` into heads and rotates q and k.
+    ///
+    /// A small inference call of several tokens on the CPU rotates before the split, each
+    /// token a row of its own (`[batch · seq, heads, 1, head_dim]` against
+    /// `[batch · seq, 1, rotary_dim / 2]` tables): candle-nn's kernel rotates one position
+    /// on the calling thread but splits several over rayon's pool, which cost more than the
+    /// rotation on a verification or short prefill call (see [`super::serial`]). The
+    /// arithmetic is the same, element for element.
     fn heads_with_rope(
         &self,
         q: &Tensor,
@@ -290,7 +297,60 @@ impl AttentionKernel {
         let split = |t: &Tensor, h: usize| -> Result<Tensor> {
             t.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()
         };
-        let (mut q, mut k, v) = timed(
+        let Some((id, rope)) = &self.rope else {
+            return timed(
+                || "q/k/v into heads (copies)".to_string(),
+                || {
+                    Ok((
+                        split(q, self.heads)?,
+                        split(k, self.kv_heads)?,
+                        split(v, self.kv_heads)?,
+                    ))
+                },
+            );
+        };
+        let (cos, sin) = match ctx.tables.get(id) {
+            Some(t) => t.clone(),
+            None => {
+                let t = rope.tables(ctx.start, ctx.seq, q.dtype())?;
+                ctx.tables.insert(*id, t.clone());
+                t
+            }
+        };
+        if s > 1 && !self.differentiable && super::serial::is_small(q) {
+            let (q, k) = timed(
+                || "RoPE on q and k".to_string(),
+                || {
+                    let per_token = |t: &Tensor| -> Result<Tensor> {
+                        let half = t.dim(1)?;
+                        let t = t.reshape((1, s, half))?;
+                        let t = if b == 1 {
+                            t
+                        } else {
+                            t.broadcast_as((b, s, half))?.contiguous()?
+                        };
+                        t.reshape((b * s, 1, half))
+                    };
+                    let (cos, sin) = (per_token(&cos)?, per_token(&sin)?);
+                    let rotate = |t: &Tensor, h: usize| -> Result<Tensor> {
+                        let t = t.contiguous()?.reshape((b * s, h, 1, d))?;
+                        rope.apply(&t, &cos, &sin, false)?.reshape((b, s, h * d))
+                    };
+                    Ok::<_, candle_core::Error>((rotate(q, self.heads)?, rotate(k, self.kv_heads)?))
+                },
+            )?;
+            return timed(
+                || "q/k/v into heads (copies)".to_string(),
+                || {
+                    Ok((
+                        split(&q, self.heads)?,
+                        split(&k, self.kv_heads)?,
+                        split(v, self.kv_heads)?,
+                    ))
+                },
+            );
+        }
+        let (q, k, v) = timed(
             || "q/k/v into heads (copies)".to_string(),
             || {
                 Ok::<_, candle_core::Error>((
@@ -300,25 +360,15 @@ impl AttentionKernel {
                 ))
             },
         )?;
-        if let Some((id, rope)) = &self.rope {
-            let (cos, sin) = match ctx.tables.get(id) {
-                Some(t) => t.clone(),
-                None => {
-                    let t = rope.tables(ctx.start, ctx.seq, q.dtype())?;
-                    ctx.tables.insert(*id, t.clone());
-                    t
-                }
-            };
-            (q, k) = timed(
-                || "RoPE on q and k".to_string(),
-                || {
-                    Ok::<_, candle_core::Error>((
-                        rope.apply(&q, &cos, &sin, self.differentiable)?,
-                        rope.apply(&k, &cos, &sin, self.differentiable)?,
-                    ))
-                },
-            )?;
-        }
+        let (q, k) = timed(
+            || "RoPE on q and k".to_string(),
+            || {
+                Ok::<_, candle_core::Error>((
+                    rope.apply(&q, &cos, &sin, self.differentiable)?,
+                    rope.apply(&k, &cos, &sin, self.differentiable)?,
+                ))
+            },
+        )?;
         Ok((q, k, v))
     }
 
@@ -743,6 +793,65 @@ mod tests {
             assert!(diff < 1e-5, "examples {with_examples}: {diff}");
         }
         Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Invariant: a small call of several tokens, rotated before the head split with each
+        /// token a row of its own, gives bitwise the q, k and v of splitting first and rotating
+        /// every head over all its positions (the path large calls take), for full and partial
+        /// rotation, grouped key-value heads and batches of more than one row.
+        #[test]
+        fn rope_per_token_equals_rope_per_head_bitwise(
+            kv_heads in 1usize..3,
+            group in 1usize..3,
+            half_d in 2usize..9,
+            partial in any::<bool>(),
+            batch in 1usize..3,
+            start in 0usize..40,
+            seq in 2usize..7,
+            seed in 0u64..500,
+        ) {
+            let heads = kv_heads * group;
+            let d = 2 * half_d;
+            let rotary_dim = if partial && half_d % 2 == 0 { half_d } else { d };
+            let rope = exitgraph_ir::op::Rope {
+                theta: 10000.0,
+                scaling: exitgraph_ir::op::RopeScaling::Default,
+                rotary_dim,
+            };
+            let mut k = kernel(heads, kv_heads, d, true, None);
+            k.rope = Some((0, RopeKernel::new(&rope, &Device::Cpu)?));
+            let rows = |h: usize, salt: u64| -> Result<Tensor> {
+                values((batch, seq, h, d), seed * 3 + salt).reshape((batch, seq, h * d))
+            };
+            let (q, kk, v) = (rows(heads, 0)?, rows(kv_heads, 1)?, rows(kv_heads, 2)?);
+            prop_assume!(super::super::serial::is_small(&q));
+            let mut ctx = AttnCtx::new(start, seq, None);
+            let (gq, gk, gv) = k.heads_with_rope(&q, &kk, &v, &mut ctx)?;
+            // Split first, then rotate all positions of each head at once.
+            let (cos, sin) = RopeKernel::new(&rope, &Device::Cpu)?.tables(start, seq, DType::F32)?;
+            let split = |t: &Tensor, h: usize| -> Result<Tensor> {
+                t.reshape((batch, seq, h, d))?.transpose(1, 2)?.contiguous()
+            };
+            let rope_k = k.rope.as_ref().map(|r| &r.1).ok_or_else(|| {
+                candle_core::Error::Msg("no rope".into())
+            })?;
+            let wq = rope_k.apply(&split(&q, heads)?, &cos, &sin, false)?;
+            let wk = rope_k.apply(&split(&kk, kv_heads)?, &cos, &sin, false)?;
+            let wv = split(&v, kv_heads)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+            };
+            prop_assert_eq!(gq.dims(), wq.dims());
+            prop_assert_eq!(bits(&gq)?, bits(&wq)?);
+            prop_assert_eq!(bits(&gk)?, bits(&wk)?);
+            prop_assert_eq!(bits(&gv)?, bits(&wv)?);
+            // The rotation did something: q moved wherever a position past 0 rotates it.
+            if start > 0 {
+                prop_assert_ne!(bits(&gq)?, bits(&split(&q, heads)?)?);
+            }
+        }
     }
 
     #[test]

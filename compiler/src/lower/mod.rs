@@ -23,6 +23,7 @@ mod ragged;
 pub mod recipes;
 mod rope;
 mod run;
+mod serial;
 mod walk;
 mod weights;
 
