@@ -1319,6 +1319,34 @@ fn bench_shapes_and_save_folder_are_checked() {
     assert_mentions(&e, &["--torch", "--projections"]);
     let e = exitgraph_fails(&["bench", "--projections", "--exits"]);
     assert_mentions(&e, &["--projections", "--exits"]);
+    // bench --speculative: a draft needs a token, a depth inside the model, a factor of 0 or
+    // more on the random model only, a probability as threshold, and no unrelated flag.
+    let tiny = ["bench", "--speculative", "--layers", "2", "--hidden", "64"];
+    let with = |extra: &[&str]| {
+        let mut a: Vec<&str> = tiny.to_vec();
+        a.extend_from_slice(extra);
+        exitgraph_fails(&a)
+    };
+    assert_mentions(&with(&["--drafts", "0"]), &["--drafts 0"]);
+    assert_mentions(
+        &with(&["--draft-exits", "2"]),
+        &["--draft-exits 2", "1 to 1", "2 layers"],
+    );
+    assert_mentions(&with(&["--layer-scale=-1"]), &["--layer-scale -1"]);
+    assert_mentions(&with(&["--thresholds", "1.5"]), &["--thresholds", "[0, 1]"]);
+    assert_mentions(&with(&["--prompts", "0"]), &["--prompts 0"]);
+    assert_mentions(&with(&["--torch"]), &["--torch", "--speculative"]);
+    assert_mentions(
+        &with(&[
+            "--layer-scale",
+            "0.5",
+            "--model",
+            dir.path().to_str().unwrap(),
+        ]),
+        &["--layer-scale", "--model"],
+    );
+    let e = exitgraph_fails(&["bench", "--speculative", "--exits"]);
+    assert_mentions(&e, &["--speculative", "--exits"]);
 }
 
 /// A roofline needs its machine, and a positive one; skipped keys and values cannot be left

@@ -994,6 +994,68 @@ fn eval_speculative_reports_a_lossless_sweep() {
     );
 }
 
+/// `bench --speculative` on a tiny random model: one lossless row per setting; with the
+/// layer outputs scaled to 0 every layer leaves the stream as it is, so a shallow draft is
+/// the full model and every drafted token is accepted; unscaled, the table still reports a
+/// (lower) acceptance and stays lossless.
+#[test]
+fn bench_speculative_sweeps_a_random_model() {
+    let tiny = [
+        "bench",
+        "--speculative",
+        "--layers",
+        "4",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--intermediate",
+        "96",
+        "--vocab",
+        "300",
+        "--prompt-len",
+        "6",
+        "--decode-tokens",
+        "6",
+        "--reps",
+        "1",
+        "--prompts",
+        "2",
+        "--drafts",
+        "3",
+        "--thresholds",
+        "none",
+    ];
+    let rows = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.starts_with("| random Llama"))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut args = tiny.to_vec();
+    args.extend(["--layer-scale", "0"]);
+    let out = stdout(&exitgraph(&args));
+    let scaled = rows(&out);
+    // Default draft depths: a quarter and a half of 4 layers.
+    assert_eq!(scaled.len(), 2, "{out}");
+    assert!(out.contains("CPU: "), "{out}");
+    for (r, depth) in scaled.iter().zip([1, 2]) {
+        assert!(r.contains("layer outputs x0"), "{r}");
+        assert!(
+            r.contains(&format!(
+                "| shared | {depth} | 3 | none | 1 | yes | 100.0% |"
+            )),
+            "{r}"
+        );
+    }
+    let out = stdout(&exitgraph(&tiny));
+    let plain = rows(&out);
+    assert_eq!(plain.len(), 2, "{out}");
+    assert!(plain.iter().all(|r| r.contains("| yes |")), "{out}");
+}
+
 /// `train exits --objective kangaroo` from the command line writes a pipeline whose adapter
 /// drafts: `run` prints the full model's text with the drafts marked, and `eval speculative
 /// --compare` sweeps it beside the shared head, both lossless, each row naming its head.

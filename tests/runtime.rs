@@ -696,3 +696,31 @@ proptest! {
         prop_assert_eq!(a.makespan_s, b.makespan_s);
     }
 }
+
+/// Every example workload reads and expands to its stated number of requests, in arrival
+/// order, with prompts inside the vocabulary (a format change cannot leave one broken).
+#[test]
+fn every_example_workload_reads_and_expands() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/workloads");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("ron") {
+            continue;
+        }
+        let w = Workload::read(&path)?;
+        let requests = w.requests(1000, &dir)?;
+        assert_eq!(requests.len(), w.requests, "{}", path.display());
+        assert!(
+            requests
+                .windows(2)
+                .all(|p| p[0].arrival_s <= p[1].arrival_s),
+            "{}: arrivals out of order",
+            path.display()
+        );
+        assert!(requests.iter().all(|r| r.prompt.iter().all(|&t| t < 1000)));
+        seen += 1;
+    }
+    assert!(seen >= 5, "found {seen} example workloads");
+    Ok(())
+}

@@ -33,5 +33,6 @@ pub mod bench;
 pub mod bench_exits;
 pub mod bench_gemfilter;
 pub mod bench_projections;
+pub mod bench_speculative;
 pub mod cpu;
 pub mod eval;

@@ -93,6 +93,30 @@ pub struct Args {
     /// With --projections: calls per timed repetition.
     #[arg(long, default_value_t = 50)]
     calls: usize,
+    /// Benchmark self-speculative decoding instead: the model's first ℓ layers draft through
+    /// the shared final norm and LM head, the rest verify; speed against the full model,
+    /// side by side, beside the ideal speedup (as `eval speculative`, on fixed-id prompts).
+    #[arg(long, conflicts_with_all = ["exits", "gemfilter", "projections"])]
+    speculative: bool,
+    /// With --speculative: draft depths ℓ, comma-separated [default: a quarter and a half of
+    /// the layers].
+    #[arg(long, value_delimiter = ',')]
+    draft_exits: Vec<usize>,
+    /// With --speculative: draft lengths γ, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    drafts: Vec<usize>,
+    /// With --speculative: stop thresholds, comma-separated; `none` drafts γ every cycle.
+    #[arg(long, value_delimiter = ',', default_value = "none,0.6")]
+    thresholds: Vec<String>,
+    /// With --speculative: prompts decoded per run (--batch of them side by side).
+    #[arg(long, default_value_t = 4)]
+    prompts: usize,
+    /// With --speculative: multiply the random model's layer output projections (o_proj,
+    /// down_proj) by this factor, so its layers move the residual stream less and a shallow
+    /// draft agrees with the full model more often (acceptance by construction, to measure
+    /// the speed side where drafts are accepted).
+    #[arg(long, default_value_t = 1.0)]
+    layer_scale: f32,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -147,6 +171,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
+    if a.speculative {
+        for (given, flag) in [
+            (a.torch, "--torch"),
+            (a.profile, "--profile"),
+            (a.save_model.is_some(), "--save-model"),
+            (a.dtype != "f32", "--dtype"),
+            (a.cuda.is_some(), "--cuda"),
+        ] {
+            if given {
+                anyhow::bail!("bench {flag} does not apply to --speculative (f32, on the CPU)");
+            }
+        }
+        if a.drafts.contains(&0) {
+            anyhow::bail!("bench --drafts 0: a draft has at least one token");
+        }
+    }
     if a.gemfilter {
         for (given, flag) in [
             (a.torch, "--torch"),
@@ -190,22 +230,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             filter_layer: a.filter_layer.unwrap_or(a.layers * 13 / 32),
             pool: a.pool,
         };
-        let bar = ProgressBar::new_spinner();
-        let report = exitgraph::bench_gemfilter::run(&opts, &bench, |what| {
-            bar.set_message(what.to_string());
-            bar.tick();
-        })?;
-        bar.finish_and_clear();
+        let report = with_spinner(|p| exitgraph::bench_gemfilter::run(&opts, &bench, p))?;
+        out!("{}", report.to_markdown());
+        return Ok(());
+    }
+    if a.speculative {
+        let bench = exitgraph::bench_speculative::SpecBench {
+            exits: a.draft_exits.clone(),
+            drafts: a.drafts.clone(),
+            thresholds: exitgraph::eval::speculative::parse_thresholds(&a.thresholds)?,
+            prompts: a.prompts,
+            layer_scale: a.layer_scale,
+        };
+        let report = with_spinner(|p| exitgraph::bench_speculative::run(&opts, &bench, p))?;
+        out!(
+            "CPU: {}; {} matmul threads\n",
+            exitgraph::cpu::features().join(", "),
+            exitgraph::cpu::matmul_threads()
+        );
         out!("{}", report.to_markdown());
         return Ok(());
     }
     if a.exits {
-        let bar = ProgressBar::new_spinner();
-        let report = exitgraph::bench_exits::run(&opts, |what| {
-            bar.set_message(what.to_string());
-            bar.tick();
-        })?;
-        bar.finish_and_clear();
+        let report = with_spinner(|p| exitgraph::bench_exits::run(&opts, p))?;
         out!("{}", report.to_markdown());
         return Ok(());
     }
@@ -219,6 +266,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     out!("{}", report.to_markdown());
     Ok(())
+}
+
+/// Runs `f` with a spinner that shows what it reports it is running.
+fn with_spinner<T>(f: impl FnOnce(&mut dyn FnMut(&str)) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let bar = ProgressBar::new_spinner();
+    let result = f(&mut |what: &str| {
+        bar.set_message(what.to_string());
+        bar.tick();
+    });
+    bar.finish_and_clear();
+    result
 }
 
 fn projections(a: &Args) -> anyhow::Result<()> {

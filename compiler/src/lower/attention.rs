@@ -277,14 +277,22 @@ impl AttentionKernel {
         Tensor::cat(&out, 1)
     }
 
-    /// Splits projected `[batch, seq, heads * head_dim]` into heads and rotates q and k.
-    ///
-    /// A small inference call of several tokens on the CPU rotates before the split, each
-    /// token a row of its own (`[batch · seq, heads, 1, head_dim]` against
-    /// `[batch · seq, 1, rotary_dim / 2]` tables): candle-nn's kernel rotates one position
-    /// on the calling thread but splits several over rayon's pool, which cost more than the
-    /// rotation on a verification or short prefill call (see [`super::serial`]). The
-    /// arithmetic is the same, element for element.
+    /// Whether a call's `q: [batch, seq, heads * head_dim]` is rotated per token, before the
+    /// head split: a small inference call of several tokens on the CPU. candle-nn's RoPE
+    /// kernel rotates one position on the calling thread but splits several over rayon's
+    /// pool, which cost more than the rotation on a verification or short prefill call (see
+    /// [`super::serial`]); as rows of one position each (`[batch · seq, heads, 1,
+    /// head_dim]` against `[batch · seq, 1, rotary_dim / 2]` tables) the same arithmetic
+    /// runs on the calling thread.
+    fn rotates_per_token(&self, q: &Tensor) -> bool {
+        self.rope.is_some()
+            && !self.differentiable
+            && q.dim(1).is_ok_and(|s| s > 1)
+            && super::serial::is_small(q)
+    }
+
+    /// Splits projected `[batch, seq, heads * head_dim]` into heads and rotates q and k
+    /// (per token first when [`Self::rotates_per_token`]).
     fn heads_with_rope(
         &self,
         q: &Tensor,
@@ -294,20 +302,23 @@ impl AttentionKernel {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = q.dims3()?;
         let d = self.head_dim;
-        let split = |t: &Tensor, h: usize| -> Result<Tensor> {
-            t.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()
-        };
-        let Some((id, rope)) = &self.rope else {
-            return timed(
+        let split = |q: &Tensor, k: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            let heads = |t: &Tensor, h: usize| -> Result<Tensor> {
+                t.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()
+            };
+            timed(
                 || "q/k/v into heads (copies)".to_string(),
                 || {
                     Ok((
-                        split(q, self.heads)?,
-                        split(k, self.kv_heads)?,
-                        split(v, self.kv_heads)?,
+                        heads(q, self.heads)?,
+                        heads(k, self.kv_heads)?,
+                        heads(v, self.kv_heads)?,
                     ))
                 },
-            );
+            )
+        };
+        let Some((id, rope)) = &self.rope else {
+            return split(q, k);
         };
         let (cos, sin) = match ctx.tables.get(id) {
             Some(t) => t.clone(),
@@ -317,13 +328,14 @@ impl AttentionKernel {
                 t
             }
         };
-        if s > 1 && !self.differentiable && super::serial::is_small(q) {
+        if self.rotates_per_token(q) {
             let (q, k) = timed(
                 || "RoPE on q and k".to_string(),
                 || {
+                    // Position p's row of the tables for every token at p, in token order.
                     let per_token = |t: &Tensor| -> Result<Tensor> {
                         let half = t.dim(1)?;
-                        let t = t.reshape((1, s, half))?;
+                        let t = t.narrow(0, 0, s)?.reshape((1, s, half))?;
                         let t = if b == 1 {
                             t
                         } else {
@@ -339,27 +351,9 @@ impl AttentionKernel {
                     Ok::<_, candle_core::Error>((rotate(q, self.heads)?, rotate(k, self.kv_heads)?))
                 },
             )?;
-            return timed(
-                || "q/k/v into heads (copies)".to_string(),
-                || {
-                    Ok((
-                        split(&q, self.heads)?,
-                        split(&k, self.kv_heads)?,
-                        split(v, self.kv_heads)?,
-                    ))
-                },
-            );
+            return split(&q, &k);
         }
-        let (q, k, v) = timed(
-            || "q/k/v into heads (copies)".to_string(),
-            || {
-                Ok::<_, candle_core::Error>((
-                    split(q, self.heads)?,
-                    split(k, self.kv_heads)?,
-                    split(v, self.kv_heads)?,
-                ))
-            },
-        )?;
+        let (q, k, v) = split(q, k)?;
         let (q, k) = timed(
             || "RoPE on q and k".to_string(),
             || {
@@ -825,8 +819,17 @@ mod tests {
             let rows = |h: usize, salt: u64| -> Result<Tensor> {
                 values((batch, seq, h, d), seed * 3 + salt).reshape((batch, seq, h * d))
             };
-            let (q, kk, v) = (rows(heads, 0)?, rows(kv_heads, 1)?, rows(kv_heads, 2)?);
-            prop_assume!(super::super::serial::is_small(&q));
+            // q a view into a wider projection, as the fused q/k/v output is.
+            let wide = values((batch, seq, heads + 1, d), seed * 3 + 3)
+                .reshape((batch, seq, (heads + 1) * d))?;
+            let q = wide.narrow(2, d, heads * d)?;
+            let (kk, v) = (rows(kv_heads, 1)?, rows(kv_heads, 2)?);
+            // The call takes the per-token path (a small call of several tokens)...
+            prop_assert!(k.rotates_per_token(&q));
+            // ...which training's differentiable ops never do.
+            k.differentiable = true;
+            prop_assert!(!k.rotates_per_token(&q));
+            k.differentiable = false;
             let mut ctx = AttnCtx::new(start, seq, None);
             let (gq, gk, gv) = k.heads_with_rope(&q, &kk, &v, &mut ctx)?;
             // Split first, then rotate all positions of each head at once.
@@ -847,10 +850,9 @@ mod tests {
             prop_assert_eq!(bits(&gq)?, bits(&wq)?);
             prop_assert_eq!(bits(&gk)?, bits(&wk)?);
             prop_assert_eq!(bits(&gv)?, bits(&wv)?);
-            // The rotation did something: q moved wherever a position past 0 rotates it.
-            if start > 0 {
-                prop_assert_ne!(bits(&gq)?, bits(&split(&q, heads)?)?);
-            }
+            // The rotation did something: every call of two or more tokens rotates a position
+            // past 0.
+            prop_assert_ne!(bits(&gq)?, bits(&split(&q, heads)?)?);
         }
     }
 
